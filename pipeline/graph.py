@@ -1,0 +1,91 @@
+"""The pipeline graph: read -> fetch -> encode per route -> fuse -> write -> publish."""
+from __future__ import annotations
+
+
+import apache_beam as beam
+
+from encoders.towers import image_preprocess
+from pipeline.config import RunConfig
+from pipeline.encode import EncodeRoute
+from pipeline.fetch import FetchImages
+from pipeline.fuse import FuseItems
+from pipeline.publish import Publish
+from pipeline.read import ReadCatalog
+from pipeline.write import WriteShards, dead_letters_to_table, embeddings_to_table
+from schemas.dead_letter import DEAD_LETTER_SCHEMA
+from schemas.embeddings import embeddings_schema
+
+
+def _flatten(p: beam.Pipeline, label: str, pcolls: list) -> beam.PCollection:
+    if not pcolls:
+        return p | label >> beam.Create([])
+    return tuple(pcolls) | label >> beam.Flatten()
+
+
+def _texts(item):
+    if item.text:
+        yield (item.item_id, 0), item.text
+
+
+def manifest_base(config: RunConfig, metadata: dict) -> dict:
+    """The manifest's fixed part: what ran, with which models and settings."""
+    return {
+        "format_version": 1,
+        "run_id": config.write.run_id,
+        "catalog": config.read.catalog,
+        "embeddings": {"dir": "embeddings", "dtype": config.write.vector_dtype, "dim": sum(b["dim"] for b in metadata["layout"])},
+        "dead_letter": {"dir": "dead_letter"},
+        **metadata,
+    }
+
+
+def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = None) -> dict:
+    """Adds the whole job to ``p``; ``model_handlers`` (route -> handler) lets tests swap models."""
+    model_handlers = model_handlers or {}
+    interval = config.progress_interval_s
+    read = p | "Read" >> ReadCatalog(config.read, interval)
+    items = read["items"]
+
+    vectors, failures, digests = [], [], []
+    pixels = None
+    image_routes = [r for r in config.encode.routes if r.modality == "image"]
+    if image_routes:
+        fetched = items | "FetchImages" >> FetchImages(
+            config.fetch, image_preprocess(image_routes[0].spec), progress_interval_s=interval)
+        pixels = fetched["pixels"]
+        failures.append(fetched["failed"])
+        digests.append(fetched["digests"])
+    texts = items | "Texts" >> beam.FlatMap(_texts)
+
+    for route in config.encode.routes:
+        payload = texts if route.modality == "text" else pixels
+        label = f"Encode_{route.modality}_to_{route.space}"
+        encoded = payload | label >> EncodeRoute(route, config.encode, model_handlers.get(route))
+        vectors.append(encoded["vectors"])
+        failures.append(encoded["failed"])
+
+    metadata = config.metadata()
+    fused = {
+        "item": items | "KeyItems" >> beam.Map(lambda item: (item.item_id, item)),
+        "vectors": _flatten(p, "AllVectors", vectors),
+        "failed": _flatten(p, "AllFailures", failures),
+        "digests": _flatten(p, "AllDigests", digests),
+    } | "Fuse" >> FuseItems(config.encode.routes, config.layout(), config.fusion,
+                             metadata["model_fingerprint"], config.media_errors)
+
+    run_dir = config.write.run_dir
+    layout_dim = sum(b["dim"] for b in metadata["layout"])
+    schema = embeddings_schema(layout_dim, config.write.vector_dtype, metadata)
+    embedding_files = fused["records"] | "WriteEmbeddings" >> WriteShards(
+        f"{run_dir}/embeddings", embeddings_to_table, schema,
+        num_shards=config.write.num_shards, rows_per_shard=config.write.rows_per_shard)
+    dead = _flatten(p, "AllDeadLetters", [read["dead"], fused["dead"]])
+    dead_files = dead | "WriteDeadLetters" >> WriteShards(
+        f"{run_dir}/dead_letter", dead_letters_to_table, DEAD_LETTER_SCHEMA,
+        rows_per_shard=config.write.rows_per_shard)
+
+    manifest = {
+        "rows": read["rows"], "records": fused["records"], "dead": dead,
+        "embedding_files": embedding_files, "dead_files": dead_files,
+    } | "Publish" >> Publish(config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata))
+    return {"records": fused["records"], "dead": dead, "manifest": manifest}

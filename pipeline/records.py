@@ -1,0 +1,37 @@
+"""Typed records passed between stages, all keyed by item id."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from schemas.dead_letter import Reason, Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaDigest:
+    """sha256 of one media object's bytes; part of the item's content hash."""
+
+    modality: str
+    index: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalityVector:
+    """One encoder output for one item: ``index`` tells an item's images apart."""
+
+    space: str
+    modality: str
+    index: int
+    vector: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemFailure:
+    """Something that went wrong for one item at one stage; fusion decides the item's fate."""
+
+    stage: Stage
+    reason: Reason
+    detail: str
+    source: str = ""

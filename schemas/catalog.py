@@ -1,0 +1,169 @@
+"""The catalog input: its schema as code, the column mapping, and row validation.
+
+A catalog is one or many Parquet files. Only ``item_id`` is required; every
+other field may be null. Which physical column holds which field is set by
+:class:`CatalogColumns`, so a retailer's own snapshot needs no rewriting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+MAX_ITEM_ID_CHARS = 512
+MAX_MEDIA_PER_ITEM = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogColumns:
+    """Maps the fields the pipeline knows to the catalog's physical column names."""
+
+    item_id: str = "item_id"
+    title: str = "title"
+    description: str = "description"
+    image_uris: str = "image_uris"
+    audio_uri: str = "audio_uri"
+    passthrough: tuple[str, ...] = ()  # copied into the output as JSON attributes
+
+    def __post_init__(self) -> None:
+        names = [self.item_id, self.title, self.description, self.image_uris, self.audio_uri]
+        if any(not n for n in names):
+            raise ValueError(f"catalog column names must be non-empty, got {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"catalog column names must be distinct, got {names}")
+
+
+# The canonical layout of the bundled sample and of catalogs we generate.
+# Real catalogs may differ: validation reads fields by name, not by position.
+CATALOG_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("description", pa.string()),
+        pa.field("image_uris", pa.list_(pa.string())),
+        pa.field("audio_uri", pa.string()),
+    ]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogItem:
+    """A validated catalog row, the unit that flows through every stage."""
+
+    item_id: str
+    title: str | None = None
+    description: str | None = None
+    image_uris: tuple[str, ...] = ()
+    audio_uri: str | None = None
+    base_uri: str = ""  # directory of the catalog file; relative media URIs resolve here
+    source: str = ""  # "file#row", for dead letters and duplicate resolution
+    attributes: str | None = None  # JSON of the passthrough columns
+
+    @property
+    def text(self) -> str | None:
+        """Title and description as the one text the text towers see."""
+        parts = [p for p in (self.title, self.description) if p]
+        return ". ".join(parts) if parts else None
+
+    @property
+    def has_content(self) -> bool:
+        return bool(self.text or self.image_uris or self.audio_uri)
+
+
+class InvalidRow(ValueError):
+    """A catalog row that does not match the schema; names item, column and expectation."""
+
+    def __init__(self, item_id: str | None, column: str, expected: str, got: Any):
+        self.item_id = item_id
+        self.column = column
+        self.expected = expected
+        self.got = got
+        shown = repr(got)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(
+            f"item {item_id!r}: column {column!r} expected {expected}, "
+            f"got {type(got).__name__} {shown}"
+        )
+
+
+def _optional_text(row: Mapping[str, Any], column: str, item_id: str, max_chars: int) -> str | None:
+    value = row.get(column)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRow(item_id, column, "string or null", value)
+    value = value.strip()
+    if not value:
+        return None  # empty text is missing text, not a zero-length input to a model
+    return value[:max_chars]
+
+
+def _uri_list(row: Mapping[str, Any], column: str, item_id: str) -> tuple[str, ...]:
+    value = row.get(column)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRow(item_id, column, "URI string, list of URI strings, or null", value)
+    uris = []
+    for uri in value:
+        if uri is None:
+            continue
+        if not isinstance(uri, str):
+            raise InvalidRow(item_id, column, "list of URI strings", value)
+        if uri.strip():
+            uris.append(uri.strip())
+    if len(uris) > MAX_MEDIA_PER_ITEM:
+        raise InvalidRow(item_id, column, f"at most {MAX_MEDIA_PER_ITEM} URIs", f"{len(uris)} URIs")
+    return tuple(uris)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def validate_row(
+    row: Mapping[str, Any],
+    columns: CatalogColumns = CatalogColumns(),
+    *,
+    base_uri: str = "",
+    source: str = "",
+    max_text_chars: int = 10_000,
+) -> CatalogItem:
+    """Turns one raw catalog row into a :class:`CatalogItem` or raises :class:`InvalidRow`."""
+    raw_id = row.get(columns.item_id)
+    if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+        raw_id = str(raw_id)  # integer ids are common in retail exports; keep them
+    if not isinstance(raw_id, str) or not raw_id.strip():
+        raise InvalidRow(None, columns.item_id, "non-empty string", raw_id)
+    item_id = raw_id.strip()
+    if len(item_id) > MAX_ITEM_ID_CHARS:
+        raise InvalidRow(item_id[:40], columns.item_id, f"at most {MAX_ITEM_ID_CHARS} characters", item_id)
+
+    audio = row.get(columns.audio_uri)
+    if audio is not None and not isinstance(audio, str):
+        raise InvalidRow(item_id, columns.audio_uri, "URI string or null", audio)
+    attributes = None
+    if columns.passthrough:
+        attributes = json.dumps(
+            {c: _json_safe(row.get(c)) for c in columns.passthrough}, ensure_ascii=False, sort_keys=True
+        )
+    return CatalogItem(
+        item_id=item_id,
+        title=_optional_text(row, columns.title, item_id, max_text_chars),
+        description=_optional_text(row, columns.description, item_id, max_text_chars),
+        image_uris=_uri_list(row, columns.image_uris, item_id),
+        audio_uri=(audio.strip() or None) if audio else None,
+        base_uri=base_uri,
+        source=source,
+        attributes=attributes,
+    )

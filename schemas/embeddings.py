@@ -1,0 +1,104 @@
+"""The embeddings output: one row per item, schema declared up front.
+
+Everything a reader needs to interpret the vectors (models, dimension, dtype,
+how the blocks of the vector were fused) travels in the Parquet key-value
+metadata under :data:`METADATA_KEY`, so a file is self-describing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+METADATA_KEY = b"catalog_index"
+FORMAT_VERSION = 1
+VECTOR_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingRecord:
+    """One item's fused, L2-normalized vector and where it came from."""
+
+    item_id: str
+    vector: np.ndarray  # float32 [dim], unit norm
+    modalities: tuple[str, ...]  # e.g. ("image", "text"), sorted
+    content_hash: str  # sha256 of the item's inputs (text, media bytes) and the config
+    model_fingerprint: str  # sha256 over the fingerprints of every model used
+    num_images: int = 0
+    attributes: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "item_id": self.item_id,
+            "vector": self.vector,
+            "modalities": list(self.modalities),
+            "content_hash": self.content_hash,
+            "model_fingerprint": self.model_fingerprint,
+            "num_images": self.num_images,
+            "attributes": self.attributes,
+        }
+
+
+def embeddings_schema(dim: int, dtype: str = "float32", metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """The Arrow schema of an embeddings shard; ``metadata`` goes in as JSON."""
+    if dtype not in VECTOR_DTYPES:
+        raise ValueError(f"vector dtype {dtype!r} is not one of {sorted(VECTOR_DTYPES)}")
+    if dim <= 0:
+        raise ValueError(f"vector dimension must be positive, got {dim}")
+    schema = pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(VECTOR_DTYPES[dtype], dim), nullable=False),
+            pa.field("modalities", pa.list_(pa.string()), nullable=False),
+            pa.field("content_hash", pa.string(), nullable=False),
+            pa.field("model_fingerprint", pa.string(), nullable=False),
+            pa.field("num_images", pa.int32(), nullable=False),
+            pa.field("attributes", pa.string()),
+        ]
+    )
+    if metadata is not None:
+        meta = dict(metadata, format_version=FORMAT_VERSION, dim=dim, dtype=dtype)
+        schema = schema.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+    return schema
+
+
+def records_to_table(records: list[EmbeddingRecord], schema: pa.Schema) -> pa.Table:
+    """Casts a batch of records to ``schema`` (vectors to the schema's dtype)."""
+    vector_type = schema.field("vector").type
+    dim = vector_type.list_size
+    np_dtype = np.float16 if vector_type.value_type == pa.float16() else np.float32
+    flat = (
+        np.stack([r.vector for r in records]).astype(np_dtype, copy=False).reshape(-1)
+        if records
+        else np.zeros(0, np_dtype)
+    )
+    columns = {
+        "item_id": pa.array([r.item_id for r in records], pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim),
+        "modalities": pa.array([list(r.modalities) for r in records], pa.list_(pa.string())),
+        "content_hash": pa.array([r.content_hash for r in records], pa.string()),
+        "model_fingerprint": pa.array([r.model_fingerprint for r in records], pa.string()),
+        "num_images": pa.array([r.num_images for r in records], pa.int32()),
+        "attributes": pa.array([r.attributes for r in records], pa.string()),
+    }
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def read_metadata(path_or_schema: str | pa.Schema) -> dict[str, Any]:
+    """The pipeline's metadata from an embeddings file (or its schema)."""
+    schema = pq.read_schema(path_or_schema) if isinstance(path_or_schema, str) else path_or_schema
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError("not an embeddings file of this pipeline: no catalog_index metadata")
+    return json.loads(raw)
+
+
+def vectors_of(table: pa.Table) -> np.ndarray:
+    """The ``vector`` column as a float32 matrix [rows, dim] without a Python loop."""
+    column = table.column("vector").combine_chunks()
+    dim = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)

