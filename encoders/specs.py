@@ -93,12 +93,28 @@ def _path_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def open_clip_name(name: str) -> str:
+    """An open_clip model name; a path to a JSON model config is registered under its file stem.
+
+    This is how custom architectures (and the tests' tiny towers) reach every
+    worker process: the config travels as a file path, not as process state.
+    """
+    if name.endswith(".json") and os.path.isfile(name):
+        import open_clip
+
+        stem = Path(name).stem
+        if open_clip.get_model_config(stem) is None:
+            open_clip.add_model_config(name)
+        return stem
+    return name
+
+
 def _architecture(spec: ModelSpec) -> object:
     """The architecture as data, so a re-registered config changes the fingerprint."""
     if spec.family == "open_clip":
         import open_clip
 
-        return open_clip.get_model_config(spec.name)
+        return open_clip.get_model_config(open_clip_name(spec.name))
     config = Path(spec.name) / "config.json"
     return json.loads(config.read_text()) if config.is_file() else spec.name
 

