@@ -119,8 +119,10 @@ def resolve_uri(uri: str, base_uri: str = "") -> str:
 def _read_capped(stream, max_bytes: int, uri: str, deadline: float | None = None, timeout_s: float = 0.0) -> bytes:
     """At most ``max_bytes`` from ``stream``; refuses more, and gives up at ``deadline``."""
     chunks, total = [], 0
+    # read1 returns what has arrived instead of blocking for a full chunk, so the deadline is checked
+    read = getattr(stream, "read1", stream.read)
     while True:
-        chunk = stream.read(min(1 << 20, max_bytes + 1 - total))
+        chunk = read(min(1 << 20, max_bytes + 1 - total))
         if not chunk:
             break
         chunks.append(chunk)

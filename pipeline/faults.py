@@ -10,7 +10,7 @@ unless set. Actions:
 * ``exit``: the process dies on the spot (``os._exit``), as if killed, after
   creating the marker (so a test can tell that the point was reached).
 
-Points: ``write_shard`` (a shard's temporary file is written, not yet
+Points: ``fuse`` (an item's record has been emitted), ``write_shard`` (a shard's temporary file is written, not yet
 renamed), ``publish_manifest`` (all shards written, manifest not yet),
 ``publish_latest`` (manifest written, LATEST not yet).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 ENV = "CATALOG_INDEX_FAULT"
-POINTS = ("write_shard", "publish_manifest", "publish_latest")
+POINTS = ("fuse", "write_shard", "publish_manifest", "publish_latest")
 ACTIONS = ("raise_once", "exit")
 
 
