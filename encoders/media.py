@@ -8,12 +8,16 @@ the caller can turn it into a row instead of a crash.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import io
+import ipaddress
+import os
 import posixpath
 import socket
-import urllib.error
+import ssl
+import stat
+import time
 import urllib.parse
-import urllib.request
 
 from PIL import Image, UnidentifiedImageError
 
@@ -33,18 +37,69 @@ class MediaError(Exception):
         self.detail = detail
 
 
+DEFAULT_SCHEMES = ("file", "gs", "s3")
+HTTP_SCHEMES = ("http", "https")
+MAX_REDIRECTS = 5
+# Cloud metadata endpoints that are not link-local (169.254.169.254 and fd00:ec2::254
+# are refused by the address rules already); refused even with allow_private_hosts.
+METADATA_ADDRESSES = frozenset({"169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.170.2"})
+
+
 @dataclasses.dataclass(frozen=True)
 class FetchPolicy:
-    """Limits on what media may be read and how much of it."""
+    """What media may be read, from where, and how much of it.
+
+    * ``allowed_schemes``: URI schemes read through Beam's FileSystems; ``file``
+      stands for local paths. http(s) additionally needs ``allow_http``.
+    * ``allowed_roots``: every non-http URI must lie under one of these after
+      normalization (local paths: after ``realpath``, so neither ``..`` nor a
+      symlink leads out). Empty means no confinement; the pipeline's default is
+      the catalog's own folder tree.
+    * ``allowed_hosts``: http(s) host names allowed (a leading ``.`` allows
+      subdomains); empty allows any host with a public address.
+    * ``allow_private_hosts``: allow loopback, private, link-local and other
+      non-global addresses (tests, intranet media servers). Metadata endpoints
+      stay refused.
+    """
 
     max_bytes: int = 20 * 1024 * 1024
     timeout_s: float = 10.0
     allow_http: bool = False
     max_image_pixels: int = 50_000_000  # decompression-bomb guard, checked before decoding
+    allowed_schemes: tuple[str, ...] = DEFAULT_SCHEMES
+    allowed_roots: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    allow_private_hosts: bool = False
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or self.timeout_s <= 0 or self.max_image_pixels <= 0:
             raise ValueError(f"fetch limits must be positive: {self}")
+        for scheme in self.allowed_schemes:
+            if not scheme.isalnum() or scheme != scheme.lower():
+                raise ValueError(f"allowed scheme {scheme!r} must be a lower-case scheme name such as {DEFAULT_SCHEMES}")
+            if scheme in HTTP_SCHEMES:
+                raise ValueError(f"http(s) is enabled with allow_http (--allow_http), not as allowed scheme {scheme!r}")
+        for root in self.allowed_roots:
+            if not root or ".." in root.replace("\\", "/").split("/"):
+                raise ValueError(f"allowed root {root!r} must be a non-empty path or URI prefix without '..'")
+        for host in self.allowed_hosts:
+            bare = host.lstrip(".").strip("[]")
+            if not bare or any(c in bare for c in "/@ \t") or (":" in bare and not _is_ip(bare)):
+                raise ValueError(f"allowed host {host!r} must be a host name (or .domain for its subdomains)")
+
+    def with_default_root(self, root: str) -> "FetchPolicy":
+        """This policy, confined to ``root`` unless roots were given explicitly."""
+        if self.allowed_roots or not root:
+            return self
+        return dataclasses.replace(self, allowed_roots=(root,))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _scheme(uri: str) -> str:
@@ -61,41 +116,219 @@ def resolve_uri(uri: str, base_uri: str = "") -> str:
     return posixpath.normpath(posixpath.join(base_uri, uri))
 
 
-def _read_capped(stream, max_bytes: int, uri: str) -> bytes:
-    data = stream.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise MediaError(Reason.TOO_LARGE, f"{uri} is larger than the {max_bytes}-byte cap")
-    return data
+def _read_capped(stream, max_bytes: int, uri: str, deadline: float | None = None, timeout_s: float = 0.0) -> bytes:
+    """At most ``max_bytes`` from ``stream``; refuses more, and gives up at ``deadline``."""
+    chunks, total = [], 0
+    # read1 returns what has arrived instead of blocking for a full chunk, so the deadline is checked
+    read = getattr(stream, "read1", stream.read)
+    while True:
+        chunk = read(min(1 << 20, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise MediaError(Reason.TOO_LARGE, f"{uri} is larger than the {max_bytes}-byte cap")
+        if deadline is not None and time.monotonic() > deadline:
+            # a server trickling bytes resets every socket timeout; the whole fetch has one budget
+            raise MediaError(Reason.FETCH_TIMEOUT, f"{uri}: not read in {timeout_s}s")
+    return b"".join(chunks)
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.lower().startswith("file://") else uri
+
+
+def _confine_local(uri: str, policy: FetchPolicy) -> str:
+    """The real path of a local URI, if it lies under an allowed local root."""
+    path = os.path.realpath(_local_path(uri))  # resolves '..' and every symlink
+    roots = [r for r in policy.allowed_roots if not _scheme(r) or _scheme(r) == "file"]
+    if not policy.allowed_roots:
+        return path
+    for root in roots:
+        real_root = os.path.realpath(_local_path(root))
+        if path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep):
+            return path
+    raise MediaError(Reason.FORBIDDEN_URI, f"{uri} resolves to {path}, outside the allowed media roots "
+                                           f"{list(roots) or '(none local)'}")
+
+
+def _confine_remote(uri: str, scheme: str, policy: FetchPolicy) -> None:
+    _, _, rest = uri.partition("://")
+    if ".." in rest.split("/") or "\\" in rest:
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: '..' segments are not allowed in object URIs")
+    if not policy.allowed_roots:
+        return
+    for root in policy.allowed_roots:
+        if _scheme(root) != scheme:
+            continue
+        prefix = root if root.endswith("/") or root.endswith("://") else root + "/"
+        if uri.startswith(prefix) or uri == root:
+            return
+    raise MediaError(Reason.FORBIDDEN_URI, f"{uri} is outside the allowed media roots {list(policy.allowed_roots)}")
+
+
+def _fetch_local(uri: str, policy: FetchPolicy) -> bytes:
+    path = _confine_local(uri, policy)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MediaError(Reason.MISSING_MEDIA, f"{uri} does not exist") from None
+    except OSError as e:
+        raise MediaError(Reason.FETCH_FAILED, f"{uri}: {e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MediaError(Reason.MISSING_MEDIA, f"{uri} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        # a FIFO would block the worker forever, a device could stream without end
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri} is not a regular file")
+    if st.st_size > policy.max_bytes:
+        raise MediaError(Reason.TOO_LARGE, f"{uri} has {st.st_size} bytes, cap {policy.max_bytes}")
+    try:
+        # O_NOFOLLOW: the path was resolved above; a symlink swapped in since then is refused
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            return _read_capped(f, policy.max_bytes, uri)
+    except MediaError:
+        raise
+    except OSError as e:
+        raise MediaError(Reason.FETCH_FAILED, f"{uri}: {e}") from None
+
+
+def check_address(ip: str, policy: FetchPolicy, uri: str) -> None:
+    """Refuses addresses a fetch must not reach: metadata endpoints always, non-global ones by default."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if str(addr) in METADATA_ADDRESSES:
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: {addr} is a cloud metadata endpoint")
+    if policy.allow_private_hosts:
+        if addr.is_multicast or addr.is_unspecified:
+            raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: {addr} is not a unicast address")
+        return
+    if not addr.is_global or addr.is_multicast:
+        kind = ("loopback" if addr.is_loopback else "link-local" if addr.is_link_local
+                else "private" if addr.is_private else "non-global")
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: {addr} is a {kind} address (--allow_private_hosts)")
+
+
+def _host_allowed(host: str, policy: FetchPolicy) -> bool:
+    if not policy.allowed_hosts:
+        return True
+    host = host.lower().rstrip(".")
+    for allowed in policy.allowed_hosts:
+        allowed = allowed.lower().rstrip(".")
+        if allowed.startswith("."):
+            if host.endswith(allowed) or host == allowed[1:]:
+                return True
+        elif host == allowed.strip("[]"):
+            return True
+    return False
+
+
+def _checked_address(uri: str, policy: FetchPolicy) -> tuple[str, str, int, str]:
+    """(scheme, host, port, IP to connect to) for an http(s) URI that passes the policy."""
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in HTTP_SCHEMES:
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: scheme {scheme!r} is not http(s)")
+    if parts.username or parts.password:
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: credentials in media URIs are not allowed")
+    host = parts.hostname
+    if not host:
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: no host")
+    if not _host_allowed(host, policy):
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: host {host!r} is not in the allowed hosts {list(policy.allowed_hosts)}")
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: bad port") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise MediaError(Reason.FETCH_FAILED, f"{uri}: cannot resolve {host!r}: {e}") from None
+    ips = sorted({info[4][0] for info in infos})
+    if not ips:
+        raise MediaError(Reason.FETCH_FAILED, f"{uri}: {host!r} has no address")
+    for ip in ips:  # every address: a name resolving to one public and one private address is refused
+        check_address(ip, policy, uri)
+    return scheme, host, port, ips[0]
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the address that was checked, not to whatever DNS answers next (rebinding)."""
+
+    def __init__(self, host, port, ip, timeout):
+        super().__init__(host, port, timeout=timeout)
+        self._ip = ip
+
+    def connect(self):
+        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host, port, ip, timeout):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._ip = ip
+
+    def connect(self):
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        # certificate checked against the host name, SNI sent for it
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 def _fetch_http(uri: str, policy: FetchPolicy) -> bytes:
-    request = urllib.request.Request(uri, headers={"User-Agent": "catalog-index/1"})
-    try:
-        with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
-            length = response.headers.get("Content-Length")
+    """GET with every hop checked: scheme, host list, each resolved address; redirects re-checked."""
+    deadline = time.monotonic() + policy.timeout_s
+    current = uri
+    for _ in range(MAX_REDIRECTS + 1):
+        scheme, host, port, ip = _checked_address(current, policy)
+        parts = urllib.parse.urlsplit(current)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+        conn = cls(host, port, ip, policy.timeout_s)
+        try:
+            conn.request("GET", target, headers={"User-Agent": "catalog-index/1", "Accept-Encoding": "identity"})
+            response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.getheader("Location")
+                if not location:
+                    raise MediaError(Reason.FETCH_FAILED, f"{current}: redirect without Location")
+                current = urllib.parse.urljoin(current, location)
+                continue
+            if response.status in (404, 410):
+                raise MediaError(Reason.MISSING_MEDIA, f"{current}: HTTP {response.status}")
+            if response.status != 200:
+                raise MediaError(Reason.FETCH_FAILED, f"{current}: HTTP {response.status}")
+            length = response.getheader("Content-Length")
             if length and length.isdigit() and int(length) > policy.max_bytes:
-                raise MediaError(Reason.TOO_LARGE, f"{uri} declares {length} bytes, cap {policy.max_bytes}")
-            return _read_capped(response, policy.max_bytes, uri)
-    except urllib.error.HTTPError as e:
-        reason = Reason.MISSING_MEDIA if e.code in (404, 410) else Reason.FETCH_FAILED
-        raise MediaError(reason, f"{uri}: HTTP {e.code}") from None
-    except (socket.timeout, TimeoutError) as e:
-        raise MediaError(Reason.FETCH_TIMEOUT, f"{uri}: no answer in {policy.timeout_s}s") from e
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, (socket.timeout, TimeoutError)):
-            raise MediaError(Reason.FETCH_TIMEOUT, f"{uri}: no answer in {policy.timeout_s}s") from None
-        raise MediaError(Reason.FETCH_FAILED, f"{uri}: {e.reason}") from None
+                raise MediaError(Reason.TOO_LARGE, f"{current} declares {length} bytes, cap {policy.max_bytes}")
+            return _read_capped(response, policy.max_bytes, current, deadline, policy.timeout_s)
+        except MediaError:
+            raise
+        except (socket.timeout, TimeoutError):
+            raise MediaError(Reason.FETCH_TIMEOUT, f"{current}: no answer in {policy.timeout_s}s") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise MediaError(Reason.FETCH_FAILED, f"{current}: {type(e).__name__}: {e}") from None
+        finally:
+            conn.close()
+    raise MediaError(Reason.FETCH_FAILED, f"{uri}: more than {MAX_REDIRECTS} redirects")
 
 
 def fetch_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
-    """Reads one media object, at most ``policy.max_bytes`` of it."""
+    """Reads one media object, at most ``policy.max_bytes`` of it, if the policy allows the URI."""
     from apache_beam.io.filesystems import FileSystems
 
     scheme = _scheme(uri)
-    if scheme in ("http", "https"):
+    if scheme in HTTP_SCHEMES:
         if not policy.allow_http:
             raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: http(s) media is disabled (--allow_http)")
         return _fetch_http(uri, policy)
+    if (scheme or "file") not in policy.allowed_schemes:
+        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: scheme {scheme or 'file'!r} is not in the allowed "
+                                               f"schemes {list(policy.allowed_schemes)} (--allowed_media_schemes)")
+    if scheme in ("", "file"):
+        return _fetch_local(uri, policy)
+    _confine_remote(uri, scheme, policy)
     try:
         if not FileSystems.exists(uri):
             raise MediaError(Reason.MISSING_MEDIA, f"{uri} does not exist")
@@ -106,8 +339,6 @@ def fetch_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
     except ValueError as e:  # FileSystems: no filesystem registered for this scheme
         raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: {e}") from None
     except (OSError, IOError) as e:
-        if isinstance(e, IsADirectoryError):
-            raise MediaError(Reason.MISSING_MEDIA, f"{uri} is a directory") from None
         raise MediaError(Reason.FETCH_FAILED, f"{uri}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a remote filesystem's own error types
         raise MediaError(Reason.FETCH_FAILED, f"{uri}: {type(e).__name__}: {e}") from None

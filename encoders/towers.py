@@ -90,7 +90,8 @@ class OpenClipModel:
         name = open_clip_name(spec.name)
         pretrained = None if spec.is_random else spec.weights
         with _seeded(spec):
-            self.model = open_clip.create_model(name, pretrained=pretrained, device=device)
+            # weights_only: a checkpoint is tensors, never code to unpickle
+            self.model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         self.device, self.precision = device, precision
@@ -127,11 +128,13 @@ def _features(output) -> torch.Tensor:
 def _load_transformers(spec: ModelSpec, device: torch.device):
     from transformers import AutoConfig, AutoModel
 
+    # trust_remote_code=False: a model folder's Python files are never run; weights load from
+    # safetensors when present, else through torch.load(weights_only=True) (transformers' default)
     if spec.is_random:
         with _seeded(spec):
-            model = AutoModel.from_config(AutoConfig.from_pretrained(spec.name))
+            model = AutoModel.from_config(AutoConfig.from_pretrained(spec.name, trust_remote_code=False))
     else:
-        model = AutoModel.from_pretrained(spec.name)
+        model = AutoModel.from_pretrained(spec.name, trust_remote_code=False)
     return model.to(device).eval()
 
 

@@ -11,7 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from pipeline.config import RunConfig
 from pipeline.graph import build
 from pipeline.options import CatalogIndexOptions, to_run_config
-from pipeline.publish import read_manifest
+from pipeline.publish import AccountingError, FailureThresholdError, PublishRefused, read_manifest
 
 BEAM_NOTE = (
     "Every other flag is a Beam pipeline option, passed through: --runner (DirectRunner, PortableRunner, "
@@ -45,6 +45,29 @@ def summary(config: RunConfig, manifest: dict) -> str:
     return "\n".join(lines)
 
 
+EXIT_NOT_PUBLISHED = 3
+
+
+def publish_refusal(error: BaseException) -> str | None:
+    """The message of the :class:`PublishRefused` behind ``error``, or None if the run failed otherwise.
+
+    Runners re-raise a DoFn's exception in their own wrappers (sometimes only
+    its text survives), so both the cause chain and the text are searched.
+    """
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, PublishRefused):
+            return str(e)
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    text = str(error)
+    for name in (FailureThresholdError.__name__, AccountingError.__name__):
+        if name + ":" in text:
+            return text[text.index(name + ":"):].splitlines()[0].split(" [while running")[0]
+    return None
+
+
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="catalog-index run",
@@ -60,8 +83,16 @@ def run(argv: list[str]) -> int:
     config, note = to_run_config(options)
     if note:
         print(note, flush=True)
-    with beam.Pipeline(options=options) as p:
-        build(p, config)
+    try:
+        with beam.Pipeline(options=options) as p:
+            build(p, config)
+    except Exception as e:  # noqa: BLE001 - only a refusal to publish is turned into an exit status
+        refusal = publish_refusal(e)
+        if refusal is None:
+            raise
+        print(f"run {config.write.run_id} NOT published: {refusal}", file=sys.stderr, flush=True)
+        print(f"its dead letters are in {config.write.run_dir}/dead_letter/", file=sys.stderr, flush=True)
+        return EXIT_NOT_PUBLISHED
     manifest = read_manifest(config.write.run_dir)
     print(summary(config, manifest), flush=True)
     return 0

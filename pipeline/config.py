@@ -14,6 +14,26 @@ from encoders.device import validate_device_spec
 from schemas.catalog import CatalogColumns
 
 MEDIA_ERROR_POLICIES = ("fail_item", "drop_media")
+# A healthy nightly catalog loses well under 1% of rows to broken media and rows;
+# 5% means something systemic (a bucket's permissions, a broken export, a model
+# bug), and publishing would replace a good index with a visibly worse one.
+DEFAULT_MAX_FAILURE_FRACTION = 0.05
+_GLOB_CHARS = "*?["
+
+
+def catalog_root(catalog: str) -> str:
+    """The folder tree a catalog path or glob lives in: the default root media must lie under."""
+    head = catalog
+    for i, c in enumerate(catalog):
+        if c in _GLOB_CHARS:
+            head = catalog[:i]
+            break
+    else:
+        head = catalog.rsplit("/", 1)[0] if "/" in catalog else ""
+        return head or ("." if catalog else "")
+    if head.endswith("/"):
+        return head.rstrip("/") or "/"
+    return head.rsplit("/", 1)[0] if "/" in head else "."
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -111,10 +131,13 @@ class RunConfig:
     media_errors: str = "fail_item"
     progress_interval_s: float = 10.0
     preset: str = ""
+    max_failure_fraction: float = DEFAULT_MAX_FAILURE_FRACTION
 
     def __post_init__(self) -> None:
         if self.media_errors not in MEDIA_ERROR_POLICIES:
             raise ValueError(f"media_errors {self.media_errors!r} is not one of {MEDIA_ERROR_POLICIES}")
+        if not 0.0 <= self.max_failure_fraction <= 1.0:
+            raise ValueError(f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
 
     def layout(self) -> Layout:
         from encoders.towers import output_dim

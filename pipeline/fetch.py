@@ -30,7 +30,12 @@ def load_image(uri: str, policy: FetchPolicy, preprocess: ImagePreprocess) -> tu
     """One image URI -> (preprocessed pixels, sha256 of its bytes); raises MediaError."""
     data = fetch_bytes(uri, policy)
     digest = hashlib.sha256(data).hexdigest()
-    return preprocess(decode_image(data, policy.max_image_pixels)), digest
+    try:
+        image = decode_image(data, policy.max_image_pixels)
+    except MediaError as e:
+        e.stage = Stage.DECODE  # the bytes arrived; decoding (or its pixel cap) failed
+        raise
+    return preprocess(image), digest
 
 
 class _FetchImages(beam.DoFn):
@@ -61,7 +66,8 @@ class _FetchImages(beam.DoFn):
         for (item, index, uri), result in zip(jobs, self._pool.map(lambda job: self._one(job[2]), jobs)):
             if isinstance(result, MediaError):
                 self._failed.inc()
-                stage = Stage.DECODE if result.reason in (Reason.DECODE_FAILED, Reason.UNSUPPORTED_FORMAT) else Stage.FETCH
+                stage = getattr(result, "stage", None) or (
+                    Stage.DECODE if result.reason in (Reason.DECODE_FAILED, Reason.UNSUPPORTED_FORMAT) else Stage.FETCH)
                 yield beam.pvalue.TaggedOutput(FAILED, (item.item_id, ItemFailure(stage, result.reason, result.detail, uri)))
                 continue
             pixels, digest = result

@@ -12,7 +12,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from encoders.fusion import FusionConfig, FusionError, Layout, fuse
-from pipeline import progress
+from pipeline import faults, progress
 from pipeline.config import Route
 from pipeline.records import ItemFailure, MediaDigest, ModalityVector
 from schemas.catalog import CatalogItem
@@ -102,6 +102,7 @@ class _Fuse(beam.DoFn):
             num_images=sum(1 for d in digests if d.modality == "image"),
             attributes=item.attributes,
         )
+        faults.inject("fuse")  # test hook: fails a bundle after it has emitted a record
 
 
 class FuseItems(beam.PTransform):

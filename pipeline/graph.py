@@ -87,5 +87,6 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     manifest = {
         "rows": read["rows"], "records": fused["records"], "dead": dead,
         "embedding_files": embedding_files, "dead_files": dead_files,
-    } | "Publish" >> Publish(config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata))
+    } | "Publish" >> Publish(config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata),
+                             max_failure_fraction=config.max_failure_fraction)
     return {"records": fused["records"], "dead": dead, "manifest": manifest}

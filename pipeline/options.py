@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from encoders import presets
 from encoders.fusion import FusionConfig
-from encoders.media import FetchPolicy
+from encoders.media import DEFAULT_SCHEMES, FetchPolicy
 from encoders.specs import PRETRAINED, ModelSpec
-from pipeline.config import MEDIA_ERROR_POLICIES, EncodeConfig, ReadConfig, RunConfig, WriteConfig
+from pipeline.config import (DEFAULT_MAX_FAILURE_FRACTION, MEDIA_ERROR_POLICIES, EncodeConfig, ReadConfig, RunConfig,
+                             WriteConfig, catalog_root)
 from schemas.catalog import CatalogColumns
 
 NONE = "none"
@@ -27,6 +29,15 @@ def _weights(text: str) -> tuple[tuple[str, float], ...]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"weight of {name!r} is not a number: {value!r}") from None
     return tuple(pairs)
+
+
+def _local_abspath(path: str) -> str:
+    # workers may run elsewhere than the launching shell's folder: pin local roots now
+    return os.path.abspath(path) if path and "://" not in path else path
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
 
 class CatalogIndexOptions(PipelineOptions):
@@ -67,8 +78,22 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--fetch_timeout_s", type=float, default=FetchPolicy.timeout_s)
         g.add_argument("--max_image_pixels", type=int, default=FetchPolicy.max_image_pixels)
         g.add_argument("--allow_http", action="store_true", help="allow http(s) media URIs")
+        g.add_argument("--allowed_media_schemes", default=",".join(DEFAULT_SCHEMES),
+                       help="comma-separated schemes read through Beam filesystems ('file' = local paths)")
+        g.add_argument("--allowed_media_roots", default="",
+                       help="comma-separated roots that media must lie under (local folders, gs://bucket/prefix); "
+                            "default: the catalog's own folder tree")
+        g.add_argument("--allowed_hosts", default="",
+                       help="comma-separated http(s) hosts (.example.com: its subdomains); default: any public host")
+        g.add_argument("--allow_private_hosts", action="store_true",
+                       help="allow http(s) to loopback, private and link-local addresses (never metadata endpoints)")
         g.add_argument("--media_errors", default="fail_item", choices=list(MEDIA_ERROR_POLICIES),
                        help="fail_item: an item with broken media is dead-lettered; drop_media: embed what is left")
+
+        g = parser.add_argument_group("reliability")
+        g.add_argument("--max_failure_fraction", type=float, default=DEFAULT_MAX_FAILURE_FRACTION,
+                       help="publish nothing and exit non-zero if more than this fraction of input rows "
+                            "are dead-lettered")
 
         g = parser.add_argument_group("fusion")
         g.add_argument("--modality_weights", type=_weights, default=(), help="e.g. text=1,image=1")
@@ -116,7 +141,11 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         write=WriteConfig(output=o.output, run_id=o.run_id, num_shards=o.num_shards,
                           rows_per_shard=o.rows_per_shard, vector_dtype=o.vector_dtype),
         fetch=FetchPolicy(max_bytes=o.max_media_bytes, timeout_s=o.fetch_timeout_s,
-                          allow_http=o.allow_http, max_image_pixels=o.max_image_pixels),
+                          allow_http=o.allow_http, max_image_pixels=o.max_image_pixels,
+                          allowed_schemes=_csv(o.allowed_media_schemes), allowed_roots=_csv(o.allowed_media_roots),
+                          allowed_hosts=_csv(o.allowed_hosts), allow_private_hosts=o.allow_private_hosts,
+                          ).with_default_root(_local_abspath(catalog_root(o.catalog or ""))),
+        max_failure_fraction=o.max_failure_fraction,
         fusion=FusionConfig(**fusion_kwargs),
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,

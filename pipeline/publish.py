@@ -13,12 +13,39 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import faults
+
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 
 
-class AccountingError(RuntimeError):
+class PublishRefused(RuntimeError):
+    """The run is complete but must not become LATEST; the previous run stays published."""
+
+
+class AccountingError(PublishRefused):
     """Input rows do not add up to embedded + dead-lettered + skipped: something was lost."""
+
+
+class FailureThresholdError(PublishRefused):
+    """More input rows failed than ``--max_failure_fraction`` allows."""
+
+
+def failed_fraction(counts: dict) -> float:
+    """Dead-lettered rows over input rows (0 for an empty catalog)."""
+    failed = sum(counts["dead_letters"].values())
+    return failed / counts["input_rows"] if counts["input_rows"] else 0.0
+
+
+def check_failure_fraction(counts: dict, max_fraction: float) -> None:
+    fraction = failed_fraction(counts)
+    if fraction > max_fraction:
+        worst = sorted(counts["dead_letters"].items(), key=lambda kv: -kv[1])[:3]
+        raise FailureThresholdError(
+            f"{sum(counts['dead_letters'].values())} of {counts['input_rows']} input rows failed "
+            f"({fraction:.1%} > --max_failure_fraction {max_fraction:.1%}; most: "
+            f"{', '.join(f'{k}={v}' for k, v in worst)}); nothing published, LATEST unchanged"
+        )
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -54,28 +81,35 @@ def latest_run_dir(output: str) -> str | None:
 
 
 class _Publish(beam.DoFn):
-    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict):
+    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict, max_failure_fraction: float):
         self._output, self._run_dir, self._run_id, self._base = output.rstrip("/"), run_dir, run_id, manifest_base
+        self._max_failure_fraction = max_failure_fraction
 
     def process(self, _, input_rows: int, embedded: int, dead: dict, embedding_files: list, dead_files: list):
         counts = {"input_rows": input_rows, "embedded": embedded, "dead_letters": dict(sorted(dead.items())),
                   "skipped": 0}
         check_counts(counts)
+        check_failure_fraction(counts, self._max_failure_fraction)
         files = []
         for path in sorted(embedding_files) + sorted(dead_files):
             size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
             files.append({"path": path[len(self._run_dir) + 1:], "bytes": size})
         manifest = dict(self._base, counts=counts, files=files,
+                        accounting={"failed_fraction": round(failed_fraction(counts), 6),
+                                    "max_failure_fraction": self._max_failure_fraction},
                         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        faults.inject("publish_manifest")
         write_text_atomically(f"{self._run_dir}/{MANIFEST}", json.dumps(manifest, indent=2, ensure_ascii=False))
+        faults.inject("publish_latest")
         write_text_atomically(f"{self._output}/{LATEST}", self._run_id + "\n")
         yield manifest
 
 
 class Publish(beam.PTransform):
-    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict):
+    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict,
+                 max_failure_fraction: float = 1.0):
         super().__init__()
-        self._fn = _Publish(output, run_dir, run_id, manifest_base)
+        self._fn = _Publish(output, run_dir, run_id, manifest_base, max_failure_fraction)
 
     def expand(self, inputs: dict):
         count = beam.combiners.Count.Globally

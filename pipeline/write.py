@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import faults
 from schemas.dead_letter import DEAD_LETTER_SCHEMA, DeadLetter
 from schemas.embeddings import EmbeddingRecord, records_to_table
 
@@ -33,9 +34,18 @@ def shard_name(prefix: str, shard: int, num_shards: int) -> str:
 def write_table_atomically(path: str, table: pa.Table) -> None:
     directory, _, name = path.rpartition("/")
     tmp = f"{directory}/.tmp-{uuid.uuid4().hex}-{name}"
-    with FileSystems.create(tmp) as stream:
-        pq.write_table(table, stream, compression="zstd")
-    FileSystems.rename([tmp], [path])
+    try:
+        with FileSystems.create(tmp) as stream:
+            pq.write_table(table, stream, compression="zstd")
+        faults.inject("write_shard")
+        FileSystems.rename([tmp], [path])
+    except BaseException:
+        # a failed attempt leaves nothing behind; the retry writes its own temporary file
+        try:
+            FileSystems.delete([tmp])
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+        raise
 
 
 def embeddings_to_table(records: list[EmbeddingRecord], schema: pa.Schema) -> pa.Table:

@@ -50,3 +50,32 @@ def test_bad_values_are_named(flags, message):
 def test_options_subclass_is_visible_to_beam():
     opts = PipelineOptions(["--catalog", "x", "--batch_size", "7"]).view_as(CatalogIndexOptions)
     assert opts.catalog == "x" and opts.batch_size == 7
+
+
+def test_media_policy_and_failure_threshold_options(tmp_path):
+    cfg = _config()
+    import os
+
+    assert cfg.fetch.allowed_roots == (os.path.abspath("."),)  # the catalog's folder tree
+    assert cfg.fetch.allowed_schemes == ("file", "gs", "s3") and not cfg.fetch.allow_http
+    assert not cfg.fetch.allow_private_hosts and cfg.fetch.allowed_hosts == ()
+    assert cfg.max_failure_fraction == 0.05
+    cfg = _config("--allowed_media_roots", "gs://media/prod, /mnt/images", "--allowed_media_schemes", "gs,file",
+                  "--allow_http", "--allowed_hosts", "cdn.example.com,.img.example.com", "--allow_private_hosts",
+                  "--max_failure_fraction", "0.2")
+    assert cfg.fetch.allowed_roots == ("gs://media/prod", "/mnt/images")
+    assert cfg.fetch.allowed_schemes == ("gs", "file") and cfg.fetch.allow_http and cfg.fetch.allow_private_hosts
+    assert cfg.fetch.allowed_hosts == ("cdn.example.com", ".img.example.com")
+    assert cfg.max_failure_fraction == 0.2
+    gs = to_run_config(PipelineOptions(["--catalog", "gs://b/cat/*.parquet", "--preset", "offline"]))[0]
+    assert gs.fetch.allowed_roots == ("gs://b/cat",)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_failure_fraction", "1.5"], "max_failure_fraction"),
+    (["--allowed_media_schemes", "https"], "allow_http"),
+    (["--allowed_media_roots", "/data/../etc"], "'..'"),
+])
+def test_bad_policy_values_are_named(flags, message):
+    with pytest.raises(ValueError, match=message):
+        _config(*flags)

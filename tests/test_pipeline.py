@@ -146,7 +146,7 @@ def broken_catalog(tmp_path):
 
 def test_bad_rows_become_dead_letters_and_counts_add_up(broken_catalog, tiny_text_dir, tmp_path):
     pattern, n_rows = broken_catalog
-    table, dead, manifest, _ = run(pattern, tmp_path, "bad", tiny_text_dir)
+    table, dead, manifest, _ = run(pattern, tmp_path, "bad", tiny_text_dir, "--max_failure_fraction", "1")
     assert table.column("item_id").to_pylist() == ["good", "text-only"]
     fates = {(r["item_id"], r["reason"]) for r in dead.to_pylist()}
     assert fates >= {("good", "duplicate_id"), ("missing-img", "missing_media"), ("corrupt-img", "decode_failed"),
@@ -163,7 +163,8 @@ def test_bad_rows_become_dead_letters_and_counts_add_up(broken_catalog, tiny_tex
 
 def test_drop_media_policy_embeds_what_is_left(broken_catalog, tiny_text_dir, tmp_path):
     pattern, _ = broken_catalog
-    table, dead, _, _ = run(pattern, tmp_path, "drop", tiny_text_dir, "--media_errors", "drop_media")
+    table, dead, _, _ = run(pattern, tmp_path, "drop", tiny_text_dir, "--media_errors", "drop_media",
+                             "--max_failure_fraction", "1")
     rows = {r["item_id"]: r for r in table.drop(["vector"]).to_pylist()}
     assert rows["half-broken"]["num_images"] == 1 and rows["half-broken"]["modalities"] == ["image", "text"]
     assert rows["missing-img"]["modalities"] == ["text"]
