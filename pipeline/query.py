@@ -90,7 +90,10 @@ class QueryEncoder:
 
         self.run, self.layout, self.fusion = run, run.layout, run.fusion
         self.device, self.batch_size, self.policy = resolve_device(device), batch_size, policy
-        self._attention = load_attention(self.fusion, [_Route(m, s) for m, s in run.routes], self.layout)
+        try:
+            self._attention = load_attention(self.fusion, [_Route(m, s) for m, s in run.routes], self.layout)
+        except (ValueError, OSError) as e:  # a changed or missing module must not encode queries differently
+            raise QueryError(str(e)) from None
 
     def modalities(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(m for m, _ in self.run.routes))
