@@ -1,4 +1,5 @@
-"""The ``catalog-index`` command: ``run`` builds and runs the pipeline (more verbs follow)."""
+"""The ``catalog-index`` command: ``run`` builds and runs the pipeline; ``search``, ``eval`` and
+``fit-fusion`` work on a published run."""
 from __future__ import annotations
 
 import argparse
@@ -98,7 +99,87 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-VERBS = {"run": run}
+def _run_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="a run folder OUT/runs/<id>, or OUT (follows LATEST)")
+    parser.add_argument("--device", default="cpu", help="device for the query encoders: cpu | cuda | cuda:N")
+    parser.add_argument("--metric", default="cosine", choices=["cosine", "l2"],
+                        help="cosine: inner product, highest first; l2: squared distance, lowest first")
+
+
+def search(argv: list[str]) -> int:
+    from pipeline.query import QueryEncoder, QueryError, load_run
+    from pipeline.search import ExactSearcher
+
+    parser = argparse.ArgumentParser(
+        prog="catalog-index search",
+        description="Top-k items for one query, encoded with the run's own models, weights and layout "
+                    "(read from its metadata).")
+    _run_arg(parser)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a typed query")
+    what.add_argument("--image", help="path or URI of a query photo")
+    what.add_argument("--audio", help="path or URI of a query audio clip")
+    parser.add_argument("-k", type=int, default=10, help="how many items to print")
+    args = parser.parse_args(argv)
+    modality, content = next((m, getattr(args, m)) for m in ("text", "image", "audio") if getattr(args, m))
+    try:
+        info = load_run(args.run)
+        vector = QueryEncoder(info, device=args.device).encode(modality, [content])
+    except QueryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    scores, ids = ExactSearcher.from_files(info.embedding_files, args.metric).search(vector, args.k)
+    label = "score" if args.metric == "cosine" else "dist"
+    print(f"run {info.manifest['run_id']} ({info.metadata['fusion']['mode']} fusion, exact {args.metric}): "
+          f"top {len(ids[0])} for {modality} query {content!r}")
+    for rank, (item, score) in enumerate(zip(ids[0], scores[0]), 1):
+        print(f"{rank:3d}  {item}  {label}={score:.4f}")
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    import json
+    import os
+
+    from pipeline.evaluate import QueriesFileError, evaluate as run_eval, format_report, read_queries
+    from pipeline.publish import write_text_atomically
+    from pipeline.query import QueryEncoder, QueryError, load_run
+    from pipeline.search import ExactSearcher
+
+    parser = argparse.ArgumentParser(
+        prog="catalog-index eval",
+        description="Recall@1/5/10, MRR and nDCG@10 of a run on labelled queries, overall and per query modality.")
+    _run_arg(parser)
+    parser.add_argument("--queries", required=True,
+                        help='JSON lines {"modality": "text"|"image", "query": ..., "relevant": [item ids]}')
+    parser.add_argument("--out", default="", help="report JSON path (default RUN/eval/<queries file stem>.json)")
+    args = parser.parse_args(argv)
+    try:
+        info = load_run(args.run)
+        queries = read_queries(args.queries)
+        searcher = ExactSearcher.from_files(info.embedding_files, args.metric)
+        report = run_eval(info, queries, searcher, QueryEncoder(info, device=args.device))
+    except (QueryError, QueriesFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report["queries_file"] = os.path.abspath(args.queries)
+    report["metric"] = args.metric
+    out = args.out or f"{info.run_dir}/eval/{os.path.splitext(os.path.basename(args.queries))[0]}.json"
+    if "://" not in out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_text_atomically(out, json.dumps(report, indent=2, ensure_ascii=False))
+    print(format_report(report))
+    print(f"report: {out}")
+    return 0
+
+
+def fit_fusion(argv: list[str]) -> int:
+    from pipeline.fit_fusion import main as fit_main
+
+    return fit_main(argv)
+
+
+VERBS = {"run": run, "search": search, "eval": evaluate, "fit-fusion": fit_fusion}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,7 +142,8 @@ class RunConfig:
     def layout(self) -> Layout:
         from encoders.towers import output_dim
 
-        return Layout.from_dims({space: output_dim(spec) for space, spec in self.encode.space_specs.items()})
+        dims = {space: output_dim(spec) for space, spec in self.encode.space_specs.items()}
+        return Layout.build([(r.modality, r.space) for r in self.encode.routes], dims, self.fusion)
 
     def model_fingerprint(self) -> str:
         """One id for the whole model set and fusion: equal ids mean comparable vectors."""

@@ -51,6 +51,11 @@ class _Fuse(beam.DoFn):
         self._fingerprint, self._media_errors = model_fingerprint, media_errors
         self._embedded = Metrics.counter(NAMESPACE, "embedded")
         self._dead = Metrics.counter(NAMESPACE, "dead_letters")
+        self._attention = None
+
+    def setup(self):
+        # the trained module is loaded in the worker (never pickled) and checked against the recorded sha256
+        self._attention = load_attention(self._fusion, self._routes, self._layout)
 
     def _dead_letter(self, item: CatalogItem, stage: Stage, reason: Reason, detail: str, source: str = ""):
         self._dead.inc()
@@ -85,7 +90,7 @@ class _Fuse(beam.DoFn):
         for (space, modality), vs in by_route.items():
             nested.setdefault(space, {})[modality] = [v.vector for v in sorted(vs, key=lambda v: v.index)]
         try:
-            fused = fuse(nested, self._layout, self._fusion)
+            fused = fuse(nested, self._layout, self._fusion, attention=self._attention)
         except FusionError as e:
             reason = Reason.NONFINITE_VECTOR if "finite" in str(e) or "zero norm" in str(e) else Reason.EMPTY_ITEM
             detail = str(e) if reason is Reason.NONFINITE_VECTOR else "no modality that this run's models embed"
@@ -105,11 +110,23 @@ class _Fuse(beam.DoFn):
         faults.inject("fuse")  # test hook: fails a bundle after it has emitted a record
 
 
+def load_attention(fusion: FusionConfig, routes, layout: Layout):
+    """The trained attention of ``fusion`` as a ``fuse(attention=...)`` callable; None for the other rules."""
+    if not fusion.attention_module:
+        return None
+    from encoders import attention
+
+    module = attention.load(fusion.attention_module, fusion.attention_sha256)
+    module.check_layout([(r.modality, r.space) for r in routes], layout)
+    return module.weights_fn()
+
+
 class FuseItems(beam.PTransform):
     """{item, vectors, failed, digests} keyed by item id -> EmbeddingRecord (main) / DeadLetter (dead)."""
 
     def __init__(self, routes, layout: Layout, fusion: FusionConfig, model_fingerprint: str, media_errors: str):
         super().__init__()
+        load_attention(fusion, routes, layout)  # fail at launch, not in every worker, on a mismatched module
         self._fn = _Fuse(tuple(routes), layout, fusion, model_fingerprint, media_errors)
 
     def expand(self, inputs: dict):

@@ -7,7 +7,7 @@ import os
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from encoders import presets
-from encoders.fusion import FusionConfig
+from encoders.fusion import FUSION_MODES, FusionConfig
 from encoders.media import DEFAULT_SCHEMES, FetchPolicy
 from encoders.specs import PRETRAINED, ModelSpec
 from pipeline.config import (DEFAULT_MAX_FAILURE_FRACTION, MEDIA_ERROR_POLICIES, EncodeConfig, ReadConfig, RunConfig,
@@ -98,6 +98,12 @@ class CatalogIndexOptions(PipelineOptions):
         g = parser.add_argument_group("fusion")
         g.add_argument("--modality_weights", type=_weights, default=(), help="e.g. text=1,image=1")
         g.add_argument("--space_weights", type=_weights, default=(), help="e.g. clip=1,text=1")
+        g.add_argument("--fusion_mode", default="mean", choices=list(FUSION_MODES),
+                       help="mean: weighted average per space; concat: one block per (space, modality); "
+                            "attention: per-item weights (agreement rule, or --fusion_module)")
+        g.add_argument("--fusion_module", default="",
+                       help="attention module saved by `catalog-index fit-fusion` (safetensors); needs "
+                            "--fusion_mode attention")
 
         g = parser.add_argument_group("progress")
         g.add_argument("--progress_interval_s", type=float, default=10.0, help="0 disables progress lines")
@@ -130,7 +136,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         image_uris=o.image_column, audio_uri=o.audio_column,
         passthrough=tuple(c.strip() for c in o.passthrough_columns.split(",") if c.strip()),
     )
-    fusion_kwargs = {}
+    fusion_kwargs = {"mode": o.fusion_mode, "attention_module": o.fusion_module}
     if o.modality_weights:
         fusion_kwargs["modality_weights"] = tuple({**dict(FusionConfig().modality_weights), **dict(o.modality_weights)}.items())
     if o.space_weights:

@@ -70,3 +70,158 @@ def test_config_validation_and_json_round_trip():
     cfg = FusionConfig(modality_weights=(("text", 2.0),), space_weights=(("clip", 0.5),))
     assert FusionConfig.from_json(cfg.to_json()) == cfg
     assert Layout.from_json(LAYOUT.to_json()) == LAYOUT
+
+
+# --- the three modes -------------------------------------------------------------------------------
+
+ROUTES = [("text", "clip"), ("image", "clip"), ("text", "text")]
+DIMS = {"clip": 8, "text": 4}
+MODES = ("mean", "concat", "attention")
+
+
+def _layout(mode, **kw):
+    cfg = FusionConfig(mode=mode, **kw)
+    return Layout.build(ROUTES, DIMS, cfg), cfg
+
+
+def test_concat_layout_has_one_block_per_space_and_modality():
+    layout, _ = _layout("concat")
+    assert [(b.space, b.modality, b.offset) for b in layout.blocks] == [
+        ("clip", "text", 0), ("clip", "image", 8), ("text", "text", 16)]
+    assert layout.dim == 20 and Layout.from_json(layout.to_json()) == layout
+    assert _layout("mean")[0] == _layout("attention")[0] == Layout.from_dims(DIMS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("present", [("clip/text",), ("clip/image",), ("text/text",), ("clip/image", "text/text"),
+                                     ("clip/text", "clip/image", "text/text")])
+def test_every_mode_gives_unit_vectors_for_items_missing_modalities(mode, present):
+    layout, cfg = _layout(mode)
+    vectors = {}
+    for key in present:
+        space, modality = key.split("/")
+        vectors.setdefault(space, {})[modality] = [RNG.normal(size=DIMS[space]) * 5]
+    out = fuse(vectors, layout, cfg)
+    assert out.dtype == np.float32 and out.shape == (layout.dim,)
+    assert abs(np.linalg.norm(out) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_modality_fuses_to_that_modality_normalized_in_every_mode(mode):
+    layout, cfg = _layout(mode)
+    v = RNG.normal(size=8) * 3
+    out = fuse({"clip": {"image": [v]}}, layout, cfg)
+    block = layout.block("clip", "image" if mode == "concat" else None)
+    np.testing.assert_allclose(out[block.offset: block.offset + 8], v / np.linalg.norm(v), atol=1e-6)
+    assert np.count_nonzero(out) == 8
+
+
+def test_concat_inner_product_is_weighted_sum_of_block_cosines():
+    cfg = FusionConfig(mode="concat", modality_weights=(("text", 2.0), ("image", 1.0)),
+                       space_weights=(("clip", 1.0), ("text", 3.0)))
+    layout = Layout.build(ROUTES, DIMS, cfg)
+    ct, ci, tt = _unit(8), _unit(8), _unit(4)
+    item = fuse({"clip": {"text": [ct], "image": [ci]}, "text": {"text": [tt]}}, layout, cfg)
+    qc, qt = _unit(8), _unit(4)
+    query = fuse({"clip": {"text": [qc]}, "text": {"text": [qt]}}, layout, cfg, query=True)
+    w = {"ct": 1 * 2, "ci": 1 * 1, "tt": 3 * 2}
+    total = sum(w.values())
+    expected = (w["ct"] * (qc @ ct) + w["ci"] * (qc @ ci) + w["tt"] * (qt @ tt)) / total
+    assert float(item @ query) == pytest.approx(expected, abs=1e-6)
+
+    # an item without an image: weighted mean of the cosines it has, times sqrt(its weight share)
+    text_only = fuse({"clip": {"text": [ct]}, "text": {"text": [tt]}}, layout, cfg)
+    covered = w["ct"] + w["tt"]
+    expected = np.sqrt(covered / total) * (w["ct"] * (qc @ ct) + w["tt"] * (qt @ tt)) / covered
+    assert float(text_only @ query) == pytest.approx(expected, abs=1e-6)
+
+
+def test_concat_query_fills_every_modality_block_of_its_space():
+    layout, cfg = _layout("concat")
+    q = _unit(8)
+    query = fuse({"clip": {"image": [q]}}, layout, cfg, query=True)  # an image query, no text space
+    for modality in ("text", "image"):
+        b = layout.block("clip", modality)
+        np.testing.assert_allclose(query[b.offset: b.offset + 8], q / np.sqrt(2), atol=1e-6)
+    assert np.all(query[16:] == 0)
+
+
+@pytest.mark.parametrize("mode", ("mean", "attention"))
+def test_query_and_item_layouts_agree(mode):
+    layout, cfg = _layout(mode)
+    ct, tt = _unit(8), _unit(4)
+    item = fuse({"clip": {"text": [ct]}, "text": {"text": [tt]}}, layout, cfg)
+    query = fuse({"clip": {"text": [ct]}, "text": {"text": [tt]}}, layout, cfg, query=True)
+    np.testing.assert_array_equal(item, query)
+    assert float(item @ query) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_attention_agreement_rule_discounts_an_unrelated_photo():
+    layout, cfg = _layout("attention")
+    text = _unit(8)
+    related = text + 0.3 * _unit(8)
+    unrelated = -text + 0.1 * _unit(8)  # cosine < 0 with the description: weight 0
+    mean_cfg = FusionConfig()
+    fused_bad = fuse({"clip": {"text": [text], "image": [unrelated]}}, layout, cfg)
+    np.testing.assert_allclose(fused_bad[:8], text, atol=1e-6)
+    fused_ok = fuse({"clip": {"text": [text], "image": [related]}}, layout, cfg)
+    r = related / np.linalg.norm(related)
+    c = float(r @ text)
+    expected = (text + c * r) / np.linalg.norm(text + c * r)
+    np.testing.assert_allclose(fused_ok[:8], expected, atol=1e-6)
+    # the same item under weighted average keeps the unrelated photo at full weight
+    assert float(fuse({"clip": {"text": [text], "image": [unrelated]}}, layout, mean_cfg)[:8] @ text) < 0.5
+    # without text there is no anchor: priors (= weighted average)
+    a, b = _unit(8), _unit(8)
+    np.testing.assert_allclose(fuse({"clip": {"image": [a, b]}}, layout, cfg),
+                               fuse({"clip": {"image": [a, b]}}, layout, mean_cfg), atol=1e-6)
+
+
+def test_learned_module_starts_as_weighted_average_and_matches_the_batched_fusion(tmp_path):
+    import torch
+
+    from encoders import attention
+
+    layout, cfg = _layout("attention", modality_weights=(("text", 2.0), ("image", 1.0)))
+    module = attention.FusionAttention.for_run(ROUTES, layout)
+    items = [{"clip": {"text": [_unit(8)], "image": [_unit(8)]}, "text": {"text": [_unit(4)]}},
+             {"clip": {"image": [_unit(8)]}},
+             {"clip": {"text": [_unit(8)]}, "text": {"text": [_unit(4)]}}]
+    mean_cfg = FusionConfig(modality_weights=cfg.modality_weights)
+    for item in items:  # zero-initialized: exactly the weighted average
+        np.testing.assert_allclose(fuse(item, layout, cfg, attention=module.weights_fn()),
+                                   fuse(item, layout, mean_cfg), atol=1e-6)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape))
+    x = {s: torch.zeros((3, len(ms), d), dtype=torch.float64) for s, ms, d in module.spec}
+    mask = {s: torch.zeros((3, len(ms)), dtype=torch.bool) for s, ms, d in module.spec}
+    for n, item in enumerate(items):
+        for s, per in item.items():
+            for m, vs in per.items():
+                j = module.spaces[s].modalities.index(m)
+                x[s][n, j], mask[s][n, j] = torch.from_numpy(vs[0]), True
+    batched = attention.fuse_batch(module.double(), x, mask, cfg).detach().numpy()
+    for n, item in enumerate(items):
+        np.testing.assert_allclose(fuse(item, layout, cfg, attention=module.weights_fn()), batched[n], atol=1e-6)
+    # saved and loaded with safetensors, with a sha256 check
+    path = str(tmp_path / "m.safetensors")
+    attention.save(module, path)
+    loaded = attention.load(path, FusionConfig(mode="attention", attention_module=path).attention_sha256)
+    np.testing.assert_allclose(fuse(items[0], layout, cfg, attention=loaded.weights_fn()),
+                               fuse(items[0], layout, cfg, attention=module.weights_fn()), atol=1e-6)
+    with pytest.raises(ValueError, match="changed"):
+        attention.load(path, "0" * 64)
+    with pytest.raises(ValueError, match="trained for"):
+        loaded.check_layout([("text", "clip")], Layout.from_dims({"clip": 8}))
+
+
+def test_fusion_config_modes_and_module_validation(tmp_path):
+    with pytest.raises(ValueError, match="needs fusion mode 'attention'"):
+        FusionConfig(mode="mean", attention_module=str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match="cannot be read"):
+        FusionConfig(mode="attention", attention_module=str(tmp_path / "nothing.safetensors"))
+    for mode in MODES:
+        cfg = FusionConfig(mode=mode, modality_weights=(("image", 0.5),))
+        assert FusionConfig.from_json(cfg.to_json()) == cfg
+    assert FusionConfig(mode="attention").to_json()["attention"]["rule"] == "agreement"

@@ -1,0 +1,108 @@
+"""Retrieval evaluation of a run on labelled queries (no Beam).
+
+Queries file: JSON lines ``{"modality": "text"|"image"|"audio", "query": str,
+"relevant": [item_id, ...]}``; media queries are paths relative to the file.
+A query whose modality this run cannot encode is not dropped silently: it is
+counted under ``skipped`` with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+from typing import Sequence
+
+from pipeline import metrics
+from pipeline.query import QUERY_MODALITIES, QueryEncoder, QueryError, RunInfo
+
+DEPTH = 100  # ranks retrieved per query; MRR counts a first relevant item up to here
+
+
+class QueriesFileError(ValueError):
+    """A labelled-queries file with a malformed line (names the file, line and problem)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledQuery:
+    modality: str
+    query: str  # text, or a media path (absolute after reading)
+    relevant: tuple[str, ...]
+    line: int
+
+
+def read_queries(path: str) -> list[LabelledQuery]:
+    from apache_beam.io.filesystems import FileSystems
+
+    base = posixpath.dirname(path)
+    out = []
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        lines = f.read().decode("utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QueriesFileError(f"{path}:{n}: not JSON ({e})") from None
+        modality, query, relevant = row.get("modality"), row.get("query"), row.get("relevant")
+        if modality not in QUERY_MODALITIES:
+            raise QueriesFileError(f"{path}:{n}: modality {modality!r} is not one of {QUERY_MODALITIES}")
+        if not isinstance(query, str) or not query.strip():
+            raise QueriesFileError(f"{path}:{n}: query must be a non-empty string, got {query!r}")
+        if not isinstance(relevant, list) or not relevant or not all(isinstance(r, str) for r in relevant):
+            raise QueriesFileError(f"{path}:{n}: relevant must be a non-empty list of item ids, got {relevant!r}")
+        if modality != "text" and "://" not in query and not os.path.isabs(query):
+            query = posixpath.join(base, query)
+        out.append(LabelledQuery(modality, query, tuple(relevant), n))
+    if not out:
+        raise QueriesFileError(f"{path} has no queries")
+    return out
+
+
+def evaluate(run: RunInfo, queries: Sequence[LabelledQuery], searcher, encoder: QueryEncoder,
+             depth: int = DEPTH) -> dict:
+    """Encodes, searches and scores every query; returns the report (overall, per modality, per query)."""
+    results, per_query, skipped = [], [], {}
+    known = set(searcher.ids) if hasattr(searcher, "ids") else None
+    for modality in QUERY_MODALITIES:
+        group = [q for q in queries if q.modality == modality]
+        if not group:
+            continue
+        try:
+            vectors = encoder.encode(modality, [q.query for q in group])
+        except QueryError as e:
+            skipped[modality] = {"queries": len(group), "reason": str(e)}
+            continue
+        scores, ids = searcher.search(vectors, depth)
+        for q, ranked, s in zip(group, ids, scores):
+            m = metrics.query_metrics(ranked, q.relevant)
+            results.append((modality, m))
+            per_query.append({"line": q.line, "modality": modality, "query": q.query, "relevant": list(q.relevant),
+                              "top": ranked[:10], "scores": [round(float(x), 5) for x in s[:10]],
+                              **({"relevant_not_in_run": sorted(set(q.relevant) - known)}
+                                 if known is not None and set(q.relevant) - known else {}),
+                              **m})
+    return {
+        "run_id": run.manifest["run_id"],
+        "fusion": run.metadata["fusion"],
+        "models": {s: f"{m['name']} [{m['weights_label']}]" for s, m in run.metadata["models"].items()},
+        "depth": depth,
+        **metrics.summarize(results),
+        "skipped": skipped,
+        "per_query": per_query,
+    }
+
+
+def format_report(report: dict) -> str:
+    cols = ["recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"]
+    lines = [f"run {report['run_id']}  fusion {report['fusion']['mode']}  models "
+             + ", ".join(f"{s}: {m}" for s, m in report["models"].items()),
+             f"{'':10s} {'queries':>7s} " + " ".join(f"{c:>9s}" for c in cols)]
+    rows = [("overall", report["overall"])] + list(report["by_modality"].items())
+    for name, m in rows:
+        if m.get("queries"):
+            lines.append(f"{name:10s} {m['queries']:7d} " + " ".join(f"{m[c]:9.3f}" for c in cols))
+    for modality, s in report["skipped"].items():
+        lines.append(f"skipped {s['queries']} {modality} queries: {s['reason']}")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""search, eval and fit-fusion on pipeline runs of the sample catalog with tiny random models."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cli
+from pipeline.query import QueryEncoder, QueryError, load_run
+from pipeline.search import ExactSearcher
+from schemas.catalog import validate_row
+
+TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_catalog")
+QUERIES = os.path.join(SAMPLE, "queries.jsonl")
+
+
+def _run(out, run_id, text_dir, *extra):
+    argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(out), "--run_id", run_id,
+            "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
+            "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0", *extra]
+    assert cli.main(argv) == 0
+    return os.path.join(str(out), "runs", run_id)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_text_dir):
+    out = tmp_path_factory.mktemp("out")
+    dirs = {mode: _run(out, mode, tiny_text_dir, "--fusion_mode", mode) for mode in ("concat", "attention")}
+    return out, dirs
+
+
+def _item_text(item_id):
+    rows = pq.read_table(os.path.join(SAMPLE, "catalog.parquet")).to_pylist()
+    return validate_row(next(r for r in rows if r["item_id"] == item_id)).text
+
+
+def _stored(run, item_id):
+    searcher = ExactSearcher.from_files(run.embedding_files)
+    return searcher.vectors[searcher.ids.index(item_id)]
+
+
+def test_every_item_is_a_unit_vector_in_every_mode(runs):
+    _, dirs = runs
+    for mode, run_dir in dirs.items():
+        run = load_run(run_dir)
+        assert run.metadata["fusion"]["mode"] == mode
+        vectors = ExactSearcher.from_files(run.embedding_files).vectors
+        assert len(vectors) == 35
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    concat = load_run(dirs["concat"])
+    assert [(b["space"], b.get("modality")) for b in concat.metadata["layout"]] == [
+        ("clip", "text"), ("clip", "image"), ("text", "text")]
+    assert concat.metadata["dim"] == 16 + 16 + 32
+
+
+def test_queries_use_the_items_layout(runs):
+    _, dirs = runs
+    run = load_run(dirs["attention"])
+    encoder = QueryEncoder(run)
+    # a text-only item's own text and an image-only item's own photo encode to the stored item vectors
+    q = encoder.encode("text", [_item_text("sku-0025")])[0]
+    np.testing.assert_allclose(q, _stored(run, "sku-0025"), atol=1e-5)
+    img = encoder.encode("image", [os.path.join(SAMPLE, "images", "logo.jpg")])[0]
+    np.testing.assert_allclose(img, _stored(run, "sku-0032"), atol=1e-5)
+    scores, ids = ExactSearcher.from_files(run.embedding_files).search(np.stack([q, img]), 3)
+    assert ids[0][0] == "sku-0025" and ids[1][0] == "sku-0032"
+    assert scores[0][0] == pytest.approx(1, abs=1e-5)
+
+    # concat: a text query fills the clip text *and* image blocks; a text-only item covers 2 of 3
+    # equally weighted blocks, so its own text scores sqrt(2/3) (see encoders/fusion.py)
+    concat = load_run(dirs["concat"])
+    q = QueryEncoder(concat).encode("text", [_item_text("sku-0025")])[0]
+    assert float(q @ _stored(concat, "sku-0025")) == pytest.approx(math.sqrt(2 / 3), abs=1e-5)
+
+
+def test_search_command(runs, capsys):
+    out, dirs = runs
+    assert cli.main(["search", "--run", dirs["attention"], "--text", _item_text("sku-0026"), "-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "attention fusion" in lines[0] and len(lines) == 4
+    assert lines[1].split()[1] == "sku-0026" and "score=1.0000" in lines[1]
+    # OUT follows LATEST (the last run, attention); l2 prints distances
+    assert cli.main(["search", "--run", str(out), "--image", os.path.join(SAMPLE, "images", "logo.jpg"),
+                     "--metric", "l2", "-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].split()[1] == "sku-0032" and "dist=0.0000" in lines[1]
+    assert cli.main(["search", "--run", dirs["concat"], "--audio", "clip.wav"]) == 2
+    assert "audio queries need the audio encoders" in capsys.readouterr().err
+    assert cli.main(["search", "--run", str(out / "nothing"), "--text", "x"]) == 2
+
+
+@pytest.mark.parametrize("verb", ["search", "eval", "fit-fusion"])
+def test_verbs_have_help(verb, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([verb, "--help"])
+    assert done.value.code == 0
+    assert "--run" in capsys.readouterr().out
+
+
+def test_eval_command_writes_metrics(runs, tmp_path, capsys):
+    _, dirs = runs
+    out = tmp_path / "report.json"
+    assert cli.main(["eval", "--run", dirs["concat"], "--queries", QUERIES, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "recall@10" in printed
+    report = json.loads(out.read_text())
+    assert report["overall"]["queries"] == 26
+    assert report["by_modality"]["text"]["queries"] == 22 and report["by_modality"]["image"]["queries"] == 4
+    per = report["per_query"]
+    for key in ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"):
+        assert report["overall"][key] == pytest.approx(np.mean([q[key] for q in per]))
+        assert 0 <= report["overall"][key] <= 1
+    # the default report path is inside the run
+    assert cli.main(["eval", "--run", dirs["concat"], "--queries", QUERIES]) == 0
+    assert os.path.exists(os.path.join(dirs["concat"], "eval", "queries.json"))
+
+
+def test_eval_counts_queries_it_cannot_encode(runs, tmp_path):
+    from pipeline.evaluate import QueriesFileError, evaluate, read_queries
+
+    _, dirs = runs
+    run = load_run(dirs["attention"])
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"modality": "text", "query": "mug", "relevant": ["sku-0001"]}\n'
+                    '{"modality": "audio", "query": "a.wav", "relevant": ["sku-0001"]}\n')
+    report = evaluate(run, read_queries(str(path)), ExactSearcher.from_files(run.embedding_files), QueryEncoder(run))
+    assert report["overall"]["queries"] == 1 and report["skipped"]["audio"]["queries"] == 1
+    path.write_text('{"modality": "video", "query": "x", "relevant": ["a"]}\n')
+    with pytest.raises(QueriesFileError, match="q.jsonl:1: modality 'video'"):
+        read_queries(str(path))
+    with pytest.raises(QueryError, match="no encoder for audio|audio encoders"):
+        QueryEncoder(run).encode("audio", ["a.wav"])
+
+
+@pytest.mark.slow
+def test_fit_fusion_module_is_used_by_the_pipeline(runs, tiny_text_dir, tmp_path, capsys):
+    out, dirs = runs
+    module = tmp_path / "attention.safetensors"
+    assert cli.main(["fit-fusion", "--run", dirs["concat"], "--queries", QUERIES, "--epochs", "30",
+                     "--out", str(module)]) == 0
+    printed = capsys.readouterr().out
+    assert "attention_learned" in printed and "mean" in printed
+    report = json.loads((tmp_path / "attention.safetensors.report.json").read_text())
+    assert report["training"]["loss_last"] < report["training"]["loss_first"]
+    assert report["pairs"]["train"] > 0 and report["pairs"]["held_out"] > 0
+
+    run_dir = _run(out, "learned", tiny_text_dir, "--fusion_mode", "attention", "--fusion_module", str(module))
+    run = load_run(run_dir)
+    fusion = run.metadata["fusion"]["attention"]
+    assert fusion["rule"] == "learned" and len(fusion["sha256"]) == 64
+    vectors = ExactSearcher.from_files(run.embedding_files).vectors
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert cli.main(["eval", "--run", run_dir, "--queries", QUERIES]) == 0
+    # a changed module file is refused, not silently used for queries
+    module.write_bytes(module.read_bytes() + b" ")
+    assert cli.main(["search", "--run", run_dir, "--text", "mug"]) == 2
+    assert "has changed since it was recorded" in capsys.readouterr().err
+    with pytest.raises(QueryError, match="changed"):
+        QueryEncoder(load_run(run_dir))
