@@ -98,3 +98,40 @@ class ImageEmbeddingHandler(_EmbeddingHandler):
 
     def _encode(self, model, batch: list) -> np.ndarray:
         return model.encode_image(np.stack(batch), self.batch_size)
+
+
+class TranscriptEmbeddingHandler(TextEmbeddingHandler):
+    """An audio clip's transcript -> unit vector through a text tower (spoken = typed text)."""
+
+    modality = "audio"
+
+
+class ClapAudioHandler(_EmbeddingHandler):
+    """Mono waveform at the CLAP model's rate -> unit vector through CLAP's audio tower."""
+
+    modality = "audio"
+
+    def __init__(self, spec: ModelSpec, **kwargs):
+        if spec.family != "hf_clap":
+            raise ValueError(f"{spec.family} has no audio tower; use an hf_clap model")
+        super().__init__(spec, **kwargs)
+
+    def _encode(self, model, batch: list) -> np.ndarray:
+        return model.encode_audio(list(batch), self.batch_size)
+
+
+class AsrHandler(_EmbeddingHandler):
+    """16 kHz mono waveform -> :class:`encoders.asr.Transcript` (speech recognition, batched)."""
+
+    modality = "asr"
+
+    def __init__(self, spec, **kwargs):  # an encoders.asr.AsrSpec
+        super().__init__(spec, **kwargs)
+
+    def load_model(self):
+        from encoders import asr
+
+        return asr.load(self.spec, resolve_device(self.device), self.precision)
+
+    def _encode(self, model, batch: list) -> list:
+        return model.transcribe(list(batch), self.batch_size)

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import socket
 
+from encoders.asr import AsrSpec, packaged_whisper
 from encoders.specs import RANDOM, ModelSpec
 
 HUB_HOST = "huggingface.co"
@@ -23,6 +24,17 @@ class Preset:
     description: str
     clip: ModelSpec | None
     text: ModelSpec | None
+    # speech recognition per backend: transformers is the GPU default, faster_whisper the CPU one;
+    # a preset with one backend uses it on every device
+    asr: tuple[AsrSpec, ...] = ()
+    clap: ModelSpec | None = None
+
+    def asr_for(self, backend: str) -> AsrSpec | None:
+        """The preset's recognizer for ``backend``, else its only one, else None."""
+        for spec in self.asr:
+            if spec.backend == backend:
+                return spec
+        return self.asr[0] if len(self.asr) == 1 else None
 
 
 def packaged_minilm() -> str | None:
@@ -42,12 +54,18 @@ def presets() -> dict[str, Preset]:
             "multilingual CLIP (open_clip xlm-roberta-base-ViT-B-32, laion5b) + multilingual MiniLM sentence encoder",
             ModelSpec("open_clip", "xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
             ModelSpec("hf_text", "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"),
+            asr=(AsrSpec("transformers", "openai/whisper-small"),
+                 AsrSpec("faster_whisper", "small")),
+            clap=ModelSpec("hf_clap", "laion/clap-htsat-unfused"),
         ),
         "offline": Preset(
             "offline",
-            "offline demo: real all-MiniLM-L6-v2 text encoder (packaged) + RANDOM open_clip ViT-B-32 towers",
+            "offline demo: real all-MiniLM-L6-v2 text encoder (packaged) + RANDOM open_clip ViT-B-32 towers "
+            "+ real Whisper tiny.en speech recognition (packaged, faster-whisper); no CLAP (no real weights)",
             ModelSpec("open_clip", "ViT-B-32", RANDOM),
             ModelSpec("hf_text", packaged_minilm() or "sentence-transformers/all-MiniLM-L6-v2"),
+            # only CTranslate2 weights are packaged, so faster-whisper on every device
+            asr=(AsrSpec("faster_whisper", packaged_whisper() or "tiny.en"),),
         ),
     }
 

@@ -17,6 +17,7 @@ FAMILIES = {
     "open_clip": "open_clip model: image and text towers (name = open_clip model config)",
     "hf_clip": "transformers CLIPModel / ChineseCLIPModel / SiglipModel (name = hub id or local dir)",
     "hf_text": "transformers sentence encoder with mean pooling (name = hub id or local dir)",
+    "hf_clap": "transformers ClapModel: audio and text towers (name = hub id or local dir)",
 }
 CLIP_FAMILIES = ("open_clip", "hf_clip")
 RANDOM = "random"

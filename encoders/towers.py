@@ -33,6 +33,13 @@ class TextEncoder(Protocol):
     def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray: ...
 
 
+class AudioEncoder(Protocol):
+    dim: int
+    sample_rate: int
+
+    def encode_audio(self, clips: list[np.ndarray], batch_size: int) -> np.ndarray: ...
+
+
 class ImageEncoder(Protocol):
     dim: int
 
@@ -226,6 +233,67 @@ class SentenceModel:
         return out
 
 
+class HfClapModel:
+    """transformers ``ClapModel``: audio tower (``get_audio_features``) and text tower, one space.
+
+    CLAP's feature extractor crops clips longer than its window at random;
+    feeding it the first ``max_length_s`` seconds keeps vectors reproducible
+    (a product sound's first seconds carry it; README says so).
+    """
+
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32"):
+        from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+
+        if spec.is_random:
+            from transformers import AutoConfig
+
+            with _seeded(spec):
+                self.model = ClapModel(AutoConfig.from_pretrained(spec.name))
+        else:
+            self.model = ClapModel.from_pretrained(spec.name)
+        self.model.to(device).eval()
+        fusion = bool(getattr(self.model.config.audio_config, "enable_fusion", False))
+        try:
+            self.extractor = ClapFeatureExtractor.from_pretrained(spec.name)
+        except OSError:  # a bare config dir (tests, random init): CLAP's standard front end
+            self.extractor = ClapFeatureExtractor()
+        # the fusion front end stacks 4 mel views; an unfused tower takes one
+        self.extractor.truncation = "fusion" if fusion else "rand_trunc"
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.name)
+        self.sample_rate = int(self.extractor.sampling_rate)
+        self.window = int(self.extractor.max_length_s * self.sample_rate)
+        self.device, self.precision = device, precision
+        self.dim = int(self.model.config.projection_dim)
+
+    @torch.inference_mode()
+    def encode_audio(self, clips: list[np.ndarray], batch_size: int) -> np.ndarray:
+        feats = self.extractor([np.asarray(c, np.float32)[: self.window] for c in clips],
+                               sampling_rate=self.sample_rate, return_tensors="pt")
+        x, longer = feats["input_features"], feats["is_longer"]
+
+        def run(start, stop, rows):
+            kwargs = {"input_features": _pad_rows(x[start:stop], rows).to(self.device),
+                      "is_longer": _pad_rows(longer[start:stop], rows, False).to(self.device)}
+            with _autocast(self.device, self.precision):
+                return _features(self.model.get_audio_features(**kwargs))
+
+        return _in_fixed_batches(len(clips), batch_size, self.device, run)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
+        max_length = min(int(self.model.config.text_config.max_position_embeddings) - 2, 77)
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        pad_id = self.tokenizer.pad_token_id or 0
+
+        def run(start, stop, rows):
+            kwargs = {"input_ids": _pad_rows(enc["input_ids"][start:stop], rows, pad_id).to(self.device),
+                      "attention_mask": _pad_rows(enc["attention_mask"][start:stop], rows, 0).to(self.device)}
+            with _autocast(self.device, self.precision):
+                return _features(self.model.get_text_features(**kwargs))
+
+        return _in_fixed_batches(len(texts), batch_size, self.device, run)
+
+
 _CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
@@ -235,7 +303,8 @@ def load(spec: ModelSpec, device: torch.device, precision: str = "fp32"):
     key = (spec, str(device), precision)
     with _LOCK:
         if key not in _CACHE:
-            cls = {"open_clip": OpenClipModel, "hf_clip": HfClipModel, "hf_text": SentenceModel}[spec.family]
+            cls = {"open_clip": OpenClipModel, "hf_clip": HfClipModel, "hf_text": SentenceModel,
+                   "hf_clap": HfClapModel}[spec.family]
             _CACHE[key] = cls(spec, device, precision)
         return _CACHE[key]
 
@@ -285,4 +354,18 @@ def output_dim(spec: ModelSpec) -> int:
     config = AutoConfig.from_pretrained(spec.name)
     if spec.family == "hf_clip":
         return int(getattr(config, "projection_dim", 0) or config.text_config.hidden_size)
+    if spec.family == "hf_clap":
+        return int(config.projection_dim)
     return int(config.hidden_size)
+
+
+def audio_sample_rate(spec: ModelSpec) -> int:
+    """The rate a CLAP spec's audio tower expects, without loading its weights."""
+    if spec.family != "hf_clap":
+        raise ValueError(f"{spec.family} models have no audio tower")
+    try:
+        from transformers import ClapFeatureExtractor
+
+        return int(ClapFeatureExtractor.from_pretrained(spec.name).sampling_rate)
+    except OSError:
+        return 48_000  # CLAP's standard front end

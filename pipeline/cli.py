@@ -43,6 +43,10 @@ def summary(config: RunConfig, manifest: dict) -> str:
     for space, model in manifest["models"].items():
         label = "REAL weights" if model["weights_label"] == "real" else "RANDOM weights (not meaningful for search)"
         lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> {label}")
+    if "asr" in manifest:
+        asr = manifest["asr"]
+        label = "REAL weights" if asr["weights_label"] == "real" else "RANDOM weights (transcripts meaningless)"
+        lines.append(f"  speech recognition: {asr['family']} {asr['name']} [language {asr['language']}] -> {label}")
     return "\n".join(lines)
 
 

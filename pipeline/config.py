@@ -6,6 +6,8 @@ import re
 import secrets
 import time
 
+from encoders.asr import AsrSpec, asr_fingerprint
+from encoders.audio import AudioPolicy
 from encoders.fusion import FusionConfig, Layout
 from encoders.handlers import PRECISIONS
 from encoders.media import FetchPolicy
@@ -39,11 +41,17 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """One way a modality reaches a space: text -> clip, image -> clip, text -> text."""
+    """One way a modality reaches a space: text -> clip, image -> clip, text -> text.
+
+    ``via`` says what the encoder sees when it is not the modality itself:
+    ``transcript`` (audio -> speech recognition -> a text tower) or
+    ``waveform`` (audio -> CLAP's audio tower).
+    """
 
     modality: str
     space: str
     spec: ModelSpec
+    via: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +76,14 @@ class EncodeConfig:
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 32
+    asr: AsrSpec | None = None  # spoken audio -> transcript -> the clip and text spaces' text towers
+    clap: ModelSpec | None = None  # audio -> CLAP audio tower, a space of its own
 
     def __post_init__(self) -> None:
-        if self.clip is None and self.text is None:
-            raise ValueError("at least one of the clip and text models must be set")
+        if self.clip is None and self.text is None and self.clap is None:
+            raise ValueError("at least one of the clip, text and clap models must be set")
+        if self.clap is not None and self.clap.family != "hf_clap":
+            raise ValueError(f"the clap space needs family 'hf_clap', got {self.clap.family!r}")
         if self.clip is not None and self.clip.family not in CLIP_FAMILIES:
             raise ValueError(f"the clip space needs a family in {CLIP_FAMILIES}, got {self.clip.family!r}")
         if self.text is not None and self.text.family != "hf_text":
@@ -89,6 +101,10 @@ class EncodeConfig:
             routes += [Route("text", "clip", self.clip), Route("image", "clip", self.clip)]
         if self.text is not None:
             routes.append(Route("text", "text", self.text))
+        if self.asr is not None:
+            routes += [Route("audio", r.space, r.spec, "transcript") for r in routes if r.modality == "text"]
+        if self.clap is not None:
+            routes.append(Route("audio", "clap", self.clap, "waveform"))
         return tuple(routes)
 
     @property
@@ -128,6 +144,7 @@ class RunConfig:
     write: WriteConfig
     fetch: FetchPolicy = FetchPolicy()
     fusion: FusionConfig = FusionConfig()
+    audio: AudioPolicy = AudioPolicy()
     media_errors: str = "fail_item"
     progress_interval_s: float = 10.0
     preset: str = ""
@@ -151,6 +168,8 @@ class RunConfig:
         import json
 
         parts = {space: fingerprint(spec) for space, spec in self.encode.space_specs.items()}
+        if self.encode.asr is not None:  # transcripts decide the audio vectors of the text spaces
+            parts["asr"] = asr_fingerprint(self.encode.asr)
         payload = json.dumps({"models": parts, "fusion": self.fusion.to_json()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -160,7 +179,9 @@ class RunConfig:
             "run_id": self.write.run_id,
             "preset": self.preset,
             "models": {space: spec.describe() for space, spec in self.encode.space_specs.items()},
-            "routes": [{"modality": r.modality, "space": r.space} for r in self.encode.routes],
+            "routes": [{"modality": r.modality, "space": r.space, **({"via": r.via} if r.via else {})}
+                       for r in self.encode.routes],
+            **({"asr": self.encode.asr.describe()} if self.encode.asr is not None else {}),
             "layout": self.layout().to_json(),
             "fusion": self.fusion.to_json(),
             "model_fingerprint": self.model_fingerprint(),

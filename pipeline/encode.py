@@ -10,7 +10,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from encoders.handlers import EncodeFailure, ImageEmbeddingHandler, TextEmbeddingHandler
+from encoders.handlers import (ClapAudioHandler, EncodeFailure, ImageEmbeddingHandler, TextEmbeddingHandler,
+                               TranscriptEmbeddingHandler)
 from pipeline import progress
 from pipeline.config import EncodeConfig, Route
 from pipeline.records import ItemFailure, ModalityVector
@@ -20,7 +21,12 @@ FAILED = "failed"
 
 
 def handler_for(route: Route, config: EncodeConfig):
-    cls = {"text": TextEmbeddingHandler, "image": ImageEmbeddingHandler}[route.modality]
+    if route.via == "transcript":
+        cls = TranscriptEmbeddingHandler
+    elif route.via == "waveform":
+        cls = ClapAudioHandler
+    else:
+        cls = {"text": TextEmbeddingHandler, "image": ImageEmbeddingHandler}[route.modality]
     return cls(route.spec, device=config.device, precision=config.precision, batch_size=config.batch_size)
 
 

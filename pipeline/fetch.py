@@ -68,7 +68,8 @@ class _FetchImages(beam.DoFn):
                 self._failed.inc()
                 stage = getattr(result, "stage", None) or (
                     Stage.DECODE if result.reason in (Reason.DECODE_FAILED, Reason.UNSUPPORTED_FORMAT) else Stage.FETCH)
-                yield beam.pvalue.TaggedOutput(FAILED, (item.item_id, ItemFailure(stage, result.reason, result.detail, uri)))
+                yield beam.pvalue.TaggedOutput(
+                    FAILED, (item.item_id, ItemFailure(stage, result.reason, result.detail, uri, "image")))
                 continue
             pixels, digest = result
             self._ok.inc()

@@ -11,6 +11,7 @@ import json
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from encoders.asr import Transcript
 from encoders.fusion import FusionConfig, FusionError, Layout, fuse
 from pipeline import faults, progress
 from pipeline.config import Route
@@ -35,12 +36,21 @@ def content_hash(item: CatalogItem, digests: list[MediaDigest], model_fingerprin
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def expected_inputs(item: CatalogItem, route: Route) -> int:
-    """How many vectors ``route`` should produce for ``item``."""
+def expected_inputs(item: CatalogItem, route: Route, transcript: Transcript | None = None) -> int:
+    """How many vectors ``route`` should produce for ``item``.
+
+    Audio reaches the text towers only as a transcript that holds speech: a
+    product sound without words gives no transcript vector, and that is not
+    a failure (CLAP or the item's other modalities may still cover it).
+    """
     if route.modality == "text":
         return 1 if item.text else 0
     if route.modality == "image":
         return len(item.image_uris)
+    if route.modality == "audio" and route.via == "transcript":
+        return 1 if transcript is not None and transcript.is_speech else 0
+    if route.modality == "audio":
+        return 1 if item.audio_uri else 0
     return 0
 
 
@@ -70,6 +80,10 @@ class _Fuse(beam.DoFn):
         failures: list[ItemFailure] = sorted(grouped["failed"], key=lambda f: (f.stage.value, f.source, f.detail))
         vectors: list[ModalityVector] = list(grouped["vectors"])
         digests: list[MediaDigest] = list(grouped["digests"])
+        transcripts: list[Transcript] = list(grouped.get("transcripts", ()))
+        if len(transcripts) > 1:
+            raise RuntimeError(f"item {item_id!r} got {len(transcripts)} transcripts; it has one audio clip")
+        transcript = transcripts[0] if transcripts else None
 
         fatal = [f for f in failures if not (self._media_errors == "drop_media" and f.stage in _MEDIA_STAGES)]
         if fatal:
@@ -82,10 +96,13 @@ class _Fuse(beam.DoFn):
             by_route.setdefault((v.space, v.modality), []).append(v)
         for route in self._routes:
             got = len(by_route.get((route.space, route.modality), []))
-            lost = sum(1 for f in failures if route.modality == "image" and f.stage in _MEDIA_STAGES)
-            if got + lost != expected_inputs(item, route):
+            # a lost clip has no transcript, so transcript routes expect nothing from it already
+            lost = 0 if route.via == "transcript" else sum(
+                1 for f in failures if f.modality == route.modality and f.stage in _MEDIA_STAGES)
+            expected = expected_inputs(item, route, transcript)
+            if got + lost != expected:
                 raise RuntimeError(f"item {item_id!r}: {route.modality}->{route.space} produced {got} vectors, "
-                                   f"{lost} failures, expected {expected_inputs(item, route)}")
+                                   f"{lost} failures, expected {expected}")
         nested: dict[str, dict[str, list]] = {}
         for (space, modality), vs in by_route.items():
             nested.setdefault(space, {})[modality] = [v.vector for v in sorted(vs, key=lambda v: v.index)]
@@ -94,6 +111,9 @@ class _Fuse(beam.DoFn):
         except FusionError as e:
             reason = Reason.NONFINITE_VECTOR if "finite" in str(e) or "zero norm" in str(e) else Reason.EMPTY_ITEM
             detail = str(e) if reason is Reason.NONFINITE_VECTOR else "no modality that this run's models embed"
+            if reason is Reason.EMPTY_ITEM and transcript is not None and not transcript.is_speech:
+                detail = (f"the audio holds no recognizable speech (no-speech probability "
+                          f"{transcript.no_speech_prob:.2f}) and nothing else of the item is embedded by this run")
             yield self._dead_letter(item, Stage.FUSE, reason, detail)
             return
         self._embedded.inc()
@@ -106,6 +126,7 @@ class _Fuse(beam.DoFn):
             model_fingerprint=self._fingerprint,
             num_images=sum(1 for d in digests if d.modality == "image"),
             attributes=item.attributes,
+            transcript=transcript.text if transcript is not None else None,
         )
         faults.inject("fuse")  # test hook: fails a bundle after it has emitted a record
 

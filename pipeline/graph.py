@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from encoders.towers import image_preprocess
+from encoders.asr import SAMPLE_RATE
+from encoders.towers import audio_sample_rate, image_preprocess
 from pipeline.config import RunConfig
 from pipeline.encode import EncodeRoute
 from pipeline.fetch import FetchImages
+from pipeline.fetch_audio import FetchAudio
 from pipeline.fuse import FuseItems
 from pipeline.publish import Publish
 from pipeline.read import ReadCatalog
+from pipeline.transcribe import Transcribe, spoken_texts
 from pipeline.write import WriteShards, dead_letters_to_table, embeddings_to_table
 from schemas.dead_letter import DEAD_LETTER_SCHEMA
 from schemas.embeddings import embeddings_schema
@@ -40,7 +43,7 @@ def manifest_base(config: RunConfig, metadata: dict) -> dict:
 
 
 def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = None) -> dict:
-    """Adds the whole job to ``p``; ``model_handlers`` (route -> handler) lets tests swap models."""
+    """Adds the whole job to ``p``; ``model_handlers`` (route or "asr" -> handler) lets tests swap models."""
     model_handlers = model_handlers or {}
     interval = config.progress_interval_s
     read = p | "Read" >> ReadCatalog(config.read, interval)
@@ -56,10 +59,28 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         failures.append(fetched["failed"])
         digests.append(fetched["digests"])
     texts = items | "Texts" >> beam.FlatMap(_texts)
+    payloads = {"text": texts, "image": pixels}
+    transcripts = None
+    audio_routes = [r for r in config.encode.routes if r.modality == "audio"]
+    if audio_routes:
+        # each audio model gets the clip at its own rate: Whisper 16 kHz, CLAP usually 48 kHz
+        clap_rates = {r: audio_sample_rate(r.spec) for r in audio_routes if r.via == "waveform"}
+        rates = set(clap_rates.values()) | ({SAMPLE_RATE} if any(r.via == "transcript" for r in audio_routes) else set())
+        fetched = items | "FetchAudio" >> FetchAudio(config.fetch, config.audio, tuple(rates), progress_interval_s=interval)
+        failures.append(fetched["failed"])
+        digests.append(fetched["digests"])
+        if SAMPLE_RATE in rates and config.encode.asr is not None:
+            asr = fetched["clips"] | "Transcribe" >> Transcribe(config.encode.asr, config.encode, model_handlers.get("asr"))
+            transcripts = asr["transcripts"]
+            failures.append(asr["failed"])
+            payloads["transcript"] = transcripts | "SpokenTexts" >> beam.FlatMap(spoken_texts)
+        for route, rate in clap_rates.items():
+            payloads[route] = fetched["clips"] | f"AudioFor_{route.space}" >> beam.MapTuple(
+                lambda key, clip, r=rate: (key, clip.at(r)))
 
     for route in config.encode.routes:
-        payload = texts if route.modality == "text" else pixels
-        label = f"Encode_{route.modality}_to_{route.space}"
+        payload = payloads[route] if route.via == "waveform" else payloads[route.via or route.modality]
+        label = f"Encode_{route.modality}_to_{route.space}" + (f"_via_{route.via}" if route.via else "")
         encoded = payload | label >> EncodeRoute(route, config.encode, model_handlers.get(route))
         vectors.append(encoded["vectors"])
         failures.append(encoded["failed"])
@@ -70,6 +91,7 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         "vectors": _flatten(p, "AllVectors", vectors),
         "failed": _flatten(p, "AllFailures", failures),
         "digests": _flatten(p, "AllDigests", digests),
+        "transcripts": _flatten(p, "AllTranscripts", [transcripts] if transcripts is not None else []),
     } | "Fuse" >> FuseItems(config.encode.routes, config.layout(), config.fusion,
                              metadata["model_fingerprint"], config.media_errors)
 

@@ -7,6 +7,8 @@ import os
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from encoders import presets
+from encoders.asr import BACKENDS, COMPUTE_TYPES, AsrSpec, default_backend
+from encoders.audio import AudioPolicy
 from encoders.fusion import FUSION_MODES, FusionConfig
 from encoders.media import DEFAULT_SCHEMES, FetchPolicy
 from encoders.specs import PRETRAINED, ModelSpec
@@ -73,6 +75,23 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on CUDA")
         g.add_argument("--batch_size", type=int, default=32, help="rows per forward pass")
 
+        g = parser.add_argument_group("audio")
+        g.add_argument("--asr_backend", default="auto", choices=["auto", *BACKENDS],
+                       help="speech recognition: auto = transformers on CUDA, faster_whisper on CPU")
+        g.add_argument("--asr_model", default=None,
+                       help="Whisper model dir / hub id / faster-whisper size; 'none' disables speech recognition")
+        g.add_argument("--asr_weights", default=None, choices=["pretrained", "random"])
+        g.add_argument("--asr_language", default="auto", help="auto (detect per clip) or a code such as en, zh")
+        g.add_argument("--asr_compute_type", default="default", choices=list(COMPUTE_TYPES),
+                       help="faster_whisper quantization (default: int8 on CPU, float16 on CUDA)")
+        g.add_argument("--asr_beam_size", type=int, default=1)
+        g.add_argument("--clap_model", default=None, help="CLAP model (hf_clap) hub id or dir; 'none' disables")
+        g.add_argument("--clap_weights", default=None, choices=["pretrained", "random"])
+        g.add_argument("--max_audio_seconds", type=float, default=AudioPolicy.max_seconds,
+                       help="longer clips are dead-lettered (audio_too_long)")
+        g.add_argument("--silence_dbfs", type=float, default=AudioPolicy.silence_dbfs,
+                       help="clips whose RMS level stays below this are dead-lettered (silent_audio)")
+
         g = parser.add_argument_group("media")
         g.add_argument("--max_media_bytes", type=int, default=FetchPolicy.max_bytes)
         g.add_argument("--fetch_timeout_s", type=float, default=FetchPolicy.timeout_s)
@@ -125,12 +144,38 @@ def _space_spec(preset_spec: ModelSpec | None, family: str | None, model: str | 
     return ModelSpec(family, model, weights or PRETRAINED)
 
 
+def _asr_spec(preset: presets.Preset, o, device: str) -> AsrSpec | None:
+    """The preset's recognizer for the backend in use, with whatever the flags override."""
+    if o.asr_model == NONE:
+        return None
+    if o.asr_backend != "auto":
+        backend = o.asr_backend
+    else:
+        from encoders.device import resolve_device
+
+        # decided at launch: pass --device cuda when workers have GPUs but the launcher has none
+        backend = default_backend(resolve_device("cuda" if device.startswith("cuda") else device))
+    language = None if o.asr_language in ("", "auto") else o.asr_language
+    settings = dict(language=language, compute_type=o.asr_compute_type, beam_size=o.asr_beam_size)
+    if o.asr_model is None:
+        base = preset.asr_for(backend)
+        if base is None:
+            return None
+        if o.asr_backend != "auto" and base.backend != o.asr_backend:
+            raise ValueError(f"preset {preset.name!r} has no {o.asr_backend} recognizer; give --asr_model")
+        return AsrSpec(base.backend, base.model, o.asr_weights or base.weights, **settings)
+    return AsrSpec(backend, o.asr_model, o.asr_weights or PRETRAINED, **settings)
+
+
 def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
     """Options -> RunConfig, and the preset fallback note (if ``auto`` had to fall back)."""
     o = opts.view_as(CatalogIndexOptions)
     preset, note = presets.resolve(o.preset)
     clip = _space_spec(preset.clip, o.clip_family, o.clip_model, o.clip_weights, "open_clip")
     text = _space_spec(preset.text, None, o.text_model, o.text_weights, "hf_text")
+    clap = _space_spec(preset.clap, None, o.clap_model, o.clap_weights, "hf_clap")
+    asr = _asr_spec(preset, o, o.device)
+    preset_asr = preset.asr_for(asr.backend) if asr is not None else (preset.asr[0] if preset.asr else None)
     columns = CatalogColumns(
         item_id=o.item_id_column, title=o.title_column, description=o.description_column,
         image_uris=o.image_column, audio_uri=o.audio_column,
@@ -143,7 +188,8 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         fusion_kwargs["space_weights"] = o.space_weights
     config = RunConfig(
         read=ReadConfig(catalog=o.catalog or "", columns=columns, max_text_chars=o.max_text_chars),
-        encode=EncodeConfig(clip=clip, text=text, device=o.device, precision=o.precision, batch_size=o.batch_size),
+        encode=EncodeConfig(clip=clip, text=text, device=o.device, precision=o.precision, batch_size=o.batch_size,
+                            asr=asr, clap=clap),
         write=WriteConfig(output=o.output, run_id=o.run_id, num_shards=o.num_shards,
                           rows_per_shard=o.rows_per_shard, vector_dtype=o.vector_dtype),
         fetch=FetchPolicy(max_bytes=o.max_media_bytes, timeout_s=o.fetch_timeout_s,
@@ -153,8 +199,10 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
                           ).with_default_root(_local_abspath(catalog_root(o.catalog or ""))),
         max_failure_fraction=o.max_failure_fraction,
         fusion=FusionConfig(**fusion_kwargs),
+        audio=AudioPolicy(max_seconds=o.max_audio_seconds, silence_dbfs=o.silence_dbfs),
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
-        preset=preset.name if (clip, text) == (preset.clip, preset.text) else f"{preset.name}+overrides",
+        preset=preset.name if (clip, text, clap, asr) == (preset.clip, preset.text, preset.clap, preset_asr)
+        else f"{preset.name}+overrides",
     )
     return config, note

@@ -35,3 +35,4 @@ class ItemFailure:
     reason: Reason
     detail: str
     source: str = ""
+    modality: str = ""  # "image" or "audio" for media failures: tells fusion which route lost an input

@@ -11,7 +11,13 @@ Inputs (hand-written, in this directory):
 
 Outputs (generated, deterministic for fixed package versions):
     images/<name>.jpg  RGB JPEG, quality 85, longer side at most 320 px
-    catalog.parquet    one row per item; ``image_uris`` are relative to this directory
+    audio/<item>.<ext> 16 kHz mono clips: spoken descriptions synthesized with
+                       espeak-ng (Debian ``espeak-ng``), and one synthesized
+                       product sound (a chime, no speech); WAV, FLAC or OGG/Vorbis
+    catalog.parquet    one row per item; ``image_uris``/``audio_uri`` are relative to this directory
+
+Audio is only regenerated when ``espeak-ng`` is installed (``--skip-audio``
+keeps the committed clips); the committed clips are what the tests use.
 
 Every photo comes from files shipped inside the scikit-image and scikit-learn
 wheels (``skimage.data`` and ``sklearn.datasets.load_sample_image``); nothing
@@ -19,7 +25,11 @@ is downloaded.
 """
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +43,10 @@ from sklearn.datasets import load_sample_image
 
 HERE = Path(__file__).resolve().parent
 IMAGES_DIR = HERE / "images"
+AUDIO_DIR = HERE / "audio"
+AUDIO_RATE = 16_000
+AUDIO_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
+ESPEAK_ARGS = ["-v", "en-us", "-s", "150"]  # voice and words per minute
 MAX_SIDE = 320
 JPEG_QUALITY = 85
 
@@ -100,6 +114,43 @@ def write_photo(name: str) -> str:
     return f"images/{name}.jpg"
 
 
+def _chime(seconds: float = 1.5) -> np.ndarray:
+    """A doorbell-like two-tone chime with decaying harmonics: a product sound without speech."""
+    t = np.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
+    wave = np.zeros_like(t)
+    for start, freq in ((0.0, 659.25), (0.6, 523.25)):
+        on = t >= start
+        local = t[on] - start
+        wave[on] += sum(np.sin(2 * np.pi * freq * k * local) / k for k in (1, 2, 3)) * np.exp(-3 * local)
+    return (0.3 * wave / np.abs(wave).max()).astype(np.float32)
+
+
+def _speak(text: str) -> np.ndarray:
+    """English speech from espeak-ng, as 16 kHz mono float32."""
+    import soundfile as sf
+    import soxr
+
+    wav = subprocess.run(["espeak-ng", *ESPEAK_ARGS, "--stdout", text], check=True, capture_output=True).stdout
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32", always_2d=True)
+    return soxr.resample(samples.mean(axis=1), rate, AUDIO_RATE, quality="HQ").astype(np.float32)
+
+
+def write_audio(item: dict[str, Any]) -> str:
+    """Synthesizes one item's clip as ``audio/<item_id>.<ext>`` and returns its catalog-relative path."""
+    import soundfile as sf
+
+    spec = item["audio"]
+    samples = _speak(spec["speech"]) if "speech" in spec else _chime()
+    container, subtype = AUDIO_FORMATS[spec["format"]]
+    path = AUDIO_DIR / f"{item['item_id']}.{spec['format']}"
+    sf.write(path, samples, AUDIO_RATE, format=container, subtype=subtype)
+    return audio_uri(item)
+
+
+def audio_uri(item: dict[str, Any]) -> str | None:
+    return f"audio/{item['item_id']}.{item['audio']['format']}" if item.get("audio") else None
+
+
 def build_table(items: list[dict[str, Any]]) -> pa.Table:
     """Turns the item definitions into the catalog table."""
     rows = [
@@ -108,7 +159,7 @@ def build_table(items: list[dict[str, Any]]) -> pa.Table:
             "title": item["title"],
             "description": item["description"],
             "image_uris": [f"images/{n}.jpg" for n in item["images"]] if item["images"] else None,
-            "audio_uri": None,  # spoken audio is added later
+            "audio_uri": audio_uri(item),
             "category": item["category"],
             "price": float(item["price"]),
             "lang": item["lang"],
@@ -146,12 +197,29 @@ def main() -> None:
     for name in used:
         write_photo(name)
 
+    with_audio = [i for i in items if i.get("audio")]
+    if "--skip-audio" in sys.argv or shutil.which("espeak-ng") is None:
+        missing = [audio_uri(i) for i in with_audio if not (HERE / audio_uri(i)).is_file()]
+        if missing:
+            raise SystemExit(f"espeak-ng is needed to synthesize {missing} (apt-get install -y espeak-ng)")
+        print("audio: keeping the committed clips (espeak-ng not used)")
+    else:
+        AUDIO_DIR.mkdir(exist_ok=True)
+        wanted = {audio_uri(i) for i in with_audio}
+        for stale in AUDIO_DIR.iterdir():
+            if f"audio/{stale.name}" not in wanted:
+                stale.unlink()
+        for item in with_audio:
+            write_audio(item)
+
     table = build_table(items)
     pq.write_table(table, HERE / "catalog.parquet")
     check_queries(items)
 
     size = sum(p.stat().st_size for p in IMAGES_DIR.glob("*.jpg"))
-    print(f"wrote {table.num_rows} items, {len(used)} photos ({size / 1e6:.2f} MB) to {HERE}")
+    audio_size = sum(p.stat().st_size for p in AUDIO_DIR.glob("*")) if AUDIO_DIR.is_dir() else 0
+    print(f"wrote {table.num_rows} items, {len(used)} photos ({size / 1e6:.2f} MB), "
+          f"{len(with_audio)} audio clips ({audio_size / 1e6:.2f} MB) to {HERE}")
 
 
 if __name__ == "__main__":

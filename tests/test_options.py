@@ -12,8 +12,27 @@ def test_offline_preset_defaults():
     cfg = _config()
     assert cfg.encode.clip.family == "open_clip" and cfg.encode.clip.weights == "random"
     assert cfg.encode.text.family == "hf_text" and cfg.preset == "offline"
-    assert [(r.modality, r.space) for r in cfg.encode.routes] == [("text", "clip"), ("image", "clip"), ("text", "text")]
+    assert [(r.modality, r.space) for r in cfg.encode.routes] == [
+        ("text", "clip"), ("image", "clip"), ("text", "text"), ("audio", "clip"), ("audio", "text")]
     assert cfg.write.run_dir.startswith("./out/runs/")
+    # offline: the packaged Whisper tiny.en through faster-whisper, no CLAP (no real CLAP weights offline)
+    assert cfg.encode.asr.backend == "faster_whisper" and cfg.encode.asr.language is None
+    assert cfg.encode.clap is None and "clap" not in cfg.encode.space_specs
+
+
+def test_audio_options():
+    cfg = _config("--asr_backend", "transformers", "--asr_model", "/models/whisper", "--asr_language", "zh",
+                  "--clap_model", "/models/clap", "--max_audio_seconds", "30", "--device", "cpu")
+    assert (cfg.encode.asr.backend, cfg.encode.asr.model, cfg.encode.asr.language) == ("transformers", "/models/whisper", "zh")
+    assert cfg.encode.clap.family == "hf_clap" and cfg.audio.max_seconds == 30
+    assert [(r.modality, r.space, r.via) for r in cfg.encode.routes if r.modality == "audio"] == [
+        ("audio", "clip", "transcript"), ("audio", "text", "transcript"), ("audio", "clap", "waveform")]
+    assert cfg.encode.asr.describe()["language"] == "zh" and "clap" in cfg.encode.space_specs
+    assert cfg.preset == "offline+overrides"
+    off = _config("--asr_model", "none")
+    assert off.encode.asr is None and not [r for r in off.encode.routes if r.modality == "audio"]
+    # --asr_backend auto on a CPU device picks faster-whisper
+    assert _config("--device", "cpu").encode.asr.backend == "faster_whisper"
 
 
 def test_overrides_and_disabling_a_space():
@@ -41,6 +60,10 @@ def test_hf_clip_family_and_weights():
     (["--preset", "fancy"], "not one of"),
     (["--clip_model", "ViT-B-32"], "pretrained tag"),
     (["--clip_model", "none", "--text_model", "none"], "at least one"),
+    (["--asr_language", "English"], "language code"),
+    (["--max_audio_seconds", "0"], "max_audio_seconds"),
+    (["--asr_backend", "transformers"], "no transformers recognizer"),
+    (["--asr_model", "tiny.en", "--asr_backend", "faster_whisper", "--asr_weights", "random"], "random ASR"),
 ])
 def test_bad_values_are_named(flags, message):
     with pytest.raises(ValueError, match=message):

