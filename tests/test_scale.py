@@ -242,3 +242,20 @@ def test_launch_script_dry_run_has_gpu_worker_options(tmp_path):
                  "--sdk_container_image=img:1", "--experiments=no_use_multiple_sdk_containers",
                  "--model_copies_per_gpu=1", "--setup_file"):
         assert flag in out, flag
+
+
+@pytest.mark.slow
+def test_pipeline_with_image_decode_gpu_on_cpu_tensors(sample_catalog, tiny_text_dir, tmp_path):
+    """The --image_decode gpu graph end to end (bytes -> handler decode); torchvision decodes on CPU here."""
+    from schemas.embeddings import vectors_of
+    from tests.test_pipeline import run
+
+    # --device auto: on this GPU-less machine the model, and so the decoder, run on CPU
+    cpu_table, _, _, _ = run(sample_catalog, tmp_path / "a", "cpu-decode", tiny_text_dir)
+    table, dead, manifest, _ = run(sample_catalog, tmp_path / "b", "gpu-decode", tiny_text_dir,
+                                   "--device", "auto", "--image_decode", "gpu")
+    assert manifest["image_decode"] == "gpu" and manifest["counts"]["embedded"] == cpu_table.num_rows
+    assert dead.num_rows == 0
+    assert table.column("num_images").to_pylist() == cpu_table.column("num_images").to_pylist()
+    cos = np.sum(vectors_of(table) * vectors_of(cpu_table), axis=1)
+    assert np.all(cos > 0.98)  # same items, same models; only the resize kernels differ
