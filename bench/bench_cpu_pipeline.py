@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pipeline with adaptive batching (before): {before:.2f} items/s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()[1]  # other jobs sharing the machine make single figures noisy
     loop_med, pipe_med = statistics.median(loop_rates), statistics.median(pipe_rates)
     ratio = pipe_med / loop_med
     cpu = platform.processor() or platform.machine()
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Device: CPU ({os.cpu_count()} cores, {cpu}), torch {torch.__version__}, {torch.get_num_threads()} "
         f"intra-op threads. Model: open_clip {args.model}, random weights (same arithmetic as the real one), "
         f"image + text tower per item. Batch {args.batch_size}, fp32. Items: {args.items} catalog rows "
-        "(title + description + one JPEG from the sample catalog). Runner: DirectRunner (in-memory).",
+        "(title + description + one JPEG from the sample catalog). Runner: DirectRunner (in-memory). "
+        f"Load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores.",
         "",
         "| | items/s (median) | per repeat |",
         "|---|---|---|",

@@ -53,15 +53,21 @@ def test_auto_batch_on_cpu_is_fixed(tiny_clip_spec):
     np.testing.assert_array_equal(model.encode_image(pixels, 0), model.encode_image(pixels, 32))
 
 
-def _claim(args):
-    directory, count = args
-    return placement.claim_gpu_slot(count, directory)
+def _claim(directory, count, queue):
+    placement._claimed.clear()  # a forked child starts as a fresh worker process
+    queue.put(placement.claim_gpu_slot(count, directory))
 
 
 def test_gpu_slots_round_robin_across_processes(tmp_path):
     """Four worker processes on a two-GPU machine: two per GPU, never three on one."""
-    with multiprocessing.get_context("fork").Pool(4) as pool:
-        slots = pool.map(_claim, [(str(tmp_path), 2)] * 4, chunksize=1)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(str(tmp_path), 2, queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    slots = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
     assert sorted(slots) == [0, 0, 1, 1]
     placement._claimed.clear()
     assert placement.claim_gpu_slot(3, str(tmp_path)) == 4 % 3  # the counter file kept counting
