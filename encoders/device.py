@@ -27,8 +27,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     """Maps a device option to a torch device on this worker process.
 
     ``auto`` takes a GPU when there is one. With several GPUs, ``auto`` and
-    ``cuda`` spread worker processes over them by process id, so each process
-    holds its one model copy on its own device.
+    ``cuda`` spread worker processes over them round-robin (a machine-wide
+    counter, ``placement.claim_gpu_slot``), so each process holds its model
+    copy on its own device and no GPU idles while another has two.
     """
     validate_device_spec(spec)
     if spec == "cpu":
@@ -47,4 +48,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
         if index >= count:
             raise DeviceUnavailable(f"device {spec!r} requested but only {count} CUDA device(s) exist")
         return torch.device(spec)
-    return torch.device(f"cuda:{os.getpid() % count}")
+    from encoders.placement import claim_gpu_slot
+
+    return torch.device(f"cuda:{claim_gpu_slot(count)}")

@@ -11,12 +11,15 @@ import logging
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from encoders import towers
 from encoders.device import resolve_device, validate_device_spec
+from encoders.placement import AUTO_MAX_BATCH
+from encoders.preprocess import ImagePreprocess
 from encoders.specs import ModelSpec
-from schemas.dead_letter import Reason
+from schemas.dead_letter import Reason, Stage
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _LOG = logging.getLogger(__name__)
@@ -28,19 +31,44 @@ class EncodeFailure:
 
     reason: Reason
     detail: str
+    stage: Stage | None = None  # None: the encode stage; DECODE when the handler decoded the media
+    source: str = ""  # the media URI at fault, when there is one
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageBytes:
+    """An image still encoded (``--image_decode gpu``): the handler decodes it on the device."""
+
+    uri: str
+    data: bytes
 
 
 class _EmbeddingHandler(ModelHandler[Any, Any, Any]):
     modality = ""
 
-    def __init__(self, spec: ModelSpec, *, device: str = "auto", precision: str = "fp32", batch_size: int = 32):
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
+                 copies_per_gpu: int = 0):
+        """``batch_size`` 0 sizes batches from free device memory on the worker. ``copies_per_gpu`` >= 1
+        loads that many copies per GPU in Beam's shared model servers, used by every process of the
+        machine, instead of one copy per process (0)."""
         validate_device_spec(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if batch_size < 0:
+            raise ValueError(f"batch size must be >= 1, or 0 for auto, got {batch_size}")
+        if copies_per_gpu < 0:
+            raise ValueError(f"copies_per_gpu must be >= 0 (0: one copy per process), got {copies_per_gpu}")
         self.spec, self.device, self.precision, self.batch_size = spec, device, precision, batch_size
+        self.copies_per_gpu = copies_per_gpu
         super().__init__()
+
+    def share_model_across_processes(self) -> bool:
+        return self.copies_per_gpu > 0
+
+    def model_copies(self) -> int:
+        """Called by RunInference on the worker, so it counts the worker's GPUs, not the launcher's."""
+        gpus = torch.cuda.device_count() if self.device != "cpu" and torch.cuda.is_available() else 1
+        return max(self.copies_per_gpu, 1) * max(gpus, 1)
 
     def load_model(self):
         return towers.load(self.spec, resolve_device(self.device), self.precision)
@@ -68,7 +96,10 @@ class _EmbeddingHandler(ModelHandler[Any, Any, Any]):
         return results
 
     def batch_elements_kwargs(self) -> dict:
-        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+        # min == max: full batches whenever the bundle has enough elements. Letting BatchElements grow
+        # from 1 cost short batches at the start of every bundle, each padded to a fixed shape.
+        size = self.batch_size or AUTO_MAX_BATCH
+        return {"min_batch_size": size, "max_batch_size": size}
 
     def get_metrics_namespace(self) -> str:
         return f"catalog_index.encode.{self.modality}"
@@ -97,6 +128,8 @@ class ImageEmbeddingHandler(_EmbeddingHandler):
         super().__init__(spec, **kwargs)
 
     def _encode(self, model, batch: list) -> np.ndarray:
+        if batch and isinstance(batch[0], torch.Tensor):  # decoded on the device (ImageBytesHandler)
+            return model.encode_image(torch.stack(batch), self.batch_size)
         return model.encode_image(np.stack(batch), self.batch_size)
 
 
@@ -135,3 +168,40 @@ class AsrHandler(_EmbeddingHandler):
 
     def _encode(self, model, batch: list) -> list:
         return model.transcribe(list(batch), self.batch_size)
+
+
+class ImageBytesHandler(ImageEmbeddingHandler):
+    """Encoded images (:class:`ImageBytes`) -> unit vectors, decoded as a batch on the model's device.
+
+    nvJPEG on CUDA with a per-item PIL fallback (``gpu_decode.decode_batch``);
+    an image neither can decode becomes an :class:`EncodeFailure` at the
+    decode stage, and its batch-mates are encoded as usual.
+    """
+
+    def __init__(self, spec: ModelSpec, preprocess: ImagePreprocess, max_image_pixels: int, **kwargs):
+        if kwargs.get("copies_per_gpu"):
+            raise ValueError("--image_decode gpu cannot be combined with --model_copies_per_gpu: shared model "
+                             "servers take inputs by pickling, so decoded images would travel back through "
+                             "host memory")
+        super().__init__(spec, **kwargs)
+        self.preprocess, self.max_image_pixels = preprocess, max_image_pixels
+
+    def run_inference(self, batch: Sequence[Any], model, inference_args=None) -> Iterable[PredictionResult]:
+        from encoders import gpu_decode
+
+        batch = list(batch)
+        decoded = gpu_decode.decode_batch([b.data for b in batch], self.preprocess, model.device,
+                                          self.max_image_pixels)
+        ok = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
+        encoded = iter(super().run_inference([decoded[i] for i in ok], model, inference_args))
+        results = []
+        for example, d in zip(batch, decoded):
+            if isinstance(d, torch.Tensor):
+                results.append(PredictionResult(example, next(encoded).inference, self.spec.name))
+            else:
+                failure = EncodeFailure(d.reason, d.detail, Stage.DECODE, example.uri)
+                results.append(PredictionResult(example, failure, self.spec.name))
+        return results
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        return sum(len(b.data) for b in batch)

@@ -344,8 +344,8 @@ def fetch_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
         raise MediaError(Reason.FETCH_FAILED, f"{uri}: {type(e).__name__}: {e}") from None
 
 
-def decode_image(data: bytes, max_pixels: int = FetchPolicy.max_image_pixels) -> Image.Image:
-    """Bytes to an RGB image; refuses bombs by header size before decoding pixels."""
+def probe_image(data: bytes, max_pixels: int = FetchPolicy.max_image_pixels) -> Image.Image:
+    """Opens ``data``'s header only (no pixels decoded): a known format, within the pixel cap."""
     if not data:
         raise MediaError(Reason.DECODE_FAILED, "zero-length image")
     try:
@@ -361,6 +361,12 @@ def decode_image(data: bytes, max_pixels: int = FetchPolicy.max_image_pixels) ->
     width, height = image.size
     if width * height > max_pixels:
         raise MediaError(Reason.TOO_LARGE, f"{width}x{height} pixels exceeds the {max_pixels}-pixel cap")
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int = FetchPolicy.max_image_pixels) -> Image.Image:
+    """Bytes to an RGB image; refuses bombs by header size before decoding pixels."""
+    image = probe_image(data, max_pixels)
     try:
         image.load()
     except Image.DecompressionBombError as e:

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from encoders import placement
 from encoders.preprocess import ImagePreprocess
 from encoders.specs import ModelSpec, open_clip_name
 
@@ -88,7 +89,42 @@ def _seeded(spec: ModelSpec):
     return stack
 
 
-class OpenClipModel:
+def _as_tensor(pixels) -> torch.Tensor:
+    """Pixels as a tensor: numpy from the CPU fetch stage, or a tensor already on the GPU (nvJPEG)."""
+    return pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # pinned host memory lets the copy run asynchronously to the host thread
+    return placement.pinned(x, device).to(device, non_blocking=True) if x.device != device else x
+
+
+class _AutoBatch:
+    """``batch_size == 0``: the model picks its batch per modality from free device memory, once."""
+
+    device: torch.device
+
+    def _batch(self, modality: str, batch_size: int) -> int:
+        if batch_size > 0:
+            return batch_size
+        auto = self.__dict__.setdefault("_auto_batch", {})
+        if modality not in auto:
+            auto[modality] = placement.auto_batch_size(lambda rows: self._probe(modality, rows), self.device)
+            import logging
+
+            logging.getLogger(__name__).info("%s batch size %d on %s (from free memory)",
+                                             modality, auto[modality], self.device)
+        return auto[modality]
+
+    def _probe(self, modality: str, rows: int) -> None:
+        if modality == "image":
+            size = self.image_size
+            self.encode_image(np.zeros((rows, 3, size, size), np.float32), rows)
+        else:  # the longest text the tokenizer keeps: the worst case
+            self.encode_text(["lorem ipsum " * 400] * rows, rows)
+
+
+class OpenClipModel(_AutoBatch):
     """open_clip image and text towers; ``encode_image(x, normalize=True)`` is the contract."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32"):
@@ -103,13 +139,16 @@ class OpenClipModel:
         self.tokenizer = open_clip.get_tokenizer(name)
         self.device, self.precision = device, precision
         self.dim = int(open_clip.get_model_config(name)["embed_dim"])
+        size = self.model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
 
     @torch.inference_mode()
-    def encode_image(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(pixels))
+    def encode_image(self, pixels: np.ndarray | torch.Tensor, batch_size: int) -> np.ndarray:
+        x = _as_tensor(pixels)
+        batch_size = self._batch("image", batch_size)
 
         def run(start, stop, rows):
-            batch = _pad_rows(x[start:stop], rows).to(self.device, non_blocking=True)
+            batch = _to_device(_pad_rows(x[start:stop], rows), self.device)
             with _autocast(self.device, self.precision):
                 return self.model.encode_image(batch, normalize=True)
 
@@ -118,9 +157,10 @@ class OpenClipModel:
     @torch.inference_mode()
     def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
         tokens = self.tokenizer(texts)  # fixed context length already
+        batch_size = self._batch("text", batch_size)
 
         def run(start, stop, rows):
-            batch = _pad_rows(tokens[start:stop], rows).to(self.device)
+            batch = _to_device(_pad_rows(tokens[start:stop], rows), self.device)
             with _autocast(self.device, self.precision):
                 return self.model.encode_text(batch, normalize=True)
 
@@ -145,7 +185,7 @@ def _load_transformers(spec: ModelSpec, device: torch.device):
     return model.to(device).eval()
 
 
-class HfClipModel:
+class HfClipModel(_AutoBatch):
     """transformers CLIP-family model: CLIPModel, ChineseCLIPModel, SiglipModel (by its config)."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32"):
@@ -158,13 +198,15 @@ class HfClipModel:
         self.device, self.precision = device, precision
         self.dim = int(getattr(self.model.config, "projection_dim", 0) or text_cfg.hidden_size)
         self._wants_mask = "siglip" not in type(self.model).__name__.lower()
+        self.image_size = int(self.model.config.vision_config.image_size)
 
     @torch.inference_mode()
-    def encode_image(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(pixels))
+    def encode_image(self, pixels: np.ndarray | torch.Tensor, batch_size: int) -> np.ndarray:
+        x = _as_tensor(pixels)
+        batch_size = self._batch("image", batch_size)
 
         def run(start, stop, rows):
-            batch = _pad_rows(x[start:stop], rows).to(self.device)
+            batch = _to_device(_pad_rows(x[start:stop], rows), self.device)
             with _autocast(self.device, self.precision):
                 return _features(self.model.get_image_features(pixel_values=batch))
 
@@ -176,6 +218,7 @@ class HfClipModel:
             texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         pad_id = self.tokenizer.pad_token_id or 0
+        batch_size = self._batch("text", batch_size)
 
         def run(start, stop, rows):
             ids = _pad_rows(enc["input_ids"][start:stop], rows, pad_id).to(self.device)
@@ -188,7 +231,7 @@ class HfClipModel:
         return _in_fixed_batches(len(texts), batch_size, self.device, run)
 
 
-class SentenceModel:
+class SentenceModel(_AutoBatch):
     """A transformers sentence encoder: mean pooling over non-padding tokens, then L2."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32", max_length: int = 256):
@@ -209,6 +252,7 @@ class SentenceModel:
     @torch.inference_mode()
     def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        batch_size = self._batch("text", batch_size)
         out = np.zeros((len(texts), self.dim), np.float32)
         buckets: dict[int, list[int]] = {}
         for i, seq in enumerate(ids):

@@ -36,6 +36,7 @@ def catalog_root(catalog: str) -> str:
     if head.endswith("/"):
         return head.rstrip("/") or "/"
     return head.rsplit("/", 1)[0] if "/" in head else "."
+IMAGE_DECODERS = ("cpu", "gpu")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -75,7 +76,9 @@ class EncodeConfig:
     text: ModelSpec | None
     device: str = "auto"
     precision: str = "fp32"
-    batch_size: int = 32
+    batch_size: int = 32  # 0: from free GPU memory on each worker (a fixed default on CPU)
+    model_copies_per_gpu: int = 0  # 0: one copy per worker process; N: Beam's shared copies per GPU
+    image_decode: str = "cpu"  # cpu: PIL in fetch threads; gpu: nvJPEG in the image handler
     asr: AsrSpec | None = None  # spoken audio -> transcript -> the clip and text spaces' text towers
     clap: ModelSpec | None = None  # audio -> CLAP audio tower, a space of its own
 
@@ -91,8 +94,17 @@ class EncodeConfig:
         validate_device_spec(self.device)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        if not 1 <= self.batch_size <= 4096:
-            raise ValueError(f"batch_size must be in 1..4096, got {self.batch_size}")
+        if not 0 <= self.batch_size <= 4096:
+            raise ValueError(f"batch_size must be in 1..4096, or 0 for auto, got {self.batch_size}")
+        if not 0 <= self.model_copies_per_gpu <= 16:
+            raise ValueError(f"model_copies_per_gpu must be in 0..16 (0: one per process), got {self.model_copies_per_gpu}")
+        if self.image_decode not in IMAGE_DECODERS:
+            raise ValueError(f"image_decode {self.image_decode!r} is not one of {IMAGE_DECODERS}")
+        if self.image_decode == "gpu" and self.device == "cpu":
+            raise ValueError("image_decode 'gpu' needs a CUDA device, but device is 'cpu'")
+        if self.image_decode == "gpu" and self.model_copies_per_gpu:
+            raise ValueError("image_decode 'gpu' cannot be combined with model_copies_per_gpu: shared model servers "
+                             "take inputs by pickling, so decoded images would cross host memory")
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -149,12 +161,15 @@ class RunConfig:
     progress_interval_s: float = 10.0
     preset: str = ""
     max_failure_fraction: float = DEFAULT_MAX_FAILURE_FRACTION
+    decode_threads: int = 8  # fetch/decode threads per worker process, overlapping the model
 
     def __post_init__(self) -> None:
         if self.media_errors not in MEDIA_ERROR_POLICIES:
             raise ValueError(f"media_errors {self.media_errors!r} is not one of {MEDIA_ERROR_POLICIES}")
         if not 0.0 <= self.max_failure_fraction <= 1.0:
             raise ValueError(f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
+        if not 1 <= self.decode_threads <= 256:
+            raise ValueError(f"decode_threads must be in 1..256, got {self.decode_threads}")
 
     def layout(self) -> Layout:
         from encoders.towers import output_dim
@@ -185,4 +200,6 @@ class RunConfig:
             "layout": self.layout().to_json(),
             "fusion": self.fusion.to_json(),
             "model_fingerprint": self.model_fingerprint(),
+            # the two decoders agree to resize rounding, not bit for bit
+            "image_decode": self.encode.image_decode,
         }

@@ -10,8 +10,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from encoders.handlers import (ClapAudioHandler, EncodeFailure, ImageEmbeddingHandler, TextEmbeddingHandler,
-                               TranscriptEmbeddingHandler)
+from encoders.handlers import (ClapAudioHandler, EncodeFailure, ImageBytesHandler, ImageEmbeddingHandler,
+                               TextEmbeddingHandler, TranscriptEmbeddingHandler)
+from encoders.media import FetchPolicy
+from encoders.preprocess import ImagePreprocess
 from pipeline import progress
 from pipeline.config import EncodeConfig, Route
 from pipeline.records import ItemFailure, ModalityVector
@@ -20,14 +22,21 @@ from schemas.dead_letter import Stage
 FAILED = "failed"
 
 
-def handler_for(route: Route, config: EncodeConfig):
+def handler_for(route: Route, config: EncodeConfig, preprocess: ImagePreprocess | None = None,
+                fetch: FetchPolicy = FetchPolicy()):
+    """The route's ModelHandler; with ``image_decode == "gpu"`` images arrive encoded and need ``preprocess``."""
+    kwargs = dict(device=config.device, precision=config.precision, batch_size=config.batch_size,
+                  copies_per_gpu=config.model_copies_per_gpu)
     if route.via == "transcript":
-        cls = TranscriptEmbeddingHandler
-    elif route.via == "waveform":
-        cls = ClapAudioHandler
-    else:
-        cls = {"text": TextEmbeddingHandler, "image": ImageEmbeddingHandler}[route.modality]
-    return cls(route.spec, device=config.device, precision=config.precision, batch_size=config.batch_size)
+        return TranscriptEmbeddingHandler(route.spec, **kwargs)
+    if route.via == "waveform":
+        return ClapAudioHandler(route.spec, **kwargs)
+    if route.modality == "image" and config.image_decode == "gpu":
+        if preprocess is None:
+            raise ValueError("image_decode 'gpu' needs the image tower's preprocessing")
+        return ImageBytesHandler(route.spec, preprocess, fetch.max_image_pixels, **kwargs)
+    cls = {"text": TextEmbeddingHandler, "image": ImageEmbeddingHandler}[route.modality]
+    return cls(route.spec, **kwargs)
 
 
 class _Split(beam.DoFn):
@@ -41,8 +50,9 @@ class _Split(beam.DoFn):
         out = result.inference
         if isinstance(out, EncodeFailure):
             self._failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                FAILED, (item_id, ItemFailure(Stage.ENCODE, out.reason, f"{self._route.modality}->{self._route.space}: {out.detail}")))
+            stage = out.stage or Stage.ENCODE  # DECODE when the handler decoded the image (--image_decode gpu)
+            yield beam.pvalue.TaggedOutput(FAILED, (item_id, ItemFailure(
+                stage, out.reason, f"{self._route.modality}->{self._route.space}: {out.detail}", out.source)))
             return
         self._ok.inc()
         progress.note(f"encoded {self._route.modality}->{self._route.space}")
@@ -52,10 +62,11 @@ class _Split(beam.DoFn):
 class EncodeRoute(beam.PTransform):
     """Keyed payloads of one modality -> vectors in one space (and failures)."""
 
-    def __init__(self, route: Route, config: EncodeConfig, model_handler=None):
+    def __init__(self, route: Route, config: EncodeConfig, model_handler=None,
+                 preprocess: ImagePreprocess | None = None, fetch: FetchPolicy = FetchPolicy()):
         super().__init__()
         self._route = route
-        self._handler = model_handler or handler_for(route, config)
+        self._handler = model_handler or handler_for(route, config, preprocess, fetch)
 
     def expand(self, keyed):
         out = (

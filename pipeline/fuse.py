@@ -124,7 +124,8 @@ class _Fuse(beam.DoFn):
             modalities=tuple(sorted({m for _, m in by_route})),
             content_hash=content_hash(item, digests, self._fingerprint),
             model_fingerprint=self._fingerprint,
-            num_images=sum(1 for d in digests if d.modality == "image"),
+            # images that made it into the vector: with --image_decode gpu, digests are taken before decoding
+            num_images=len({v.index for v in vectors if v.modality == "image"}),
             attributes=item.attributes,
             transcript=transcript.text if transcript is not None else None,
         )

@@ -50,11 +50,13 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     items = read["items"]
 
     vectors, failures, digests = [], [], []
-    pixels = None
+    pixels = preprocess = None
     image_routes = [r for r in config.encode.routes if r.modality == "image"]
     if image_routes:
+        preprocess = image_preprocess(image_routes[0].spec)
         fetched = items | "FetchImages" >> FetchImages(
-            config.fetch, image_preprocess(image_routes[0].spec), progress_interval_s=interval)
+            config.fetch, preprocess, threads=config.decode_threads, progress_interval_s=interval,
+            decode=config.encode.image_decode == "cpu")
         pixels = fetched["pixels"]
         failures.append(fetched["failed"])
         digests.append(fetched["digests"])
@@ -81,7 +83,8 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     for route in config.encode.routes:
         payload = payloads[route] if route.via == "waveform" else payloads[route.via or route.modality]
         label = f"Encode_{route.modality}_to_{route.space}" + (f"_via_{route.via}" if route.via else "")
-        encoded = payload | label >> EncodeRoute(route, config.encode, model_handlers.get(route))
+        encoded = payload | label >> EncodeRoute(route, config.encode, model_handlers.get(route), preprocess,
+                                                 config.fetch)
         vectors.append(encoded["vectors"])
         failures.append(encoded["failed"])
 

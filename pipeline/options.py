@@ -73,7 +73,15 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--text_weights", default=None, choices=["pretrained", "random"])
         g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (CUDA absent is an error)")
         g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on CUDA")
-        g.add_argument("--batch_size", type=int, default=32, help="rows per forward pass")
+        g.add_argument("--batch_size", type=int, default=32, help="rows per forward pass; 0: from free GPU memory")
+
+        g = parser.add_argument_group("scale-out (GPU workers)")
+        g.add_argument("--model_copies_per_gpu", type=int, default=0,
+                       help="0: each worker process loads its own copy on its own GPU; N: N copies per GPU shared "
+                            "by all processes of a machine (Beam's shared model servers)")
+        g.add_argument("--image_decode", default="cpu", choices=["cpu", "gpu"],
+                       help="cpu: PIL on fetch threads; gpu: nvJPEG batches on the model's GPU, PIL fallback per item")
+        g.add_argument("--decode_threads", type=int, default=8, help="fetch+decode threads per worker process")
 
         g = parser.add_argument_group("audio")
         g.add_argument("--asr_backend", default="auto", choices=["auto", *BACKENDS],
@@ -189,7 +197,8 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
     config = RunConfig(
         read=ReadConfig(catalog=o.catalog or "", columns=columns, max_text_chars=o.max_text_chars),
         encode=EncodeConfig(clip=clip, text=text, device=o.device, precision=o.precision, batch_size=o.batch_size,
-                            asr=asr, clap=clap),
+                            asr=asr, clap=clap, model_copies_per_gpu=o.model_copies_per_gpu,
+                            image_decode=o.image_decode),
         write=WriteConfig(output=o.output, run_id=o.run_id, num_shards=o.num_shards,
                           rows_per_shard=o.rows_per_shard, vector_dtype=o.vector_dtype),
         fetch=FetchPolicy(max_bytes=o.max_media_bytes, timeout_s=o.fetch_timeout_s,
@@ -202,6 +211,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         audio=AudioPolicy(max_seconds=o.max_audio_seconds, silence_dbfs=o.silence_dbfs),
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
+        decode_threads=o.decode_threads,
         preset=preset.name if (clip, text, clap, asr) == (preset.clip, preset.text, preset.clap, preset_asr)
         else f"{preset.name}+overrides",
     )

@@ -55,7 +55,8 @@ def test_hf_clip_family_and_weights():
 
 @pytest.mark.parametrize("flags, message", [
     (["--device", "gpu"], "auto, cpu, cuda, cuda:N"),
-    (["--batch_size", "0"], "batch_size"),
+    (["--batch_size", "-1"], "batch_size"),  # 0 is auto (issue 8)
+    (["--batch_size", "5000"], "batch_size"),
     (["--run_id", "../escape"], "run id"),
     (["--preset", "fancy"], "not one of"),
     (["--clip_model", "ViT-B-32"], "pretrained tag"),

@@ -1,0 +1,25 @@
+"""Writes one benchmark's section of docs/BENCHMARKS.md, leaving the other sections alone.
+
+Several scripts share that file; each owns the section under its own ``## `` heading
+and replaces only that section (or appends it when it is not there yet).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+TITLE = "# Benchmarks\n\nFigures written by the scripts under `bench/`; each script owns one section.\n"
+
+
+def replace_section(heading: str, body: str, doc: Path = DOC) -> None:
+    """Puts ``## heading`` + ``body`` in ``doc``, replacing that section if present."""
+    text = doc.read_text() if doc.exists() else TITLE
+    section = f"## {heading}\n\n{body.rstrip()}\n"
+    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
