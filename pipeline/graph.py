@@ -9,6 +9,7 @@ from pipeline.config import RunConfig
 from pipeline.encode import EncodeRoute
 from pipeline.fetch import FetchImages
 from pipeline.fuse import FuseItems
+from pipeline.index import BuildIndex
 from pipeline.publish import Publish
 from pipeline.read import ReadCatalog
 from pipeline.write import WriteShards, dead_letters_to_table, embeddings_to_table
@@ -84,8 +85,11 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         f"{run_dir}/dead_letter", dead_letters_to_table, DEAD_LETTER_SCHEMA,
         rows_per_shard=config.write.rows_per_shard)
 
-    manifest = {
+    publish_inputs = {
         "rows": read["rows"], "records": fused["records"], "dead": dead,
         "embedding_files": embedding_files, "dead_files": dead_files,
-    } | "Publish" >> Publish(config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata))
+    }
+    if config.index.enabled:
+        publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(config.index, run_dir, layout_dim)
+    manifest = publish_inputs | "Publish" >> Publish(config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata))
     return {"records": fused["records"], "dead": dead, "manifest": manifest}

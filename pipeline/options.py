@@ -9,7 +9,8 @@ from encoders import presets
 from encoders.fusion import FusionConfig
 from encoders.media import FetchPolicy
 from encoders.specs import PRETRAINED, ModelSpec
-from pipeline.config import MEDIA_ERROR_POLICIES, EncodeConfig, ReadConfig, RunConfig, WriteConfig
+from pipeline.config import (INDEX_METRICS, MEDIA_ERROR_POLICIES, EncodeConfig, IndexConfig, ReadConfig, RunConfig,
+                             WriteConfig)
 from schemas.catalog import CatalogColumns
 
 NONE = "none"
@@ -74,6 +75,23 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--modality_weights", type=_weights, default=(), help="e.g. text=1,image=1")
         g.add_argument("--space_weights", type=_weights, default=(), help="e.g. clip=1,text=1")
 
+        g = parser.add_argument_group("index (FAISS IVF-PQ; parameters automatic unless given)")
+        g.add_argument("--index", default="on", choices=["on", "off"], help="build index shards after embedding")
+        g.add_argument("--index_factory", default="", help="faiss factory string, e.g. OPQ32,IVF1024,PQ32x8")
+        g.add_argument("--index_nlist", type=int, default=0, help="IVF lists (0: automatic)")
+        g.add_argument("--index_m", type=int, default=0, help="PQ sub-quantizers (0: from the memory budget)")
+        g.add_argument("--index_nbits", type=int, default=0, help="bits per PQ code (0: automatic)")
+        g.add_argument("--index_opq", action="store_true", help="add an OPQ rotation before IVF-PQ")
+        g.add_argument("--index_metric", default="ip", choices=list(INDEX_METRICS), help="inner product or L2")
+        g.add_argument("--index_memory_gb", type=float, default=IndexConfig.memory_gb,
+                       help="memory budget of the whole index")
+        g.add_argument("--index_train_size", type=int, default=IndexConfig.train_size, help="vectors to train on")
+        g.add_argument("--index_queries", type=int, default=IndexConfig.num_queries,
+                       help="held-out queries of the recall self-check")
+        g.add_argument("--target_recall", type=float, default=IndexConfig.target_recall,
+                       help="10-recall@10 the recommended nprobe must reach")
+        g.add_argument("--merge_index", action="store_true", help="also write index/merged.faiss")
+
         g = parser.add_argument_group("progress")
         g.add_argument("--progress_interval_s", type=float, default=10.0, help="0 disables progress lines")
 
@@ -118,6 +136,10 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         fetch=FetchPolicy(max_bytes=o.max_media_bytes, timeout_s=o.fetch_timeout_s,
                           allow_http=o.allow_http, max_image_pixels=o.max_image_pixels),
         fusion=FusionConfig(**fusion_kwargs),
+        index=IndexConfig(enabled=o.index == "on", factory=o.index_factory, nlist=o.index_nlist, m=o.index_m,
+                          nbits=o.index_nbits, opq=o.index_opq, metric=o.index_metric,
+                          memory_gb=o.index_memory_gb, train_size=o.index_train_size,
+                          num_queries=o.index_queries, target_recall=o.target_recall, merge=o.merge_index),
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
         preset=preset.name if (clip, text) == (preset.clip, preset.text) else f"{preset.name}+overrides",
