@@ -39,6 +39,14 @@ def summary(config: RunConfig, manifest: dict) -> str:
         f"{sum(dead.values())} failed" + (f" ({', '.join(f'{k}: {v}' for k, v in dead.items())})" if dead else ""),
         f"output: {config.write.run_dir}/ (embeddings/, dead_letter/, manifest.json); LATEST -> {manifest['run_id']}",
     ]
+    index = manifest.get("index")
+    if index:
+        recall = index["recall"]
+        best = {r["nprobe"]: r for r in recall["table"]}.get(recall["recommended_nprobe"])
+        lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
+                     f"{len(index['shards'])} shards; nprobe {recall['recommended_nprobe']} -> "
+                     f"{recall['k']}-recall@{recall['k']} {best[f'recall_{recall['k']}_at_{recall['k']}'] if best else 'n/a'}"
+                     f" (target {recall['target_recall']}); report.html")
     for space, model in manifest["models"].items():
         label = "REAL weights" if model["weights_label"] == "real" else "RANDOM weights (not meaningful for search)"
         lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> {label}")

@@ -50,3 +50,15 @@ def test_bad_values_are_named(flags, message):
 def test_options_subclass_is_visible_to_beam():
     opts = PipelineOptions(["--catalog", "x", "--batch_size", "7"]).view_as(CatalogIndexOptions)
     assert opts.catalog == "x" and opts.batch_size == 7
+
+
+def test_index_options():
+    cfg = _config()
+    assert cfg.index.enabled and cfg.index.metric == "ip" and cfg.index.target_recall == 0.95
+    cfg = _config("--index_nlist", "64", "--index_m", "16", "--index_opq", "--index_metric", "l2",
+                  "--target_recall", "0.9", "--merge_index", "--index_memory_gb", "2")
+    assert (cfg.index.nlist, cfg.index.m, cfg.index.opq, cfg.index.metric) == (64, 16, True, "l2")
+    assert cfg.index.merge and cfg.index.target_recall == 0.9 and cfg.index.memory_gb == 2
+    assert not _config("--index", "off").index.enabled
+    with pytest.raises(ValueError, match="excludes"):
+        _config("--index_factory", "IVF64,PQ8", "--index_nlist", "32")
