@@ -42,11 +42,11 @@ def summary(config: RunConfig, manifest: dict) -> str:
     index = manifest.get("index")
     if index:
         recall = index["recall"]
-        best = {r["nprobe"]: r for r in recall["table"]}.get(recall["recommended_nprobe"])
+        k, nprobe = recall["k"], recall["recommended_nprobe"]
+        reached = next((r[f"recall_{k}_at_{k}"] for r in recall["table"] if r["nprobe"] == nprobe), "n/a")
         lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
-                     f"{len(index['shards'])} shards; nprobe {recall['recommended_nprobe']} -> "
-                     f"{recall['k']}-recall@{recall['k']} {best[f'recall_{recall['k']}_at_{recall['k']}'] if best else 'n/a'}"
-                     f" (target {recall['target_recall']}); report.html")
+                     f"{len(index['shards'])} shards; nprobe {nprobe} -> {k}-recall@{k} {reached} "
+                     f"(target {recall['target_recall']}); report.html")
     for space, model in manifest["models"].items():
         label = "REAL weights" if model["weights_label"] == "real" else "RANDOM weights (not meaningful for search)"
         lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> {label}")
