@@ -139,8 +139,9 @@ class ShardResult:
     index_path: str
     ids_path: str
     count: int
-    exact_scores: np.ndarray
+    exact_scores: np.ndarray  # [queries, k + 1]: one more, as a query may find itself
     exact_ids: np.ndarray
+    query_faiss_ids: np.ndarray  # per query: its faiss id if its item is in this shard, else -1
     add_s: float
 
 
@@ -201,9 +202,11 @@ class _FillShard(beam.DoFn):
         index_path, ids_path = index_shard_paths(self._dir, shard)
         write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))
         write_bytes_atomically(index_path, indexing.to_bytes(index))
-        scores, exact = indexing.exact_topk(vectors, ids, trained.queries, self._k, trained.params.metric)
+        scores, exact = indexing.exact_topk(vectors, ids, trained.queries, self._k + 1, trained.params.metric)
+        row_of = {item: row for row, item in enumerate(item_ids)}
+        own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
         self._vectors.inc(len(ids))
-        yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, add_s)
+        yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s)
 
 
 class _CheckRecall(beam.DoFn):
@@ -222,8 +225,10 @@ class _CheckRecall(beam.DoFn):
         sharded = indexing.ShardedIndex(indexes, params.metric)
         table, recommended, reached = [], None, False
         if len(trained.queries) and sharded.ntotal:
-            _, truth = indexing.merge_topk([(s.exact_scores, s.exact_ids) for s in shards], c.k, params.metric)
-            table = indexing.recall_table(sharded, trained.queries, truth, c.k, c.nprobes)
+            own = np.max([s.query_faiss_ids for s in shards], axis=0)
+            _, truth = indexing.merge_topk([(s.exact_scores, s.exact_ids) for s in shards], c.k + 1, params.metric)
+            truth = indexing.drop_self(truth, own, c.k)
+            table = indexing.recall_table(sharded, trained.queries, truth, c.k, c.nprobes, exclude=own)
             recommended, reached = indexing.recommend_nprobe(table, c.target_recall, c.k)
         files = [trained.path] + [p for s in shards for p in (s.index_path, s.ids_path)]
         merged = None
@@ -244,7 +249,7 @@ class _CheckRecall(beam.DoFn):
             "add_seconds": round(sum(s.add_s for s in shards), 3),
             "recall": {
                 "k": c.k, "queries": len(trained.queries), "held_out": trained.held_out,
-                "ground_truth": "exact search over every indexed vector",
+                "ground_truth": "exact search over every indexed vector, the query's own item excluded",
                 "target_recall": c.target_recall, "recommended_nprobe": recommended, "target_reached": reached,
                 "table": table,
             },

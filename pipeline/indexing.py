@@ -270,6 +270,15 @@ def merge_shards(trained: faiss.Index | bytes, shards: Sequence[faiss.Index]) ->
     return merged
 
 
+def drop_self(ids: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
+    """Each row's first ``k`` ids without that row's ``exclude`` id (a query that is itself indexed)."""
+    out = np.full((len(ids), k), -1, np.int64)
+    for i, (row, own) in enumerate(zip(ids, exclude)):
+        kept = row[row != own][:k] if own >= 0 else row[:k]
+        out[i, :len(kept)] = kept
+    return out
+
+
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """k-recall@k: the mean share of the true top-k found in the returned top-k."""
     total = 0.0
@@ -285,18 +294,24 @@ def one_recall_at_one(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def recall_table(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, k: int = 10,
-                 nprobes: Sequence[int] = DEFAULT_NPROBES, single_queries: int = 50) -> list[dict]:
+                 nprobes: Sequence[int] = DEFAULT_NPROBES, single_queries: int = 50,
+                 exclude: np.ndarray | None = None) -> list[dict]:
     """Recall of the sharded index against exact ground truth for each nprobe, with latency.
 
     ``ms_per_query`` is a batched search of all queries divided by their
     number; ``single_query_ms_p50`` is the median of one-query searches (what
     a serving call sees). A flat index has one row with ``nprobe`` None.
+    ``exclude`` (per query: its own faiss id, or -1) drops a query that is
+    itself indexed from its results, as it must be from ``truth``: otherwise
+    1-recall@1 only measures whether a vector finds itself.
     """
     ladder = sorted({min(p, index.nlist) for p in nprobes}) if index.ivf else [None]
     rows = []
     for nprobe in ladder:
         start = time.perf_counter()
-        _, found = index.search(queries, k, nprobe)
+        _, found = index.search(queries, k + (exclude is not None), nprobe)
+        if exclude is not None:
+            found = drop_self(found, exclude, k)
         batch_ms = (time.perf_counter() - start) * 1000 / max(len(queries), 1)
         singles = []
         for q in queries[:single_queries]:
