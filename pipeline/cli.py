@@ -40,6 +40,14 @@ def summary(config: RunConfig, manifest: dict) -> str:
         f"{sum(dead.values())} failed" + (f" ({', '.join(f'{k}: {v}' for k, v in dead.items())})" if dead else ""),
         f"output: {config.write.run_dir}/ (embeddings/, dead_letter/, manifest.json); LATEST -> {manifest['run_id']}",
     ]
+    index = manifest.get("index")
+    if index:
+        recall = index["recall"]
+        k, nprobe = recall["k"], recall["recommended_nprobe"]
+        reached = next((r[f"recall_{k}_at_{k}"] for r in recall["table"] if r["nprobe"] == nprobe), "n/a")
+        lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
+                     f"{len(index['shards'])} shards; nprobe {nprobe} -> {k}-recall@{k} {reached} "
+                     f"(target {recall['target_recall']}); report.html")
     for space, model in manifest["models"].items():
         label = "REAL weights" if model["weights_label"] == "real" else "RANDOM weights (not meaningful for search)"
         lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> {label}")

@@ -149,6 +149,49 @@ class WriteConfig:
         return f"{self.output.rstrip('/')}/runs/{self.run_id}"
 
 
+INDEX_METRICS = ("ip", "l2")
+DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """The FAISS index stage: parameters are automatic unless given (see pipeline/indexing.choose_params)."""
+
+    enabled: bool = True
+    factory: str = ""  # a faiss factory string; exclusive with nlist/m/nbits/opq
+    nlist: int = 0  # 0: automatic, from N and the training sample
+    m: int = 0  # PQ sub-quantizers; 0: automatic, from the memory budget
+    nbits: int = 0  # bits per PQ code; 0: automatic (8 when the sample allows)
+    opq: bool = False
+    metric: str = "ip"
+    memory_gb: float = 4.0
+    train_size: int = 100_000  # vectors sampled to train the quantizer and PQ codebooks
+    num_queries: int = 1000  # held-out sample for the recall self-check
+    k: int = 10
+    target_recall: float = 0.95  # k-recall@k the recommended nprobe must reach
+    nprobes: tuple[int, ...] = DEFAULT_NPROBES
+    merge: bool = False  # also write one merged index
+
+    def __post_init__(self) -> None:
+        if self.metric not in INDEX_METRICS:
+            raise ValueError(f"index metric {self.metric!r} is not one of {INDEX_METRICS}")
+        if self.factory and (self.nlist or self.m or self.nbits or self.opq):
+            raise ValueError(f"index factory {self.factory!r} excludes nlist/m/nbits/opq "
+                             f"(got nlist={self.nlist}, m={self.m}, nbits={self.nbits}, opq={self.opq})")
+        if self.nlist < 0 or self.m < 0 or not 0 <= self.nbits <= 16:
+            raise ValueError(f"index nlist and m must be >= 0 and nbits in 0..16 (0: automatic), "
+                             f"got nlist={self.nlist}, m={self.m}, nbits={self.nbits}")
+        if self.memory_gb <= 0:
+            raise ValueError(f"index memory budget must be > 0 GB, got {self.memory_gb}")
+        if self.train_size < 1 or self.num_queries < 1 or self.k < 1:
+            raise ValueError(f"index train_size, num_queries and k must be >= 1, "
+                             f"got {self.train_size}, {self.num_queries}, {self.k}")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"target recall must be in (0, 1], got {self.target_recall}")
+        if not self.nprobes or any(p < 1 for p in self.nprobes):
+            raise ValueError(f"nprobe ladder must be positive integers, got {self.nprobes}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     read: ReadConfig
@@ -157,6 +200,7 @@ class RunConfig:
     fetch: FetchPolicy = FetchPolicy()
     fusion: FusionConfig = FusionConfig()
     audio: AudioPolicy = AudioPolicy()
+    index: IndexConfig = IndexConfig()
     media_errors: str = "fail_item"
     progress_interval_s: float = 10.0
     preset: str = ""

@@ -11,6 +11,7 @@ from pipeline.encode import EncodeRoute
 from pipeline.fetch import FetchImages
 from pipeline.fetch_audio import FetchAudio
 from pipeline.fuse import FuseItems
+from pipeline.index import BuildIndex
 from pipeline.publish import Publish
 from pipeline.read import ReadCatalog
 from pipeline.transcribe import Transcribe, spoken_texts
@@ -109,9 +110,13 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         f"{run_dir}/dead_letter", dead_letters_to_table, DEAD_LETTER_SCHEMA,
         rows_per_shard=config.write.rows_per_shard)
 
-    manifest = {
+    publish_inputs = {
         "rows": read["rows"], "records": fused["records"], "dead": dead,
         "embedding_files": embedding_files, "dead_files": dead_files,
-    } | "Publish" >> Publish(config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata),
-                             max_failure_fraction=config.max_failure_fraction)
+    }
+    if config.index.enabled:
+        publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(config.index, run_dir, layout_dim)
+    manifest = publish_inputs | "Publish" >> Publish(config.write.output, run_dir, config.write.run_id,
+                                                     manifest_base(config, metadata),
+                                                     max_failure_fraction=config.max_failure_fraction)
     return {"records": fused["records"], "dead": dead, "manifest": manifest}

@@ -12,8 +12,8 @@ from encoders.audio import AudioPolicy
 from encoders.fusion import FUSION_MODES, FusionConfig
 from encoders.media import DEFAULT_SCHEMES, FetchPolicy
 from encoders.specs import PRETRAINED, ModelSpec
-from pipeline.config import (DEFAULT_MAX_FAILURE_FRACTION, MEDIA_ERROR_POLICIES, EncodeConfig, ReadConfig, RunConfig,
-                             WriteConfig, catalog_root)
+from pipeline.config import (DEFAULT_MAX_FAILURE_FRACTION, INDEX_METRICS, MEDIA_ERROR_POLICIES, EncodeConfig,
+                             IndexConfig, ReadConfig, RunConfig, WriteConfig, catalog_root)
 from schemas.catalog import CatalogColumns
 
 NONE = "none"
@@ -132,6 +132,23 @@ class CatalogIndexOptions(PipelineOptions):
                        help="attention module saved by `catalog-index fit-fusion` (safetensors); needs "
                             "--fusion_mode attention")
 
+        g = parser.add_argument_group("index (FAISS IVF-PQ; parameters automatic unless given)")
+        g.add_argument("--index", default="on", choices=["on", "off"], help="build index shards after embedding")
+        g.add_argument("--index_factory", default="", help="faiss factory string, e.g. OPQ32,IVF1024,PQ32x8")
+        g.add_argument("--index_nlist", type=int, default=0, help="IVF lists (0: automatic)")
+        g.add_argument("--index_m", type=int, default=0, help="PQ sub-quantizers (0: from the memory budget)")
+        g.add_argument("--index_nbits", type=int, default=0, help="bits per PQ code (0: automatic)")
+        g.add_argument("--index_opq", action="store_true", help="add an OPQ rotation before IVF-PQ")
+        g.add_argument("--index_metric", default="ip", choices=list(INDEX_METRICS), help="inner product or L2")
+        g.add_argument("--index_memory_gb", type=float, default=IndexConfig.memory_gb,
+                       help="memory budget of the whole index")
+        g.add_argument("--index_train_size", type=int, default=IndexConfig.train_size, help="vectors to train on")
+        g.add_argument("--index_queries", type=int, default=IndexConfig.num_queries,
+                       help="held-out queries of the recall self-check")
+        g.add_argument("--target_recall", type=float, default=IndexConfig.target_recall,
+                       help="10-recall@10 the recommended nprobe must reach")
+        g.add_argument("--merge_index", action="store_true", help="also write index/merged.faiss")
+
         g = parser.add_argument_group("progress")
         g.add_argument("--progress_interval_s", type=float, default=10.0, help="0 disables progress lines")
 
@@ -209,6 +226,10 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         max_failure_fraction=o.max_failure_fraction,
         fusion=FusionConfig(**fusion_kwargs),
         audio=AudioPolicy(max_seconds=o.max_audio_seconds, silence_dbfs=o.silence_dbfs),
+        index=IndexConfig(enabled=o.index == "on", factory=o.index_factory, nlist=o.index_nlist, m=o.index_m,
+                          nbits=o.index_nbits, opq=o.index_opq, metric=o.index_metric,
+                          memory_gb=o.index_memory_gb, train_size=o.index_train_size,
+                          num_queries=o.index_queries, target_recall=o.target_recall, merge=o.merge_index),
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
         decode_threads=o.decode_threads,

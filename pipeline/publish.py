@@ -1,19 +1,21 @@
-"""Last stage: check the accounting, write manifest.json, then point LATEST at the run.
+"""Last stage: check the accounting, write report.html and manifest.json, then point LATEST at the run.
 
 Runs only after every shard is written (its side inputs are the written
-paths). The manifest is written last inside the run, and LATEST is replaced
-atomically after it, so a reader that follows LATEST never sees a half run.
+paths, and the index stage's result). The manifest is written last inside the
+run, and LATEST is replaced atomically after it, so a reader that follows
+LATEST never sees a half run.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import uuid
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import faults
+from pipeline import faults, report
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -65,6 +67,16 @@ def check_counts(counts: dict) -> None:
         )
 
 
+def file_entry(path: str, run_dir: str) -> dict:
+    """Path relative to the run, size and sha256 of one output file."""
+    digest, size = hashlib.sha256(), 0
+    with FileSystems.open(path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"path": path[len(run_dir.rstrip("/")) + 1:], "bytes": size, "sha256": digest.hexdigest()}
+
+
 def read_manifest(run_dir: str) -> dict:
     with FileSystems.open(f"{run_dir.rstrip('/')}/{MANIFEST}") as f:
         return json.loads(f.read().decode())
@@ -85,19 +97,29 @@ class _Publish(beam.DoFn):
         self._output, self._run_dir, self._run_id, self._base = output.rstrip("/"), run_dir, run_id, manifest_base
         self._max_failure_fraction = max_failure_fraction
 
-    def process(self, _, input_rows: int, embedded: int, dead: dict, embedding_files: list, dead_files: list):
+    def process(self, _, input_rows: int, embedded: int, dead: dict, embedding_files: list, dead_files: list,
+                stats: dict | None = None, index: dict | None = None):
         counts = {"input_rows": input_rows, "embedded": embedded, "dead_letters": dict(sorted(dead.items())),
                   "skipped": 0}
         check_counts(counts)
         check_failure_fraction(counts, self._max_failure_fraction)
-        files = []
-        for path in sorted(embedding_files) + sorted(dead_files):
-            size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-            files.append({"path": path[len(self._run_dir) + 1:], "bytes": size})
-        manifest = dict(self._base, counts=counts, files=files,
+        paths = sorted(embedding_files) + sorted(dead_files)
+        if index is not None:
+            index = dict(index)
+            paths += index.pop("files")
+            if index["ntotal"] != embedded:
+                raise AccountingError(f"{embedded} items embedded but {index['ntotal']} vectors in the index")
+        manifest = dict(self._base, counts=counts,
                         accounting={"failed_fraction": round(failed_fraction(counts), 6),
                                     "max_failure_fraction": self._max_failure_fraction},
                         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        if stats is not None:
+            manifest["stats"] = stats
+        if index is not None:
+            manifest["index"] = index
+        write_text_atomically(f"{self._run_dir}/{report.REPORT}", report.render_html(manifest))
+        manifest["report"] = report.REPORT
+        manifest["files"] = [file_entry(path, self._run_dir) for path in paths + [f"{self._run_dir}/{report.REPORT}"]]
         faults.inject("publish_manifest")
         write_text_atomically(f"{self._run_dir}/{MANIFEST}", json.dumps(manifest, indent=2, ensure_ascii=False))
         faults.inject("publish_latest")
@@ -105,7 +127,25 @@ class _Publish(beam.DoFn):
         yield manifest
 
 
+class RecordStats(beam.CombineFn):
+    """Modality coverage and the vector-norm check over the embedded records (for the report)."""
+
+    def create_accumulator(self):
+        return report.empty_stats()
+
+    def add_input(self, acc, record):
+        return report.add_record(acc, record.modalities, record.vector, record.num_images)
+
+    def merge_accumulators(self, accs):
+        return report.merge_stats(list(accs))
+
+    def extract_output(self, acc):
+        return report.finish_stats(acc)
+
+
 class Publish(beam.PTransform):
+    """Inputs: rows, records, dead, embedding_files, dead_files and (optional) index, a single index dict."""
+
     def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict,
                  max_failure_fraction: float = 1.0):
         super().__init__()
@@ -129,5 +169,7 @@ class Publish(beam.PTransform):
                 beam.pvalue.AsDict(reasons),
                 beam.pvalue.AsList(inputs["embedding_files"]),
                 beam.pvalue.AsList(inputs["dead_files"]),
+                beam.pvalue.AsSingleton(inputs["records"] | "Stats" >> beam.CombineGlobally(RecordStats())),
+                *([beam.pvalue.AsSingleton(inputs["index"])] if "index" in inputs else []),
             )
         )

@@ -103,3 +103,15 @@ def test_media_policy_and_failure_threshold_options(tmp_path):
 def test_bad_policy_values_are_named(flags, message):
     with pytest.raises(ValueError, match=message):
         _config(*flags)
+
+
+def test_index_options():
+    cfg = _config()
+    assert cfg.index.enabled and cfg.index.metric == "ip" and cfg.index.target_recall == 0.95
+    cfg = _config("--index_nlist", "64", "--index_m", "16", "--index_opq", "--index_metric", "l2",
+                  "--target_recall", "0.9", "--merge_index", "--index_memory_gb", "2")
+    assert (cfg.index.nlist, cfg.index.m, cfg.index.opq, cfg.index.metric) == (64, 16, True, "l2")
+    assert cfg.index.merge and cfg.index.target_recall == 0.9 and cfg.index.memory_gb == 2
+    assert not _config("--index", "off").index.enabled
+    with pytest.raises(ValueError, match="excludes"):
+        _config("--index_factory", "IVF64,PQ8", "--index_nlist", "32")

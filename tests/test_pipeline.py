@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import cli
+from pipeline import cli, faults
+from pipeline.runs import open_run
 from schemas.catalog import CATALOG_SCHEMA
 from schemas.embeddings import read_metadata, vectors_of
 
@@ -68,6 +69,48 @@ def test_sample_run_embeds_every_item_with_content(sample_run, sample_catalog):
             assert bool(row["transcript"]) == (row["item_id"] in spoken), row
     with open(os.path.join(str(out), "LATEST")) as f:
         assert f.read().strip() == "first"
+    assert manifest["stats"]["items"] == len(usable) and manifest["stats"]["norm"]["off_unit"] == 0
+    assert manifest["stats"]["modalities"]["image"] == sum(1 for r in usable if r["image_uris"])
+
+
+def test_sample_run_publishes_a_flat_index_with_recall_and_report(sample_run):
+    out, (table, _, manifest, _) = sample_run
+    run_dir = os.path.join(str(out), "runs", "first")
+    index = manifest["index"]
+    # 35 vectors cannot train IVF-PQ: an exact flat index, and the manifest says why
+    assert index["kind"] == "flat" and "too few" in index["note"] and index["ntotal"] == table.num_rows
+    assert [s["index"] for s in index["shards"]] == ["index/shard-00000.faiss"]
+    assert index["recall"]["table"][0]["recall_10_at_10"] == 1.0 and index["recall"]["table"][0]["nprobe"] is None
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert {"index/trained.faiss", "index/shard-00000.faiss", "index/ids-00000.parquet", "report.html"} <= set(listed)
+    for path, entry in listed.items():
+        with open(os.path.join(run_dir, path), "rb") as f:
+            data = f.read()
+        assert entry["bytes"] == len(data) and entry["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+    with open(os.path.join(run_dir, "report.html")) as f:
+        html = f.read()
+    assert "Recall self-check" in html and "Modality coverage" in html and "image+text" in html
+    # the loader follows LATEST and finds every item as its own nearest neighbour, with exact scores
+    run = open_run(str(out))
+    vectors = vectors_of(table)
+    scores, ids = run.search(vectors, 3)
+    assert [row[0] for row in ids] == table.column("item_id").to_pylist()
+    exact = np.sort(vectors @ vectors.T, axis=1)[:, ::-1][:, :3]
+    np.testing.assert_allclose(scores, exact, atol=1e-5)
+
+
+def test_crash_before_manifest_leaves_latest_on_the_previous_run(sample_run, sample_catalog, tiny_text_dir,
+                                                                 monkeypatch, tmp_path):
+    out, _ = sample_run
+    monkeypatch.setenv(faults.ENV, f"publish_manifest:raise_once:{tmp_path / 'marker'}")
+    with pytest.raises(Exception, match="publish_manifest"):
+        run(sample_catalog, out, "crashed", tiny_text_dir)
+    crashed = os.path.join(str(out), "runs", "crashed")
+    assert os.path.exists(os.path.join(crashed, "index", "shard-00000.faiss"))  # the last shard was written
+    assert not os.path.exists(os.path.join(crashed, "manifest.json"))
+    with open(os.path.join(str(out), "LATEST")) as f:
+        assert f.read().strip() == "first"
+    assert open_run(str(out)).run_dir.endswith("/runs/first")
 
 
 def test_schema_and_metadata(sample_run, tiny_text_dir):
@@ -113,13 +156,40 @@ def test_portable_runner_with_embedded_job_server(sample_run, sample_catalog, ti
 def test_fixed_shard_count_and_float16(sample_run, sample_catalog, tiny_text_dir, tmp_path):
     _, (first, *_) = sample_run
     table, _, manifest, files = run(sample_catalog, tmp_path, "sharded", tiny_text_dir,
-                                    "--num_shards", "3", "--vector_dtype", "float16")
+                                    "--num_shards", "3", "--vector_dtype", "float16",
+                                    "--index_nlist", "4", "--index_m", "4", "--index_nbits", "3", "--merge_index")
     assert [os.path.basename(f) for f in files] == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
     for f in files:
         ids = pq.read_table(f).column("item_id").to_pylist()
         assert ids == sorted(ids)
     assert table.schema.field("vector").type == pa.list_(pa.float16(), 48)
     np.testing.assert_allclose(vectors_of(table), vectors_of(first), atol=2e-3)
+    # IVF-PQ forced on 35 vectors: three shards sharing one trained quantizer, plus a merged index
+    index = manifest["index"]
+    assert (index["kind"], index["factory"], index["ntotal"]) == ("ivfpq", "IVF4,PQ4x3np", table.num_rows)
+    assert [s["shard"] for s in index["shards"]] == [0, 1, 2]
+    assert sum(s["count"] for s in index["shards"]) == table.num_rows
+    recall = index["recall"]
+    assert [r["nprobe"] for r in recall["table"]] == [1, 2, 4] and recall["recommended_nprobe"] in (1, 2, 4)
+    run_dir = os.path.join(str(tmp_path), "runs", "sharded")
+    for shard in index["shards"]:  # ids round trip: each shard's ids Parquet names its embeddings rows
+        ids = pq.read_table(os.path.join(run_dir, shard["ids"])).to_pylist()
+        rows = pq.read_table(files[shard["shard"]]).column("item_id").to_pylist()
+        assert [r["item_id"] for r in ids] == rows
+        assert [r["faiss_id"] for r in ids] == [(shard["shard"] << 40) | i for i in range(len(rows))]
+    # the sharded loader returns what the merged single index returns
+    import faiss
+
+    loaded = open_run(run_dir)
+    merged = faiss.read_index(os.path.join(run_dir, index["merged"]))
+    faiss.ParameterSpace().set_index_parameter(merged, "nprobe", 4)
+    queries = vectors_of(table)[:10]
+    scores, ids = loaded.search(queries, 5, nprobe=4)
+    want_scores, want_ids = merged.search(queries, 5)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    names = {(s["shard"] << 40) | i: r for s in index["shards"]
+             for i, r in enumerate(pq.read_table(os.path.join(run_dir, s["ids"])).column("item_id").to_pylist())}
+    assert sorted(map(sorted, ids)) == sorted(sorted(names[i] for i in row) for row in want_ids)
 
 
 def _jpeg(color) -> bytes:

@@ -1,0 +1,340 @@
+"""FAISS index building over numpy arrays: no Beam here, so tests, notebooks and
+the serving side call the same functions the pipeline's thin DoFns call.
+
+The flow (faiss ``contrib/ondisk`` in spirit): choose parameters from N, the
+dimension and a memory budget; train one IVF-PQ index on a sample; serialize
+it empty; every shard deserializes that same trained index and adds its own
+vectors with collision-free int64 ids, so shards share one coarse quantizer
+and one set of PQ codebooks and can be searched together or merged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+# faiss's k-means warns below 39 training points per centroid; below that the centroids are noise
+MIN_POINTS_PER_CENTROID = 39
+MIN_NBITS, MAX_NBITS = 4, 8
+# faiss id = shard << ROW_BITS | row: 2^40 rows per shard, 2^23 shards, always a positive int64
+ROW_BITS = 40
+MAX_SHARD = (1 << (63 - ROW_BITS)) - 1
+FLAT_FACTORY = "IDMap,Flat"
+DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+IDS_SCHEMA = pa.schema([pa.field("faiss_id", pa.int64(), nullable=False),
+                        pa.field("item_id", pa.string(), nullable=False)])
+
+
+class IndexParamsError(ValueError):
+    """Index parameters that cannot work for this data (the message names the valid choices)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexParams:
+    """What kind of index to build, and why (``note``)."""
+
+    factory: str
+    metric: str
+    dim: int
+    kind: str  # "ivfpq" (any IVF factory) or "flat"
+    nlist: int = 0
+    m: int = 0
+    nbits: int = 0
+    opq: bool = False
+    bytes_per_vector: float = 0.0
+    estimated_bytes: int = 0
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
+
+
+def _flat(dim: int, metric: str, n: int, note: str) -> IndexParams:
+    return IndexParams(FLAT_FACTORY, metric, dim, "flat", bytes_per_vector=4 * dim + 8,
+                       estimated_bytes=n * (4 * dim + 8), note=note)
+
+
+def _ivfpq_bytes(n: int, dim: int, nlist: int, m: int, nbits: int, opq: bool) -> tuple[float, int]:
+    """Bytes per vector (code + 8-byte id in the inverted list) and the index's estimated total."""
+    per_vector = math.ceil(m * nbits / 8) + 8
+    overhead = 4 * (nlist * dim + (1 << nbits) * dim + (dim * dim if opq else 0))
+    return per_vector, n * per_vector + overhead
+
+
+def choose_params(n: int, dim: int, n_train: int, *, metric: str = "ip", memory_gb: float = 4.0,
+                  factory: str = "", nlist: int = 0, m: int = 0, nbits: int = 0, opq: bool = False) -> IndexParams:
+    """IVF-PQ parameters from the vector count, dimension and a memory budget (autofaiss-like).
+
+    ``n`` vectors will be indexed, ``n_train`` are available to train on. Any of
+    ``factory`` or ``nlist``/``m``/``nbits``/``opq`` overrides the automatic choice.
+    Too few training vectors for IVF-PQ gives an exact flat index and says why in
+    ``note`` rather than failing the run.
+    """
+    if metric not in METRICS:
+        raise IndexParamsError(f"metric {metric!r} is not one of {sorted(METRICS)}")
+    if factory:
+        found = [int(t[3:]) for t in factory.replace("_", ",").split(",") if t.startswith("IVF") and t[3:].isdigit()]
+        if not found:
+            return IndexParams(factory, metric, dim, "flat", note="user factory string (not IVF)")
+        if n_train < found[0]:
+            return _flat(dim, metric, n, f"{n_train} training vectors cannot train {factory!r} "
+                                         f"(IVF{found[0]} needs at least {found[0]}): using an exact flat index")
+        return IndexParams(factory, metric, dim, "ivfpq", nlist=found[0], note="user factory string")
+
+    if not 0 <= nbits <= 16:
+        raise IndexParamsError(f"nbits must be in 1..16 (0: automatic), got {nbits}")
+    explicit = bool(nlist or m or nbits)
+    enough = MIN_POINTS_PER_CENTROID << MIN_NBITS
+    if not explicit and n_train < enough:
+        return _flat(dim, metric, n, f"{n_train} training vectors are too few to train IVF-PQ (needs at least "
+                                     f"{enough}): using an exact flat index")
+    if nbits:
+        chosen_nbits = nbits
+    elif n_train >= enough:
+        chosen_nbits = min(MAX_NBITS, int(math.log2(n_train / MIN_POINTS_PER_CENTROID)))
+    else:  # explicit nlist/M on a small sample: the most codebook centroids k-means can still place
+        chosen_nbits = max(1, min(MAX_NBITS, int(math.log2(max(n_train, 2)))))
+    if nlist:
+        chosen_nlist = nlist
+    else:
+        target = 1 << round(math.log2(4 * math.sqrt(max(n, 1))))  # the power of 2 nearest 4*sqrt(n)
+        chosen_nlist = max(1, min(target, _pow2_floor(n_train / MIN_POINTS_PER_CENTROID)))
+    needed = max(chosen_nlist, 1 << chosen_nbits)
+    if n_train < needed:  # faiss's k-means refuses fewer points than centroids
+        return _flat(dim, metric, n, f"{n_train} training vectors cannot train IVF{chosen_nlist} with "
+                                     f"{chosen_nbits}-bit PQ (needs at least {needed}): using an exact flat index")
+
+    divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+    if m:
+        if dim % m:
+            raise IndexParamsError(f"PQ M={m} must divide the dimension {dim}; valid: {divisors}")
+        chosen_m, note = m, ""
+    else:
+        upper = min(64, max(1, dim // 2))
+        budget = memory_gb * (1 << 30)
+        candidates = [d for d in divisors if d <= upper][::-1]
+        fitting = [d for d in candidates if _ivfpq_bytes(n, dim, chosen_nlist, d, chosen_nbits, opq)[1] <= budget]
+        chosen_m = fitting[0] if fitting else candidates[-1]
+        note = "" if fitting else f"over the memory budget of {memory_gb} GB even with M={chosen_m}"
+    per_vector, total = _ivfpq_bytes(n, dim, chosen_nlist, chosen_m, chosen_nbits, opq)
+    prefix = f"OPQ{chosen_m}," if opq else ""
+    # "np": no polysemous code reordering, which costs half the training time and is unused by IVF search
+    return IndexParams(f"{prefix}IVF{chosen_nlist},PQ{chosen_m}x{chosen_nbits}np", metric, dim, "ivfpq",
+                       nlist=chosen_nlist, m=chosen_m, nbits=chosen_nbits, opq=opq,
+                       bytes_per_vector=per_vector, estimated_bytes=total, note=note)
+
+
+def train_index(params: IndexParams, sample: np.ndarray) -> faiss.Index:
+    """An empty index trained on ``sample`` (float32 [s, dim]); faiss's k-means is seeded, so reruns agree."""
+    index = faiss.index_factory(params.dim, params.factory, METRICS[params.metric])
+    if faiss.try_extract_index_ivf(index) is None and not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.IndexIDMap(index)  # add_with_ids needs an id map outside IVF
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def to_bytes(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def from_bytes(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def make_ids(shard: int, n: int) -> np.ndarray:
+    """Collision-free faiss ids for ``n`` rows of ``shard``: shard in the high bits, row in the low."""
+    if not 0 <= shard <= MAX_SHARD:
+        raise ValueError(f"shard number {shard} outside 0..{MAX_SHARD}")
+    if n > (1 << ROW_BITS):
+        raise ValueError(f"{n} rows do not fit the {ROW_BITS}-bit row field of a faiss id")
+    return (np.int64(shard) << np.int64(ROW_BITS)) | np.arange(n, dtype=np.int64)
+
+
+def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """faiss ids -> (shard, row); -1 (no result) stays -1 in both."""
+    ids = np.asarray(ids, dtype=np.int64)
+    valid = ids >= 0
+    shard = np.where(valid, ids >> ROW_BITS, -1)
+    row = np.where(valid, ids & ((1 << ROW_BITS) - 1), -1)
+    return shard, row
+
+
+def fill_shard(trained: faiss.Index | bytes, vectors: np.ndarray, shard: int) -> tuple[faiss.Index, np.ndarray]:
+    """A copy of the trained index holding ``vectors`` under ids ``make_ids(shard, len(vectors))``."""
+    index = from_bytes(trained if isinstance(trained, bytes) else to_bytes(trained))
+    ids = make_ids(shard, len(vectors))
+    if len(vectors):
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+    return index, ids
+
+
+def ids_table(faiss_ids: np.ndarray, item_ids: Sequence[str]) -> pa.Table:
+    return pa.table({"faiss_id": pa.array(faiss_ids, pa.int64()), "item_id": pa.array(list(item_ids), pa.string())},
+                    schema=IDS_SCHEMA)
+
+
+def worst_score(metric: str) -> float:
+    """What faiss reports for a missing result (-FLT_MAX for IP, +FLT_MAX for L2)."""
+    big = float(np.finfo(np.float32).max)
+    return -big if metric == "ip" else big
+
+
+def exact_topk(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, metric: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of ``queries`` among ``vectors`` (labelled ``ids``): the ground truth."""
+    nq = len(queries)
+    if len(vectors) == 0 or nq == 0:
+        return np.full((nq, k), worst_score(metric), np.float32), np.full((nq, k), -1, np.int64)
+    flat = faiss.IndexFlat(vectors.shape[1], METRICS[metric])
+    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    scores, rows = flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return scores, np.where(rows >= 0, np.asarray(ids, np.int64)[np.maximum(rows, 0)], -1)
+
+
+def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shard top-k results -> global top-k; ties broken by id so the result is deterministic."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    primary = -scores if metric == "ip" else scores
+    order = np.lexsort((ids, primary), axis=-1)[:, :k]
+    out_s, out_i = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    if out_s.shape[1] < k:  # fewer candidates than k across all shards
+        pad = k - out_s.shape[1]
+        out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=worst_score(metric))
+        out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
+    return out_s, out_i
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    return faiss.try_extract_index_ivf(index) is not None
+
+
+def nlist_of(index: faiss.Index) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    return 0 if ivf is None else ivf.nlist
+
+
+class ShardedIndex:
+    """Index shards that share one trained quantizer, searched together.
+
+    Each shard is searched with the same nprobe and the per-shard top-k lists
+    are merged, which is exactly what one index holding all vectors returns
+    (same codes, same distances), without ever building that index.
+    """
+
+    def __init__(self, shards: Sequence[faiss.Index], metric: str):
+        if not shards:
+            raise ValueError("a sharded index needs at least one shard")
+        self.shards, self.metric = list(shards), metric
+        self.ivf = is_ivf(self.shards[0])
+        self.nlist = nlist_of(self.shards[0])
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        if self.ivf:
+            for shard in self.shards:
+                faiss.ParameterSpace().set_index_parameter(shard, "nprobe", int(min(nprobe, self.nlist)))
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, faiss ids) [n, k]; missing results have id -1."""
+        if nprobe is not None:
+            self.set_nprobe(nprobe)
+        xq = np.ascontiguousarray(queries, dtype=np.float32)
+        parts = [s.search(xq, k) for s in self.shards if s.ntotal]
+        if not parts:
+            return np.full((len(xq), k), worst_score(self.metric), np.float32), np.full((len(xq), k), -1, np.int64)
+        return merge_topk(parts, k, self.metric)
+
+
+def merge_shards(trained: faiss.Index | bytes, shards: Sequence[faiss.Index]) -> faiss.Index:
+    """One index holding every shard's vectors (ids kept), built by ``merge_from`` into the trained index."""
+    merged = from_bytes(trained if isinstance(trained, bytes) else to_bytes(trained))
+    for shard in shards:
+        merged.merge_from(from_bytes(to_bytes(shard)), 0)  # merge_from empties its argument: merge a copy
+    return merged
+
+
+def drop_self(ids: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
+    """Each row's first ``k`` ids without that row's ``exclude`` id (a query that is itself indexed)."""
+    out = np.full((len(ids), k), -1, np.int64)
+    for i, (row, own) in enumerate(zip(ids, exclude)):
+        kept = row[row != own][:k] if own >= 0 else row[:k]
+        out[i, :len(kept)] = kept
+    return out
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """k-recall@k: the mean share of the true top-k found in the returned top-k."""
+    total = 0.0
+    for got, want in zip(found[:, :k], truth[:, :k]):
+        want = want[want >= 0]
+        if len(want):
+            total += len(np.intersect1d(got[got >= 0], want)) / len(want)
+    return total / max(len(found), 1)
+
+
+def one_recall_at_one(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean(found[:, 0] == truth[:, 0])) if len(found) else 0.0
+
+
+def recall_table(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, k: int = 10,
+                 nprobes: Sequence[int] = DEFAULT_NPROBES, single_queries: int = 50,
+                 exclude: np.ndarray | None = None) -> list[dict]:
+    """Recall of the sharded index against exact ground truth for each nprobe, with latency.
+
+    ``ms_per_query`` is a batched search of all queries divided by their
+    number; ``single_query_ms_p50`` is the median of one-query searches (what
+    a serving call sees). A flat index has one row with ``nprobe`` None.
+    ``exclude`` (per query: its own faiss id, or -1) drops a query that is
+    itself indexed from its results, as it must be from ``truth``: otherwise
+    1-recall@1 only measures whether a vector finds itself.
+    """
+    ladder = sorted({min(p, index.nlist) for p in nprobes}) if index.ivf else [None]
+    rows = []
+    for nprobe in ladder:
+        start = time.perf_counter()
+        _, found = index.search(queries, k + (exclude is not None), nprobe)
+        if exclude is not None:
+            found = drop_self(found, exclude, k)
+        batch_ms = (time.perf_counter() - start) * 1000 / max(len(queries), 1)
+        singles = []
+        for q in queries[:single_queries]:
+            start = time.perf_counter()
+            index.search(q[None, :], k)
+            singles.append((time.perf_counter() - start) * 1000)
+        rows.append({
+            "nprobe": nprobe,
+            f"recall_{k}_at_{k}": round(recall_at(found, truth, k), 4),
+            "recall_1_at_1": round(one_recall_at_one(found, truth), 4),
+            "ms_per_query": round(batch_ms, 4),
+            "single_query_ms_p50": round(float(np.median(singles)), 4) if singles else None,
+        })
+    return rows
+
+
+def recommend_nprobe(table: list[dict], target: float, k: int = 10) -> tuple[int | None, bool]:
+    """The smallest nprobe whose k-recall@k reaches ``target`` (and True), else the best one (and False)."""
+    key = f"recall_{k}_at_{k}"
+    if not table:
+        return None, False
+    for row in table:
+        if row[key] >= target:
+            return row["nprobe"], True
+    best = max(table, key=lambda r: (r[key], -(r["nprobe"] or 0)))
+    return best["nprobe"], False

@@ -1,0 +1,94 @@
+"""Open a published run from its manifest and search all its index shards together (no Beam).
+
+``open_run(OUT)`` follows ``OUT/LATEST``; ``open_run(OUT/runs/<id>)`` opens
+that run. Only runs with a manifest open: a run killed before publishing has
+none, so it can never be served by mistake.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import indexing
+from pipeline.index import read_bytes
+from pipeline.publish import MANIFEST, latest_run_dir, read_manifest
+
+
+class RunNotFound(FileNotFoundError):
+    """Neither a run directory with a manifest nor an output root with LATEST."""
+
+
+def resolve_run_dir(path: str) -> str:
+    """A run directory from a run directory or an output root (following LATEST)."""
+    path = path.rstrip("/")
+    if FileSystems.exists(f"{path}/{MANIFEST}"):
+        return path
+    latest = latest_run_dir(path)
+    if latest is None:
+        raise RunNotFound(f"{path} has neither {MANIFEST} (a published run) nor LATEST (an output root)")
+    if not FileSystems.exists(f"{latest}/{MANIFEST}"):
+        raise RunNotFound(f"LATEST in {path} points to {latest}, which has no {MANIFEST}")
+    return latest
+
+
+@dataclasses.dataclass
+class Run:
+    """A published run's manifest and its index shards, ready to search."""
+
+    run_dir: str
+    manifest: dict
+    index: indexing.ShardedIndex
+    item_ids: dict[int, np.ndarray]  # shard -> item ids by row
+
+    @property
+    def default_nprobe(self) -> int | None:
+        return self.manifest["index"]["recall"]["recommended_nprobe"]
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-``k`` items for each query row: scores [n, k] (higher is better) and item ids.
+
+        Scores are inner products (metric ``ip``) or negative squared L2
+        distances (``l2``). A query with fewer than ``k`` results (a tiny
+        catalog, or a small nprobe) gets a shorter id list and -inf scores in
+        the missing places. ``nprobe`` defaults to the manifest's recommended one.
+        """
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        dim = self.manifest["index"]["dim"]
+        if queries.shape[1] != dim:
+            raise ValueError(f"queries have dimension {queries.shape[1]}, the index has {dim}")
+        scores, ids = self.index.search(queries, k, nprobe if nprobe is not None else self.default_nprobe)
+        scores = scores.astype(np.float32)
+        if self.index.metric == "l2":
+            scores = -scores
+        shard, row = indexing.split_ids(ids)
+        found = ids >= 0
+        scores[~found] = -np.inf
+        names = [[str(self.item_ids[s][r]) for s, r, ok in zip(srow, rrow, frow) if ok]
+                 for srow, rrow, frow in zip(shard, row, found)]
+        return scores, names
+
+
+def _read_ids(path: str, shard: int) -> np.ndarray:
+    with FileSystems.open(path) as f:
+        table = pq.read_table(f)
+    faiss_ids = table.column("faiss_id").to_numpy()
+    if not np.array_equal(faiss_ids, indexing.make_ids(shard, len(faiss_ids))):
+        raise ValueError(f"{path}: faiss ids are not shard {shard}'s rows 0..{len(faiss_ids) - 1}")
+    return np.asarray(table.column("item_id").to_pylist(), dtype=object)
+
+
+def open_run(path: str) -> Run:
+    """Opens the run at ``path`` (a run directory, or an output root whose LATEST is followed)."""
+    run_dir = resolve_run_dir(path)
+    manifest = read_manifest(run_dir)
+    info = manifest.get("index")
+    if not info:
+        raise RunNotFound(f"run {run_dir} was built without an index (--index off)")
+    shards, item_ids = [], {}
+    for entry in info["shards"]:
+        shards.append(indexing.from_bytes(read_bytes(f"{run_dir}/{entry['index']}")))
+        item_ids[entry["shard"]] = _read_ids(f"{run_dir}/{entry['ids']}", entry["shard"])
+    return Run(run_dir, manifest, indexing.ShardedIndex(shards, info["metric"]), item_ids)
