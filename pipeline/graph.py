@@ -47,7 +47,7 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     """Adds the whole job to ``p``; ``model_handlers`` (route or "asr" -> handler) lets tests swap models."""
     model_handlers = model_handlers or {}
     interval = config.progress_interval_s
-    read = p | "Read" >> ReadCatalog(config.read, interval)
+    read = p | "Read" >> ReadCatalog(config.read, interval, frozenset(r.modality for r in config.encode.routes))
     items = read["items"]
 
     vectors, failures, digests = [], [], []
@@ -111,7 +111,7 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         rows_per_shard=config.write.rows_per_shard)
 
     publish_inputs = {
-        "rows": read["rows"], "records": fused["records"], "dead": dead,
+        "rows": read["rows"], "records": fused["records"], "dead": dead, "skipped": read["skipped"],
         "embedding_files": embedding_files, "dead_files": dead_files,
     }
     if config.index.enabled:

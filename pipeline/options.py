@@ -175,11 +175,13 @@ def _asr_spec(preset: presets.Preset, o, device: str) -> AsrSpec | None:
         return None
     if o.asr_backend != "auto":
         backend = o.asr_backend
+    elif device.startswith("cuda"):
+        backend = "transformers"  # the workers' GPUs; the launcher itself may have none
     else:
         from encoders.device import resolve_device
 
-        # decided at launch: pass --device cuda when workers have GPUs but the launcher has none
-        backend = default_backend(resolve_device("cuda" if device.startswith("cuda") else device))
+        # "auto" is decided at launch: pass --device cuda when workers have GPUs but the launcher has none
+        backend = default_backend(resolve_device(device))
     language = None if o.asr_language in ("", "auto") else o.asr_language
     settings = dict(language=language, compute_type=o.asr_compute_type, beam_size=o.asr_beam_size)
     if o.asr_model is None:

@@ -97,10 +97,11 @@ class _Publish(beam.DoFn):
         self._output, self._run_dir, self._run_id, self._base = output.rstrip("/"), run_dir, run_id, manifest_base
         self._max_failure_fraction = max_failure_fraction
 
-    def process(self, _, input_rows: int, embedded: int, dead: dict, embedding_files: list, dead_files: list,
+    def process(self, _, input_rows: int, embedded: int, dead: dict, skipped: dict, embedding_files: list,
+                dead_files: list,
                 stats: dict | None = None, index: dict | None = None):
         counts = {"input_rows": input_rows, "embedded": embedded, "dead_letters": dict(sorted(dead.items())),
-                  "skipped": 0}
+                  "skipped": sum(skipped.values()), "skipped_by_reason": dict(sorted(skipped.items()))}
         check_counts(counts)
         check_failure_fraction(counts, self._max_failure_fraction)
         paths = sorted(embedding_files) + sorted(dead_files)
@@ -144,7 +145,7 @@ class RecordStats(beam.CombineFn):
 
 
 class Publish(beam.PTransform):
-    """Inputs: rows, records, dead, embedding_files, dead_files and (optional) index, a single index dict."""
+    """Inputs: rows, records, dead, skipped, embedding_files, dead_files and (optional) index, one index dict."""
 
     def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict,
                  max_failure_fraction: float = 1.0):
@@ -159,6 +160,11 @@ class Publish(beam.PTransform):
             | "Reasons" >> beam.Map(lambda d: d.reason.value)
             | "CountReasons" >> beam.combiners.Count.PerElement()
         )
+        skip_reasons = (
+            inputs["skipped"]
+            | "SkipReasons" >> beam.Map(lambda s: s.reason.value)
+            | "CountSkipReasons" >> beam.combiners.Count.PerElement()
+        )
         return (
             p
             | "Once" >> beam.Create([None])
@@ -167,6 +173,7 @@ class Publish(beam.PTransform):
                 beam.pvalue.AsSingleton(inputs["rows"] | "CountRows" >> count()),
                 beam.pvalue.AsSingleton(inputs["records"] | "CountEmbedded" >> count()),
                 beam.pvalue.AsDict(reasons),
+                beam.pvalue.AsDict(skip_reasons),
                 beam.pvalue.AsList(inputs["embedding_files"]),
                 beam.pvalue.AsList(inputs["dead_files"]),
                 beam.pvalue.AsSingleton(inputs["records"] | "Stats" >> beam.CombineGlobally(RecordStats())),

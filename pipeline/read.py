@@ -16,9 +16,9 @@ from apache_beam.metrics import Metrics
 from pipeline import progress
 from pipeline.config import ReadConfig
 from schemas.catalog import CatalogColumns, CatalogItem, InvalidRow, validate_row
-from schemas.dead_letter import DeadLetter, Reason, Stage
+from schemas.dead_letter import DeadLetter, Reason, Skip, SkipReason, Stage
 
-DEAD = "dead"
+DEAD, SKIPPED = "dead", "skipped"
 NAMESPACE = "catalog_index.read"
 
 
@@ -65,9 +65,10 @@ class _ReadRows(beam.DoFn):
 
 
 class _Validate(beam.DoFn):
-    def __init__(self, config: ReadConfig):
-        self._config = config
+    def __init__(self, config: ReadConfig, modalities: frozenset[str]):
+        self._config, self._modalities = config, modalities
         self._invalid = Metrics.counter(NAMESPACE, "invalid_rows")
+        self._skipped = Metrics.counter(NAMESPACE, "skipped")
 
     def process(self, element):
         source, base_uri, row = element
@@ -82,6 +83,12 @@ class _Validate(beam.DoFn):
         if not item.has_content:
             yield beam.pvalue.TaggedOutput(
                 DEAD, DeadLetter(item.item_id, Stage.VALIDATE, Reason.EMPTY_ITEM, "no text, image or audio", source))
+            return
+        if not item.modalities & self._modalities:
+            self._skipped.inc()
+            yield beam.pvalue.TaggedOutput(SKIPPED, Skip(
+                item.item_id, SkipReason.NO_CONFIGURED_MODALITY,
+                f"has {'+'.join(sorted(item.modalities))}; this run embeds {'+'.join(sorted(self._modalities))}"))
             return
         yield item.item_id, item
 
@@ -111,11 +118,16 @@ class _KeepFirst(beam.DoFn):
 
 
 class ReadCatalog(beam.PTransform):
-    """pipeline root -> {items: CatalogItem, dead: DeadLetter, rows: raw row count source}."""
+    """pipeline root -> {items: CatalogItem, dead: DeadLetter, skipped: Skip, rows: raw rows (for counting)}.
 
-    def __init__(self, config: ReadConfig, progress_interval_s: float = 0.0):
+    ``modalities`` are those the run has models for; an item whose content is
+    only in other modalities is a counted skip, not a dead letter.
+    """
+
+    def __init__(self, config: ReadConfig, progress_interval_s: float = 0.0,
+                 modalities: frozenset[str] = frozenset({"text", "image", "audio"})):
         super().__init__()
-        self._config, self._interval = config, progress_interval_s
+        self._config, self._interval, self._modalities = config, progress_interval_s, frozenset(modalities)
 
     def expand(self, pbegin):
         rows = (
@@ -125,11 +137,12 @@ class ReadCatalog(beam.PTransform):
             | "ReadRows" >> beam.ParDo(_ReadRows(self._config, self._interval))
         )
         validated = rows | "Validate" >> (
-            beam.ParDo(_Validate(self._config)).with_output_types(tuple[str, CatalogItem]).with_outputs(DEAD, main="items"))
+            beam.ParDo(_Validate(self._config, self._modalities))
+            .with_output_types(tuple[str, CatalogItem]).with_outputs(DEAD, SKIPPED, main="items"))
         unique = (
             validated.items
             | "GroupById" >> beam.GroupByKey()
             | "KeepFirst" >> beam.ParDo(_KeepFirst()).with_outputs(DEAD, main="items")
         )
         dead = (validated[DEAD], unique[DEAD]) | "FlattenDead" >> beam.Flatten()
-        return {"items": unique.items, "dead": dead, "rows": rows}
+        return {"items": unique.items, "dead": dead, "skipped": validated[SKIPPED], "rows": rows}

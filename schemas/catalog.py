@@ -69,8 +69,14 @@ class CatalogItem:
         return ". ".join(parts) if parts else None
 
     @property
+    def modalities(self) -> frozenset[str]:
+        """The modalities this item has content in."""
+        present = {"text": self.text, "image": self.image_uris, "audio": self.audio_uri}
+        return frozenset(m for m, value in present.items() if value)
+
+    @property
     def has_content(self) -> bool:
-        return bool(self.text or self.image_uris or self.audio_uri)
+        return bool(self.modalities)
 
 
 class InvalidRow(ValueError):

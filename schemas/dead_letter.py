@@ -62,6 +62,23 @@ class DeadLetter:
         }
 
 
+class SkipReason(str, enum.Enum):
+    """Why an input row was skipped: a counted outcome that is not a data failure."""
+
+    # the item's content is only in modalities this run has no model for (an
+    # image-only item in a text-only run): a configuration choice, not bad data
+    NO_CONFIGURED_MODALITY = "no_configured_modality"
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """An input row counted as skipped; the manifest counts these by reason."""
+
+    item_id: str
+    reason: SkipReason
+    detail: str
+
+
 DEAD_LETTER_SCHEMA = pa.schema(
     [
         pa.field("item_id", pa.string()),

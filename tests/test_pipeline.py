@@ -47,7 +47,7 @@ def test_sample_run_embeds_every_item_with_content(sample_run, sample_catalog):
     usable = [r for r in catalog if r["title"] or r["description"] or r["image_uris"] or r["audio_uri"]]
     assert table.num_rows == len(usable) == manifest["counts"]["embedded"]
     assert manifest["counts"] == {"input_rows": len(catalog), "embedded": len(usable),
-                                  "dead_letters": {}, "skipped": 0}
+                                  "dead_letters": {}, "skipped": 0, "skipped_by_reason": {}}
     assert dead.num_rows == 0
     norms = np.linalg.norm(vectors_of(table), axis=1)
     assert np.all(np.abs(norms - 1) < 1e-5)
@@ -350,9 +350,12 @@ def test_drop_media_keeps_items_whose_audio_failed(audio_catalog, tiny_text_dir,
         assert rows[item]["modalities"] == ["text"] and rows[item]["transcript"] is None
 
 
-def test_without_audio_models_an_audio_only_item_is_empty(audio_catalog, tiny_text_dir, tmp_path):
-    catalog, _ = audio_catalog
-    table, dead, _, _ = run(catalog, tmp_path, "no-asr", tiny_text_dir, "--asr_model", "none", "--max_failure_fraction", "1")
-    # no ASR and no CLAP: audio is never fetched; the sound-only item has nothing this run embeds
-    assert {r["item_id"]: r["reason"] for r in dead.to_pylist()} == {"sound-only": "empty_item"}
-    assert table.num_rows == 7
+def test_without_audio_models_an_audio_only_item_is_a_counted_skip(audio_catalog, tiny_text_dir, tmp_path):
+    catalog, n_rows = audio_catalog
+    table, dead, manifest, _ = run(catalog, tmp_path, "no-asr", tiny_text_dir, "--asr_model", "none")
+    # no ASR and no CLAP: audio is never fetched; the sound-only item has nothing this run embeds,
+    # which is the run's configuration, not bad data: a counted skip, not a failure
+    assert dead.num_rows == 0
+    counts = manifest["counts"]
+    assert counts["skipped_by_reason"] == {"no_configured_modality": 1} and counts["skipped"] == 1
+    assert table.num_rows == 7 == counts["embedded"] == n_rows - 1
