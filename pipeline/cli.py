@@ -39,6 +39,13 @@ def summary(config: RunConfig, manifest: dict) -> str:
         f"{sum(dead.values())} failed" + (f" ({', '.join(f'{k}: {v}' for k, v in dead.items())})" if dead else ""),
         f"output: {config.write.run_dir}/ (embeddings/, dead_letter/, manifest.json); LATEST -> {manifest['run_id']}",
     ]
+    inc = counts.get("incremental")
+    if inc:
+        prev = inc["previous_run"]
+        lines.append(f"incremental: {inc['reused']} reused, {inc['encoded']} encoded ({inc['new']} new, "
+                     f"{inc['changed']} changed), {inc['deleted']} deleted; previous run: "
+                     + (f"{prev['run_id']}" + ("" if prev["reusable"] else f" (not reused: {prev['not_reusable_because']})")
+                        if prev else "none"))
     for space, model in manifest["models"].items():
         label = "REAL weights" if model["weights_label"] == "real" else "RANDOM weights (not meaningful for search)"
         lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> {label}")

@@ -11,6 +11,7 @@ from encoders.handlers import PRECISIONS
 from encoders.media import FetchPolicy
 from encoders.specs import CLIP_FAMILIES, ModelSpec, fingerprint
 from encoders.device import validate_device_spec
+from pipeline.incremental import IncrementalConfig
 from schemas.catalog import CatalogColumns
 
 MEDIA_ERROR_POLICIES = ("fail_item", "drop_media")
@@ -111,6 +112,7 @@ class RunConfig:
     media_errors: str = "fail_item"
     progress_interval_s: float = 10.0
     preset: str = ""
+    incremental: IncrementalConfig = IncrementalConfig()
 
     def __post_init__(self) -> None:
         if self.media_errors not in MEDIA_ERROR_POLICIES:

@@ -97,7 +97,7 @@ class _Fuse(beam.DoFn):
             item_id=item.item_id,
             vector=fused,
             modalities=tuple(sorted({m for _, m in by_route})),
-            content_hash=content_hash(item, digests, self._fingerprint),
+            content_hash=item.content_hash or content_hash(item, digests, self._fingerprint),
             model_fingerprint=self._fingerprint,
             num_images=sum(1 for d in digests if d.modality == "image"),
             attributes=item.attributes,

@@ -10,6 +10,7 @@ from encoders.fusion import FusionConfig
 from encoders.media import FetchPolicy
 from encoders.specs import PRETRAINED, ModelSpec
 from pipeline.config import MEDIA_ERROR_POLICIES, EncodeConfig, ReadConfig, RunConfig, WriteConfig
+from pipeline.incremental import CHANGE_DETECTION, LATEST, IncrementalConfig
 from schemas.catalog import CatalogColumns
 
 NONE = "none"
@@ -74,6 +75,15 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--modality_weights", type=_weights, default=(), help="e.g. text=1,image=1")
         g.add_argument("--space_weights", type=_weights, default=(), help="e.g. clip=1,text=1")
 
+        g = parser.add_argument_group("incremental runs")
+        g.add_argument("--previous_run", default=LATEST,
+                       help="reuse vectors of unchanged items from this run: 'latest' (the run OUTPUT/LATEST "
+                            "points to), a run directory, or 'none' (encode everything)")
+        g.add_argument("--change_detection", default="bytes", choices=list(CHANGE_DETECTION),
+                       help="media change token: bytes (sha256, exact) or metadata (size + mtime, reads no bytes)")
+        g.add_argument("--keep_runs", type=int, default=5,
+                       help="published runs kept after this one is published (0 keeps all)")
+
         g = parser.add_argument_group("progress")
         g.add_argument("--progress_interval_s", type=float, default=10.0, help="0 disables progress lines")
 
@@ -120,6 +130,8 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         fusion=FusionConfig(**fusion_kwargs),
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
+        incremental=IncrementalConfig(previous_run=o.previous_run, change_detection=o.change_detection,
+                                      keep_runs=o.keep_runs),
         preset=preset.name if (clip, text) == (preset.clip, preset.text) else f"{preset.name}+overrides",
     )
     return config, note

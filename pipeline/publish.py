@@ -54,13 +54,18 @@ def latest_run_dir(output: str) -> str | None:
 
 
 class _Publish(beam.DoFn):
-    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict):
+    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict, incremental_counts=None):
         self._output, self._run_dir, self._run_id, self._base = output.rstrip("/"), run_dir, run_id, manifest_base
+        self._incremental_counts = incremental_counts
 
-    def process(self, _, input_rows: int, embedded: int, dead: dict, embedding_files: list, dead_files: list):
+    def process(self, _, input_rows: int, embedded: int, dead: dict, embedding_files: list, dead_files: list,
+                statuses: dict | None = None, encoded: int | None = None):
         counts = {"input_rows": input_rows, "embedded": embedded, "dead_letters": dict(sorted(dead.items())),
                   "skipped": 0}
         check_counts(counts)
+        if self._incremental_counts is not None:
+            # reused / encoded / new / changed / deleted; raises if reused + encoded != embedded
+            counts["incremental"] = self._incremental_counts(statuses, encoded, embedded)
         files = []
         for path in sorted(embedding_files) + sorted(dead_files):
             size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
@@ -73,9 +78,12 @@ class _Publish(beam.DoFn):
 
 
 class Publish(beam.PTransform):
-    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict):
+    """``incremental_counts(statuses, encoded, embedded) -> dict``, when given, needs the inputs
+    ``status`` (one string per item id) and ``encoded`` (the records that went through the encoders)."""
+
+    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict, incremental_counts=None):
         super().__init__()
-        self._fn = _Publish(output, run_dir, run_id, manifest_base)
+        self._fn = _Publish(output, run_dir, run_id, manifest_base, incremental_counts)
 
     def expand(self, inputs: dict):
         count = beam.combiners.Count.Globally
@@ -95,5 +103,13 @@ class Publish(beam.PTransform):
                 beam.pvalue.AsDict(reasons),
                 beam.pvalue.AsList(inputs["embedding_files"]),
                 beam.pvalue.AsList(inputs["dead_files"]),
+                *self._incremental_inputs(inputs),
             )
         )
+
+    def _incremental_inputs(self, inputs: dict) -> list:
+        if self._fn._incremental_counts is None:
+            return []
+        statuses = inputs["status"] | "CountStatuses" >> beam.combiners.Count.PerElement()
+        encoded = inputs["encoded"] | "CountEncoded" >> beam.combiners.Count.Globally()
+        return [beam.pvalue.AsDict(statuses), beam.pvalue.AsSingleton(encoded)]
