@@ -41,6 +41,16 @@ def runs_to_delete(runs: list[tuple[str, str]], keep: int, protected: set[str]) 
     return [run_dir for _, run_dir in runs if run_dir not in newest and run_dir.rstrip("/") not in protected]
 
 
+def _delete_tree(run_dir: str) -> None:
+    if FileSystems.get_filesystem(run_dir).has_dirs():
+        FileSystems.delete([run_dir])  # local, HDFS: a directory, deleted recursively
+        return
+    # object stores (gs://, s3://): no directories, delete every object under the prefix
+    objects = [m.path for m in FileSystems.match([f"{run_dir}/**"])[0].metadata_list]
+    if objects:
+        FileSystems.delete(objects)
+
+
 def apply_retention(output: str, keep: int, current_run_dir: str) -> list[str]:
     """Deletes old published runs; returns the deleted run dirs. Call only after LATEST is replaced."""
     latest = latest_run_dir(output)
@@ -49,6 +59,6 @@ def apply_retention(output: str, keep: int, current_run_dir: str) -> list[str]:
     for run_dir in doomed:
         # manifest first: a run interrupted half-way through deletion reads as unpublished, never as whole
         FileSystems.delete([f"{run_dir}/{MANIFEST}"])
-        FileSystems.delete([f"{run_dir}/"])
+        _delete_tree(run_dir)
         _LOG.info("retention: deleted %s (keeping the newest %d runs)", run_dir, keep)
     return doomed
