@@ -33,7 +33,7 @@ def test_one_bad_item_does_not_fail_its_batch():
 
 def test_handler_validation_and_batching_kwargs(tiny_text_spec):
     h = TextEmbeddingHandler(tiny_text_spec, device="cpu", batch_size=16)
-    assert h.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 16}
+    assert h.batch_elements_kwargs() == {"min_batch_size": 16, "max_batch_size": 16}
     assert h.get_metrics_namespace() == "catalog_index.encode.text"
     with pytest.raises(ValueError, match="auto, cpu"):
         TextEmbeddingHandler(tiny_text_spec, device="tpu")
