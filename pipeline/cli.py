@@ -48,6 +48,13 @@ def summary(config: RunConfig, manifest: dict) -> str:
         lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
                      f"{len(index['shards'])} shards; nprobe {nprobe} -> {k}-recall@{k} {reached} "
                      f"(target {recall['target_recall']}); report.html")
+    inc = counts.get("incremental")
+    if inc:
+        prev = inc["previous_run"]
+        lines.append(f"incremental: {inc['reused']} reused, {inc['encoded']} encoded ({inc['new']} new, "
+                     f"{inc['changed']} changed), {inc['deleted']} deleted; previous run: "
+                     + (f"{prev['run_id']}" + ("" if prev["reusable"] else f" (not reused: {prev['not_reusable_because']})")
+                        if prev else "none"))
     for space, model in manifest["models"].items():
         label = "REAL weights" if model["weights_label"] == "real" else "RANDOM weights (not meaningful for search)"
         lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> {label}")

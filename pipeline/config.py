@@ -13,6 +13,7 @@ from encoders.handlers import PRECISIONS
 from encoders.media import FetchPolicy
 from encoders.specs import CLIP_FAMILIES, ModelSpec, fingerprint
 from encoders.device import validate_device_spec
+from pipeline.incremental import IncrementalConfig
 from schemas.catalog import CatalogColumns
 
 MEDIA_ERROR_POLICIES = ("fail_item", "drop_media")
@@ -206,6 +207,7 @@ class RunConfig:
     preset: str = ""
     max_failure_fraction: float = DEFAULT_MAX_FAILURE_FRACTION
     decode_threads: int = 8  # fetch/decode threads per worker process, overlapping the model
+    incremental: IncrementalConfig = IncrementalConfig()
 
     def __post_init__(self) -> None:
         if self.media_errors not in MEDIA_ERROR_POLICIES:

@@ -122,7 +122,7 @@ class _Fuse(beam.DoFn):
             item_id=item.item_id,
             vector=fused,
             modalities=tuple(sorted({m for _, m in by_route})),
-            content_hash=content_hash(item, digests, self._fingerprint),
+            content_hash=item.content_hash or content_hash(item, digests, self._fingerprint),
             model_fingerprint=self._fingerprint,
             # images that made it into the vector: with --image_decode gpu, digests are taken before decoding
             num_images=len({v.index for v in vectors if v.modality == "image"}),

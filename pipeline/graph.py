@@ -1,6 +1,7 @@
 """The pipeline graph: read -> fetch -> encode per route -> fuse -> write -> publish."""
 from __future__ import annotations
 
+import functools
 
 import apache_beam as beam
 
@@ -14,6 +15,8 @@ from pipeline.fuse import FuseItems
 from pipeline.index import BuildIndex
 from pipeline.publish import Publish
 from pipeline.read import ReadCatalog
+from pipeline.incremental import Incremental, incremental_counts, resolve_previous_run
+from pipeline.retention import apply_retention
 from pipeline.transcribe import Transcribe, spoken_texts
 from pipeline.write import WriteShards, dead_letters_to_table, embeddings_to_table
 from schemas.dead_letter import DEAD_LETTER_SCHEMA
@@ -48,7 +51,13 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     model_handlers = model_handlers or {}
     interval = config.progress_interval_s
     read = p | "Read" >> ReadCatalog(config.read, interval, frozenset(r.modality for r in config.encode.routes))
-    items = read["items"]
+    metadata = config.metadata()
+    # Unchanged items leave here with last run's vector; only new and changed ones go on to fetch/encode.
+    previous = resolve_previous_run(config.write.output, config.incremental.previous_run, config.write.run_dir,
+                                    metadata, config.write.vector_dtype)
+    incremental = read["items"] | "Incremental" >> Incremental(
+        config.incremental, previous, metadata["model_fingerprint"], config.fetch)
+    items = incremental["encode"]
 
     vectors, failures, digests = [], [], []
     pixels = preprocess = None
@@ -89,7 +98,6 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         vectors.append(encoded["vectors"])
         failures.append(encoded["failed"])
 
-    metadata = config.metadata()
     fused = {
         "item": items | "KeyItems" >> beam.Map(lambda item: (item.item_id, item)),
         "vectors": _flatten(p, "AllVectors", vectors),
@@ -102,7 +110,8 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     run_dir = config.write.run_dir
     layout_dim = sum(b["dim"] for b in metadata["layout"])
     schema = embeddings_schema(layout_dim, config.write.vector_dtype, metadata)
-    embedding_files = fused["records"] | "WriteEmbeddings" >> WriteShards(
+    records = _flatten(p, "ReusedAndEncoded", [incremental["reused"], fused["records"]])
+    embedding_files = records | "WriteEmbeddings" >> WriteShards(
         f"{run_dir}/embeddings", embeddings_to_table, schema,
         num_shards=config.write.num_shards, rows_per_shard=config.write.rows_per_shard)
     dead = _flatten(p, "AllDeadLetters", [read["dead"], fused["dead"]])
@@ -111,12 +120,17 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         rows_per_shard=config.write.rows_per_shard)
 
     publish_inputs = {
-        "rows": read["rows"], "records": fused["records"], "dead": dead, "skipped": read["skipped"],
+        "rows": read["rows"], "records": records, "dead": dead, "skipped": read["skipped"],
         "embedding_files": embedding_files, "dead_files": dead_files,
+        "status": incremental["status"], "encoded": fused["records"],
     }
     if config.index.enabled:
         publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(config.index, run_dir, layout_dim)
-    manifest = publish_inputs | "Publish" >> Publish(config.write.output, run_dir, config.write.run_id,
-                                                     manifest_base(config, metadata),
-                                                     max_failure_fraction=config.max_failure_fraction)
-    return {"records": fused["records"], "dead": dead, "manifest": manifest}
+    manifest = publish_inputs | "Publish" >> Publish(
+        config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata),
+        max_failure_fraction=config.max_failure_fraction,
+        incremental_counts=functools.partial(incremental_counts, previous=previous, config=config.incremental))
+    # after LATEST points at the new run: only then may older runs go
+    output, keep = config.write.output, config.incremental.keep_runs
+    _ = manifest | "Retention" >> beam.Map(lambda m: apply_retention(output, keep, run_dir))
+    return {"records": records, "dead": dead, "manifest": manifest}

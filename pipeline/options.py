@@ -14,6 +14,7 @@ from encoders.media import DEFAULT_SCHEMES, FetchPolicy
 from encoders.specs import PRETRAINED, ModelSpec
 from pipeline.config import (DEFAULT_MAX_FAILURE_FRACTION, INDEX_METRICS, MEDIA_ERROR_POLICIES, EncodeConfig,
                              IndexConfig, ReadConfig, RunConfig, WriteConfig, catalog_root)
+from pipeline.incremental import CHANGE_DETECTION, LATEST, IncrementalConfig
 from schemas.catalog import CatalogColumns
 
 NONE = "none"
@@ -149,6 +150,15 @@ class CatalogIndexOptions(PipelineOptions):
                        help="10-recall@10 the recommended nprobe must reach")
         g.add_argument("--merge_index", action="store_true", help="also write index/merged.faiss")
 
+        g = parser.add_argument_group("incremental runs")
+        g.add_argument("--previous_run", default=LATEST,
+                       help="reuse vectors of unchanged items from this run: 'latest' (the run OUTPUT/LATEST "
+                            "points to), a run directory, or 'none' (encode everything)")
+        g.add_argument("--change_detection", default="bytes", choices=list(CHANGE_DETECTION),
+                       help="media change token: bytes (sha256, exact) or metadata (size + mtime, reads no bytes)")
+        g.add_argument("--keep_runs", type=int, default=5,
+                       help="published runs kept after this one is published (0 keeps all)")
+
         g = parser.add_argument_group("progress")
         g.add_argument("--progress_interval_s", type=float, default=10.0, help="0 disables progress lines")
 
@@ -235,6 +245,8 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
         decode_threads=o.decode_threads,
+        incremental=IncrementalConfig(previous_run=o.previous_run, change_detection=o.change_detection,
+                                      keep_runs=o.keep_runs),
         preset=preset.name if (clip, text, clap, asr) == (preset.clip, preset.text, preset.clap, preset_asr)
         else f"{preset.name}+overrides",
     )

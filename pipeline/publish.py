@@ -93,29 +93,32 @@ def latest_run_dir(output: str) -> str | None:
 
 
 class _Publish(beam.DoFn):
-    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict, max_failure_fraction: float):
+    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict, max_failure_fraction: float,
+                 incremental_counts=None):
         self._output, self._run_dir, self._run_id, self._base = output.rstrip("/"), run_dir, run_id, manifest_base
         self._max_failure_fraction = max_failure_fraction
+        self._incremental_counts = incremental_counts
 
     def process(self, _, input_rows: int, embedded: int, dead: dict, skipped: dict, embedding_files: list,
-                dead_files: list,
-                stats: dict | None = None, index: dict | None = None):
+                dead_files: list, stats: dict, index: dict | None = None, statuses: dict | None = None,
+                encoded: int | None = None):
         counts = {"input_rows": input_rows, "embedded": embedded, "dead_letters": dict(sorted(dead.items())),
                   "skipped": sum(skipped.values()), "skipped_by_reason": dict(sorted(skipped.items()))}
         check_counts(counts)
         check_failure_fraction(counts, self._max_failure_fraction)
+        if self._incremental_counts is not None:
+            # reused / encoded / new / changed / deleted; raises if reused + encoded != embedded
+            counts["incremental"] = self._incremental_counts(statuses, encoded, embedded)
         paths = sorted(embedding_files) + sorted(dead_files)
         if index is not None:
             index = dict(index)
             paths += index.pop("files")
             if index["ntotal"] != embedded:
                 raise AccountingError(f"{embedded} items embedded but {index['ntotal']} vectors in the index")
-        manifest = dict(self._base, counts=counts,
+        manifest = dict(self._base, counts=counts, stats=stats,
                         accounting={"failed_fraction": round(failed_fraction(counts), 6),
                                     "max_failure_fraction": self._max_failure_fraction},
                         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        if stats is not None:
-            manifest["stats"] = stats
         if index is not None:
             manifest["index"] = index
         write_text_atomically(f"{self._run_dir}/{report.REPORT}", report.render_html(manifest))
@@ -145,12 +148,14 @@ class RecordStats(beam.CombineFn):
 
 
 class Publish(beam.PTransform):
-    """Inputs: rows, records, dead, skipped, embedding_files, dead_files and (optional) index, one index dict."""
+    """Inputs: rows, records, dead, skipped, embedding_files, dead_files; optional: index (one index dict),
+    and, with ``incremental_counts(statuses, encoded, embedded) -> dict``, ``status`` (one string per item)
+    and ``encoded`` (the records that went through the encoders)."""
 
     def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict,
-                 max_failure_fraction: float = 1.0):
+                 max_failure_fraction: float = 1.0, incremental_counts=None):
         super().__init__()
-        self._fn = _Publish(output, run_dir, run_id, manifest_base, max_failure_fraction)
+        self._fn = _Publish(output, run_dir, run_id, manifest_base, max_failure_fraction, incremental_counts)
 
     def expand(self, inputs: dict):
         count = beam.combiners.Count.Globally
@@ -177,6 +182,16 @@ class Publish(beam.PTransform):
                 beam.pvalue.AsList(inputs["embedding_files"]),
                 beam.pvalue.AsList(inputs["dead_files"]),
                 beam.pvalue.AsSingleton(inputs["records"] | "Stats" >> beam.CombineGlobally(RecordStats())),
-                *([beam.pvalue.AsSingleton(inputs["index"])] if "index" in inputs else []),
+                **self._optional_inputs(inputs),
             )
         )
+
+    def _optional_inputs(self, inputs: dict) -> dict:
+        out = {}
+        if "index" in inputs:
+            out["index"] = beam.pvalue.AsSingleton(inputs["index"])
+        if self._fn._incremental_counts is not None:
+            statuses = inputs["status"] | "CountStatuses" >> beam.combiners.Count.PerElement()
+            encoded = inputs["encoded"] | "CountEncoded" >> beam.combiners.Count.Globally()
+            out.update(statuses=beam.pvalue.AsDict(statuses), encoded=beam.pvalue.AsSingleton(encoded))
+        return out

@@ -61,6 +61,9 @@ class CatalogItem:
     base_uri: str = ""  # directory of the catalog file; relative media URIs resolve here
     source: str = ""  # "file#row", for dead letters and duplicate resolution
     attributes: str | None = None  # JSON of the passthrough columns
+    # Set by the incremental stage when it hashed the item from media metadata
+    # tokens; fusion then writes this hash instead of one over the fetched bytes.
+    content_hash: str | None = None
 
     @property
     def text(self) -> str | None:

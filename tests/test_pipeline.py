@@ -46,8 +46,11 @@ def test_sample_run_embeds_every_item_with_content(sample_run, sample_catalog):
     catalog = pq.read_table(sample_catalog).to_pylist()
     usable = [r for r in catalog if r["title"] or r["description"] or r["image_uris"] or r["audio_uri"]]
     assert table.num_rows == len(usable) == manifest["counts"]["embedded"]
-    assert manifest["counts"] == {"input_rows": len(catalog), "embedded": len(usable),
-                                  "dead_letters": {}, "skipped": 0, "skipped_by_reason": {}}
+    counts = dict(manifest["counts"])
+    incremental = counts.pop("incremental")
+    assert counts == {"input_rows": len(catalog), "embedded": len(usable), "dead_letters": {}, "skipped": 0,
+                      "skipped_by_reason": {}}
+    assert (incremental["new"], incremental["encoded"], incremental["reused"]) == (len(usable), len(usable), 0)
     assert dead.num_rows == 0
     norms = np.linalg.norm(vectors_of(table), axis=1)
     assert np.all(np.abs(norms - 1) < 1e-5)
