@@ -55,8 +55,9 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     # Unchanged items leave here with last run's vector; only new and changed ones go on to fetch/encode.
     previous = resolve_previous_run(config.write.output, config.incremental.previous_run, config.write.run_dir,
                                     metadata, config.write.vector_dtype)
+    fetched_media = frozenset(r.modality for r in config.encode.routes) & {"image", "audio"}
     incremental = read["items"] | "Incremental" >> Incremental(
-        config.incremental, previous, metadata["model_fingerprint"], config.fetch)
+        config.incremental, previous, metadata["model_fingerprint"], config.fetch, fetched_media)
     items = incremental["encode"]
 
     vectors, failures, digests = [], [], []

@@ -93,6 +93,7 @@ class PreviousVector:
     vector: np.ndarray | None  # None when the previous run is not reusable (ids and hashes only)
     modalities: tuple[str, ...]
     num_images: int
+    transcript: str | None = None
 
 
 # --------------------------------------------------------------------------- plain logic
@@ -120,26 +121,37 @@ def media_token(uri: str, mode: str, policy: FetchPolicy = FetchPolicy()) -> str
     return hashlib.sha256(fetch_bytes(uri, policy)).hexdigest()
 
 
-def item_content_hash(item: CatalogItem, tokens: list[str], model_fingerprint: str) -> str:
-    """The item's content hash from one change token per image (in ``image_uris`` order).
+def item_content_hash(item: CatalogItem, tokens: list[str], model_fingerprint: str,
+                      audio_token: str | None = None) -> str:
+    """The item's content hash from one change token per image (in ``image_uris`` order) and its audio's.
 
     With ``bytes`` tokens this is exactly what the fuse stage writes for an
-    encoded item whose images all decoded, which is what makes reuse possible.
+    encoded item whose media all decoded, which is what makes reuse possible.
     """
     from pipeline.fuse import content_hash
 
     digests = [MediaDigest("image", i, token) for i, token in enumerate(tokens)]
+    if audio_token is not None:
+        digests.append(MediaDigest("audio", 0, audio_token))
     return content_hash(item, digests, model_fingerprint)
 
 
-def hash_item(item: CatalogItem, model_fingerprint: str, mode: str, policy: FetchPolicy) -> str | None:
+def hash_item(item: CatalogItem, model_fingerprint: str, mode: str, policy: FetchPolicy,
+              media: frozenset[str] = frozenset({"image", "audio"})) -> str | None:
     """The item's content hash, or None when a media object cannot be read (the item is then re-encoded,
-    and the normal path dead-letters it or drops the media, as configured)."""
+    and the normal path dead-letters it or drops the media, as configured).
+
+    ``media`` are the modalities the run fetches: only their tokens enter the
+    hash, as only their digests enter the one the fuse stage writes.
+    """
     try:
-        tokens = [media_token(resolve_uri(uri, item.base_uri), mode, policy) for uri in item.image_uris]
+        images = item.image_uris if "image" in media else ()
+        tokens = [media_token(resolve_uri(uri, item.base_uri), mode, policy) for uri in images]
+        audio = (media_token(resolve_uri(item.audio_uri, item.base_uri), mode, policy)
+                 if "audio" in media and item.audio_uri else None)
     except MediaError:
         return None
-    return item_content_hash(item, tokens, model_fingerprint)
+    return item_content_hash(item, tokens, model_fingerprint, audio)
 
 
 def check_compatible(previous_manifest: dict, metadata: dict, vector_dtype: str) -> str:
@@ -209,7 +221,7 @@ def read_previous_rows(path: str, with_vectors: bool):
     """(item_id, PreviousVector) for every row of one embeddings shard, a row group at a time."""
     from schemas.embeddings import vectors_of
 
-    columns = ["item_id", "content_hash", "model_fingerprint", "modalities", "num_images"]
+    columns = ["item_id", "content_hash", "model_fingerprint", "modalities", "num_images", "transcript"]
     if with_vectors:
         columns.append("vector")
     with FileSystems.open(path, compression_type="uncompressed") as stream:
@@ -221,7 +233,8 @@ def read_previous_rows(path: str, with_vectors: bool):
                 yield row["item_id"], PreviousVector(
                     content_hash=row["content_hash"], model_fingerprint=row["model_fingerprint"],
                     vector=vectors[i].copy() if vectors is not None else None,
-                    modalities=tuple(row["modalities"]), num_images=int(row["num_images"]))
+                    modalities=tuple(row["modalities"]), num_images=int(row["num_images"]),
+                    transcript=row["transcript"])
 
 
 # --------------------------------------------------------------------------- Beam wrappers
@@ -255,9 +268,11 @@ class _Decide(beam.DoFn):
     overlaps the I/O, as the fetch stage does.
     """
 
-    def __init__(self, model_fingerprint: str, mode: str, policy: FetchPolicy, hash_new: bool, threads: int = 8):
+    def __init__(self, model_fingerprint: str, mode: str, policy: FetchPolicy, hash_new: bool,
+                 media: frozenset[str], threads: int = 8):
         self._fp, self._mode, self._policy, self._hash_new, self._threads = (
             model_fingerprint, mode, policy, hash_new, threads)
+        self._media = media
         self._counters = {s: Metrics.counter(NAMESPACE, s) for s in STATUSES}
         self._pool = None
 
@@ -275,7 +290,9 @@ class _Decide(beam.DoFn):
 
     def _hash(self, pair):
         item, previous = pair
-        return hash_item(item, self._fp, self._mode, self._policy) if self._needs_hash(item, previous) else None
+        if not self._needs_hash(item, previous):
+            return None
+        return hash_item(item, self._fp, self._mode, self._policy, self._media)
 
     def process(self, pairs: list):
         for (item, previous), current_hash in zip(pairs, self._pool.map(self._hash, pairs)):
@@ -288,7 +305,8 @@ class _Decide(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(REUSED, EmbeddingRecord(
                     item_id=item.item_id, vector=previous.vector, modalities=previous.modalities,
                     content_hash=current_hash, model_fingerprint=self._fp, num_images=previous.num_images,
-                    attributes=item.attributes))  # attributes are today's: they are not part of the vector
+                    attributes=item.attributes,  # attributes are today's: they are not part of the vector
+                    transcript=previous.transcript))
                 continue
             if self._mode == "metadata" and current_hash is not None:
                 # fuse would hash the fetched bytes; tomorrow compares metadata tokens, so carry ours
@@ -304,11 +322,11 @@ class Incremental(beam.PTransform):
     """
 
     def __init__(self, config: IncrementalConfig, previous: PreviousRun | None, model_fingerprint: str,
-                 policy: FetchPolicy):
+                 policy: FetchPolicy, media: frozenset[str] = frozenset({"image", "audio"})):
         super().__init__()
         self._config, self._previous = config, previous
         self._fn = _Decide(model_fingerprint, config.change_detection, policy,
-                           hash_new=config.change_detection == "metadata")
+                           hash_new=config.change_detection == "metadata", media=frozenset(media))
 
     def expand(self, items):
         p = items.pipeline

@@ -267,3 +267,18 @@ def test_config_validation():
         incremental.IncrementalConfig(change_detection="mtime")
     with pytest.raises(ValueError, match="keep_runs"):
         incremental.IncrementalConfig(keep_runs=-1)
+
+
+@pytest.mark.slow
+def test_sample_rerun_reuses_every_item_including_audio(tmp_path, tiny_text_dir):
+    """The sample (images, text, spoken audio through the packaged Whisper): a second night reuses all."""
+    sample = os.path.join(os.path.dirname(__file__), "..", "sample_catalog", "catalog.parquet")
+    first, _, _ = run(sample, tmp_path, "night1", tiny_text_dir)
+    second, manifest, result = run(sample, tmp_path, "night2", tiny_text_dir)
+    inc = manifest["counts"]["incremental"]
+    assert inc["reused"] == first.num_rows and inc["encoded"] == 0
+    assert encoder_seconds(result) == 0
+    assert np.array_equal(vectors_of(first), vectors_of(second))
+    assert first.column("transcript").to_pylist() == second.column("transcript").to_pylist()
+    assert any(t for t in second.column("transcript").to_pylist())  # the spoken items kept their transcripts
+    assert first.column("content_hash").to_pylist() == second.column("content_hash").to_pylist()
