@@ -31,37 +31,44 @@ def _configure_logging() -> None:
         log.propagate = False
 
 
+def _weights_label(described: dict, random_note: str) -> str:
+    return "REAL weights" if described["weights_label"] == "real" else f"RANDOM weights ({random_note})"
+
+
 def summary(config: RunConfig, manifest: dict) -> str:
-    """The short report printed after a run."""
+    """The short report printed after a run: counts, where the output is, which weights are real."""
     counts = manifest["counts"]
-    dead = counts["dead_letters"]
+    dead, skipped = counts["dead_letters"], counts.get("skipped_by_reason", {})
     lines = [
         f"run {manifest['run_id']}: {counts['input_rows']} items read, {counts['embedded']} embedded, "
-        f"{sum(dead.values())} failed" + (f" ({', '.join(f'{k}: {v}' for k, v in dead.items())})" if dead else ""),
-        f"output: {config.write.run_dir}/ (embeddings/, dead_letter/, manifest.json); LATEST -> {manifest['run_id']}",
+        f"{sum(dead.values())} failed" + (f" ({', '.join(f'{k}: {v}' for k, v in dead.items())})" if dead else "")
+        + (f", {counts['skipped']} skipped ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""),
     ]
+    inc = counts.get("incremental")
+    if inc:
+        prev = inc["previous_run"]
+        lines.append(f"  incremental: {inc['reused']} reused, {inc['encoded']} encoded ({inc['new']} new, "
+                     f"{inc['changed']} changed), {inc['deleted']} deleted; previous run: "
+                     + (f"{prev['run_id']}" + ("" if prev["reusable"] else f" (not reused: {prev['not_reusable_because']})")
+                        if prev else "none"))
+    lines.append(f"output: {config.write.run_dir}/ (embeddings/, dead_letter/, index/, report.html, manifest.json); "
+                 f"LATEST -> {manifest['run_id']}")
     index = manifest.get("index")
     if index:
         recall = index["recall"]
         k, nprobe = recall["k"], recall["recommended_nprobe"]
         reached = next((r[f"recall_{k}_at_{k}"] for r in recall["table"] if r["nprobe"] == nprobe), "n/a")
+        search = f"nprobe {nprobe}" if nprobe is not None else "exact"
         lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
-                     f"{len(index['shards'])} shards; nprobe {nprobe} -> {k}-recall@{k} {reached} "
-                     f"(target {recall['target_recall']}); report.html")
-    inc = counts.get("incremental")
-    if inc:
-        prev = inc["previous_run"]
-        lines.append(f"incremental: {inc['reused']} reused, {inc['encoded']} encoded ({inc['new']} new, "
-                     f"{inc['changed']} changed), {inc['deleted']} deleted; previous run: "
-                     + (f"{prev['run_id']}" + ("" if prev["reusable"] else f" (not reused: {prev['not_reusable_because']})")
-                        if prev else "none"))
+                     f"{len(index['shards'])} shard(s); {search} -> {k}-recall@{k} {reached} "
+                     f"(target {recall['target_recall']})")
     for space, model in manifest["models"].items():
-        label = "REAL weights" if model["weights_label"] == "real" else "RANDOM weights (not meaningful for search)"
-        lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> {label}")
+        lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> "
+                     + _weights_label(model, "not meaningful for search"))
     if "asr" in manifest:
         asr = manifest["asr"]
-        label = "REAL weights" if asr["weights_label"] == "real" else "RANDOM weights (transcripts meaningless)"
-        lines.append(f"  speech recognition: {asr['family']} {asr['name']} [language {asr['language']}] -> {label}")
+        lines.append(f"  speech recognition: {asr['family']} {asr['name']} [language {asr['language']}] -> "
+                     + _weights_label(asr, "transcripts meaningless"))
     return "\n".join(lines)
 
 
