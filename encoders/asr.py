@@ -100,6 +100,11 @@ class AsrSpec:
             "language": self.language or "auto",
             "compute_type": self.compute_type,
             "beam_size": self.beam_size,
+            # the rest of the decoding settings, so a query is transcribed exactly as the items were
+            "max_new_tokens": self.max_new_tokens,
+            "no_speech_threshold": self.no_speech_threshold,
+            "logprob_threshold": self.logprob_threshold,
+            "seed": self.seed,
             "fingerprint": asr_fingerprint(self),
         }
 
@@ -130,6 +135,18 @@ class Transcript:
 
 class SpeechRecognizer(Protocol):
     def transcribe(self, clips: list[np.ndarray], batch_size: int) -> list[Transcript]: ...
+
+
+def spec_from_description(d: dict) -> AsrSpec:
+    """The :class:`AsrSpec` that :meth:`AsrSpec.describe` recorded (settings it lacks take their defaults)."""
+    family = str(d.get("family", ""))
+    if not family.startswith("asr_"):
+        raise ValueError(f"not a speech recognizer description: family {family!r}")
+    language = d.get("language")
+    optional = {k: d[k] for k in ("max_new_tokens", "no_speech_threshold", "logprob_threshold", "seed") if k in d}
+    return AsrSpec(family[len("asr_"):], d["name"], d.get("weights", PRETRAINED),
+                   None if language in (None, "", "auto") else language, d.get("compute_type", "default"),
+                   int(d.get("beam_size", 1)), **optional)
 
 
 def packaged_whisper() -> str | None:

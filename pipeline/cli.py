@@ -130,11 +130,26 @@ def _run_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device for the query encoders: cpu | cuda | cuda:N")
     parser.add_argument("--metric", default="cosine", choices=["cosine", "l2"],
                         help="cosine: inner product, highest first; l2: squared distance, lowest first")
+    parser.add_argument("--exact", action="store_true",
+                        help="exact search over the embeddings Parquet even if the run has an index")
+    parser.add_argument("--nprobe", type=int, default=None,
+                        help="IVF lists to visit per query (default: the manifest's recommended nprobe)")
+
+
+def _check_nprobe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.nprobe is not None and args.nprobe < 1:
+        parser.error(f"--nprobe must be >= 1, got {args.nprobe}")
+
+
+def _searcher(info, args):
+    from pipeline.search import open_searcher
+
+    return open_searcher(info.run_dir, info.manifest, info.embedding_files, args.metric, args.exact, args.nprobe)
 
 
 def search(argv: list[str]) -> int:
     from pipeline.query import QueryEncoder, QueryError, load_run
-    from pipeline.search import ExactSearcher
+    from pipeline.runs import RunNotFound
 
     parser = argparse.ArgumentParser(
         prog="catalog-index search",
@@ -147,16 +162,18 @@ def search(argv: list[str]) -> int:
     what.add_argument("--audio", help="path or URI of a query audio clip")
     parser.add_argument("-k", type=int, default=10, help="how many items to print")
     args = parser.parse_args(argv)
+    _check_nprobe(parser, args)
     modality, content = next((m, getattr(args, m)) for m in ("text", "image", "audio") if getattr(args, m))
     try:
         info = load_run(args.run)
+        searcher = _searcher(info, args)
         vector = QueryEncoder(info, device=args.device).encode(modality, [content])
-    except QueryError as e:
+    except (QueryError, RunNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    scores, ids = ExactSearcher.from_files(info.embedding_files, args.metric).search(vector, args.k)
+    scores, ids = searcher.search(vector, args.k)
     label = "score" if args.metric == "cosine" else "dist"
-    print(f"run {info.manifest['run_id']} ({info.metadata['fusion']['mode']} fusion, exact {args.metric}): "
+    print(f"run {info.manifest['run_id']} ({info.metadata['fusion']['mode']} fusion, {searcher.label()}): "
           f"top {len(ids[0])} for {modality} query {content!r}")
     for rank, (item, score) in enumerate(zip(ids[0], scores[0]), 1):
         print(f"{rank:3d}  {item}  {label}={score:.4f}")
@@ -170,22 +187,24 @@ def evaluate(argv: list[str]) -> int:
     from pipeline.evaluate import QueriesFileError, evaluate as run_eval, format_report, read_queries
     from pipeline.publish import write_text_atomically
     from pipeline.query import QueryEncoder, QueryError, load_run
-    from pipeline.search import ExactSearcher
+    from pipeline.runs import RunNotFound
 
     parser = argparse.ArgumentParser(
         prog="catalog-index eval",
         description="Recall@1/5/10, MRR and nDCG@10 of a run on labelled queries, overall and per query modality.")
     _run_arg(parser)
     parser.add_argument("--queries", required=True,
-                        help='JSON lines {"modality": "text"|"image", "query": ..., "relevant": [item ids]}')
+                        help='JSON lines {"modality": "text"|"image"|"audio", "query": ..., "relevant": [item ids]} '
+                             '(media queries: paths relative to the file)')
     parser.add_argument("--out", default="", help="report JSON path (default RUN/eval/<queries file stem>.json)")
     args = parser.parse_args(argv)
+    _check_nprobe(parser, args)
     try:
         info = load_run(args.run)
         queries = read_queries(args.queries)
-        searcher = ExactSearcher.from_files(info.embedding_files, args.metric)
+        searcher = _searcher(info, args)
         report = run_eval(info, queries, searcher, QueryEncoder(info, device=args.device))
-    except (QueryError, QueriesFileError) as e:
+    except (QueryError, QueriesFileError, RunNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report["queries_file"] = os.path.abspath(args.queries)

@@ -3,7 +3,9 @@
 Queries file: JSON lines ``{"modality": "text"|"image"|"audio", "query": str,
 "relevant": [item_id, ...]}``; media queries are paths relative to the file.
 A query whose modality this run cannot encode is not dropped silently: it is
-counted under ``skipped`` with the reason.
+counted under ``skipped`` with the reason. A query whose own content cannot be
+encoded (an unreadable file, a clip with no speech in a run without CLAP) is
+scored as a miss and listed under ``failed``.
 """
 from __future__ import annotations
 
@@ -63,33 +65,40 @@ def read_queries(path: str) -> list[LabelledQuery]:
 def evaluate(run: RunInfo, queries: Sequence[LabelledQuery], searcher, encoder: QueryEncoder,
              depth: int = DEPTH) -> dict:
     """Encodes, searches and scores every query; returns the report (overall, per modality, per query)."""
-    results, per_query, skipped = [], [], {}
+    results, per_query, skipped, failed = [], [], {}, {}
     known = set(searcher.ids) if hasattr(searcher, "ids") else None
     for modality in QUERY_MODALITIES:
         group = [q for q in queries if q.modality == modality]
         if not group:
             continue
         try:
-            vectors = encoder.encode(modality, [q.query for q in group])
-        except QueryError as e:
+            vectors, errors = encoder.encode_each(modality, [q.query for q in group])
+        except QueryError as e:  # the run cannot encode this modality at all
             skipped[modality] = {"queries": len(group), "reason": str(e)}
             continue
         scores, ids = searcher.search(vectors, depth)
-        for q, ranked, s in zip(group, ids, scores):
+        for j, (q, ranked, s) in enumerate(zip(group, ids, scores)):
+            # a query whose own content fails (no speech, unreadable file) is a miss, not left out
+            ranked = [] if j in errors else ranked
             m = metrics.query_metrics(ranked, q.relevant)
             results.append((modality, m))
             per_query.append({"line": q.line, "modality": modality, "query": q.query, "relevant": list(q.relevant),
-                              "top": ranked[:10], "scores": [round(float(x), 5) for x in s[:10]],
+                              "top": ranked[:10], "scores": [round(float(x), 5) for x in s[:min(10, len(ranked))]],
+                              **({"error": errors[j]} if j in errors else {}),
                               **({"relevant_not_in_run": sorted(set(q.relevant) - known)}
                                  if known is not None and set(q.relevant) - known else {}),
                               **m})
+            if j in errors:
+                failed.setdefault(modality, []).append({"line": q.line, "reason": errors[j]})
     return {
         "run_id": run.manifest["run_id"],
+        "searcher": searcher.describe() if hasattr(searcher, "describe") else {"kind": type(searcher).__name__},
         "fusion": run.metadata["fusion"],
         "models": {s: f"{m['name']} [{m['weights_label']}]" for s, m in run.metadata["models"].items()},
         "depth": depth,
         **metrics.summarize(results),
         "skipped": skipped,
+        "failed": failed,  # encoded as misses (counted in the metrics above)
         "per_query": per_query,
     }
 
@@ -98,6 +107,7 @@ def format_report(report: dict) -> str:
     cols = ["recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"]
     lines = [f"run {report['run_id']}  fusion {report['fusion']['mode']}  models "
              + ", ".join(f"{s}: {m}" for s, m in report["models"].items()),
+             f"searcher: {_searcher_line(report.get('searcher') or {})}",
              f"{'':10s} {'queries':>7s} " + " ".join(f"{c:>9s}" for c in cols)]
     rows = [("overall", report["overall"])] + list(report["by_modality"].items())
     for name, m in rows:
@@ -105,4 +115,17 @@ def format_report(report: dict) -> str:
             lines.append(f"{name:10s} {m['queries']:7d} " + " ".join(f"{m[c]:9.3f}" for c in cols))
     for modality, s in report["skipped"].items():
         lines.append(f"skipped {s['queries']} {modality} queries: {s['reason']}")
+    for modality, fails in report.get("failed", {}).items():
+        lines.append(f"{len(fails)} {modality} queries could not be encoded (counted as misses), first: "
+                     f"line {fails[0]['line']}: {fails[0]['reason']}")
     return "\n".join(lines)
+
+
+def _searcher_line(s: dict) -> str:
+    if s.get("kind") == "index":
+        probe = f"nprobe {s['nprobe']}" if s.get("nprobe") is not None else "exact flat scan"
+        conv = f"; {s['conversion']}" if s.get("conversion") else ""
+        return f"index {s['factory']} ({s['index_metric']}, {probe}), {s['metric']}{conv}"
+    if s.get("kind") == "exact":
+        return f"exact {s['metric']}" + (f" ({s['reason']})" if s.get("reason") else "")
+    return str(s.get("kind", "unknown"))

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from encoders import towers
+from encoders.audio import AudioPolicy
 from encoders.device import resolve_device
-from encoders.fusion import FusionConfig, Layout, fuse
-from encoders.media import FetchPolicy, MediaError
+from encoders.fusion import FusionConfig, FusionError, Layout, fuse
+from encoders.media import FetchPolicy, MediaError, fetch_bytes
 from encoders.specs import ModelSpec, fingerprint
 from pipeline.publish import MANIFEST, latest_run_dir, read_manifest
 from schemas.embeddings import read_metadata
@@ -27,6 +28,10 @@ QUERY_MODALITIES = ("text", "image", "audio")
 
 class QueryError(ValueError):
     """A query this run cannot encode (no encoder for its modality, unreadable media, changed models)."""
+
+
+class QueryContentError(QueryError):
+    """One query's own content cannot be encoded (unreadable media, a clip with no speech and no CLAP)."""
 
 
 def resolve_run_dir(path: str) -> str:
@@ -63,6 +68,27 @@ class RunInfo:
     def routes(self) -> tuple[tuple[str, str], ...]:
         return tuple((r["modality"], r["space"]) for r in self.metadata["routes"])
 
+    @property
+    def route_info(self) -> tuple[dict, ...]:
+        """The recorded routes with what the encoder saw (``via``: transcript or waveform for audio)."""
+        return tuple(self.metadata["routes"])
+
+    def asr_spec(self):
+        """The run's speech recognizer (an ``encoders.asr.AsrSpec``), checked against its fingerprint."""
+        from encoders.asr import asr_fingerprint, spec_from_description
+
+        d = self.metadata.get("asr")
+        if not d:
+            raise QueryError("this run routes audio through speech recognition but records no recognizer")
+        try:
+            spec = spec_from_description(d)
+        except (KeyError, ValueError) as e:
+            raise QueryError(f"the run's speech recognizer cannot be rebuilt: {e}") from None
+        if asr_fingerprint(spec) != d["fingerprint"]:
+            raise QueryError(f"the speech recognizer {d['name']} is not the one this run used (fingerprint "
+                             f"{asr_fingerprint(spec)} != {d['fingerprint']}): its files or settings changed")
+        return spec
+
     def spec(self, space: str) -> ModelSpec:
         """The space's model spec, rebuilt from the metadata and checked against its fingerprint."""
         d = self.metadata["models"][space]
@@ -83,13 +109,21 @@ def load_run(path: str) -> RunInfo:
 
 
 class QueryEncoder:
-    """Encodes text or image queries through the run's own towers, spaces, weights and layout."""
+    """Encodes text, image or audio queries through the run's own towers, spaces, weights and layout.
 
-    def __init__(self, run: RunInfo, device: str = "cpu", batch_size: int = 32, policy: FetchPolicy = FetchPolicy()):
+    An audio query goes where an item's audio went: speech recognition (the
+    run's recognizer and decoding settings) -> the text towers of the spaces
+    that audio reached, and the clip itself -> the CLAP audio tower when the
+    run has a clap space.
+    """
+
+    def __init__(self, run: RunInfo, device: str = "cpu", batch_size: int = 32, policy: FetchPolicy = FetchPolicy(),
+                 audio_policy: AudioPolicy = AudioPolicy()):
         from pipeline.fuse import load_attention
 
         self.run, self.layout, self.fusion = run, run.layout, run.fusion
         self.device, self.batch_size, self.policy = resolve_device(device), batch_size, policy
+        self.audio_policy = audio_policy
         try:
             self._attention = load_attention(self.fusion, [_Route(m, s) for m, s in run.routes], self.layout)
         except (ValueError, OSError) as e:  # a changed or missing module must not encode queries differently
@@ -99,10 +133,23 @@ class QueryEncoder:
         return tuple(dict.fromkeys(m for m, _ in self.run.routes))
 
     def space_vectors(self, modality: str, contents: Sequence[str]) -> list[dict[str, dict[str, list[np.ndarray]]]]:
-        """Per query, ``{space: {modality: [vector]}}`` from every route of ``modality``."""
+        """Per query, ``{space: {modality: [vector]}}`` from every route of ``modality``.
+
+        Raises :class:`QueryError` if any query cannot be encoded.
+        """
+        per_query, errors = self.space_vectors_each(modality, contents)
+        if errors:
+            raise QueryContentError(errors[min(errors)])
+        return per_query
+
+    def space_vectors_each(self, modality: str, contents: Sequence[str]
+                           ) -> tuple[list[dict[str, dict[str, list[np.ndarray]]]], dict[int, str]]:
+        """Like :meth:`space_vectors`, but a query that cannot be encoded (unreadable media, no speech
+        and no CLAP) gets an empty dict and its reason in ``errors[index]``; a modality this run has no
+        encoder for still raises :class:`QueryError`."""
         if modality not in QUERY_MODALITIES:
             raise QueryError(f"query modality {modality!r} is not one of {QUERY_MODALITIES}")
-        routes = [(m, s) for m, s in self.run.routes if m == modality]
+        routes = [r for r in self.run.route_info if r["modality"] == modality]
         if not routes and modality == "audio":
             raise QueryError("audio queries need the audio encoders (speech recognition -> text towers, CLAP); "
                              "this run has none")
@@ -110,25 +157,105 @@ class QueryEncoder:
             raise QueryError(f"this run has no encoder for {modality} queries (its routes: "
                              f"{', '.join(f'{m}->{s}' for m, s in self.run.routes)})")
         out: list[dict] = [{} for _ in contents]
-        for _, space in routes:
+        errors: dict[int, str] = {}
+        if modality == "audio":
+            self._audio(routes, contents, out, errors)
+            return out, errors
+        for route in routes:
+            space = route["space"]
             spec = self.run.spec(space)
-            model = towers.load(spec, self.device)
             if modality == "text":
-                vectors = model.encode_text([str(c) for c in contents], self.batch_size)
-            elif modality == "image":
-                vectors = model.encode_image(np.stack([self._pixels(spec, c) for c in contents]), self.batch_size)
+                ok, vectors = list(range(len(contents))), self._model(spec).encode_text(
+                    [str(c) for c in contents], self.batch_size)
             else:
-                raise QueryError("audio queries need the audio encoders, which this build does not have yet")
-            for i, v in enumerate(vectors):
+                pixels = {}
+                for i, c in enumerate(contents):
+                    if i in errors:
+                        continue
+                    try:
+                        pixels[i] = self._pixels(spec, c)
+                    except QueryContentError as e:
+                        errors[i] = str(e)
+                ok = list(pixels)
+                vectors = (self._model(spec).encode_image(np.stack([pixels[i] for i in ok]), self.batch_size)
+                           if ok else [])
+            for i, v in zip(ok, vectors):
                 out[i].setdefault(space, {})[modality] = [v]
-        return out
+        return out, errors
+
+    def _model(self, spec: ModelSpec):
+        return towers.load(spec, self.device)
+
+    def _audio(self, routes: list[dict], contents: Sequence[str], out: list[dict], errors: dict[int, str]) -> None:
+        """Decode each clip once at every rate the run's audio models want, then transcribe and/or CLAP it."""
+        from encoders import asr
+
+        spoken = [r for r in routes if r.get("via") == "transcript"]
+        sounds = [r for r in routes if r.get("via") == "waveform"]
+        rates = {r["space"]: towers.audio_sample_rate(self.run.spec(r["space"])) for r in sounds}
+        wanted = tuple(sorted(set(rates.values()) | ({asr.SAMPLE_RATE} if spoken else set())))
+        clips = {}
+        for i, path in enumerate(contents):
+            try:
+                clips[i] = self._clip(path, wanted)
+            except QueryContentError as e:
+                errors[i] = str(e)
+        ok = list(clips)
+        if not ok:
+            return
+        no_speech: dict[int, float] = {}
+        if spoken:
+            recognizer = asr.load(self.run.asr_spec(), self.device)
+            transcripts = recognizer.transcribe([clips[i].at(asr.SAMPLE_RATE) for i in ok], self.batch_size)
+            said = [(i, t.text) for i, t in zip(ok, transcripts) if t.is_speech]
+            no_speech = {i: t.no_speech_prob for i, t in zip(ok, transcripts) if not t.is_speech}
+            for route in spoken:  # spoken words are compared like typed ones, through the same text towers
+                space = route["space"]
+                vectors = self._model(self.run.spec(space)).encode_text([t for _, t in said], self.batch_size) \
+                    if said else []
+                for (i, _), v in zip(said, vectors):
+                    out[i].setdefault(space, {})["audio"] = [v]
+        for route in sounds:
+            space = route["space"]
+            vectors = self._model(self.run.spec(space)).encode_audio([clips[i].at(rates[space]) for i in ok],
+                                                                     self.batch_size)
+            for i, v in zip(ok, vectors):
+                out[i].setdefault(space, {})["audio"] = [v]
+        for i in ok:
+            if not out[i]:
+                errors[i] = (f"audio query {contents[i]}: no recognizable speech (no-speech probability "
+                             f"{no_speech.get(i, 1.0):.2f}), and this run has no CLAP space to embed the sound "
+                             "itself")
 
     def encode(self, modality: str, contents: Sequence[str]) -> np.ndarray:
-        """Queries -> float32 [n, dim] unit vectors in the run's layout."""
+        """Queries -> float32 [n, dim] unit vectors in the run's layout; any query that fails raises QueryError."""
+        vectors, errors = self.encode_each(modality, contents)
+        if errors:
+            raise QueryContentError(errors[min(errors)])
+        return vectors
+
+    def encode_each(self, modality: str, contents: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
+        """float32 [n, dim] vectors (zero rows for the queries that failed) and ``{index: reason}`` of those."""
         if not contents:
-            return np.zeros((0, self.layout.dim), np.float32)
-        per_query = self.space_vectors(modality, contents)
-        return np.stack([fuse(v, self.layout, self.fusion, query=True, attention=self._attention) for v in per_query])
+            return np.zeros((0, self.layout.dim), np.float32), {}
+        per_query, errors = self.space_vectors_each(modality, contents)
+        vectors = np.zeros((len(contents), self.layout.dim), np.float32)
+        for i, v in enumerate(per_query):
+            if i in errors:
+                continue
+            try:
+                vectors[i] = fuse(v, self.layout, self.fusion, query=True, attention=self._attention)
+            except FusionError as e:
+                errors[i] = f"{modality} query {contents[i]!r}: {e}"
+        return vectors, errors
+
+    def _clip(self, path: str, rates: tuple[int, ...]):
+        from encoders.audio import decode_audio
+
+        try:
+            return decode_audio(fetch_bytes(os.fspath(path), self.policy), rates, self.audio_policy)
+        except MediaError as e:
+            raise QueryContentError(f"audio query {path}: {e}") from None
 
     def _pixels(self, spec: ModelSpec, path: str) -> np.ndarray:
         from pipeline.fetch import load_image
@@ -136,7 +263,7 @@ class QueryEncoder:
         try:
             pixels, _ = load_image(os.fspath(path), self.policy, towers.image_preprocess(spec))
         except MediaError as e:
-            raise QueryError(f"image query {path}: {e}") from None
+            raise QueryContentError(f"image query {path}: {e}") from None
         return pixels
 
 

@@ -71,3 +71,86 @@ class ExactSearcher:
         scores = keyed[rows, top]
         scores = -scores if self.metric == "cosine" else scores
         return scores.astype(np.float32), [[self.ids[j] for j in row] for row in top]
+
+
+class IndexSearcher:
+    """A run's FAISS index shards (``pipeline.runs.Run``) behind the :class:`ExactSearcher` interface.
+
+    Scores come back in the requested ``metric``'s terms whatever the index
+    was built with. Item and query vectors are unit vectors, so
+    ``|q - x|^2 = 2 - 2 q.x`` converts exactly between an ``ip`` index's inner
+    products and ``l2`` distances (and back for an ``l2`` index); the ranking is
+    the same either way. Missing results (fewer than ``k`` found, e.g. a small
+    ``nprobe``) are dropped from the id lists and scored -inf (cosine) or
+    +inf (l2).
+    """
+
+    def __init__(self, run, metric: str = "cosine", nprobe: int | None = None):
+        if metric not in METRICS:
+            raise ValueError(f"metric {metric!r} is not one of {METRICS}")
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.run, self.metric = run, metric
+        info = run.manifest["index"]
+        self.index_metric, self.factory = info["metric"], info["factory"]
+        self.nprobe = (nprobe if nprobe is not None else run.default_nprobe) if run.index.ivf else None
+        self.nprobe_ignored = nprobe is not None and not run.index.ivf  # a flat index scans everything
+        self.ids = [str(i) for shard in sorted(run.item_ids) for i in run.item_ids[shard]]
+
+    @property
+    def conversion(self) -> str:
+        """How the index's scores become the metric's ('' when they are used as they are)."""
+        if self.index_metric == "ip" and self.metric == "l2":
+            return "l2 distances from the ip index as 2 - 2*ip (unit vectors)"
+        if self.index_metric == "l2" and self.metric == "cosine":
+            return "cosines from the l2 index as 1 - d/2 (unit vectors)"
+        return ""
+
+    def describe(self) -> dict:
+        return {"kind": "index", "factory": self.factory, "index_metric": self.index_metric, "metric": self.metric,
+                "nprobe": self.nprobe, "conversion": self.conversion or None}
+
+    def label(self) -> str:
+        probe = (f", nprobe {self.nprobe}" if self.nprobe is not None
+                 else ", exact flat scan" + ("; --nprobe ignored" if self.nprobe_ignored else ""))
+        conv = f"; {self.conversion}" if self.conversion else ""
+        return f"index {self.factory} ({self.index_metric}{probe}){conv}"
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        scores, ids = self.run.search(queries, k, self.nprobe)
+        found = np.isfinite(scores)
+        # Run.search gives inner products (ip) or negative squared distances (l2); convert to the metric
+        if self.index_metric == "ip":
+            scores = scores if self.metric == "cosine" else 2 - 2 * scores
+        else:
+            scores = 1 + scores / 2 if self.metric == "cosine" else -scores
+        scores = np.where(found, scores, -np.inf if self.metric == "cosine" else np.inf).astype(np.float32)
+        width = max((len(row) for row in ids), default=0)
+        return scores[:, :width], ids
+
+
+class ExactRunSearcher(ExactSearcher):
+    """:class:`ExactSearcher` that says what it is, like :class:`IndexSearcher`."""
+
+    reason = ""
+
+    def describe(self) -> dict:
+        return {"kind": "exact", "metric": self.metric, "reason": self.reason or None}
+
+    def label(self) -> str:
+        return f"exact {self.metric}" + (f" ({self.reason})" if self.reason else "")
+
+
+def open_searcher(run_dir: str, manifest: dict, embedding_files: Sequence[str], metric: str = "cosine",
+                  exact: bool = False, nprobe: int | None = None):
+    """The run's index when it has one (``nprobe`` defaults to the manifest's recommended one), exact
+    search over its embeddings otherwise or when ``exact`` is set."""
+    if not exact and manifest.get("index"):
+        from pipeline.runs import open_run
+
+        return IndexSearcher(open_run(run_dir), metric, nprobe)
+    searcher = ExactRunSearcher.from_files(embedding_files, metric)
+    searcher.reason = "--exact" if exact else "the run has no index"
+    return searcher
