@@ -24,7 +24,6 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from encoders.media import FetchPolicy, fetch_bytes  # noqa: E402

@@ -92,6 +92,23 @@ def latest_run_dir(output: str) -> str | None:
     return f"{output.rstrip('/')}/runs/{run_id}"
 
 
+class RunNotFound(FileNotFoundError):
+    """Neither a run directory with a manifest nor an output root with LATEST."""
+
+
+def resolve_run_dir(path: str) -> str:
+    """A run directory from a run directory or an output root (following LATEST)."""
+    path = path.rstrip("/")
+    if FileSystems.exists(f"{path}/{MANIFEST}"):
+        return path
+    latest = latest_run_dir(path)
+    if latest is None:
+        raise RunNotFound(f"{path} has neither {MANIFEST} (a published run) nor LATEST (an output root)")
+    if not FileSystems.exists(f"{latest}/{MANIFEST}"):
+        raise RunNotFound(f"LATEST in {path} points to {latest}, which has no {MANIFEST}")
+    return latest
+
+
 class _Publish(beam.DoFn):
     def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict, max_failure_fraction: float,
                  incremental_counts=None):

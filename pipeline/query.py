@@ -20,7 +20,7 @@ from encoders.device import resolve_device
 from encoders.fusion import FusionConfig, FusionError, Layout, fuse
 from encoders.media import FetchPolicy, MediaError, fetch_bytes
 from encoders.specs import ModelSpec, fingerprint
-from pipeline.publish import MANIFEST, latest_run_dir, read_manifest
+from pipeline.publish import read_manifest, resolve_run_dir
 from schemas.embeddings import read_metadata
 
 QUERY_MODALITIES = ("text", "image", "audio")
@@ -32,19 +32,6 @@ class QueryError(ValueError):
 
 class QueryContentError(QueryError):
     """One query's own content cannot be encoded (unreadable media, a clip with no speech and no CLAP)."""
-
-
-def resolve_run_dir(path: str) -> str:
-    """``OUT/runs/<id>`` as given, or ``OUT`` followed through its LATEST pointer."""
-    from apache_beam.io.filesystems import FileSystems
-
-    path = path.rstrip("/")
-    if FileSystems.exists(f"{path}/{MANIFEST}"):
-        return path
-    latest = latest_run_dir(path)
-    if latest is None:
-        raise QueryError(f"{path} is neither a published run (no {MANIFEST}) nor an output root with a LATEST pointer")
-    return latest
 
 
 @dataclasses.dataclass(frozen=True)

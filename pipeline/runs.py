@@ -14,24 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import indexing
 from pipeline.index import read_bytes
-from pipeline.publish import MANIFEST, latest_run_dir, read_manifest
-
-
-class RunNotFound(FileNotFoundError):
-    """Neither a run directory with a manifest nor an output root with LATEST."""
-
-
-def resolve_run_dir(path: str) -> str:
-    """A run directory from a run directory or an output root (following LATEST)."""
-    path = path.rstrip("/")
-    if FileSystems.exists(f"{path}/{MANIFEST}"):
-        return path
-    latest = latest_run_dir(path)
-    if latest is None:
-        raise RunNotFound(f"{path} has neither {MANIFEST} (a published run) nor LATEST (an output root)")
-    if not FileSystems.exists(f"{latest}/{MANIFEST}"):
-        raise RunNotFound(f"LATEST in {path} points to {latest}, which has no {MANIFEST}")
-    return latest
+from pipeline.publish import RunNotFound, read_manifest, resolve_run_dir
 
 
 @dataclasses.dataclass

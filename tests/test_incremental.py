@@ -89,7 +89,7 @@ def nightly(tmp_path_factory, tiny_text_dir):
         (root / "img" / f"{i}.jpg").write_bytes(_jpeg((30 * i, 200 - 20 * i, 90)))
     day1 = [_row("a", "red mug", ["img/0.jpg"]), _row("b", "blue bag", ["img/1.jpg"]),
             _row("c", "green lamp", ["img/2.jpg"]), _row("d", "two photos", ["img/3.jpg", "img/4.jpg"]),
-            _row("e", "text only"), _row(f"f", None, ["img/5.jpg"]), _row("g", "grey sock", ["img/6.jpg"]),
+            _row("e", "text only"), _row("f", None, ["img/5.jpg"]), _row("g", "grey sock", ["img/6.jpg"]),
             _row("h", "white cup", ["img/7.jpg"])]
     catalog = _write_catalog(root, day1)
     out = tmp_path_factory.mktemp("out")

@@ -5,7 +5,6 @@ import glob
 import io
 import json
 import os
-import shutil
 
 import numpy as np
 import pyarrow as pa
