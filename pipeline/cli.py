@@ -62,6 +62,10 @@ def summary(config: RunConfig, manifest: dict) -> str:
         lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
                      f"{len(index['shards'])} shard(s); {search} -> {k}-recall@{k} {reached} "
                      f"(target {recall['target_recall']})")
+        quantizer = index.get("quantizer")
+        if quantizer and quantizer.get("applicable"):
+            how = f"reused from run {quantizer['reused_from_run_id']}" if quantizer["reused"] else "trained"
+            lines.append(f"  quantizer: {how} ({quantizer['reason']})")
     for space, model in manifest["models"].items():
         lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> "
                      + _weights_label(model, "not meaningful for search"))
