@@ -48,6 +48,10 @@ def summary(config: RunConfig, manifest: dict) -> str:
         lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
                      f"{len(index['shards'])} shards; nprobe {nprobe} -> {k}-recall@{k} {reached} "
                      f"(target {recall['target_recall']}); report.html")
+        quantizer = index.get("quantizer")
+        if quantizer and quantizer.get("applicable"):
+            how = f"reused from run {quantizer['reused_from_run_id']}" if quantizer["reused"] else "trained"
+            lines.append(f"  quantizer: {how} ({quantizer['reason']})")
     inc = counts.get("incremental")
     if inc:
         prev = inc["previous_run"]
