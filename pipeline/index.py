@@ -8,7 +8,10 @@ existing run. Its graph:
                      -> recall self-check over all shards (+ optional merged index) -> index info
 
 The sample is deterministic (the rows whose item-id hash is smallest), so a
-rerun on the same embeddings trains the same index. Every file is written
+rerun on the same embeddings trains the same index. On an incremental run the
+train step may instead reuse the previous run's trained index, when its
+quantization error on this run's held-out sample rows shows no drift
+(pipeline/quantizer_reuse.py); the shards are rebuilt either way. Every file is written
 under a temporary name and renamed.
 """
 from __future__ import annotations
