@@ -151,6 +151,7 @@ class WriteConfig:
 
 
 INDEX_METRICS = ("ip", "l2")
+REUSE_QUANTIZER = ("auto", "never")  # same values as pipeline.quantizer_reuse.REUSE_SETTINGS
 DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -172,6 +173,9 @@ class IndexConfig:
     target_recall: float = 0.95  # k-recall@k the recommended nprobe must reach
     nprobes: tuple[int, ...] = DEFAULT_NPROBES
     merge: bool = False  # also write one merged index
+    # auto: an incremental run reuses the previous run's trained quantizer when its measured drift allows
+    reuse_quantizer: str = "auto"
+    quantizer_drift_tolerance: float = 0.10  # accepted rise of held-out quantization error over training time
 
     def __post_init__(self) -> None:
         if self.metric not in INDEX_METRICS:
@@ -191,6 +195,11 @@ class IndexConfig:
             raise ValueError(f"target recall must be in (0, 1], got {self.target_recall}")
         if not self.nprobes or any(p < 1 for p in self.nprobes):
             raise ValueError(f"nprobe ladder must be positive integers, got {self.nprobes}")
+        if self.reuse_quantizer not in REUSE_QUANTIZER:
+            raise ValueError(f"reuse_quantizer {self.reuse_quantizer!r} is not one of {REUSE_QUANTIZER}")
+        if not 0 <= self.quantizer_drift_tolerance < 10:
+            raise ValueError(f"quantizer drift tolerance must be in [0, 10) (0.10 = 10% more error), "
+                             f"got {self.quantizer_drift_tolerance}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,7 +126,8 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         "status": incremental["status"], "encoded": fused["records"],
     }
     if config.index.enabled:
-        publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(config.index, run_dir, layout_dim)
+        publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(
+            config.index, run_dir, layout_dim, previous, metadata["model_fingerprint"])
     manifest = publish_inputs | "Publish" >> Publish(
         config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata),
         max_failure_fraction=config.max_failure_fraction,

@@ -8,7 +8,10 @@ existing run. Its graph:
                      -> recall self-check over all shards (+ optional merged index) -> index info
 
 The sample is deterministic (the rows whose item-id hash is smallest), so a
-rerun on the same embeddings trains the same index. Every file is written
+rerun on the same embeddings trains the same index. On an incremental run the
+train step may instead reuse the previous run's trained index, when its
+quantization error on this run's held-out sample rows shows no drift
+(pipeline/quantizer_reuse.py); the shards are rebuilt either way. Every file is written
 under a temporary name and renamed.
 """
 from __future__ import annotations
@@ -26,8 +29,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import indexing
+from pipeline import indexing, quantizer_reuse
 from pipeline.config import IndexConfig
+from pipeline.incremental import PreviousRun
+from pipeline.quantizer_reuse import PreviousQuantizer
 from pipeline.write import write_table_atomically
 from schemas.embeddings import vectors_of
 
@@ -129,6 +134,8 @@ class TrainedIndex:
     train_vectors: int
     train_s: float
     path: str
+    quantizer: dict  # manifest["index"]["quantizer"]: trained or reused, why, and the errors measured
+    decide_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +174,22 @@ class _SampleFile(beam.DoFn):
         yield VectorSample.of(sample_keys(item_ids), item_ids, vectors, len(item_ids), self._size)
 
 
+def _load_trained(previous: PreviousQuantizer):
+    """The previous run's trained index, refused if its bytes are not the ones its manifest lists."""
+    data = read_bytes(previous.trained_path)
+    if previous.sha256 and hashlib.sha256(data).hexdigest() != previous.sha256:
+        raise ValueError(f"{previous.trained_path} does not match the sha256 in its run's manifest")
+    return indexing.from_bytes(data)
+
+
 class _Train(beam.DoFn):
-    def __init__(self, config: IndexConfig, index_dir: str, dim: int):
+    """Trains the empty index on the sample, or reuses the previous run's when the measured drift allows."""
+
+    def __init__(self, config: IndexConfig, index_dir: str, dim: int, previous: PreviousQuantizer | None = None,
+                 unavailable: str = "", model_fingerprint: str = "", run_id: str = ""):
         self._config, self._dir, self._dim = config, index_dir, dim
+        self._previous, self._unavailable = previous, unavailable
+        self._fp, self._run_id = model_fingerprint, run_id
 
     def process(self, _, sample: VectorSample | None):
         c = self._config
@@ -178,14 +198,35 @@ class _Train(beam.DoFn):
                                         factory=c.factory, nlist=c.nlist, m=c.m, nbits=c.nbits, opq=c.opq)
         if params.kind == "flat" and params.note:
             log.warning("index: %s", params.note)
+        # rows never trained on: the recall queries when the sample had room to hold them out
+        unseen = queries if held_out else np.zeros((0, self._dim), np.float32)
+        decision, reused, decide_s = None, None, 0.0
+        if params.kind == "ivfpq":
+            start = time.perf_counter()
+            decision, reused = quantizer_reuse.decide(
+                self._previous, lambda: _load_trained(self._previous), unseen, factory=params.factory,
+                metric=params.metric, model_fingerprint=self._fp, setting=c.reuse_quantizer,
+                tolerance=c.quantizer_drift_tolerance, unavailable=self._unavailable)
+            decide_s = time.perf_counter() - start
+            log.info("index: quantizer %s: %s", "reused" if decision.reuse else "trained", decision.reason)
         start = time.perf_counter()
-        index = indexing.train_index(params, train)
+        if reused is not None:
+            index, trained_on, fresh = reused, 0, decision.sample_error
+        else:
+            index, trained_on = indexing.train_index(params, train), len(train)
+            fresh = quantizer_reuse.held_out_error(index, unseen) if decision is not None else None
         train_s = time.perf_counter() - start
+        # a reused quantizer is written again here, byte for byte, so this run never depends on the old one
         data = indexing.to_bytes(index)
         path = f"{self._dir}/{TRAINED}"
         write_bytes_atomically(path, data)
-        log.info("index: trained %s on %d of %d vectors in %.1f s", params.factory, len(train), total, train_s)
-        yield TrainedIndex(params, data, query_ids, queries, held_out, total, len(train), train_s, path)
+        quantizer = quantizer_reuse.manifest_block(
+            decision, setting=c.reuse_quantizer, model_fingerprint=self._fp, previous=self._previous,
+            fresh_error=fresh, held_out_vectors=len(unseen), run_id=self._run_id)
+        if reused is None:
+            log.info("index: trained %s on %d of %d vectors in %.1f s", params.factory, trained_on, total, train_s)
+        yield TrainedIndex(params, data, query_ids, queries, held_out, total, trained_on, train_s, path,
+                           quantizer, decide_s)
 
 
 class _FillShard(beam.DoFn):
@@ -245,7 +286,9 @@ class _CheckRecall(beam.DoFn):
             "shards": [{"shard": s.shard, "index": self._rel(s.index_path), "ids": self._rel(s.ids_path),
                         "count": s.count} for s in shards],
             "merged": self._rel(merged) if merged else None,
-            "training": {"vectors": trained.train_vectors, "seconds": round(trained.train_s, 3)},
+            "training": {"vectors": trained.train_vectors, "seconds": round(trained.train_s, 3),
+                         "decision_seconds": round(trained.decide_s, 3)},
+            "quantizer": trained.quantizer,
             "add_seconds": round(sum(s.add_s for s in shards), 3),
             "recall": {
                 "k": c.k, "queries": len(trained.queries), "held_out": trained.held_out,
@@ -258,12 +301,36 @@ class _CheckRecall(beam.DoFn):
 
 
 class BuildIndex(beam.PTransform):
-    """Embeddings file paths -> one dict describing the index (for the manifest), after every file is written."""
+    """Embeddings file paths -> one dict describing the index (for the manifest), after every file is written.
 
-    def __init__(self, config: IndexConfig, run_dir: str, dim: int):
+    ``previous`` (the run incremental reuse compares with) offers its trained
+    quantizer to this run when it is comparable (same model fingerprint,
+    layout and dtype); ``model_fingerprint`` is this run's, recorded so the
+    next run can compare.
+    """
+
+    def __init__(self, config: IndexConfig, run_dir: str, dim: int, previous: PreviousRun | None = None,
+                 model_fingerprint: str = ""):
         super().__init__()
         self._config, self._run_dir, self._dim = config, run_dir.rstrip("/"), dim
         self._index_dir = f"{self._run_dir}/index"
+        self._fp = model_fingerprint
+        self._previous, self._unavailable = self._previous_quantizer(config, previous)
+
+    @staticmethod
+    def _previous_quantizer(config: IndexConfig, previous: PreviousRun | None
+                            ) -> tuple[PreviousQuantizer | None, str]:
+        """Read at graph construction, like the previous run itself: (what it recorded, or why nothing)."""
+        from pipeline.publish import read_manifest
+
+        if config.reuse_quantizer == "never":
+            return None, ""
+        if previous is None:
+            return None, "no previous run (first run, or --previous_run none)"
+        if not previous.reusable:
+            return None, f"previous run {previous.run_id} is not comparable: {previous.reason}"
+        recorded = PreviousQuantizer.from_manifest(previous.run_dir, read_manifest(previous.run_dir))
+        return recorded, "" if recorded else f"previous run {previous.run_id} built no index"
 
     def expand(self, embedding_files):
         c, p = self._config, embedding_files.pipeline
@@ -276,7 +343,9 @@ class BuildIndex(beam.PTransform):
         trained = (
             p
             | "Once" >> beam.Create([None])
-            | "Train" >> beam.ParDo(_Train(c, self._index_dir, self._dim), beam.pvalue.AsSingleton(sample))
+            | "Train" >> beam.ParDo(_Train(c, self._index_dir, self._dim, self._previous, self._unavailable, self._fp,
+                                           self._run_dir.rpartition("/")[2]),
+                                    beam.pvalue.AsSingleton(sample))
         )
         trained_side = beam.pvalue.AsSingleton(trained)
         shards = (

@@ -13,7 +13,7 @@ from encoders.fusion import FUSION_MODES, FusionConfig
 from encoders.media import DEFAULT_SCHEMES, FetchPolicy
 from encoders.specs import PRETRAINED, ModelSpec
 from pipeline.config import (DEFAULT_MAX_FAILURE_FRACTION, INDEX_METRICS, MEDIA_ERROR_POLICIES, EncodeConfig,
-                             IndexConfig, ReadConfig, RunConfig, WriteConfig, catalog_root)
+                             REUSE_QUANTIZER, IndexConfig, ReadConfig, RunConfig, WriteConfig, catalog_root)
 from pipeline.incremental import CHANGE_DETECTION, LATEST, IncrementalConfig
 from schemas.catalog import CatalogColumns
 
@@ -149,6 +149,11 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--target_recall", type=float, default=IndexConfig.target_recall,
                        help="10-recall@10 the recommended nprobe must reach")
         g.add_argument("--merge_index", action="store_true", help="also write index/merged.faiss")
+        g.add_argument("--reuse_quantizer", default=IndexConfig.reuse_quantizer, choices=list(REUSE_QUANTIZER),
+                       help="auto: reuse the previous run's trained IVF-PQ when the model is unchanged and the "
+                            "held-out quantization error has not drifted; never: always train")
+        g.add_argument("--quantizer_drift_tolerance", type=float, default=IndexConfig.quantizer_drift_tolerance,
+                       help="reuse while the error is at most (1 + this) x the error at training time")
 
         g = parser.add_argument_group("incremental runs")
         g.add_argument("--previous_run", default=LATEST,
@@ -241,7 +246,9 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         index=IndexConfig(enabled=o.index == "on", factory=o.index_factory, nlist=o.index_nlist, m=o.index_m,
                           nbits=o.index_nbits, opq=o.index_opq, metric=o.index_metric,
                           memory_gb=o.index_memory_gb, train_size=o.index_train_size,
-                          num_queries=o.index_queries, target_recall=o.target_recall, merge=o.merge_index),
+                          num_queries=o.index_queries, target_recall=o.target_recall, merge=o.merge_index,
+                          reuse_quantizer=o.reuse_quantizer,
+                          quantizer_drift_tolerance=o.quantizer_drift_tolerance),
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
         decode_threads=o.decode_threads,

@@ -109,3 +109,118 @@ def should_reuse_quantizer(
                                        f"x {1 + tolerance:g})", n, previous_error, error, tolerance)
     return QuantizerDecision(False, f"data drifted: quantization error {error:.4g} > {limit:.4g} (training "
                                     f"{previous_error:.4g} x {1 + tolerance:g})", n, previous_error, error, tolerance)
+
+
+# --------------------------------------------------------------------------- what the index stage records and reads
+
+REUSE_SETTINGS = ("auto", "never")
+NOT_APPLICABLE = "exact flat index: no quantizer to train or reuse"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviousQuantizer:
+    """What a published run's manifest says about its trained index (read when the graph is built)."""
+
+    run_id: str
+    trained_path: str  # absolute path of its index/trained.faiss
+    sha256: str | None  # as listed in its manifest's files, to refuse a file changed since
+    factory: str
+    metric: str
+    kind: str
+    model_fingerprint: str
+    baseline_error: float | None  # held-out quantization error when the quantizer was trained
+    trained_run_id: str  # the run that trained it (older than run_id when run_id itself reused it)
+
+    @staticmethod
+    def from_manifest(run_dir: str, manifest: dict) -> "PreviousQuantizer | None":
+        """None when the run built no index (``--index off``)."""
+        index = manifest.get("index") or {}
+        if not index.get("trained"):
+            return None
+        recorded = index.get("quantizer") or {}
+        sha = {f["path"]: f.get("sha256") for f in manifest.get("files", [])}.get(index["trained"])
+        run_id = manifest.get("run_id", "")
+        return PreviousQuantizer(
+            run_id=run_id, trained_path=f"{run_dir.rstrip('/')}/{index['trained']}", sha256=sha,
+            factory=index.get("factory", ""), metric=index.get("metric", ""), kind=index.get("kind", ""),
+            model_fingerprint=recorded.get("model_fingerprint") or manifest.get("model_fingerprint", ""),
+            baseline_error=recorded.get("baseline_error"), trained_run_id=recorded.get("trained_run_id") or run_id)
+
+
+def decide(previous: PreviousQuantizer | None, load_previous, held_out: np.ndarray, *, factory: str, metric: str,
+           model_fingerprint: str, setting: str = "auto", tolerance: float = DEFAULT_TOLERANCE,
+           unavailable: str = "", min_sample: int = DEFAULT_MIN_SAMPLE) -> tuple[QuantizerDecision, faiss.Index | None]:
+    """(decision, the previous trained index when it is to be reused, else None) for an IVF run.
+
+    Cheap refusals come first; ``load_previous()`` (-> faiss.Index, raises
+    ValueError or OSError with a readable message) is only called when the
+    measurement is needed. ``held_out`` are this run's held-out sample rows:
+    the same selection rule (smallest item-id hashes, never trained on) as the
+    rows the baseline was measured on, so an unchanged catalog measures the
+    same error and a changed one measures its drift.
+    """
+    if setting not in REUSE_SETTINGS:
+        raise ValueError(f"reuse setting {setting!r} is not one of {REUSE_SETTINGS}")
+    n = int(len(held_out))
+
+    def refuse(reason: str) -> tuple[QuantizerDecision, None]:
+        error = previous.baseline_error if previous is not None else None
+        return QuantizerDecision(False, reason, n, error, tolerance=tolerance), None
+
+    if setting == "never":
+        return refuse("reuse disabled (--reuse_quantizer never)")
+    if previous is None:
+        return refuse(unavailable or "no previous run with a trained index")
+    if previous.kind != "ivfpq":
+        return refuse(f"previous run {previous.run_id} built an exact flat index: no quantizer to reuse")
+    if (previous.factory, previous.metric) != (factory, metric):
+        return refuse(f"index parameters changed ({previous.factory} {previous.metric} -> {factory} {metric})")
+    if previous.baseline_error is None:
+        return refuse(f"previous run {previous.run_id} recorded no held-out quantization error")
+    try:
+        index = load_previous()
+    except (OSError, ValueError, RuntimeError) as e:  # a missing/changed file must not fail the run: retrain
+        return refuse(f"previous trained index unusable: {e}")
+    decision = should_reuse_quantizer(index, held_out, previous.baseline_error,
+                                      previous_model_fingerprint=previous.model_fingerprint,
+                                      model_fingerprint=model_fingerprint, tolerance=tolerance, min_sample=min_sample)
+    return decision, (index if decision.reuse else None)
+
+
+def held_out_error(index: faiss.Index, held_out: np.ndarray) -> float | None:
+    """The error the next run compares with; None without held-out rows or for a codec faiss cannot sa_encode."""
+    if not len(held_out):
+        return None
+    try:
+        return quantization_error(index, held_out)
+    except RuntimeError:  # some user factory strings have no standalone codec
+        return None
+
+
+def manifest_block(decision: QuantizerDecision | None, *, setting: str, model_fingerprint: str,
+                   previous: PreviousQuantizer | None = None, fresh_error: float | None = None,
+                   held_out_vectors: int = 0, run_id: str = "") -> dict:
+    """``manifest["index"]["quantizer"]``: the decision and its figures, and what the next run compares with.
+
+    ``baseline_error`` is the held-out error at *training* time; a reusing run
+    carries it forward unchanged, so slow drift over many nights adds up
+    against it instead of each night being compared with the one before
+    (which would let a 5% drift per night pass for ever). ``held_out_error``
+    is tonight's measurement through the quantizer actually used.
+    """
+    if decision is None:
+        return {"applicable": False, "reused": False, "reason": NOT_APPLICABLE, "reuse_setting": setting,
+                "model_fingerprint": model_fingerprint}
+    reused = decision.reuse
+    return {
+        "applicable": True,
+        "reused": reused,
+        **decision.to_json(),
+        "reuse_setting": setting,
+        "model_fingerprint": model_fingerprint,
+        "reused_from_run_id": previous.run_id if reused else None,
+        "trained_run_id": previous.trained_run_id if reused else run_id,
+        "baseline_error": previous.baseline_error if reused else fresh_error,
+        "held_out_error": fresh_error,
+        "held_out_vectors": held_out_vectors,
+    }

@@ -141,6 +141,10 @@ def render_html(manifest: dict) -> str:
                          index["m"], index["nbits"], index["bytes_per_vector"]]])]
         if index.get("note"):
             out.append(f"<p>{html.escape(index['note'])}</p>")
+        quantizer = index.get("quantizer")
+        if quantizer and quantizer.get("applicable"):
+            how = f"reused from run {quantizer['reused_from_run_id']}" if quantizer["reused"] else "trained in this run"
+            out.append(f"<p>Quantizer: <b>{html.escape(how)}</b> ({html.escape(quantizer['reason'])})</p>")
         out += [f"<h2>Recall self-check</h2><p>{recall['queries']} queries "
                 f"({'held out from training' if recall['held_out'] else 'also used in training'}), "
                 f"against {html.escape(recall['ground_truth'])}. Recommended nprobe for {k}-recall@{k} &ge; "
