@@ -81,8 +81,8 @@ def main() -> None:
     lines += ["", f"Batching gain (one clip at a time / batch {args.batch_size}): {one_s / asr_s:.2f}x. "
               "Whisper pads every window to 30 s, so a short clip costs a full window; on 2 "
               "shared CPU cores the int8 model is compute-bound and batching does not pay (it is for GPUs).",
-              "GPU figures (transformers Whisper, faster-whisper float16) remain unmeasured: no GPU in this "
-              "environment's Python stack.", ""]
+              "GPU figures (transformers Whisper, faster-whisper float16) remain unmeasured: the task that "
+              "built the audio path had no GPU machine.", ""]
     section = "\n".join(lines)
     print(section)
     DOC.parent.mkdir(exist_ok=True)
