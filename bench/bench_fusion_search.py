@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import statistics
 import sys
 import tempfile
 import time
@@ -18,6 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._report import median_seconds, replace_section  # noqa: E402
 from encoders.fusion import FusionConfig, Layout, fuse  # noqa: E402
 from pipeline.search import ExactSearcher  # noqa: E402
 
@@ -25,15 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADING = "## Fusion, exact search and retrieval evaluation (issue 4)"
 ROUTES = [("text", "clip"), ("image", "clip"), ("text", "text")]
 DIMS = {"clip": 512, "text": 384}
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def bench_fusion(n: int, repeats: int) -> list[tuple[str, float]]:
@@ -49,14 +39,14 @@ def bench_fusion(n: int, repeats: int) -> list[tuple[str, float]]:
     for mode in ("mean", "concat", "attention"):
         cfg = FusionConfig(mode=mode)
         layout = Layout.build(ROUTES, DIMS, cfg)
-        t = _median_time(lambda: [fuse(v, layout, cfg) for v in items], repeats)
+        t = median_seconds(lambda: [fuse(v, layout, cfg) for v in items], repeats)
         rows.append((f"{mode}" + (" (agreement rule)" if mode == "attention" else ""), n / t))
     from encoders.attention import FusionAttention
 
     cfg = FusionConfig(mode="attention")
     layout = Layout.build(ROUTES, DIMS, cfg)
     learned = FusionAttention.for_run(ROUTES, layout).weights_fn()
-    t = _median_time(lambda: [fuse(v, layout, cfg, attention=learned) for v in items], repeats)
+    t = median_seconds(lambda: [fuse(v, layout, cfg, attention=learned) for v in items], repeats)
     rows.append(("attention (learned module)", n / t))
     return rows
 
@@ -69,8 +59,8 @@ def bench_search(n: int, dim: int, queries: int, repeats: int) -> list[tuple[str
     rows = []
     for metric in ("cosine", "l2"):
         s = ExactSearcher([str(i) for i in range(n)], v, metric)
-        batch = _median_time(lambda: s.search(q, 10), repeats)
-        single = _median_time(lambda: s.search(q[:1], 10), repeats)
+        batch = median_seconds(lambda: s.search(q, 10), repeats)
+        single = median_seconds(lambda: s.search(q[:1], 10), repeats)
         rows.append((metric, single * 1000, batch / queries * 1000))
     return rows
 
@@ -94,17 +84,6 @@ def bench_eval() -> tuple[dict | None, float]:
         seconds = time.perf_counter() - t
         with open(os.path.join(out, "eval.json")) as f:
             return json.load(f), seconds
-
-
-def write_section(text: str) -> None:
-    path = os.path.join(ROOT, "docs", "BENCHMARKS.md")
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    section = f"{HEADING}\n\n{text.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: section + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + section
-    with open(path + ".tmp", "w") as f:
-        f.write(new.rstrip() + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def main() -> None:
@@ -139,7 +118,7 @@ def main() -> None:
                   f"tower. `eval` took {seconds:.1f} s (model load included)."]
     text = "\n".join(lines)
     print(text)
-    write_section(text)
+    replace_section(HEADING[3:], text)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,9 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from pathlib import Path  # noqa: E402
+
+from bench._report import write_heading_section  # noqa: E402
 import apache_beam as beam  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -108,18 +110,6 @@ def run(catalog: str, output: str, run_id: str, *extra: str) -> dict:
     return {"wall_s": wall, "encoder_s": encoder_seconds(result), "counts": manifest["counts"], "table": table}
 
 
-def write_section(markdown: str, path: str) -> None:
-    """Replaces this benchmark's section of docs/BENCHMARKS.md (other sections belong to others)."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: markdown, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + markdown
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=300)
@@ -171,7 +161,7 @@ def main() -> int:
     ]
     markdown = "\n".join(lines)
     print(markdown)
-    write_section(markdown, args.markdown)
+    write_heading_section(markdown, Path(args.markdown))
     print(f"written to {args.markdown}")
     return 0 if identical and enc_ratio <= 0.05 else 1
 

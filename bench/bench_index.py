@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench._report import write_heading_section  # noqa: E402
 SECTION = "## Index build: sharded IVF-PQ (issue 5)"
 SHARDS = 4
 CAVEAT = ("Read with care: the pipeline wall time also includes its deterministic sampling pass over all shards and the recall self-check (exact ground truth plus every nprobe of the ladder), which the bare script does not do; the machine was shared with other jobs (load average 8-10 on 2 cores), so train times of the same factory on the same data differ by up to 2x between runs. The synthetic set has 1000 clusters, each spread over its own 16-dimensional subspace of the 512 (real embeddings have a low intrinsic dimension; i.i.d. noise in every dimension would leave a cluster's members equidistant and recall would measure the noise). The MiniLM set (5,000 vectors) only affords 6-bit PQ codes, which caps its recall near 0.74. Where the 0.95 target is not reached, the manifest says so.")
@@ -228,21 +229,6 @@ def markdown(results: list[dict], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replaces only this benchmark's section of docs/BENCHMARKS.md (other issues own the others)."""
-    path = os.path.join(ROOT, "docs", "BENCHMARKS.md")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
-    with open(path, "w") as f:
-        f.write(new)
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, args = sys.argv[2], sys.argv[3:]
@@ -285,7 +271,7 @@ def main() -> None:
                      "training time is fixed by the sample size and nlist.")
     text = markdown(results, notes)
     print(text)
-    write_section(text)
+    write_heading_section(text)
 
 
 if __name__ == "__main__":

@@ -14,32 +14,20 @@ import http.server
 import io
 import os
 import platform
-import re
-import statistics
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image  # noqa: E402
 
+from bench._report import median_seconds, write_heading_section  # noqa: E402
 from encoders.media import FetchPolicy, fetch_bytes  # noqa: E402
 
 HEADING = "## Reliability and safe fetching (issue 6)"
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "BENCHMARKS.md")
-
-
-def _median_s(fn, repeats: int, inner: int = 1) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
 
 
 def bench_local(tmp: str) -> dict:
@@ -65,8 +53,8 @@ def bench_local(tmp: str) -> dict:
             fetch_bytes(p, policy)
 
     plain(), checked()
-    t_plain = _median_s(plain, 31) / len(paths)
-    t_checked = _median_s(checked, 31) / len(paths)
+    t_plain = median_seconds(plain, 31) / len(paths)
+    t_checked = median_seconds(checked, 31) / len(paths)
     return {"bytes": len(buf.getvalue()), "plain_us": t_plain * 1e6, "checked_us": t_checked * 1e6,
             "ratio": t_checked / t_plain}
 
@@ -93,8 +81,8 @@ def bench_http() -> dict:
         plain = lambda: opener.open(url, timeout=10).read()  # noqa: E731
         checked = lambda: fetch_bytes(url, policy)  # noqa: E731
         plain(), checked()
-        t_plain = _median_s(plain, 101)
-        t_checked = _median_s(checked, 101)
+        t_plain = median_seconds(plain, 101)
+        t_checked = median_seconds(checked, 101)
     finally:
         httpd.shutdown()
     return {"plain_ms": t_plain * 1e3, "checked_ms": t_checked * 1e3, "ratio": t_checked / t_plain}
@@ -128,22 +116,9 @@ def bench_isolation(tmp: str) -> dict:
     clean = [f"item number {i} with a short description" for i in range(32)]
     dirty = clean[:31] + ["BAD item"]
     handler.run_inference(clean, model), handler.run_inference(dirty, model)
-    t_clean = _median_s(lambda: handler.run_inference(clean, model), 21)
-    t_dirty = _median_s(lambda: handler.run_inference(dirty, model), 21)
+    t_clean = median_seconds(lambda: handler.run_inference(clean, model), 21)
+    t_dirty = median_seconds(lambda: handler.run_inference(dirty, model), 21)
     return {"clean_ms": t_clean * 1e3, "dirty_ms": t_dirty * 1e3, "ratio": t_dirty / t_clean}
-
-
-def write_section(text: str) -> None:
-    """Replaces only this benchmark's section of docs/BENCHMARKS.md (other issues own the rest)."""
-    existing = open(DOC).read() if os.path.exists(DOC) else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(existing):
-        updated = pattern.sub(lambda _: text, existing)
-    else:
-        updated = existing.rstrip("\n") + "\n\n" + text
-    os.makedirs(os.path.dirname(DOC), exist_ok=True)
-    with open(DOC, "w") as f:
-        f.write(updated)
 
 
 def main() -> None:
@@ -172,7 +147,7 @@ batch-independent bits); only such batches pay it, so with a failure
 fraction f about min(1, f x batch_size) of the batches do.
 """
     print(text)
-    write_section(text)
+    write_heading_section(text)
     print(f"wrote section {HEADING!r} of {DOC}")
 
 

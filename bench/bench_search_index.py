@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._report import replace_section  # noqa: E402
+from bench._report import median_seconds, replace_section  # noqa: E402
 from pipeline import indexing  # noqa: E402
 from pipeline.runs import Run  # noqa: E402
 from pipeline.search import ExactSearcher, IndexSearcher  # noqa: E402
@@ -41,15 +40,6 @@ def _data(n: int, dim: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np
     q = x[rng.choice(n, queries, replace=False)] + 0.3 * rng.normal(size=(queries, dim)).astype(np.float32) / np.sqrt(dim) * 4
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return x, q.astype(np.float32)
-
-
-def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -79,8 +69,8 @@ def main() -> None:
     exact = ExactSearcher(ids, x)
     _, truth = exact.search(q, 10)
     rows = []
-    batch = _median_s(lambda: exact.search(q, 10), args.repeats)
-    single = _median_s(lambda: [exact.search(v[None], 10) for v in q[:20]], args.repeats) / 20
+    batch = median_seconds(lambda: exact.search(q, 10), args.repeats)
+    single = median_seconds(lambda: [exact.search(v[None], 10) for v in q[:20]], args.repeats) / 20
     rows.append(("exact (ExactSearcher)", batch, single, 1.0, 1.0))
     for nprobe in (1, 4, 16, 64):
         if nprobe > params.nlist:
@@ -89,8 +79,8 @@ def main() -> None:
         _, found = searcher.search(q, 10)
         recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]))
         top1 = float(np.mean([bool(a) and a[0] == b[0] for a, b in zip(found, truth)]))
-        batch = _median_s(lambda: searcher.search(q, 10), args.repeats)
-        single = _median_s(lambda: [searcher.search(v[None], 10) for v in q[:20]], args.repeats) / 20
+        batch = median_seconds(lambda: searcher.search(q, 10), args.repeats)
+        single = median_seconds(lambda: [searcher.search(v[None], 10) for v in q[:20]], args.repeats) / 20
         rows.append((f"index {params.factory}, nprobe {nprobe}", batch, single, recall, top1))
 
     exact_single = rows[0][2]
