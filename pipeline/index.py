@@ -21,7 +21,6 @@ import hashlib
 import logging
 import re
 import time
-import uuid
 
 import apache_beam as beam
 import numpy as np
@@ -33,7 +32,7 @@ from pipeline import indexing, quantizer_reuse
 from pipeline.config import IndexConfig
 from pipeline.incremental import PreviousRun
 from pipeline.quantizer_reuse import PreviousQuantizer
-from pipeline.write import write_table_atomically
+from pipeline.write import write_bytes_atomically, write_table_atomically
 from schemas.embeddings import vectors_of
 
 NAMESPACE = "catalog_index.index"
@@ -41,14 +40,6 @@ TRAINED = "trained.faiss"
 MERGED = "merged.faiss"
 _PART_RE = re.compile(r"part-(\d+)-of-\d+\.parquet$")
 log = logging.getLogger("pipeline.index")
-
-
-def write_bytes_atomically(path: str, data: bytes) -> None:
-    directory, _, name = path.rpartition("/")
-    tmp = f"{directory}/.tmp-{uuid.uuid4().hex}-{name}"
-    with FileSystems.create(tmp) as f:
-        f.write(data)
-    FileSystems.rename([tmp], [path])
 
 
 def read_bytes(path: str) -> bytes:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import uuid
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import faults, report
+from pipeline.write import write_bytes_atomically
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -51,11 +51,7 @@ def check_failure_fraction(counts: dict, max_fraction: float) -> None:
 
 
 def write_text_atomically(path: str, text: str) -> None:
-    directory, _, name = path.rpartition("/")
-    tmp = f"{directory}/.tmp-{uuid.uuid4().hex}-{name}"
-    with FileSystems.create(tmp) as f:
-        f.write(text.encode())
-    FileSystems.rename([tmp], [path])
+    write_bytes_atomically(path, text.encode())
 
 
 def check_counts(counts: dict) -> None:

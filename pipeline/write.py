@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import uuid
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import apache_beam as beam
 import pyarrow as pa
@@ -31,21 +31,34 @@ def shard_name(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
-def write_table_atomically(path: str, table: pa.Table) -> None:
+def write_atomically(path: str, write: Callable[[BinaryIO], None], fault_point: str = "") -> None:
+    """Writes ``path`` through ``write(stream)`` under a temporary name, then renames it.
+
+    A reader never sees half a file, and a failed attempt leaves nothing
+    behind: a retry writes its own temporary file.
+    """
     directory, _, name = path.rpartition("/")
     tmp = f"{directory}/.tmp-{uuid.uuid4().hex}-{name}"
     try:
         with FileSystems.create(tmp) as stream:
-            pq.write_table(table, stream, compression="zstd")
-        faults.inject("write_shard")
+            write(stream)
+        if fault_point:
+            faults.inject(fault_point)
         FileSystems.rename([tmp], [path])
     except BaseException:
-        # a failed attempt leaves nothing behind; the retry writes its own temporary file
         try:
             FileSystems.delete([tmp])
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
         raise
+
+
+def write_table_atomically(path: str, table: pa.Table) -> None:
+    write_atomically(path, lambda stream: pq.write_table(table, stream, compression="zstd"), "write_shard")
+
+
+def write_bytes_atomically(path: str, data: bytes) -> None:
+    write_atomically(path, lambda stream: stream.write(data))
 
 
 def embeddings_to_table(records: list[EmbeddingRecord], schema: pa.Schema) -> pa.Table:
