@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from encoders.specs import PRETRAINED, RANDOM, _path_digest
+from encoders.specs import PRETRAINED, RANDOM, WeightsLabel, _path_digest
 
 BACKENDS = ("faster_whisper", "transformers")
 COMPUTE_TYPES = ("default", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
@@ -38,7 +38,7 @@ _LANGUAGE_RE = re.compile(r"^[a-z]{2,3}$")
 
 
 @dataclasses.dataclass(frozen=True)
-class AsrSpec:
+class AsrSpec(WeightsLabel):
     """Which speech recognizer, and how it decodes.
 
     ``model`` is a local model directory (CTranslate2 for ``faster_whisper``,
@@ -82,14 +82,6 @@ class AsrSpec:
     @property
     def name(self) -> str:
         return self.model
-
-    @property
-    def is_random(self) -> bool:
-        return self.weights == RANDOM
-
-    @property
-    def weights_label(self) -> str:
-        return "random" if self.is_random else "real"
 
     def describe(self) -> dict:
         return {
@@ -264,16 +256,11 @@ class TransformersWhisperAsr:
     """
 
     def __init__(self, spec: AsrSpec, device: torch.device, precision: str = "fp32"):
-        from transformers import AutoConfig, AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
+        from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-        from encoders.towers import _seeded
+        from encoders.towers import load_transformers
 
-        if spec.is_random:
-            with _seeded(spec):
-                self.model = WhisperForConditionalGeneration(AutoConfig.from_pretrained(spec.model))
-        else:
-            self.model = WhisperForConditionalGeneration.from_pretrained(spec.model)
-        self.model.to(device).eval()
+        self.model = load_transformers(spec, device, WhisperForConditionalGeneration)
         try:
             self.extractor = WhisperFeatureExtractor.from_pretrained(spec.model)
         except OSError:  # a bare config dir (tests): Whisper's standard front end for its mel count

@@ -24,8 +24,21 @@ RANDOM = "random"
 PRETRAINED = "pretrained"
 
 
+class WeightsLabel:
+    """``is_random`` / ``weights_label`` for any spec dataclass with a ``weights`` field."""
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights == RANDOM
+
+    @property
+    def weights_label(self) -> str:
+        """``random`` or ``real``: what the run's output metadata and summary say."""
+        return "random" if self.is_random else "real"
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(WeightsLabel):
     """One model family + name + weights.
 
     ``weights`` is, for ``open_clip``, a pretrained tag (``laion2b_s34b_b79k``),
@@ -51,15 +64,6 @@ class ModelSpec:
             )
         if self.family == "open_clip" and self.weights == PRETRAINED:
             raise ValueError("open_clip weights must be a pretrained tag, a checkpoint path or 'random'")
-
-    @property
-    def is_random(self) -> bool:
-        return self.weights == RANDOM
-
-    @property
-    def weights_label(self) -> str:
-        """``random`` or ``real``: what the run's output metadata and summary say."""
-        return "random" if self.is_random else "real"
 
     def describe(self) -> dict:
         return {

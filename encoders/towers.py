@@ -172,16 +172,21 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def _load_transformers(spec: ModelSpec, device: torch.device):
+def load_transformers(spec, device: torch.device, model_class=None):
+    """A transformers model from ``spec.name``: its weights, or seeded random weights from its config.
+
+    ``model_class`` (e.g. ClapModel) when the auto class would pick another head.
+    trust_remote_code=False: a model folder's Python files are never run; weights load from
+    safetensors when present, else through torch.load(weights_only=True) (transformers' default).
+    """
     from transformers import AutoConfig, AutoModel
 
-    # trust_remote_code=False: a model folder's Python files are never run; weights load from
-    # safetensors when present, else through torch.load(weights_only=True) (transformers' default)
     if spec.is_random:
+        config = AutoConfig.from_pretrained(spec.name, trust_remote_code=False)
         with _seeded(spec):
-            model = AutoModel.from_config(AutoConfig.from_pretrained(spec.name, trust_remote_code=False))
+            model = model_class(config) if model_class is not None else AutoModel.from_config(config)
     else:
-        model = AutoModel.from_pretrained(spec.name, trust_remote_code=False)
+        model = (model_class or AutoModel).from_pretrained(spec.name, trust_remote_code=False)
     return model.to(device).eval()
 
 
@@ -191,7 +196,7 @@ class HfClipModel(_AutoBatch):
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32"):
         from transformers import AutoTokenizer
 
-        self.model = _load_transformers(spec, device)
+        self.model = load_transformers(spec, device)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.name)
         text_cfg = self.model.config.text_config
         self.max_length = min(int(text_cfg.max_position_embeddings), 77)
@@ -237,7 +242,7 @@ class SentenceModel(_AutoBatch):
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32", max_length: int = 256):
         from transformers import AutoTokenizer
 
-        self.model = _load_transformers(spec, device)
+        self.model = load_transformers(spec, device)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.name)
         self.max_length = min(max_length, int(getattr(self.model.config, "max_position_embeddings", max_length)))
         self.device, self.precision = device, precision
@@ -288,14 +293,7 @@ class HfClapModel:
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32"):
         from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 
-        if spec.is_random:
-            from transformers import AutoConfig
-
-            with _seeded(spec):
-                self.model = ClapModel(AutoConfig.from_pretrained(spec.name))
-        else:
-            self.model = ClapModel.from_pretrained(spec.name)
-        self.model.to(device).eval()
+        self.model = load_transformers(spec, device, ClapModel)
         fusion = bool(getattr(self.model.config.audio_config, "enable_fusion", False))
         try:
             self.extractor = ClapFeatureExtractor.from_pretrained(spec.name)

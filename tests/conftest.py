@@ -20,6 +20,21 @@ SAMPLE = ROOT / "sample_catalog"
 TINY_CLIP_JSON = str(DATA / "tiny-clip.json")
 
 
+def run_sample_text_image(out, run_id: str, text_dir: str, *extra: str) -> str:
+    """The sample catalog through the pipeline with the tiny CLIP and text models, no audio.
+
+    For the query-side tests (search, eval, fusion modes); the audio path has tests of its own.
+    Returns the run directory.
+    """
+    from pipeline import cli
+
+    argv = ["run", "--catalog", str(SAMPLE / "catalog.parquet"), "--output", str(out), "--run_id", run_id,
+            "--clip_model", TINY_CLIP_JSON, "--clip_weights", "random", "--text_model", text_dir,
+            "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0", "--asr_model", "none", *extra]
+    assert cli.main(argv) == 0
+    return os.path.join(str(out), "runs", run_id)
+
+
 def _minilm_dir() -> Path:
     from encoders.presets import packaged_minilm
 

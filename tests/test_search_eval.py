@@ -9,29 +9,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import run_sample_text_image
 from pipeline import cli
 from pipeline.query import QueryEncoder, QueryError, load_run
 from pipeline.search import ExactSearcher
 from schemas.catalog import validate_row
 
-TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_catalog")
 QUERIES = os.path.join(SAMPLE, "queries.jsonl")
-
-
-def _run(out, run_id, text_dir, *extra):
-    argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(out), "--run_id", run_id,
-            "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
-            "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0",
-            "--asr_model", "none", *extra]  # text and image: the audio path has its own tests
-    assert cli.main(argv) == 0
-    return os.path.join(str(out), "runs", run_id)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_text_dir):
     out = tmp_path_factory.mktemp("out")
-    dirs = {mode: _run(out, mode, tiny_text_dir, "--fusion_mode", mode) for mode in ("concat", "attention")}
+    dirs = {mode: run_sample_text_image(out, mode, tiny_text_dir, "--fusion_mode", mode) for mode in ("concat", "attention")}
     return out, dirs
 
 
@@ -151,7 +142,7 @@ def test_fit_fusion_module_is_used_by_the_pipeline(runs, tiny_text_dir, tmp_path
     assert report["training"]["loss_last"] < report["training"]["loss_first"]
     assert report["pairs"]["train"] > 0 and report["pairs"]["held_out"] > 0
 
-    run_dir = _run(out, "learned", tiny_text_dir, "--fusion_mode", "attention", "--fusion_module", str(module))
+    run_dir = run_sample_text_image(out, "learned", tiny_text_dir, "--fusion_mode", "attention", "--fusion_module", str(module))
     run = load_run(run_dir)
     fusion = run.metadata["fusion"]["attention"]
     assert fusion["rule"] == "learned" and len(fusion["sha256"]) == 64

@@ -8,32 +8,24 @@ import faiss
 import numpy as np
 import pytest
 
+from tests.conftest import run_sample_text_image
 from pipeline import cli, indexing
 from pipeline.evaluate import evaluate, read_queries
 from pipeline.query import QueryEncoder, load_run
 from pipeline.runs import Run
 from pipeline.search import ExactSearcher, IndexSearcher, open_searcher
 
-TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_catalog")
 QUERIES = os.path.join(SAMPLE, "queries.jsonl")
-
-
-def _run(out, run_id, text_dir, *extra):
-    argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(out), "--run_id", run_id,
-            "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
-            "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0", "--asr_model", "none", *extra]
-    assert cli.main(argv) == 0
-    return os.path.join(str(out), "runs", run_id)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_text_dir):
     out = tmp_path_factory.mktemp("out")
     return {
-        "flat": _run(out, "flat", tiny_text_dir),  # 35 vectors: too few for IVF-PQ, a flat index
-        "ivfpq": _run(out, "ivfpq", tiny_text_dir, "--index_nlist", "4", "--index_m", "4", "--index_nbits", "3"),
-        "none": _run(out, "none", tiny_text_dir, "--index", "off"),
+        "flat": run_sample_text_image(out, "flat", tiny_text_dir),  # 35 vectors: too few for IVF-PQ, a flat index
+        "ivfpq": run_sample_text_image(out, "ivfpq", tiny_text_dir, "--index_nlist", "4", "--index_m", "4", "--index_nbits", "3"),
+        "none": run_sample_text_image(out, "none", tiny_text_dir, "--index", "off"),
     }
 
 
@@ -98,7 +90,7 @@ def test_small_ivfpq_search_is_search_over_its_codes(runs):
     assert default.nprobe == info["recall"]["recommended_nprobe"] is not None
 
 
-def _fake_run(vectors, metric):
+def _fakerun_sample_text_image(vectors, metric):
     """A one-shard flat index as a Run (what open_run builds from files), for metric conversions."""
     index = faiss.IndexIDMap(faiss.IndexFlat(vectors.shape[1], indexing.METRICS[metric]))
     index.add_with_ids(vectors, indexing.make_ids(0, len(vectors)))
@@ -116,7 +108,7 @@ def test_scores_are_converted_to_the_requested_metric(index_metric, metric):
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = vectors[:5] + 0.3 * rng.normal(size=(5, 16)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    searcher = IndexSearcher(_fake_run(vectors, index_metric), metric)
+    searcher = IndexSearcher(_fakerun_sample_text_image(vectors, index_metric), metric)
     exact = ExactSearcher([f"item-{i}" for i in range(50)], vectors, metric)
     s, ids = searcher.search(queries, 7)
     s_exact, ids_exact = exact.search(queries, 7)
@@ -130,10 +122,10 @@ def test_missing_results_are_dropped_and_scored_worst():
     vectors = rng.normal(size=(3, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     for metric in ("cosine", "l2"):  # k beyond the catalog: all items, no placeholder columns
-        s, ids = IndexSearcher(_fake_run(vectors, "ip"), metric).search(vectors[:1], 5)
+        s, ids = IndexSearcher(_fakerun_sample_text_image(vectors, "ip"), metric).search(vectors[:1], 5)
         assert len(ids[0]) == 3 and s.shape == (1, 3) and np.all(np.isfinite(s))
     # an IVF search that visits too few lists returns id -1 with the worst score in the free places
-    run = _fake_run(vectors, "ip")
+    run = _fakerun_sample_text_image(vectors, "ip")
     run.index.search = lambda q, k, nprobe=None: (np.array([[0.9, 0.5, -3.4e38], [0.8, -3.4e38, -3.4e38]], np.float32),
                                                    np.array([[0, 1, -1], [2, -1, -1]], np.int64))
     for metric, worst in (("cosine", -np.inf), ("l2", np.inf)):
