@@ -1,4 +1,4 @@
-"""Stage 5: write records as sharded Parquet, each shard atomically.
+"""Stage 5: write batches of rows as sharded Parquet, each shard atomically.
 
 A record's shard is a stable hash of its item id, rows inside a shard are
 sorted by item id, and each file is written under a temporary name and then
@@ -13,13 +13,14 @@ import uuid
 from typing import BinaryIO, Callable
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import faults
+from pipeline.stage_metrics import StageTimer
 from schemas.dead_letter import DEAD_LETTER_SCHEMA, DeadLetter
-from schemas.embeddings import EmbeddingRecord, records_to_table
 
 
 def shard_of(item_id: str, num_shards: int) -> int:
@@ -61,67 +62,87 @@ def write_bytes_atomically(path: str, data: bytes) -> None:
     write_atomically(path, lambda stream: stream.write(data))
 
 
-def embeddings_to_table(records: list[EmbeddingRecord], schema: pa.Schema) -> pa.Table:
-    return records_to_table(records, schema)
-
-
 def dead_letters_to_table(rows: list[DeadLetter], schema: pa.Schema = DEAD_LETTER_SCHEMA) -> pa.Table:
     return pa.Table.from_pylist([r.to_row() for r in rows], schema=schema)
 
 
+def split_by_shard(table: pa.Table, num_shards: int) -> list[tuple[int, pa.Table]]:
+    """A batch's rows grouped by their shard: [(shard, sub-table)], each shard once."""
+    if table.num_rows == 0:
+        return []
+    shards = np.fromiter((shard_of(i, num_shards) for i in table.column("item_id").to_pylist()), np.int64,
+                         count=table.num_rows)
+    order = np.argsort(shards, kind="stable")
+    ordered = shards[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(ordered)]
+    return [(int(ordered[a]), table.take(pa.array(order[a:b]))) for a, b in zip(starts, ends)]
+
+
 class _WriteShard(beam.DoFn):
-    def __init__(self, directory: str, prefix: str, to_table: Callable, schema: pa.Schema):
-        self._directory, self._prefix, self._to_table, self._schema = directory, prefix, to_table, schema
+    def __init__(self, directory: str, prefix: str, schema: pa.Schema):
+        self._directory, self._prefix, self._schema = directory, prefix, schema
+
+    def setup(self):
+        self._timer = StageTimer("write")
 
     def process(self, element, num_shards: int):
-        shard, records = element
-        records = sorted(records, key=lambda r: r.item_id)
+        shard, tables = element
+        tables = [t for t in tables if t.num_rows]
         path = f"{self._directory}/{shard_name(self._prefix, shard, num_shards)}"
-        write_table_atomically(path, self._to_table(records, self._schema))
+        with self._timer.time(sum(t.num_rows for t in tables)):
+            # sorted by item id: a retried bundle rewrites the same file with the same content
+            table = (pa.concat_tables(tables) if tables else self._schema.empty_table()).sort_by("item_id")
+            write_table_atomically(path, table.replace_schema_metadata(self._schema.metadata))
         yield path
 
 
 class _WriteEmptyShards(beam.DoFn):
     """Writes the shards no record hashed to, so the set is always complete."""
 
-    def __init__(self, directory: str, prefix: str, to_table: Callable, schema: pa.Schema):
-        self._directory, self._prefix, self._to_table, self._schema = directory, prefix, to_table, schema
+    def __init__(self, directory: str, prefix: str, schema: pa.Schema):
+        self._directory, self._prefix, self._schema = directory, prefix, schema
 
     def process(self, _, num_shards: int, written: list[str]):
         for shard in range(num_shards):
             path = f"{self._directory}/{shard_name(self._prefix, shard, num_shards)}"
             if path not in written:
-                write_table_atomically(path, self._to_table([], self._schema))
+                write_table_atomically(path, self._schema.empty_table())
             yield path
 
 
 class WriteShards(beam.PTransform):
-    """Records with an ``item_id`` -> ``directory/prefix-SSSSS-of-NNNNN.parquet``; outputs the paths."""
+    """Batches of rows (``pa.Table`` in ``schema``) -> ``directory/prefix-SSSSS-of-NNNNN.parquet``; outputs the paths.
 
-    def __init__(self, directory: str, to_table: Callable, schema: pa.Schema, *, num_shards: int = 0,
+    The one shuffle of fused records: each batch is split by shard (a stable
+    hash of the item id) and each shard's pieces meet in one worker, which
+    sorts them by item id and writes the file atomically.
+    """
+
+    def __init__(self, directory: str, schema: pa.Schema, *, num_shards: int = 0,
                  rows_per_shard: int = 200_000, prefix: str = "part"):
         super().__init__()
-        self._directory, self._to_table, self._schema = directory.rstrip("/"), to_table, schema
+        self._directory, self._schema = directory.rstrip("/"), schema
         self._num_shards, self._rows_per_shard, self._prefix = num_shards, rows_per_shard, prefix
 
-    def expand(self, records):
+    def expand(self, tables):
         fixed, per_shard = self._num_shards, self._rows_per_shard
         num_shards = (
-            records
-            | "Count" >> beam.combiners.Count.Globally()
+            tables
+            | "Rows" >> beam.Map(lambda t: t.num_rows)
+            | "Count" >> beam.CombineGlobally(sum)
             | "NumShards" >> beam.Map(lambda n: fixed or max(1, math.ceil(n / per_shard)))
         )
         shards = beam.pvalue.AsSingleton(num_shards)
         written = (
-            records
-            | "KeyByShard" >> beam.Map(lambda r, n: (shard_of(r.item_id, n), r), shards)
+            tables
+            | "SplitByShard" >> beam.FlatMap(split_by_shard, shards)
             | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(_WriteShard(self._directory, self._prefix, self._to_table, self._schema), shards)
+            | "WriteShard" >> beam.ParDo(_WriteShard(self._directory, self._prefix, self._schema), shards)
         )
         return (
-            records.pipeline
+            tables.pipeline
             | "Once" >> beam.Create([None])
-            | "CompleteShards" >> beam.ParDo(
-                _WriteEmptyShards(self._directory, self._prefix, self._to_table, self._schema),
-                shards, beam.pvalue.AsList(written))
+            | "CompleteShards" >> beam.ParDo(_WriteEmptyShards(self._directory, self._prefix, self._schema),
+                                             shards, beam.pvalue.AsList(written))
         )
