@@ -3,7 +3,8 @@
 A record's shard is a stable hash of its item id, rows inside a shard are
 sorted by item id, and each file is written under a temporary name and then
 renamed: a retried bundle rewrites the same file with the same content, and a
-reader never sees half a shard.
+reader never sees half a shard. Batches are first written as pieces (Arrow
+IPC) where they are made; only paths and id hashes are shuffled.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import BinaryIO, Callable
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -26,6 +29,7 @@ from schemas.dead_letter import DEAD_LETTER_SCHEMA, DeadLetter
 def shard_of(item_id: str, num_shards: int) -> int:
     """Stable across processes and runs (Python's ``hash`` is salted per process)."""
     return int.from_bytes(hashlib.sha1(item_id.encode()).digest()[:8], "big") % num_shards
+
 
 
 def shard_name(prefix: str, shard: int, num_shards: int) -> str:
@@ -66,17 +70,82 @@ def dead_letters_to_table(rows: list[DeadLetter], schema: pa.Schema = DEAD_LETTE
     return pa.Table.from_pylist([r.to_row() for r in rows], schema=schema)
 
 
-def split_by_shard(table: pa.Table, num_shards: int) -> list[tuple[int, pa.Table]]:
-    """A batch's rows grouped by their shard: [(shard, sub-table)], each shard once."""
+PIECES = ".pieces"  # under a run's output directory: batches written before their shard is known
+CHUNK_ROWS = 16_384  # rows per Parquet row group, and the most rows a shard writer holds at once
+
+
+def _hash64(item_ids: list[str]) -> np.ndarray:
+    return np.fromiter((int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") for i in item_ids),
+                       np.uint64, count=len(item_ids))
+
+
+def _open_piece(path: str) -> pa.Table:
+    """A piece as a table; memory-mapped when local, so a gather reads only the rows it takes."""
+    if "://" not in path:
+        with pa.memory_map(path) as source:
+            return ipc.open_file(source).read_all()
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return ipc.open_file(pa.BufferReader(f.read())).read_all()
+
+
+def write_piece(table: pa.Table, pieces_dir: str) -> tuple[str, np.ndarray] | None:
+    """Writes one batch of rows, sorted by item id, as an Arrow IPC file; returns (path, 64-bit id hashes).
+
+    The hashes decide each row's shard once the shard count is known; only they
+    and the path travel on, so memory does not grow with the catalog.
+    """
     if table.num_rows == 0:
-        return []
-    shards = np.fromiter((shard_of(i, num_shards) for i in table.column("item_id").to_pylist()), np.int64,
-                         count=table.num_rows)
-    order = np.argsort(shards, kind="stable")
-    ordered = shards[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], len(ordered)]
-    return [(int(ordered[a]), table.take(pa.array(order[a:b]))) for a, b in zip(starts, ends)]
+        return None
+    table = table.sort_by("item_id")
+    path = f"{pieces_dir}/{uuid.uuid4().hex}.arrow"  # an attempt's own file: a retried bundle never clashes
+
+    def write(stream):
+        with ipc.new_file(stream, table.schema) as writer:
+            writer.write_table(table)
+
+    write_atomically(path, write)
+    return path, _hash64(table.column("item_id").to_pylist())
+
+
+def split_by_shard(piece: tuple[str, np.ndarray], num_shards: int) -> list[tuple[int, tuple[str, np.ndarray]]]:
+    """A piece's rows grouped by shard: [(shard, (path, row numbers))], each shard once."""
+    path, hashes = piece
+    shards = hashes % np.uint64(num_shards)
+    out = []
+    for shard in np.unique(shards):
+        out.append((int(shard), (path, np.flatnonzero(shards == shard).astype(np.int64))))
+    return out
+
+
+def assemble_shard(path: str, parts: list[tuple[str, np.ndarray]], schema: pa.Schema) -> int:
+    """Writes one shard from its rows in the pieces, sorted by item id, ``CHUNK_ROWS`` at a time; returns rows."""
+    parts = sorted(parts, key=lambda part: part[0])  # the same file whatever order the shuffle delivered
+    ids = []
+    for piece, rows in parts:
+        ids.append(_open_piece(piece).column("item_id").take(pa.array(rows)).combine_chunks())
+    all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+    order = pc.sort_indices(all_ids).to_numpy()
+    owner = np.repeat(np.arange(len(parts)), [len(rows) for _, rows in parts])
+    local = np.concatenate([rows for _, rows in parts]) if parts else np.zeros(0, np.int64)
+
+    def write(stream):
+        with pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+            if not len(order):
+                writer.write_table(schema.empty_table())
+            for start in range(0, len(order), CHUNK_ROWS):
+                chunk = order[start:start + CHUNK_ROWS]
+                pieces, taken, positions = owner[chunk], [], []
+                for p in np.unique(pieces):
+                    mine = np.flatnonzero(pieces == p)
+                    taken.append(_open_piece(parts[p][0]).take(pa.array(local[chunk[mine]])))
+                    positions.append(mine)
+                table = pa.concat_tables(taken).combine_chunks()
+                restore = np.empty(len(chunk), np.int64)
+                restore[np.concatenate(positions)] = np.arange(len(chunk))
+                writer.write_table(table.take(pa.array(restore)).cast(schema), row_group_size=CHUNK_ROWS)
+
+    write_atomically(path, write, "write_shard")
+    return len(order)
 
 
 class _WriteShard(beam.DoFn):
@@ -87,18 +156,16 @@ class _WriteShard(beam.DoFn):
         self._timer = StageTimer("write")
 
     def process(self, element, num_shards: int):
-        shard, tables = element
-        tables = [t for t in tables if t.num_rows]
+        shard, parts = element
+        parts = list(parts)
         path = f"{self._directory}/{shard_name(self._prefix, shard, num_shards)}"
-        with self._timer.time(sum(t.num_rows for t in tables)):
-            # sorted by item id: a retried bundle rewrites the same file with the same content
-            table = (pa.concat_tables(tables) if tables else self._schema.empty_table()).sort_by("item_id")
-            write_table_atomically(path, table.replace_schema_metadata(self._schema.metadata))
+        with self._timer.time(sum(len(rows) for _, rows in parts)):
+            assemble_shard(path, parts, self._schema)
         yield path
 
 
 class _WriteEmptyShards(beam.DoFn):
-    """Writes the shards no record hashed to, so the set is always complete."""
+    """Writes the shards no record hashed to, so the set is always complete; then drops the pieces."""
 
     def __init__(self, directory: str, prefix: str, schema: pa.Schema):
         self._directory, self._prefix, self._schema = directory, prefix, schema
@@ -109,14 +176,19 @@ class _WriteEmptyShards(beam.DoFn):
             if path not in written:
                 write_table_atomically(path, self._schema.empty_table())
             yield path
+        pieces = f"{self._directory}/{PIECES}"
+        if FileSystems.exists(pieces):
+            FileSystems.delete([pieces])
 
 
 class WriteShards(beam.PTransform):
     """Batches of rows (``pa.Table`` in ``schema``) -> ``directory/prefix-SSSSS-of-NNNNN.parquet``; outputs the paths.
 
-    The one shuffle of fused records: each batch is split by shard (a stable
-    hash of the item id) and each shard's pieces meet in one worker, which
-    sorts them by item id and writes the file atomically.
+    Each batch is written at once as a piece (``directory/.pieces``), in the
+    worker that made it; the one shuffle carries piece paths and id hashes,
+    so each shard's rows meet in one worker, which writes the shard sorted by
+    item id, a chunk at a time, atomically. Memory does not grow with the
+    catalog, and a killed run's pieces stay for a rerun to reuse.
     """
 
     def __init__(self, directory: str, schema: pa.Schema, *, num_shards: int = 0,
@@ -127,15 +199,17 @@ class WriteShards(beam.PTransform):
 
     def expand(self, tables):
         fixed, per_shard = self._num_shards, self._rows_per_shard
+        pieces_dir = f"{self._directory}/{PIECES}"
+        pieces = tables | "WritePieces" >> beam.FlatMap(lambda t: [p for p in [write_piece(t, pieces_dir)] if p])
         num_shards = (
-            tables
-            | "Rows" >> beam.Map(lambda t: t.num_rows)
+            pieces
+            | "Rows" >> beam.Map(lambda piece: len(piece[1]))
             | "Count" >> beam.CombineGlobally(sum)
             | "NumShards" >> beam.Map(lambda n: fixed or max(1, math.ceil(n / per_shard)))
         )
         shards = beam.pvalue.AsSingleton(num_shards)
         written = (
-            tables
+            pieces
             | "SplitByShard" >> beam.FlatMap(split_by_shard, shards)
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(_WriteShard(self._directory, self._prefix, self._schema), shards)
