@@ -24,16 +24,13 @@ from pipeline.config import RunConfig
 from pipeline.embed import EmbedBatches
 from pipeline.encode import handler_for
 from pipeline.index import BuildIndex
-from pipeline.publish import Publish
+from pipeline.publish import Publish, batch_stats
 from pipeline.read import ReadCatalog
-from pipeline.incremental import Incremental, incremental_counts, resolve_previous_run
+from pipeline.incremental import Incremental, incremental_counts, resolve_previous_run, resume_pieces
 from pipeline.retention import apply_retention
 from pipeline.write import WriteShards, dead_letters_to_table
 from schemas.dead_letter import DEAD_LETTER_SCHEMA
 from schemas.embeddings import embeddings_schema
-
-ITEMS_PER_BATCH = 256  # items per element from the join to the write; the model batch is --batch_size
-
 
 def _flatten(p: beam.Pipeline, label: str, pcolls: list) -> beam.PCollection:
     if not pcolls:
@@ -76,8 +73,7 @@ def embed_settings(config: RunConfig, model_handlers: dict) -> dict:
                 threads=config.decode_threads, progress_interval_s=config.progress_interval_s)
 
 
-def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = None,
-          items_per_batch: int = ITEMS_PER_BATCH) -> dict:
+def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = None) -> dict:
     """Adds the whole job to ``p``; ``model_handlers`` (route or "asr" -> handler) lets tests swap models."""
     model_handlers = model_handlers or {}
     modalities = frozenset(r.modality for r in config.encode.routes)
@@ -92,16 +88,20 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
                                     metadata, config.write.vector_dtype)
     incremental = read["items"] | "Incremental" >> Incremental(
         config.incremental, previous, metadata["model_fingerprint"], config.fetch, modalities & {"image", "audio"},
-        schema=schema, batch_items=items_per_batch)
+        schema=schema, batch_items=config.items_per_batch, resume=resume_pieces(run_dir))
 
     embedded = incremental["encode"] | "Embed" >> EmbedBatches(
         layout=config.layout(), fusion=config.fusion, model_fingerprint=metadata["model_fingerprint"],
         media_errors=config.media_errors, schema=schema, **embed_settings(config, model_handlers))
 
-    records = _flatten(p, "ReusedAndEncoded", [incremental["reused"], embedded["records"]])
-    embedding_files = records | "WriteEmbeddings" >> WriteShards(
+    # the reused and the encoded batches are written and summarized each where it is made
+    sources = (incremental["reused"], embedded["records"])
+    embedding_files = sources | "WriteEmbeddings" >> WriteShards(
         f"{run_dir}/embeddings", schema, num_shards=config.write.num_shards,
         rows_per_shard=config.write.rows_per_shard)
+    stats = _flatten(p, "AllBatchStats", [src | f"Summarize{name}" >> beam.Map(batch_stats)
+                                          for name, src in zip(("Reused", "Encoded"), sources)])
+    encoded = embedded["records"] | "EncodedRows" >> beam.Map(lambda t: t.num_rows)
     dead = _flatten(p, "AllDeadLetters", [read["dead"], incremental["dead"], embedded["dead"]])
     dead_files = (
         dead
@@ -111,9 +111,9 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     )
 
     publish_inputs = {
-        "rows": read["rows"], "records": records, "dead": dead, "skipped": read["skipped"],
+        "rows": read["rows"], "records": stats, "dead": dead, "skipped": read["skipped"],
         "embedding_files": embedding_files, "dead_files": dead_files,
-        "status": incremental["status"], "encoded": embedded["records"],
+        "status": incremental["status"], "encoded": encoded,
     }
     if config.index.enabled:
         publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(
@@ -125,4 +125,4 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     # after LATEST points at the new run: only then may older runs go
     output, keep = config.write.output, config.incremental.keep_runs
     _ = manifest | "Retention" >> beam.Map(lambda m: apply_retention(output, keep, run_dir))
-    return {"records": records, "dead": dead, "manifest": manifest}
+    return {"embedding_files": embedding_files, "dead": dead, "manifest": manifest}

@@ -212,6 +212,43 @@ def resolve_previous_run(output: str, previous_run: str, run_dir: str, metadata:
     return PreviousRun(directory, manifest.get("run_id", ""), not reason, reason)
 
 
+def resume_pieces(run_dir: str) -> list[str]:
+    """Embeddings pieces a killed attempt of this run left behind (none once the run is published).
+
+    A rerun with the same ``--run_id`` reuses the rows in them whose content
+    hash still matches, instead of encoding those items again.
+    """
+    from pipeline.publish import MANIFEST
+    from pipeline.write import PIECES
+
+    run_dir = run_dir.rstrip("/")
+    try:
+        if FileSystems.exists(f"{run_dir}/{MANIFEST}"):
+            return []
+    except ValueError as e:  # no filesystem for the scheme here (a launcher without the gcp extra)
+        _LOG.warning("cannot look for a killed attempt's pieces under %s (%s); encoding everything", run_dir, e)
+        return []
+    try:
+        matched = FileSystems.match([f"{run_dir}/embeddings/{PIECES}/*.arrow"])[0].metadata_list
+    except Exception:  # noqa: BLE001 - no such directory: nothing to resume
+        return []
+    return sorted(m.path for m in matched)
+
+
+def read_piece_rows(path: str):
+    """(item_id, PreviousVector) for every row of one embeddings piece (Arrow IPC)."""
+    from pipeline.write import _open_piece
+    from schemas.embeddings import vectors_of
+
+    table = _open_piece(path)
+    vectors = vectors_of(table)
+    for i, row in enumerate(table.drop(["vector", "attributes"]).to_pylist()):
+        yield row["item_id"], PreviousVector(
+            content_hash=row["content_hash"], model_fingerprint=row["model_fingerprint"],
+            vector=vectors[i].copy(), modalities=tuple(row["modalities"]), num_images=int(row["num_images"]),
+            transcript=row["transcript"])
+
+
 def previous_embedding_files(previous: PreviousRun) -> list[str]:
     """The embeddings shards the previous run's manifest lists (exactly what was published)."""
     from pipeline.publish import read_manifest
@@ -244,6 +281,7 @@ def read_previous_rows(path: str, with_vectors: bool):
 
 
 PREVIOUS = "p"  # tag of a previous-run row in the join by item id (catalog items are "c", pipeline.read)
+RESUMED = "r"  # tag of a row a killed attempt of this run already wrote
 DEAD = "dead"
 
 
@@ -260,6 +298,11 @@ def resolve_duplicates(item_id: str, items: list[CatalogItem]) -> tuple[CatalogI
                         for dup in ordered[1:]]
 
 
+def _as_tuple(previous: PreviousVector) -> tuple:
+    return (previous.content_hash, previous.model_fingerprint, previous.vector, previous.modalities,
+            previous.num_images, previous.transcript)
+
+
 class _ReadPrevious(beam.DoFn):
     def __init__(self, with_vectors: bool):
         self._with_vectors = with_vectors
@@ -268,8 +311,17 @@ class _ReadPrevious(beam.DoFn):
     def process(self, path: str):
         for item_id, previous in read_previous_rows(path, self._with_vectors):
             self._rows.inc()
-            yield item_id, (PREVIOUS, (previous.content_hash, previous.model_fingerprint, previous.vector,
-                                       previous.modalities, previous.num_images, previous.transcript))
+            yield item_id, (PREVIOUS, _as_tuple(previous))
+
+
+class _ReadResumed(beam.DoFn):
+    def __init__(self):
+        self._rows = Metrics.counter(NAMESPACE, "resume_rows")
+
+    def process(self, path: str):
+        for item_id, row in read_piece_rows(path):
+            self._rows.inc()
+            yield item_id, (RESUMED, _as_tuple(row))
 
 
 class _Resolve(beam.DoFn):
@@ -294,7 +346,7 @@ class _Resolve(beam.DoFn):
 
     def setup(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="hash")
-        self._counters = {s: Metrics.counter(NAMESPACE, s) for s in STATUSES}
+        self._counters = {s: Metrics.counter(NAMESPACE, s) for s in (*STATUSES, "resumed")}
         self._duplicates = Metrics.counter("catalog_index.read", "duplicate_ids")
         self._timer = StageTimer("incremental")
 
@@ -309,9 +361,9 @@ class _Resolve(beam.DoFn):
         from pipeline.records import item_from_tuple
 
         item_id, values = element
-        current, previous = [], []
+        current, previous, resumed = [], [], []
         for tag, value in values:
-            (current if tag != PREVIOUS else previous).append(value)
+            (previous if tag == PREVIOUS else resumed if tag == RESUMED else current).append(value)
         if len(previous) > 1:
             raise RuntimeError(f"item id {item_id!r} appears {len(previous)} times in the previous run; "
                                "ids must be unique")
@@ -321,7 +373,9 @@ class _Resolve(beam.DoFn):
             for dead in duplicates:
                 self._duplicates.inc()
                 yield beam.pvalue.TaggedOutput(DEAD, dead)
-        self._buffer.append((item, PreviousVector(*previous[0]) if previous else None))
+        # a killed attempt may have written an item twice (a retried bundle): the rows are equal, take one
+        self._buffer.append((item, PreviousVector(*previous[0]) if previous else None,
+                             PreviousVector(*resumed[0]) if resumed and item is not None else None))
         if len(self._buffer) >= self._batch_items:
             yield from self._flush()
 
@@ -332,14 +386,15 @@ class _Resolve(beam.DoFn):
             else:
                 yield GlobalWindows.windowed_value(out)
 
-    def _needs_hash(self, item, previous) -> bool:
+    def _needs_hash(self, item, previous, resumed=None) -> bool:
         # A new item is encoded whatever its hash; it is only hashed here when the
         # fuse stage cannot derive the same hash itself (metadata tokens).
-        return item is not None and ((previous is not None and previous.vector is not None) or self._hash_new)
+        return item is not None and ((previous is not None and previous.vector is not None) or self._hash_new
+                                     or resumed is not None)
 
     def _hash(self, pair):
-        item, previous = pair
-        if not self._needs_hash(item, previous):
+        item, previous, resumed = pair
+        if not self._needs_hash(item, previous, resumed):
             return None
         return hash_item(item, self._fp, self._mode, self._policy, self._media)
 
@@ -356,17 +411,21 @@ class _Resolve(beam.DoFn):
                 hashes = [None] * len(pairs)
             statuses: collections.Counter = collections.Counter()
             reused, encode = [], []
-            for (item, previous), current_hash in zip(pairs, hashes):
+            for (item, previous, resumed), current_hash in zip(pairs, hashes):
                 status = classify(item, previous, current_hash, self._fp)
                 statuses[status] += 1
                 if status == "deleted":
                     continue
-                if status == "reused":
+                source = previous if status == "reused" else None
+                if source is None and classify(item, resumed, current_hash, self._fp) == "reused":
+                    source = resumed  # a killed attempt of this run already embedded it, from the same content
+                    statuses["resumed"] += 1
+                if source is not None:
                     reused.append(EmbeddingRecord(
-                        item_id=item.item_id, vector=previous.vector, modalities=previous.modalities,
-                        content_hash=current_hash, model_fingerprint=self._fp, num_images=previous.num_images,
+                        item_id=item.item_id, vector=source.vector, modalities=source.modalities,
+                        content_hash=current_hash, model_fingerprint=self._fp, num_images=source.num_images,
                         attributes=item.attributes,  # attributes are today's: they are not part of the vector
-                        transcript=previous.transcript))
+                        transcript=source.transcript))
                     continue
                 if self._mode == "metadata" and current_hash is not None:
                     # fuse would hash the fetched bytes; tomorrow compares metadata tokens, so carry ours
@@ -394,9 +453,9 @@ class Incremental(beam.PTransform):
 
     def __init__(self, config: IncrementalConfig, previous: PreviousRun | None, model_fingerprint: str,
                  policy: FetchPolicy, media: frozenset[str] = frozenset({"image", "audio"}), *, schema,
-                 batch_items: int = 256):
+                 batch_items: int = 256, resume: list[str] | None = None):
         super().__init__()
-        self._config, self._previous = config, previous
+        self._config, self._previous, self._resume = config, previous, list(resume or [])
         self._fn = _Resolve(model_fingerprint, config.change_detection, policy,
                             hash_new=config.change_detection == "metadata", media=frozenset(media),
                             schema=schema, batch_items=batch_items)
@@ -412,6 +471,13 @@ class Incremental(beam.PTransform):
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "ReadPrevious" >> beam.ParDo(_ReadPrevious(self._previous.reusable))
             )
+        if self._resume:
+            sides.append(
+                p
+                | "ResumePieces" >> beam.Create(self._resume)
+                | "SpreadPieces" >> beam.Reshuffle()
+                | "ReadResumed" >> beam.ParDo(_ReadResumed())
+            )
         joined = (
             (sides[0] if len(sides) == 1 else tuple(sides) | "CurrentAndPrevious" >> beam.Flatten())
             | "JoinById" >> beam.GroupByKey()
@@ -422,13 +488,19 @@ class Incremental(beam.PTransform):
 
 def incremental_counts(statuses: dict, encoded: int, embedded: int, previous: PreviousRun | None,
                        config: IncrementalConfig) -> dict:
-    """The manifest's ``counts.incremental`` block; checks that reused + encoded == embedded."""
+    """The manifest's ``counts.incremental`` block; checks that reused + resumed + encoded == embedded.
+
+    ``resumed``: items (counted among new/changed) whose vector a killed attempt
+    of this run had already written; they were not encoded again.
+    """
     block = {s: int(statuses.get(s, 0)) for s in STATUSES}
+    block["resumed"] = int(statuses.get("resumed", 0))
     block["encoded"] = int(encoded)
-    if block["reused"] + block["encoded"] != embedded:
+    if block["reused"] + block["resumed"] + block["encoded"] != embedded:
         from pipeline.publish import AccountingError
 
-        raise AccountingError(f"{block['reused']} reused + {encoded} encoded != {embedded} embedded")
+        raise AccountingError(f"{block['reused']} reused + {block['resumed']} resumed + {encoded} encoded "
+                              f"!= {embedded} embedded")
     block["previous_run"] = previous.to_json() if previous is not None else None
     block["change_detection"] = config.change_detection
     return block

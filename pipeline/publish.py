@@ -144,14 +144,19 @@ class _Publish(beam.DoFn):
         yield manifest
 
 
+def batch_stats(table) -> dict:
+    """One batch of embedded rows (``pa.Table``) summarized for the report, where the batch is made."""
+    return report.add_table(report.empty_stats(), table)
+
+
 class RecordStats(beam.CombineFn):
-    """Modality coverage and the vector-norm check over batches of embedded rows (for the report)."""
+    """Modality coverage and the vector-norm check, from per-batch summaries (:func:`batch_stats`)."""
 
     def create_accumulator(self):
         return report.empty_stats()
 
-    def add_input(self, acc, table):
-        return report.add_table(acc, table)
+    def add_input(self, acc, stats):
+        return report.merge_stats([acc, stats])
 
     def merge_accumulators(self, accs):
         return report.merge_stats(list(accs))
@@ -169,10 +174,10 @@ def _add_counts(dicts) -> dict:
 
 
 class Publish(beam.PTransform):
-    """Inputs: rows (input rows read, as ints to add up), records (``pa.Table`` batches of embedded rows),
-    dead, skipped, embedding_files, dead_files; optional: index (one index dict), and, with
+    """Inputs: rows (input rows read, as ints to add up), records (:func:`batch_stats` of each batch of
+    embedded rows), dead, skipped, embedding_files, dead_files; optional: index (one index dict), and, with
     ``incremental_counts(statuses, encoded, embedded) -> dict``, ``status`` ({status: count} dicts) and
-    ``encoded`` (``pa.Table`` batches of the rows that went through the encoders)."""
+    ``encoded`` (row counts of the batches that went through the encoders)."""
 
     def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict,
                  max_failure_fraction: float = 1.0, incremental_counts=None):
@@ -197,7 +202,7 @@ class Publish(beam.PTransform):
             | "Publish" >> beam.ParDo(
                 self._fn,
                 beam.pvalue.AsSingleton(inputs["rows"] | "CountRows" >> beam.CombineGlobally(sum)),
-                beam.pvalue.AsSingleton(inputs["records"] | "EmbeddedRows" >> beam.Map(lambda t: t.num_rows)
+                beam.pvalue.AsSingleton(inputs["records"] | "EmbeddedRows" >> beam.Map(lambda s: s["items"])
                                         | "CountEmbedded" >> beam.CombineGlobally(sum)),
                 beam.pvalue.AsDict(reasons),
                 beam.pvalue.AsDict(skip_reasons),
@@ -214,7 +219,6 @@ class Publish(beam.PTransform):
             out["index"] = beam.pvalue.AsSingleton(inputs["index"])
         if self._fn._incremental_counts is not None:
             statuses = inputs["status"] | "CountStatuses" >> beam.CombineGlobally(_add_counts)
-            encoded = (inputs["encoded"] | "EncodedRows" >> beam.Map(lambda t: t.num_rows)
-                       | "CountEncoded" >> beam.CombineGlobally(sum))
+            encoded = inputs["encoded"] | "CountEncoded" >> beam.CombineGlobally(sum)
             out.update(statuses=beam.pvalue.AsSingleton(statuses), encoded=beam.pvalue.AsSingleton(encoded))
         return out

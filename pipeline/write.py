@@ -198,9 +198,15 @@ class WriteShards(beam.PTransform):
         self._num_shards, self._rows_per_shard, self._prefix = num_shards, rows_per_shard, prefix
 
     def expand(self, tables):
+        """``tables``: one PCollection of ``pa.Table`` batches, or a tuple of them (each written where it is made)."""
         fixed, per_shard = self._num_shards, self._rows_per_shard
         pieces_dir = f"{self._directory}/{PIECES}"
-        pieces = tables | "WritePieces" >> beam.FlatMap(lambda t: [p for p in [write_piece(t, pieces_dir)] if p])
+        sources = tables if isinstance(tables, tuple) else (tables,)
+        # applied to each source, not to a Flatten of them, so a piece is written in the stage that made its
+        # batch (a runner may materialize a Flatten's inputs, which would hold every batch in memory)
+        refs = [src | f"WritePieces{i or ''}" >> beam.FlatMap(
+            lambda t: [p for p in [write_piece(t, pieces_dir)] if p]) for i, src in enumerate(sources)]
+        pieces = refs[0] if len(refs) == 1 else tuple(refs) | "AllPieces" >> beam.Flatten()
         num_shards = (
             pieces
             | "Rows" >> beam.Map(lambda piece: len(piece[1]))
@@ -215,7 +221,7 @@ class WriteShards(beam.PTransform):
             | "WriteShard" >> beam.ParDo(_WriteShard(self._directory, self._prefix, self._schema), shards)
         )
         return (
-            tables.pipeline
+            sources[0].pipeline
             | "Once" >> beam.Create([None])
             | "CompleteShards" >> beam.ParDo(_WriteEmptyShards(self._directory, self._prefix, self._schema),
                                              shards, beam.pvalue.AsList(written))
