@@ -79,7 +79,7 @@ def check_driver(driver: str | None, cuda: str | None = None) -> None:
     ``cuda``: the CUDA version torch was built for (``torch.version.cuda``). Without a
     driver (a CPU machine) or a CPU-only torch there is nothing to check.
     """
-    cuda = cuda if cuda is not None else torch.version.cuda
+    cuda = torch.version.cuda if cuda is None else cuda
     if not driver or not cuda:
         return
     need = REQUIRED_DRIVER.get(int(cuda.split(".")[0]))
