@@ -138,3 +138,18 @@ def test_old_driver_fails_at_worker_start_naming_both_versions(tmp_path, monkeyp
                  schema=None, device="cpu", threads=1, progress_interval_s=0)
     device.check_worker_gpu("cpu")  # --device cpu never looks at the driver
     assert cpu._device == "cpu"
+
+
+@pytest.mark.slow  # starts Beam's model server process (torch import, model build)
+def test_model_copies_per_gpu_share_one_copy_through_beams_model_server(tiny_clip_spec):
+    """--model_copies_per_gpu: the handlers' worker_model is a proxy to a shared copy; same vectors as a local one."""
+    from encoders.handlers import ImageEmbeddingHandler, TextEmbeddingHandler
+
+    text = TextEmbeddingHandler(tiny_clip_spec, device="cpu", copies_per_gpu=1, batch_size=8)
+    shared = text.worker_model()
+    assert type(shared).__name__ == "_AutoProxyWrapper"
+    local = TextEmbeddingHandler(tiny_clip_spec, device="cpu", batch_size=8).worker_model()
+    np.testing.assert_array_equal(np.stack(text.apply(shared, ["red mug", "blue bag"])),
+                                  local.encode_text(["red mug", "blue bag"], 8))
+    image = ImageEmbeddingHandler(tiny_clip_spec, device="cpu", copies_per_gpu=1, batch_size=8)
+    assert image.apply(image.worker_model(), np.zeros((3, 3, 32, 32), np.float32))[0].shape == (16,)
