@@ -260,4 +260,6 @@ class RunConfig:
             "model_fingerprint": self.model_fingerprint(),
             # the two decoders agree to resize rounding, not bit for bit
             "image_decode": self.encode.image_decode,
+            # cpu: JPEGs much larger than the tower's input are decoded at 1/2..1/8 scale (PIL draft) first
+            "image_decode_scaling": "jpeg_draft" if self.encode.image_decode == "cpu" else "full",
         }

@@ -126,6 +126,7 @@ def test_schema_and_metadata(sample_run, tiny_text_dir):
     assert meta["fusion"]["mode"] == "mean"
     assert set(table.column("model_fingerprint").to_pylist()) == {meta["model_fingerprint"]}
     assert manifest["models"] == meta["models"]
+    assert (manifest["image_decode"], manifest["image_decode_scaling"]) == ("cpu", "jpeg_draft")
     assert all(os.path.exists(os.path.join(os.path.dirname(os.path.dirname(files[0])), f["path"]))
                for f in manifest["files"])
 

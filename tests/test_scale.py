@@ -271,6 +271,7 @@ def test_pipeline_with_image_decode_gpu_on_cpu_tensors(sample_catalog, tiny_text
     table, dead, manifest, _ = run(sample_catalog, tmp_path / "b", "gpu-decode", tiny_text_dir,
                                    "--device", "auto", "--image_decode", "gpu")
     assert manifest["image_decode"] == "gpu" and manifest["counts"]["embedded"] == cpu_table.num_rows
+    assert manifest["image_decode_scaling"] == "full"
     assert dead.num_rows == 0
     assert table.column("num_images").to_pylist() == cpu_table.column("num_images").to_pylist()
     cos = np.sum(vectors_of(table) * vectors_of(cpu_table), axis=1)
