@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = gpu_decode.decode_batch(chunk, preprocess, device, 10**8)
                 return torch.stack([o for o in out if isinstance(o, torch.Tensor)])
             # the pipeline's CPU path: reduced-scale JPEG decode + resize per image, one normalize per batch
-            return preprocess.normalize(np.stack(list(pool.map(lambda d: decode_for_tower(d, preprocess, 10**8), chunk))))
+            pixels = list(pool.map(lambda d: decode_for_tower(d, preprocess, 10**8), chunk))
+            return preprocess.normalize(np.stack(pixels))
 
         # one chunk ahead on a thread: decode of chunk k+1 overlaps the towers on chunk k
         ahead = concurrent.futures.ThreadPoolExecutor(1)
