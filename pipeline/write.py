@@ -9,6 +9,7 @@ IPC) where they are made; only paths and id hashes are shuffled.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import uuid
 from typing import BinaryIO, Callable
@@ -176,9 +177,20 @@ class _WriteEmptyShards(beam.DoFn):
             if path not in written:
                 write_table_atomically(path, self._schema.empty_table())
             yield path
-        pieces = f"{self._directory}/{PIECES}"
-        if FileSystems.exists(pieces):
+        remove_pieces(f"{self._directory}/{PIECES}")
+
+
+def remove_pieces(pieces: str) -> None:
+    """Deletes a pieces folder once every shard is written; a failure to clean up never fails the run."""
+    try:
+        # by listing, not by folder: object stores (gs://) have no folders to delete
+        listed = FileSystems.match([f"{pieces}/*"])[0].metadata_list
+        if listed:
+            FileSystems.delete([m.path for m in listed])
+        if "://" not in pieces and FileSystems.exists(pieces):
             FileSystems.delete([pieces])
+    except Exception as e:  # noqa: BLE001 - leftover pieces cost space, not correctness
+        logging.getLogger(__name__).warning("could not remove %s: %s", pieces, e)
 
 
 class WriteShards(beam.PTransform):
