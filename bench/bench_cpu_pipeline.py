@@ -46,11 +46,16 @@ SAMPLE = ROOT / "sample_catalog"
 def make_catalog(directory: Path, n: int) -> Path:
     """``n`` items cycling through the sample catalog's rows and photos (text + one image each)."""
     rows = [r for r in pq.read_table(SAMPLE / "catalog.parquet").to_pylist() if r["image_uris"] and r["title"]]
+    # media must lie under the catalog's folder (the default fetch policy): copy the photos next to it
+    (directory / "images").mkdir(parents=True, exist_ok=True)
     items = []
     for i in range(n):
         src = rows[i % len(rows)]
+        image = directory / "images" / Path(src["image_uris"][0]).name
+        if not image.exists():
+            shutil.copy(SAMPLE / src["image_uris"][0], image)
         items.append({"item_id": f"bench-{i:06d}", "title": src["title"], "description": src["description"],
-                      "image_uris": [str(SAMPLE / src["image_uris"][0])], "audio_uri": None})
+                      "image_uris": [str(image)], "audio_uri": None})
     path = directory / "catalog.parquet"
     pq.write_table(pa.Table.from_pylist(items, schema=CATALOG_SCHEMA), path)
     return path

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench._report import replace_section
     from encoders import gpu_decode, towers
-    from encoders.media import decode_image
+    from encoders.media import decode_for_tower
     from encoders.specs import ModelSpec
 
     device = torch.device("cuda:0")
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.decode == "gpu":
                 out = gpu_decode.decode_batch(chunk, preprocess, device, 10**8)
                 return torch.stack([o for o in out if isinstance(o, torch.Tensor)])
-            return np.stack(list(pool.map(lambda d: preprocess(decode_image(d)), chunk)))
+            # the pipeline's CPU path: reduced-scale JPEG decode + resize per image, one normalize per batch
+            pixels = list(pool.map(lambda d: decode_for_tower(d, preprocess, 10**8), chunk))
+            return preprocess.normalize(np.stack(pixels))
 
         # one chunk ahead on a thread: decode of chunk k+1 overlaps the towers on chunk k
         ahead = concurrent.futures.ThreadPoolExecutor(1)

@@ -51,3 +51,46 @@ def resolve_device(spec: str = "auto") -> torch.device:
     from encoders.placement import claim_gpu_slot
 
     return torch.device(f"cuda:{claim_gpu_slot(count)}")
+
+
+# CUDA major version of the torch build -> the oldest NVIDIA (Linux) driver branch that runs it
+REQUIRED_DRIVER = {13: 580, 12: 525, 11: 450}
+_DRIVER_FILE = "/proc/driver/nvidia/version"
+
+
+class DriverTooOld(RuntimeError):
+    """The worker's NVIDIA driver is older than the one torch's CUDA build needs."""
+
+
+def nvidia_driver_version(path: str = _DRIVER_FILE) -> str | None:
+    """The loaded NVIDIA kernel driver's version (e.g. '580.65.06'), or None on a machine without one."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return match.group(1) if match else None
+
+
+def check_driver(driver: str | None, cuda: str | None = None) -> None:
+    """Raises :class:`DriverTooOld`, naming both versions, when ``driver`` cannot run torch's CUDA build.
+
+    ``cuda``: the CUDA version torch was built for (``torch.version.cuda``). Without a
+    driver (a CPU machine) or a CPU-only torch there is nothing to check.
+    """
+    cuda = torch.version.cuda if cuda is None else cuda
+    if not driver or not cuda:
+        return
+    need = REQUIRED_DRIVER.get(int(cuda.split(".")[0]))
+    if need is not None and int(driver.split(".")[0]) < need:
+        raise DriverTooOld(
+            f"torch {torch.__version__} is built for CUDA {cuda}, which needs NVIDIA driver {need} or newer; "
+            f"this worker has driver {driver}. Run the workers on an image/driver of the {need} series or newer "
+            f"(README, 'Dataflow').")
+
+
+def check_worker_gpu(device_spec: str) -> None:
+    """Called at worker start (DoFn.setup): fails there, clearly, instead of at the first CUDA call."""
+    if device_spec != "cpu":
+        check_driver(nvidia_driver_version())

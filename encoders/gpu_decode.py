@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 
-from encoders.media import MediaError, decode_image
+from encoders.media import MediaError, decode_for_tower
 from encoders.preprocess import ImagePreprocess
 from schemas.dead_letter import Reason
 
@@ -46,28 +47,33 @@ def _jpeg_header_ok(data: bytes, max_pixels: int) -> bool:
     return image.format == "JPEG" and image.mode in _NVJPEG_MODES
 
 
-def preprocess_tensor(image: torch.Tensor, preprocess: ImagePreprocess) -> torch.Tensor:
-    """uint8 [3, H, W] on any device -> float32 [3, S, S] normalized, the tensor twin of ``preprocess``."""
+def resize_crop_tensor(image: torch.Tensor, preprocess: ImagePreprocess) -> torch.Tensor:
+    """uint8 [3, H, W] on any device -> float32 [3, S, S] with integer values 0..255, resized and cropped."""
     s = preprocess.size
     _, h, w = image.shape
-    x = image.unsqueeze(0).float()
-    if preprocess.resize == "squash":
-        x = torch.nn.functional.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False)
-    else:
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        left, top = (nw - s) // 2, (nh - s) // 2
-        x = x[:, :, top:top + s, left:left + s]
+    nw, nh = preprocess.resized_size(w, h)
+    x = torch.nn.functional.interpolate(image.unsqueeze(0).float(), size=(nh, nw), mode="bicubic",
+                                        antialias=True, align_corners=False)
+    left, top = (nw - s) // 2, (nh - s) // 2
     # PIL rounds and clamps the resized image to uint8 before normalizing: do the same
-    x = x.round().clamp(0, 255) / 255.0
+    return x[0, :, top:top + s, left:left + s].round().clamp(0, 255)
+
+
+def normalize_tensor(x: torch.Tensor, preprocess: ImagePreprocess) -> torch.Tensor:
+    """float32 [B, 3, S, S] with values 0..255 -> normalized, in whole-batch tensor ops."""
     mean = torch.tensor(preprocess.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(preprocess.std, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std)[0]
+    return (x / 255.0 - mean) / std
+
+
+def preprocess_tensor(image: torch.Tensor, preprocess: ImagePreprocess) -> torch.Tensor:
+    """uint8 [3, H, W] on any device -> float32 [3, S, S] normalized, the tensor twin of ``preprocess``."""
+    return normalize_tensor(resize_crop_tensor(image, preprocess)[None], preprocess)[0]
 
 
 def _pil_path(data: bytes, preprocess: ImagePreprocess, max_pixels: int, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(preprocess(decode_image(data, max_pixels))).to(device)
+    pixels = decode_for_tower(data, preprocess, max_pixels)  # uint8 [S, S, 3]
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).to(device).float()
 
 
 def _nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
@@ -89,14 +95,17 @@ def _nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | Non
 
 def decode_batch(datas: list[bytes], preprocess: ImagePreprocess, device: torch.device,
                  max_pixels: int) -> list[torch.Tensor | MediaError]:
-    """Encoded images -> per item a float32 [3, S, S] tensor on ``device``, or the MediaError it hit."""
+    """Encoded images -> per item a float32 [3, S, S] tensor on ``device``, or the MediaError it hit.
+
+    Resize and crop run per image (sizes differ); normalization runs once over the stacked batch.
+    """
     out: list[torch.Tensor | MediaError | None] = [None] * len(datas)
     jpegs = [i for i, d in enumerate(datas) if _jpeg_header_ok(d, max_pixels)]
     decoded = _nvjpeg([datas[i] for i in jpegs], device) if jpegs else []
     for i, image in zip(jpegs, decoded):
         if image is not None:
             try:
-                out[i] = preprocess_tensor(image, preprocess)
+                out[i] = resize_crop_tensor(image, preprocess)
             except Exception:  # noqa: BLE001 - leave it to the PIL path below
                 out[i] = None
     for i, result in enumerate(out):
@@ -107,4 +116,9 @@ def decode_batch(datas: list[bytes], preprocess: ImagePreprocess, device: torch.
                 out[i] = e
             except Exception as e:  # noqa: BLE001
                 out[i] = MediaError(Reason.DECODE_FAILED, f"{type(e).__name__}: {e}")
+    ok = [i for i, r in enumerate(out) if isinstance(r, torch.Tensor)]
+    if ok:
+        normalized = normalize_tensor(torch.stack([out[i] for i in ok]), preprocess)
+        for row, i in enumerate(ok):
+            out[i] = normalized[row]
     return out  # type: ignore[return-value]

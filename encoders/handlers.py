@@ -76,32 +76,56 @@ class _EmbeddingHandler(ModelHandler[Any, Any, Any]):
     def load_model(self):
         return towers.load(self.spec, resolve_device(self.device), self.precision)
 
-    def _encode(self, model, batch: list) -> np.ndarray:
+    def worker_model(self):
+        """The model this worker process applies (call it in ``DoFn.setup``, never at launch).
+
+        Its own copy (``load_model``; one per process, shared by the handlers of
+        one CLIP model), or with ``copies_per_gpu`` a proxy to one of the
+        machine's shared copies (Beam's ``MultiProcessShared``), picked by pid.
+        """
+        if not self.share_model_across_processes():
+            return self.load_model()
+        import hashlib
+        import os
+
+        from apache_beam.utils import multi_process_shared
+
+        copy = os.getpid() % self.model_copies()
+        tag = f"catalog_index_{hashlib.sha256(repr(self.spec).encode()).hexdigest()[:16]}_{copy}"
+        return multi_process_shared.MultiProcessShared(self.load_model, tag=tag, always_proxy=True).acquire()
+
+    def _encode(self, model, batch) -> np.ndarray:
         raise NotImplementedError
 
-    def run_inference(self, batch: Sequence[Any], model, inference_args=None) -> Iterable[PredictionResult]:
-        batch = list(batch)
+    def apply(self, model, batch: Sequence[Any]) -> list:
+        """One output per input (a vector, or an :class:`EncodeFailure`), in order.
+
+        ``batch`` is a list, or an array whose rows are the inputs. A batch that
+        raises is retried item by item so only the culprits fail.
+        """
         # Encoder wall time per batch (µs), retries included: what incremental runs save,
-        # readable from the PipelineResult (pipeline.metrics.encoder_seconds).
+        # readable from the PipelineResult (pipeline.beam_metrics.encoder_seconds).
         started = time.perf_counter()
         try:
             outputs: list = list(self._encode(model, batch))
         except Exception as batch_error:  # noqa: BLE001 - isolate the culprit below
             _LOG.warning("%s batch of %d failed (%s); retrying item by item", self.modality, len(batch), batch_error)
             outputs = []
-            for example in batch:
+            for i in range(len(batch)):
                 try:
-                    outputs.append(self._encode(model, [example])[0])
+                    outputs.append(self._encode(model, batch[i:i + 1])[0])
                 except Exception as e:  # noqa: BLE001
                     outputs.append(EncodeFailure(Reason.ENCODE_FAILED, f"{type(e).__name__}: {e}"))
         Metrics.distribution(self.get_metrics_namespace(), ENCODE_US).update(
             int(round((time.perf_counter() - started) * 1e6)))
-        results = []
-        for example, out in zip(batch, outputs):
+        for i, out in enumerate(outputs):
             if isinstance(out, np.ndarray) and not np.all(np.isfinite(out)):
-                out = EncodeFailure(Reason.NONFINITE_VECTOR, f"{self.spec.name} produced NaN/inf")
-            results.append(PredictionResult(example, out, self.spec.name))
-        return results
+                outputs[i] = EncodeFailure(Reason.NONFINITE_VECTOR, f"{self.spec.name} produced NaN/inf")
+        return outputs
+
+    def run_inference(self, batch: Sequence[Any], model, inference_args=None) -> Iterable[PredictionResult]:
+        batch = list(batch)
+        return [PredictionResult(example, out, self.spec.name) for example, out in zip(batch, self.apply(model, batch))]
 
     def batch_elements_kwargs(self) -> dict:
         # min == max: full batches whenever the bundle has enough elements. Letting BatchElements grow
@@ -135,9 +159,11 @@ class ImageEmbeddingHandler(_EmbeddingHandler):
             raise ValueError(f"{spec.family} has no image tower; use an open_clip or hf_clip model")
         super().__init__(spec, **kwargs)
 
-    def _encode(self, model, batch: list) -> np.ndarray:
-        if batch and isinstance(batch[0], torch.Tensor):  # decoded on the device (ImageBytesHandler)
-            return model.encode_image(torch.stack(batch), self.batch_size)
+    def _encode(self, model, batch) -> np.ndarray:
+        if isinstance(batch, (np.ndarray, torch.Tensor)):  # a batch already stacked (the embed stage, nvJPEG)
+            return model.encode_image(batch, self.batch_size)
+        if len(batch) and isinstance(batch[0], torch.Tensor):
+            return model.encode_image(torch.stack(list(batch)), self.batch_size)
         return model.encode_image(np.stack(batch), self.batch_size)
 
 
@@ -194,22 +220,21 @@ class ImageBytesHandler(ImageEmbeddingHandler):
         super().__init__(spec, **kwargs)
         self.preprocess, self.max_image_pixels = preprocess, max_image_pixels
 
-    def run_inference(self, batch: Sequence[Any], model, inference_args=None) -> Iterable[PredictionResult]:
+    def apply(self, model, batch: Sequence[Any]) -> list:
         from encoders import gpu_decode
 
         batch = list(batch)
         decoded = gpu_decode.decode_batch([b.data for b in batch], self.preprocess, model.device,
                                           self.max_image_pixels)
         ok = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
-        encoded = iter(super().run_inference([decoded[i] for i in ok], model, inference_args))
-        results = []
+        encoded = iter(super().apply(model, torch.stack([decoded[i] for i in ok])) if ok else [])
+        outputs: list = []
         for example, d in zip(batch, decoded):
             if isinstance(d, torch.Tensor):
-                results.append(PredictionResult(example, next(encoded).inference, self.spec.name))
+                outputs.append(next(encoded))
             else:
-                failure = EncodeFailure(d.reason, d.detail, Stage.DECODE, example.uri)
-                results.append(PredictionResult(example, failure, self.spec.name))
-        return results
+                outputs.append(EncodeFailure(d.reason, d.detail, Stage.DECODE, example.uri))
+        return outputs
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         return sum(len(b.data) for b in batch)

@@ -18,6 +18,7 @@ import ssl
 import stat
 import time
 import urllib.parse
+from typing import Callable
 
 from PIL import Image, UnidentifiedImageError
 
@@ -364,10 +365,19 @@ def probe_image(data: bytes, max_pixels: int = FetchPolicy.max_image_pixels) -> 
     return image
 
 
-def decode_image(data: bytes, max_pixels: int = FetchPolicy.max_image_pixels) -> Image.Image:
-    """Bytes to an RGB image; refuses bombs by header size before decoding pixels."""
+def decode_image(data: bytes, max_pixels: int = FetchPolicy.max_image_pixels,
+                 draft_size: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+    """Bytes to an RGB image; refuses bombs by header size before decoding pixels.
+
+    ``draft_size(width, height)`` -> the size the caller needs at least: a JPEG
+    much larger than that is decoded at 1/2, 1/4 or 1/8 scale in the IDCT
+    (PIL ``draft``), which skips most of the decode work; the result is never
+    smaller than asked. Other formats decode at full size.
+    """
     image = probe_image(data, max_pixels)
     try:
+        if draft_size is not None and image.format == "JPEG":
+            image.draft("RGB", draft_size(*image.size))
         image.load()
     except Image.DecompressionBombError as e:
         raise MediaError(Reason.TOO_LARGE, str(e)) from None
@@ -378,3 +388,15 @@ def decode_image(data: bytes, max_pixels: int = FetchPolicy.max_image_pixels) ->
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def decode_for_tower(data: bytes, preprocess, max_pixels: int = FetchPolicy.max_image_pixels):
+    """Encoded image -> uint8 [S, S, 3] for an image tower (``preprocess``: an ImagePreprocess).
+
+    The one CPU decode path for towers (items, queries, fit-fusion, the GPU
+    path's fallback): a JPEG much larger than the tower's input decodes at
+    reduced scale, then PIL resizes and crops. A hook on decoded media
+    (thumbnails) belongs here.
+    """
+    return preprocess.resize_crop(decode_image(data, max_pixels, draft_size=preprocess.draft_size))
+

@@ -2,6 +2,13 @@
 
 Kept as plain data (size, mean, std) so the fetch stage can prepare pixels on
 CPU workers without loading any model.
+
+Two halves, so the per-image work stays in C and the arithmetic runs once per
+batch: :meth:`ImagePreprocess.resize_crop` (PIL, per image, in a decode
+thread) gives uint8 ``[S, S, 3]``; :meth:`ImagePreprocess.normalize` turns a
+stack of those into float32 ``[B, 3, S, S]`` with whole-array numpy ops. The
+float arithmetic is the same per element as it was per image, so batching
+does not change a bit.
 """
 from __future__ import annotations
 
@@ -26,18 +33,36 @@ class ImagePreprocess:
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize {self.resize!r} is not one of {RESIZE_MODES}")
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> float32 [3, size, size], normalized."""
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (w, h) an image of ``width`` x ``height`` is resized to before the center crop."""
         s = self.size
         if self.resize == "squash":
-            image = image.resize((s, s), Image.Resampling.BICUBIC)
-        else:
-            w, h = image.size
-            scale = s / min(w, h)
-            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-            image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+            return s, s
+        scale = s / min(width, height)
+        return max(s, round(width * scale)), max(s, round(height * scale))
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int]:
+        """The smallest decode size that still covers :meth:`resized_size` (for JPEG DCT scaling)."""
+        return self.resized_size(width, height)
+
+    def resize_crop(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> uint8 [size, size, 3], resized (bicubic) and center-cropped."""
+        s = self.size
+        nw, nh = self.resized_size(*image.size)
+        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+        if (nw, nh) != (s, s):
             left, top = (nw - s) // 2, (nh - s) // 2
             image = image.crop((left, top, left + s, top + s))
-        x = np.asarray(image, dtype=np.float32) / 255.0
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        return np.asarray(image, dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [B, S, S, 3] -> float32 [B, 3, S, S], normalized, in whole-batch array ops."""
+        x = pixels.astype(np.float32)
+        x /= np.float32(255.0)
+        x -= np.asarray(self.mean, np.float32)
+        x /= np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> float32 [3, size, size], normalized (one image: the query side, tools)."""
+        return self.normalize(self.resize_crop(image)[None])[0]

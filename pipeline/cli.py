@@ -47,7 +47,9 @@ def summary(config: RunConfig, manifest: dict) -> str:
     inc = counts.get("incremental")
     if inc:
         prev = inc["previous_run"]
-        lines.append(f"  incremental: {inc['reused']} reused, {inc['encoded']} encoded ({inc['new']} new, "
+        lines.append(f"  incremental: {inc['reused']} reused, "
+                     + (f"{inc['resumed']} resumed from a killed attempt, " if inc.get("resumed") else "")
+                     + f"{inc['encoded']} encoded ({inc['new']} new, "
                      f"{inc['changed']} changed), {inc['deleted']} deleted; previous run: "
                      + (f"{prev['run_id']}" + ("" if prev["reusable"] else f" (not reused: {prev['not_reusable_because']})")
                         if prev else "none"))

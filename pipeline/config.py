@@ -216,6 +216,7 @@ class RunConfig:
     preset: str = ""
     max_failure_fraction: float = DEFAULT_MAX_FAILURE_FRACTION
     decode_threads: int = 8  # fetch/decode threads per worker process, overlapping the model
+    items_per_batch: int = 256  # items per element from the join to the write (pipeline/embed.py)
     incremental: IncrementalConfig = IncrementalConfig()
 
     def __post_init__(self) -> None:
@@ -225,6 +226,8 @@ class RunConfig:
             raise ValueError(f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
         if not 1 <= self.decode_threads <= 256:
             raise ValueError(f"decode_threads must be in 1..256, got {self.decode_threads}")
+        if not 1 <= self.items_per_batch <= 65_536:
+            raise ValueError(f"items_per_batch must be in 1..65536, got {self.items_per_batch}")
 
     def layout(self) -> Layout:
         from encoders.towers import output_dim
@@ -257,4 +260,6 @@ class RunConfig:
             "model_fingerprint": self.model_fingerprint(),
             # the two decoders agree to resize rounding, not bit for bit
             "image_decode": self.encode.image_decode,
+            # cpu: JPEGs much larger than the tower's input are decoded at 1/2..1/8 scale (PIL draft) first
+            "image_decode_scaling": "jpeg_draft" if self.encode.image_decode == "cpu" else "full",
         }

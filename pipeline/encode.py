@@ -1,25 +1,25 @@
-"""Stage 3: encode one modality into one space with Beam's ``RunInference``.
+"""Encode routes over a batch: one model family per route, applied to the batch's payloads.
 
-Input ``((item_id, index), payload)``; outputs ``(item_id, ModalityVector)``
-(main) and ``(item_id, ItemFailure)`` (``failed``) for items the model could
-not encode on their own.
+Plain logic around the handlers (``encoders/handlers.py``): ``handler_for``
+picks the route's handler; :class:`RouteEncoder` applies it to the payloads
+of one batch (texts, a stacked pixel array, clips) and turns each output into
+a :class:`ModalityVector` or an :class:`ItemFailure`. The handler runs the
+model in fixed-shape sub-batches and isolates an item that fails on its own.
+A new model family plugs in as a handler; nothing here changes.
 """
 from __future__ import annotations
 
-import apache_beam as beam
+from typing import Sequence
+
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from encoders.handlers import (ClapAudioHandler, EncodeFailure, ImageBytesHandler, ImageEmbeddingHandler,
                                TextEmbeddingHandler, TranscriptEmbeddingHandler)
 from encoders.media import FetchPolicy
 from encoders.preprocess import ImagePreprocess
-from pipeline import progress
 from pipeline.config import EncodeConfig, Route
 from pipeline.records import ItemFailure, ModalityVector
 from schemas.dead_letter import Stage
-
-FAILED = "failed"
 
 
 def handler_for(route: Route, config: EncodeConfig, preprocess: ImagePreprocess | None = None,
@@ -39,39 +39,34 @@ def handler_for(route: Route, config: EncodeConfig, preprocess: ImagePreprocess 
     return cls(route.spec, **kwargs)
 
 
-class _Split(beam.DoFn):
-    def __init__(self, route: Route):
-        self._route = route
-        self._ok = Metrics.counter(f"catalog_index.encode.{route.modality}_{route.space}", "encoded")
-        self._failed = Metrics.counter(f"catalog_index.encode.{route.modality}_{route.space}", "failed")
-
-    def process(self, element):
-        (item_id, index), result = element
-        out = result.inference
-        if isinstance(out, EncodeFailure):
-            self._failed.inc()
-            stage = out.stage or Stage.ENCODE  # DECODE when the handler decoded the image (--image_decode gpu)
-            yield beam.pvalue.TaggedOutput(FAILED, (item_id, ItemFailure(
-                stage, out.reason, f"{self._route.modality}->{self._route.space}: {out.detail}", out.source)))
-            return
-        self._ok.inc()
-        progress.note(f"encoded {self._route.modality}->{self._route.space}")
-        yield item_id, ModalityVector(self._route.space, self._route.modality, index, out)
+def route_label(route: Route) -> str:
+    return f"{route.modality}->{route.space}" + (f" via {route.via}" if route.via else "")
 
 
-class EncodeRoute(beam.PTransform):
-    """Keyed payloads of one modality -> vectors in one space (and failures)."""
+class RouteEncoder:
+    """One route's handler and the counters ``catalog_index.encode.<modality>_<space>`` (encoded, failed)."""
 
-    def __init__(self, route: Route, config: EncodeConfig, model_handler=None,
-                 preprocess: ImagePreprocess | None = None, fetch: FetchPolicy = FetchPolicy()):
-        super().__init__()
-        self._route = route
-        self._handler = model_handler or handler_for(route, config, preprocess, fetch)
+    def __init__(self, route: Route, handler):
+        self.route, self.handler = route, handler
+        namespace = f"catalog_index.encode.{route.modality}_{route.space}"
+        self._ok = Metrics.counter(namespace, "encoded")
+        self._failed = Metrics.counter(namespace, "failed")
 
-    def expand(self, keyed):
-        out = (
-            keyed
-            | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
-            | "Split" >> beam.ParDo(_Split(self._route)).with_outputs(FAILED, main="vectors")
-        )
-        return {"vectors": out.vectors, "failed": out[FAILED]}
+    def encode(self, model, keys: Sequence[tuple[int, int]], payload) -> tuple[list, list]:
+        """``keys[i] = (item position, index)`` of ``payload[i]`` -> ([(pos, ModalityVector)], [(pos, ItemFailure)])."""
+        if not len(keys):
+            return [], []
+        route = self.route
+        vectors, failures = [], []
+        for (pos, index), out in zip(keys, self.handler.apply(model, payload)):
+            if isinstance(out, EncodeFailure):
+                stage = out.stage or Stage.ENCODE  # DECODE when the handler decoded the image (--image_decode gpu)
+                modality = route.modality if stage is Stage.DECODE else ""
+                failures.append((pos, ItemFailure(stage, out.reason, f"{route.modality}->{route.space}: {out.detail}",
+                                                  out.source, modality)))
+            else:
+                vectors.append((pos, ModalityVector(route.space, route.modality, index, out)))
+        self._ok.inc(len(vectors))
+        if failures:
+            self._failed.inc(len(failures))
+        return vectors, failures

@@ -1,28 +1,22 @@
-"""Stage 2b: fetch and decode each item's audio clip on CPU threads.
+"""Fetch and decode a batch's audio clips on CPU threads (plain functions, no Beam).
 
-Outputs ``((item_id, 0), AudioClip)`` with mono waveforms at every rate the
-run's audio models want (main), ``(item_id, MediaDigest)`` (``digests``) and
-``(item_id, ItemFailure)`` (``failed``). Threads overlap I/O; libsndfile and
-soxr release the GIL while they decode and resample.
+Each clip comes back as a mono :class:`AudioClip` at every rate the run's
+audio models want, or as the :class:`MediaError` it hit. Threads overlap I/O;
+libsndfile and soxr release the GIL while they decode and resample.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
-
-import apache_beam as beam
-from apache_beam.metrics import Metrics
+import time
+from typing import Sequence
 
 from encoders.audio import AudioClip, AudioPolicy, decode_audio
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
-from pipeline import progress
-from pipeline.records import ItemFailure, MediaDigest
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
-DIGESTS, FAILED = "digests", "failed"
 NAMESPACE = "catalog_index.fetch_audio"
-_DECODE_REASONS = (Reason.DECODE_FAILED, Reason.UNSUPPORTED_FORMAT, Reason.AUDIO_TOO_LONG, Reason.SILENT_AUDIO)
+DECODE_REASONS = (Reason.DECODE_FAILED, Reason.UNSUPPORTED_FORMAT, Reason.AUDIO_TOO_LONG, Reason.SILENT_AUDIO)
 
 
 def load_audio(uri: str, fetch: FetchPolicy, audio: AudioPolicy, rates: tuple[int, ...]) -> tuple[AudioClip, str]:
@@ -31,64 +25,39 @@ def load_audio(uri: str, fetch: FetchPolicy, audio: AudioPolicy, rates: tuple[in
     return decode_audio(data, rates, audio), hashlib.sha256(data).hexdigest()
 
 
-class _FetchAudio(beam.DoFn):
-    def __init__(self, fetch: FetchPolicy, audio: AudioPolicy, rates: tuple[int, ...], threads: int,
-                 progress_interval_s: float):
-        self._fetch, self._audio, self._rates = fetch, audio, rates
-        self._threads, self._interval = threads, progress_interval_s
-        self._ok = Metrics.counter(NAMESPACE, "clips")
-        self._seconds = Metrics.counter(NAMESPACE, "audio_ms")
-        self._failed = Metrics.counter(NAMESPACE, "failed")
-        self._pool = None
+def audio_failure_stage(error: MediaError) -> Stage:
+    return Stage.DECODE if error.reason in DECODE_REASONS else Stage.FETCH
 
-    def setup(self):
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="fetch-audio")
-        progress.start(self._interval)
 
-    def teardown(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+class AudioFetcher:
+    """Runs a batch's audio jobs (one per item with a clip) on a pool; ``submit`` / ``collect``."""
+
+    def __init__(self, fetch: FetchPolicy, audio: AudioPolicy, rates: tuple[int, ...]):
+        if not rates:
+            raise ValueError("the audio fetcher needs at least one target sample rate")
+        self._fetch, self._audio, self._rates = fetch, audio, tuple(sorted(set(rates)))
 
     def _one(self, uri: str):
+        started = time.thread_time()
         try:
-            return load_audio(uri, self._fetch, self._audio, self._rates)
+            out = load_audio(uri, self._fetch, self._audio, self._rates)
         except MediaError as e:
-            return e
+            out = e
         except Exception as e:  # noqa: BLE001 - a bug in one decode must not fail the batch
-            return MediaError(Reason.DECODE_FAILED, f"{type(e).__name__}: {e}")
+            out = MediaError(Reason.DECODE_FAILED, f"{type(e).__name__}: {e}")
+        return out, time.thread_time() - started
 
-    def process(self, items: list[CatalogItem]):
-        jobs = [(item, resolve_uri(item.audio_uri, item.base_uri)) for item in items]
-        for (item, uri), result in zip(jobs, self._pool.map(lambda job: self._one(job[1]), jobs)):
-            if isinstance(result, MediaError):
-                self._failed.inc()
-                stage = Stage.DECODE if result.reason in _DECODE_REASONS else Stage.FETCH
-                yield beam.pvalue.TaggedOutput(
-                    FAILED, (item.item_id, ItemFailure(stage, result.reason, result.detail, uri, "audio")))
-                continue
-            clip, digest = result
-            self._ok.inc()
-            self._seconds.inc(int(clip.duration_s * 1000))
-            progress.note("audio decoded")
-            yield beam.pvalue.TaggedOutput(DIGESTS, (item.item_id, MediaDigest("audio", 0, digest)))
-            yield (item.item_id, 0), clip
+    def submit(self, pool, items: Sequence[CatalogItem]):
+        jobs = [(pos, resolve_uri(item.audio_uri, item.base_uri)) for pos, item in enumerate(items) if item.audio_uri]
+        return jobs, [pool.submit(self._one, uri) for _, uri in jobs]
 
-
-class FetchAudio(beam.PTransform):
-    """CatalogItem -> {clips, digests, failed}; items without audio pass through untouched."""
-
-    def __init__(self, fetch: FetchPolicy, audio: AudioPolicy, rates: tuple[int, ...], threads: int = 4,
-                 progress_interval_s: float = 0.0):
-        super().__init__()
-        if not rates:
-            raise ValueError("FetchAudio needs at least one target sample rate")
-        self._fn = _FetchAudio(fetch, audio, tuple(sorted(set(rates))), threads, progress_interval_s)
-
-    def expand(self, items):
-        out = (
-            items
-            | "WithAudio" >> beam.Filter(lambda item: bool(item.audio_uri))
-            | "BatchForThreads" >> beam.BatchElements(min_batch_size=1, max_batch_size=16)
-            | "FetchDecode" >> beam.ParDo(self._fn).with_outputs(DIGESTS, FAILED, main="clips")
-        )
-        return {"clips": out.clips, "digests": out[DIGESTS], "failed": out[FAILED]}
+    @staticmethod
+    def collect(submitted) -> tuple[list[tuple[int, str, object]], float]:
+        """[(item position, uri, (clip, sha256) or MediaError)], and the threads' CPU seconds."""
+        jobs, futures = submitted
+        results, cpu = [], 0.0
+        for (pos, uri), future in zip(jobs, futures):
+            out, seconds = future.result()
+            results.append((pos, uri, out))
+            cpu += seconds
+        return results, cpu

@@ -1,26 +1,23 @@
-"""Stage 4: gather each item's vectors and failures, decide its fate, fuse.
+"""Fusion of one item: decide its fate from its vectors and failures, and fuse (plain logic).
 
-Every item that reached this stage leaves it exactly once: as an
-:class:`EmbeddingRecord` (main) or as a :class:`DeadLetter` (``dead``).
+Every item of a batch leaves :class:`ItemFuser` exactly once: as an
+:class:`EmbeddingRecord` or as a :class:`DeadLetter`. The embed stage
+(``pipeline/embed.py``) calls it inside the worker that holds the batch, so
+an item's modality vectors are never shuffled to meet each other.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 
-import apache_beam as beam
-from apache_beam.metrics import Metrics
-
 from encoders.asr import Transcript
 from encoders.fusion import FusionConfig, FusionError, Layout, fuse
-from pipeline import faults, progress
 from pipeline.config import Route
 from pipeline.records import ItemFailure, MediaDigest, ModalityVector
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
 from schemas.embeddings import EmbeddingRecord
 
-DEAD = "dead"
 NAMESPACE = "catalog_index.fuse"
 _MEDIA_STAGES = (Stage.FETCH, Stage.DECODE)
 
@@ -54,44 +51,29 @@ def expected_inputs(item: CatalogItem, route: Route, transcript: Transcript | No
     return 0
 
 
-class _Fuse(beam.DoFn):
+class ItemFuser:
+    """Decides one item's fate from everything its batch produced for it, and fuses its vectors.
+
+    Plain logic (no Beam): the embed stage calls it once per item of a batch,
+    after every route has run. Returns an :class:`EmbeddingRecord` or a
+    :class:`DeadLetter`; each item gets exactly one of the two.
+    """
+
     def __init__(self, routes: tuple[Route, ...], layout: Layout, fusion: FusionConfig,
-                 model_fingerprint: str, media_errors: str):
-        self._routes, self._layout, self._fusion = routes, layout, fusion
+                 model_fingerprint: str, media_errors: str, attention=None):
+        self._routes, self._layout, self._fusion = tuple(routes), layout, fusion
         self._fingerprint, self._media_errors = model_fingerprint, media_errors
-        self._embedded = Metrics.counter(NAMESPACE, "embedded")
-        self._dead = Metrics.counter(NAMESPACE, "dead_letters")
-        self._attention = None
+        self._attention = attention
 
-    def setup(self):
-        # the trained module is loaded in the worker (never pickled) and checked against the recorded sha256
-        self._attention = load_attention(self._fusion, self._routes, self._layout)
-
-    def _dead_letter(self, item: CatalogItem, stage: Stage, reason: Reason, detail: str, source: str = ""):
-        self._dead.inc()
-        return beam.pvalue.TaggedOutput(DEAD, DeadLetter(item.item_id, stage, reason, detail, source or item.source))
-
-    def process(self, element):
-        item_id, grouped = element
-        items: list[CatalogItem] = list(grouped["item"])
-        if len(items) != 1:
-            raise RuntimeError(f"item {item_id!r} reached fusion {len(items)} times; keys must be unique after read")
-        item = items[0]
-        failures: list[ItemFailure] = sorted(grouped["failed"], key=lambda f: (f.stage.value, f.source, f.detail))
-        vectors: list[ModalityVector] = list(grouped["vectors"])
-        digests: list[MediaDigest] = list(grouped["digests"])
-        transcripts: list[Transcript] = list(grouped.get("transcripts", ()))
-        if len(transcripts) > 1:
-            raise RuntimeError(f"item {item_id!r} got {len(transcripts)} transcripts; it has one audio clip")
-        transcript = transcripts[0] if transcripts else None
-
+    def __call__(self, item: CatalogItem, vectors: list[ModalityVector], failures: list[ItemFailure],
+                 digests: list[MediaDigest], transcript: Transcript | None) -> EmbeddingRecord | DeadLetter:
+        failures = sorted(failures, key=lambda f: (f.stage.value, f.source, f.detail))
         fatal = [f for f in failures if not (self._media_errors == "drop_media" and f.stage in _MEDIA_STAGES)]
         if fatal:
             first = fatal[0]
             more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-            yield self._dead_letter(item, first.stage, first.reason, first.detail + more, first.source)
-            return
-        by_route = {}
+            return DeadLetter(item.item_id, first.stage, first.reason, first.detail + more, first.source or item.source)
+        by_route: dict[tuple[str, str], list[ModalityVector]] = {}
         for v in vectors:
             by_route.setdefault((v.space, v.modality), []).append(v)
         for route in self._routes:
@@ -101,7 +83,7 @@ class _Fuse(beam.DoFn):
                 1 for f in failures if f.modality == route.modality and f.stage in _MEDIA_STAGES)
             expected = expected_inputs(item, route, transcript)
             if got + lost != expected:
-                raise RuntimeError(f"item {item_id!r}: {route.modality}->{route.space} produced {got} vectors, "
+                raise RuntimeError(f"item {item.item_id!r}: {route.modality}->{route.space} produced {got} vectors, "
                                    f"{lost} failures, expected {expected}")
         nested: dict[str, dict[str, list]] = {}
         for (space, modality), vs in by_route.items():
@@ -114,11 +96,8 @@ class _Fuse(beam.DoFn):
             if reason is Reason.EMPTY_ITEM and transcript is not None and not transcript.is_speech:
                 detail = (f"the audio holds no recognizable speech (no-speech probability "
                           f"{transcript.no_speech_prob:.2f}) and nothing else of the item is embedded by this run")
-            yield self._dead_letter(item, Stage.FUSE, reason, detail)
-            return
-        self._embedded.inc()
-        progress.note("fused")
-        yield EmbeddingRecord(
+            return DeadLetter(item.item_id, Stage.FUSE, reason, detail, item.source)
+        return EmbeddingRecord(
             item_id=item.item_id,
             vector=fused,
             modalities=tuple(sorted({m for _, m in by_route})),
@@ -129,7 +108,6 @@ class _Fuse(beam.DoFn):
             attributes=item.attributes,
             transcript=transcript.text if transcript is not None else None,
         )
-        faults.inject("fuse")  # test hook: fails a bundle after it has emitted a record
 
 
 def load_attention(fusion: FusionConfig, routes, layout: Layout):
@@ -141,20 +119,3 @@ def load_attention(fusion: FusionConfig, routes, layout: Layout):
     module = attention.load(fusion.attention_module, fusion.attention_sha256)
     module.check_layout([(r.modality, r.space) for r in routes], layout)
     return module.weights_fn()
-
-
-class FuseItems(beam.PTransform):
-    """{item, vectors, failed, digests} keyed by item id -> EmbeddingRecord (main) / DeadLetter (dead)."""
-
-    def __init__(self, routes, layout: Layout, fusion: FusionConfig, model_fingerprint: str, media_errors: str):
-        super().__init__()
-        load_attention(fusion, routes, layout)  # fail at launch, not in every worker, on a mismatched module
-        self._fn = _Fuse(tuple(routes), layout, fusion, model_fingerprint, media_errors)
-
-    def expand(self, inputs: dict):
-        out = (
-            inputs
-            | "GroupPerItem" >> beam.CoGroupByKey()
-            | "Fuse" >> beam.ParDo(self._fn).with_outputs(DEAD, main="records")
-        )
-        return {"records": out.records, "dead": out[DEAD]}

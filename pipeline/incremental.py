@@ -27,6 +27,7 @@ The logic lives in plain functions (``item_content_hash``, ``media_token``,
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -37,11 +38,13 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
 from pipeline.records import MediaDigest
+from pipeline.stage_metrics import StageTimer
 from schemas.catalog import CatalogItem
-from schemas.dead_letter import Reason
+from schemas.dead_letter import DeadLetter, Reason, Stage
 from schemas.embeddings import EmbeddingRecord
 
 CHANGE_DETECTION = ("bytes", "metadata")
@@ -209,6 +212,43 @@ def resolve_previous_run(output: str, previous_run: str, run_dir: str, metadata:
     return PreviousRun(directory, manifest.get("run_id", ""), not reason, reason)
 
 
+def resume_pieces(run_dir: str) -> list[str]:
+    """Embeddings pieces a killed attempt of this run left behind (none once the run is published).
+
+    A rerun with the same ``--run_id`` reuses the rows in them whose content
+    hash still matches, instead of encoding those items again.
+    """
+    from pipeline.publish import MANIFEST
+    from pipeline.write import PIECES
+
+    run_dir = run_dir.rstrip("/")
+    try:
+        if FileSystems.exists(f"{run_dir}/{MANIFEST}"):
+            return []
+    except ValueError as e:  # no filesystem for the scheme here (a launcher without the gcp extra)
+        _LOG.warning("cannot look for a killed attempt's pieces under %s (%s); encoding everything", run_dir, e)
+        return []
+    try:
+        matched = FileSystems.match([f"{run_dir}/embeddings/{PIECES}/*.arrow"])[0].metadata_list
+    except Exception:  # noqa: BLE001 - no such directory: nothing to resume
+        return []
+    return sorted(m.path for m in matched)
+
+
+def read_piece_rows(path: str):
+    """(item_id, PreviousVector) for every row of one embeddings piece (Arrow IPC)."""
+    from pipeline.write import _open_piece
+    from schemas.embeddings import vectors_of
+
+    table = _open_piece(path)
+    vectors = vectors_of(table)
+    for i, row in enumerate(table.drop(["vector", "attributes"]).to_pylist()):
+        yield row["item_id"], PreviousVector(
+            content_hash=row["content_hash"], model_fingerprint=row["model_fingerprint"],
+            vector=vectors[i].copy(), modalities=tuple(row["modalities"]), num_images=int(row["num_images"]),
+            transcript=row["transcript"])
+
+
 def previous_embedding_files(previous: PreviousRun) -> list[str]:
     """The embeddings shards the previous run's manifest lists (exactly what was published)."""
     from pipeline.publish import read_manifest
@@ -240,128 +280,227 @@ def read_previous_rows(path: str, with_vectors: bool):
 # --------------------------------------------------------------------------- Beam wrappers
 
 
+PREVIOUS = "p"  # tag of a previous-run row in the join by item id (catalog items are "c", pipeline.read)
+RESUMED = "r"  # tag of a row a killed attempt of this run already wrote
+DEAD = "dead"
+
+
+def _source_order(item: CatalogItem) -> tuple[str, int]:
+    path, _, row = item.source.rpartition("#")
+    return path, int(row) if row.isdigit() else 0
+
+
+def resolve_duplicates(item_id: str, items: list[CatalogItem]) -> tuple[CatalogItem, list[DeadLetter]]:
+    """Of several rows with one item id, the first by (file, row) is kept; the rest are dead letters."""
+    ordered = sorted(items, key=_source_order)
+    return ordered[0], [DeadLetter(item_id, Stage.VALIDATE, Reason.DUPLICATE_ID,
+                                   f"item id also at {ordered[0].source}; first occurrence kept", dup.source)
+                        for dup in ordered[1:]]
+
+
+def _as_tuple(previous: PreviousVector) -> tuple:
+    return (previous.content_hash, previous.model_fingerprint, previous.vector, previous.modalities,
+            previous.num_images, previous.transcript)
+
+
 class _ReadPrevious(beam.DoFn):
     def __init__(self, with_vectors: bool):
         self._with_vectors = with_vectors
         self._rows = Metrics.counter(NAMESPACE, "previous_rows")
 
     def process(self, path: str):
-        for element in read_previous_rows(path, self._with_vectors):
+        for item_id, previous in read_previous_rows(path, self._with_vectors):
             self._rows.inc()
-            yield element
+            yield item_id, (PREVIOUS, _as_tuple(previous))
 
 
-def _pair(element):
-    """CoGroupByKey output -> (item or None, previous or None)."""
-    item_id, grouped = element
-    items, previous = list(grouped["item"]), list(grouped["previous"])
-    if len(items) > 1 or len(previous) > 1:
-        raise RuntimeError(f"item id {item_id!r} appears {len(items)} times in the catalog and "
-                           f"{len(previous)} times in the previous run; ids must be unique")
-    return (items[0] if items else None), (previous[0] if previous else None)
+class _ReadResumed(beam.DoFn):
+    def __init__(self):
+        self._rows = Metrics.counter(NAMESPACE, "resume_rows")
+
+    def process(self, path: str):
+        for item_id, row in read_piece_rows(path):
+            self._rows.inc()
+            yield item_id, (RESUMED, _as_tuple(row))
 
 
-class _Decide(beam.DoFn):
-    """Batches of (item, previous) -> reused records, items to encode, and one status per item id.
+class _Resolve(beam.DoFn):
+    """Joined groups (item id -> catalog rows and previous row) -> batches to encode, reused rows, statuses.
 
-    Hashing reads media (bytes mode) or stats it (metadata mode): a thread pool
-    overlaps the I/O, as the fetch stage does.
+    Per item id: duplicates resolved (first by file and row), then, a batch of
+    ``batch_items`` ids at a time, each item classified reused / new / changed
+    (deleted for ids only in the previous run). Hashing reads media (bytes
+    mode) or stats it (metadata mode): a thread pool overlaps the I/O.
+    Outputs: main, ``list[CatalogItem]`` batches to encode; ``reused``, one
+    ``pa.Table`` of reused rows per batch; ``status``, a {status: count} dict
+    per batch; ``dead``, duplicate-id dead letters.
     """
 
     def __init__(self, model_fingerprint: str, mode: str, policy: FetchPolicy, hash_new: bool,
-                 media: frozenset[str], threads: int = 8):
+                 media: frozenset[str], schema, batch_items: int, threads: int = 8):
         self._fp, self._mode, self._policy, self._hash_new, self._threads = (
             model_fingerprint, mode, policy, hash_new, threads)
-        self._media = media
-        self._counters = {s: Metrics.counter(NAMESPACE, s) for s in STATUSES}
+        self._media, self._schema, self._batch_items = media, schema, batch_items
         self._pool = None
+        self._buffer: list = []
 
     def setup(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="hash")
+        self._counters = {s: Metrics.counter(NAMESPACE, s) for s in (*STATUSES, "resumed")}
+        self._duplicates = Metrics.counter("catalog_index.read", "duplicate_ids")
+        self._timer = StageTimer("incremental")
 
     def teardown(self):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _needs_hash(self, item, previous) -> bool:
+    def start_bundle(self):
+        self._buffer = []
+
+    def process(self, element):
+        from pipeline.records import item_from_tuple
+
+        item_id, values = element
+        current, previous, resumed = [], [], []
+        for tag, value in values:
+            (previous if tag == PREVIOUS else resumed if tag == RESUMED else current).append(value)
+        if len(previous) > 1:
+            raise RuntimeError(f"item id {item_id!r} appears {len(previous)} times in the previous run; "
+                               "ids must be unique")
+        item = None
+        if current:
+            item, duplicates = resolve_duplicates(item_id, [item_from_tuple(t) for t in current])
+            for dead in duplicates:
+                self._duplicates.inc()
+                yield beam.pvalue.TaggedOutput(DEAD, dead)
+        # a killed attempt may have written an item twice (a retried bundle): the rows are equal, take one
+        self._buffer.append((item, PreviousVector(*previous[0]) if previous else None,
+                             PreviousVector(*resumed[0]) if resumed and item is not None else None))
+        if len(self._buffer) >= self._batch_items:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for out in self._flush():
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+            else:
+                yield GlobalWindows.windowed_value(out)
+
+    def _needs_hash(self, item, previous, resumed=None) -> bool:
         # A new item is encoded whatever its hash; it is only hashed here when the
         # fuse stage cannot derive the same hash itself (metadata tokens).
-        return item is not None and ((previous is not None and previous.vector is not None) or self._hash_new)
+        return item is not None and ((previous is not None and previous.vector is not None) or self._hash_new
+                                     or resumed is not None)
 
     def _hash(self, pair):
-        item, previous = pair
-        if not self._needs_hash(item, previous):
+        item, previous, resumed = pair
+        if not self._needs_hash(item, previous, resumed):
             return None
         return hash_item(item, self._fp, self._mode, self._policy, self._media)
 
-    def process(self, pairs: list):
-        for (item, previous), current_hash in zip(pairs, self._pool.map(self._hash, pairs)):
-            status = classify(item, previous, current_hash, self._fp)
-            self._counters[status].inc()
-            yield beam.pvalue.TaggedOutput(STATUS, status)
-            if status == "deleted":
-                continue
-            if status == "reused":
-                yield beam.pvalue.TaggedOutput(REUSED, EmbeddingRecord(
-                    item_id=item.item_id, vector=previous.vector, modalities=previous.modalities,
-                    content_hash=current_hash, model_fingerprint=self._fp, num_images=previous.num_images,
-                    attributes=item.attributes,  # attributes are today's: they are not part of the vector
-                    transcript=previous.transcript))
-                continue
-            if self._mode == "metadata" and current_hash is not None:
-                # fuse would hash the fetched bytes; tomorrow compares metadata tokens, so carry ours
-                item = dataclasses.replace(item, content_hash=current_hash)
-            yield beam.pvalue.TaggedOutput(ENCODE, item)
+    def _flush(self):
+        from schemas.embeddings import records_to_table
+
+        pairs, self._buffer = self._buffer, []
+        if not pairs:
+            return
+        with self._timer.time(len(pairs)):
+            if any(self._needs_hash(*pair) for pair in pairs):
+                hashes = list(self._pool.map(self._hash, pairs))
+            else:
+                hashes = [None] * len(pairs)
+            statuses: collections.Counter = collections.Counter()
+            reused, encode = [], []
+            for (item, previous, resumed), current_hash in zip(pairs, hashes):
+                status = classify(item, previous, current_hash, self._fp)
+                statuses[status] += 1
+                if status == "deleted":
+                    continue
+                source = previous if status == "reused" else None
+                if source is None and classify(item, resumed, current_hash, self._fp) == "reused":
+                    source = resumed  # a killed attempt of this run already embedded it, from the same content
+                    statuses["resumed"] += 1
+                if source is not None:
+                    reused.append(EmbeddingRecord(
+                        item_id=item.item_id, vector=source.vector, modalities=source.modalities,
+                        content_hash=current_hash, model_fingerprint=self._fp, num_images=source.num_images,
+                        attributes=item.attributes,  # attributes are today's: they are not part of the vector
+                        transcript=source.transcript))
+                    continue
+                if self._mode == "metadata" and current_hash is not None:
+                    # fuse would hash the fetched bytes; tomorrow compares metadata tokens, so carry ours
+                    item = dataclasses.replace(item, content_hash=current_hash)
+                encode.append(item)
+        for status, n in statuses.items():
+            self._counters[status].inc(n)
+        yield beam.pvalue.TaggedOutput(STATUS, dict(statuses))
+        if reused:
+            yield beam.pvalue.TaggedOutput(REUSED, records_to_table(reused, self._schema))
+        if encode:
+            yield encode
 
 
 class Incremental(beam.PTransform):
-    """CatalogItem -> {encode: items for the normal path, reused: EmbeddingRecord, status: str per item id}.
+    """Keyed catalog items (``pipeline.read``) -> {encode: list[CatalogItem] batches, reused: pa.Table batches,
+    status: {status: count} dicts, dead: duplicate-id DeadLetters}.
 
-    ``status`` has one element per current item (reused/new/changed) and one per
-    deleted previous item; the publish step counts them into the manifest.
+    The one join by item id of the graph: it carries catalog items (text and
+    URIs) and, from the previous run, ids and content hashes (and, when the
+    previous run is reusable, its vectors), never a modality vector. Without
+    a previous run it only resolves duplicate ids. ``status`` counts every
+    current item once (reused/new/changed) and every previous-only id (deleted).
     """
 
     def __init__(self, config: IncrementalConfig, previous: PreviousRun | None, model_fingerprint: str,
-                 policy: FetchPolicy, media: frozenset[str] = frozenset({"image", "audio"})):
+                 policy: FetchPolicy, media: frozenset[str] = frozenset({"image", "audio"}), *, schema,
+                 batch_items: int = 256, resume: list[str] | None = None):
         super().__init__()
-        self._config, self._previous = config, previous
-        self._fn = _Decide(model_fingerprint, config.change_detection, policy,
-                           hash_new=config.change_detection == "metadata", media=frozenset(media))
+        self._config, self._previous, self._resume = config, previous, list(resume or [])
+        self._fn = _Resolve(model_fingerprint, config.change_detection, policy,
+                            hash_new=config.change_detection == "metadata", media=frozenset(media),
+                            schema=schema, batch_items=batch_items)
 
-    def expand(self, items):
-        p = items.pipeline
-        if self._previous is None:
-            pairs = items | "NoPrevious" >> beam.Map(lambda item: (item, None))
-        else:
+    def expand(self, keyed_items):
+        p = keyed_items.pipeline
+        sides = [keyed_items]
+        if self._previous is not None:
             files = previous_embedding_files(self._previous)
-            previous = (
+            sides.append(
                 p
                 | "PreviousFiles" >> beam.Create(files)
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "ReadPrevious" >> beam.ParDo(_ReadPrevious(self._previous.reusable))
             )
-            pairs = (
-                {"item": items | "KeyItems" >> beam.Map(lambda item: (item.item_id, item)), "previous": previous}
-                | "JoinPrevious" >> beam.CoGroupByKey()
-                | "Pair" >> beam.Map(_pair)
+        if self._resume:
+            sides.append(
+                p
+                | "ResumePieces" >> beam.Create(self._resume)
+                | "SpreadPieces" >> beam.Reshuffle()
+                | "ReadResumed" >> beam.ParDo(_ReadResumed())
             )
-        out = (
-            pairs
-            | "BatchForThreads" >> beam.BatchElements(min_batch_size=1, max_batch_size=64)
-            | "Decide" >> beam.ParDo(self._fn).with_outputs(REUSED, ENCODE, STATUS)
+        joined = (
+            (sides[0] if len(sides) == 1 else tuple(sides) | "CurrentAndPrevious" >> beam.Flatten())
+            | "JoinById" >> beam.GroupByKey()
         )
-        return {"encode": out[ENCODE], "reused": out[REUSED], "status": out[STATUS]}
+        out = joined | "Resolve" >> beam.ParDo(self._fn).with_outputs(REUSED, STATUS, DEAD, main=ENCODE)
+        return {"encode": out[ENCODE], "reused": out[REUSED], "status": out[STATUS], "dead": out[DEAD]}
 
 
 def incremental_counts(statuses: dict, encoded: int, embedded: int, previous: PreviousRun | None,
                        config: IncrementalConfig) -> dict:
-    """The manifest's ``counts.incremental`` block; checks that reused + encoded == embedded."""
+    """The manifest's ``counts.incremental`` block; checks that reused + resumed + encoded == embedded.
+
+    ``resumed``: items (counted among new/changed) whose vector a killed attempt
+    of this run had already written; they were not encoded again.
+    """
     block = {s: int(statuses.get(s, 0)) for s in STATUSES}
+    block["resumed"] = int(statuses.get("resumed", 0))
     block["encoded"] = int(encoded)
-    if block["reused"] + block["encoded"] != embedded:
+    if block["reused"] + block["resumed"] + block["encoded"] != embedded:
         from pipeline.publish import AccountingError
 
-        raise AccountingError(f"{block['reused']} reused + {encoded} encoded != {embedded} embedded")
+        raise AccountingError(f"{block['reused']} reused + {block['resumed']} resumed + {encoded} encoded "
+                              f"!= {embedded} embedded")
     block["previous_run"] = previous.to_json() if previous is not None else None
     block["change_detection"] = config.change_detection
     return block

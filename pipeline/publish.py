@@ -144,14 +144,19 @@ class _Publish(beam.DoFn):
         yield manifest
 
 
+def batch_stats(table) -> dict:
+    """One batch of embedded rows (``pa.Table``) summarized for the report, where the batch is made."""
+    return report.add_table(report.empty_stats(), table)
+
+
 class RecordStats(beam.CombineFn):
-    """Modality coverage and the vector-norm check over the embedded records (for the report)."""
+    """Modality coverage and the vector-norm check, from per-batch summaries (:func:`batch_stats`)."""
 
     def create_accumulator(self):
         return report.empty_stats()
 
-    def add_input(self, acc, record):
-        return report.add_record(acc, record.modalities, record.vector, record.num_images)
+    def add_input(self, acc, stats):
+        return report.merge_stats([acc, stats])
 
     def merge_accumulators(self, accs):
         return report.merge_stats(list(accs))
@@ -160,10 +165,19 @@ class RecordStats(beam.CombineFn):
         return report.finish_stats(acc)
 
 
+def _add_counts(dicts) -> dict:
+    total: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 class Publish(beam.PTransform):
-    """Inputs: rows, records, dead, skipped, embedding_files, dead_files; optional: index (one index dict),
-    and, with ``incremental_counts(statuses, encoded, embedded) -> dict``, ``status`` (one string per item)
-    and ``encoded`` (the records that went through the encoders)."""
+    """Inputs: rows (input rows read, as ints to add up), records (:func:`batch_stats` of each batch of
+    embedded rows), dead, skipped, embedding_files, dead_files; optional: index (one index dict), and, with
+    ``incremental_counts(statuses, encoded, embedded) -> dict``, ``status`` ({status: count} dicts) and
+    ``encoded`` (row counts of the batches that went through the encoders)."""
 
     def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict,
                  max_failure_fraction: float = 1.0, incremental_counts=None):
@@ -171,7 +185,6 @@ class Publish(beam.PTransform):
         self._fn = _Publish(output, run_dir, run_id, manifest_base, max_failure_fraction, incremental_counts)
 
     def expand(self, inputs: dict):
-        count = beam.combiners.Count.Globally
         p = inputs["rows"].pipeline
         reasons = (
             inputs["dead"]
@@ -188,8 +201,9 @@ class Publish(beam.PTransform):
             | "Once" >> beam.Create([None])
             | "Publish" >> beam.ParDo(
                 self._fn,
-                beam.pvalue.AsSingleton(inputs["rows"] | "CountRows" >> count()),
-                beam.pvalue.AsSingleton(inputs["records"] | "CountEmbedded" >> count()),
+                beam.pvalue.AsSingleton(inputs["rows"] | "CountRows" >> beam.CombineGlobally(sum)),
+                beam.pvalue.AsSingleton(inputs["records"] | "EmbeddedRows" >> beam.Map(lambda s: s["items"])
+                                        | "CountEmbedded" >> beam.CombineGlobally(sum)),
                 beam.pvalue.AsDict(reasons),
                 beam.pvalue.AsDict(skip_reasons),
                 beam.pvalue.AsList(inputs["embedding_files"]),
@@ -204,7 +218,7 @@ class Publish(beam.PTransform):
         if "index" in inputs:
             out["index"] = beam.pvalue.AsSingleton(inputs["index"])
         if self._fn._incremental_counts is not None:
-            statuses = inputs["status"] | "CountStatuses" >> beam.combiners.Count.PerElement()
-            encoded = inputs["encoded"] | "CountEncoded" >> beam.combiners.Count.Globally()
-            out.update(statuses=beam.pvalue.AsDict(statuses), encoded=beam.pvalue.AsSingleton(encoded))
+            statuses = inputs["status"] | "CountStatuses" >> beam.CombineGlobally(_add_counts)
+            encoded = inputs["encoded"] | "CountEncoded" >> beam.CombineGlobally(sum)
+            out.update(statuses=beam.pvalue.AsSingleton(statuses), encoded=beam.pvalue.AsSingleton(encoded))
         return out

@@ -1,12 +1,16 @@
-"""Stage 1: read the catalog Parquet files, validate rows, resolve duplicate item ids.
+"""Stage 1: read the catalog Parquet files a row group at a time and validate the rows.
 
-Outputs the valid, unique :class:`CatalogItem`s (main) and dead letters
-(``dead``). Files are read row group by row group, so memory does not grow
-with the catalog.
+Outputs, per valid row, ``(item_id, ("c", item tuple))`` keyed for the one
+join by item id (``pipeline/incremental.py``), which also resolves duplicate
+ids; rows that fail validation as dead letters (``dead``); rows whose content
+is only in modalities the run has no model for as counted skips (``skipped``);
+and the number of rows read per row group (``rows``). Files are read row group
+by row group, so memory does not grow with the catalog.
 """
 from __future__ import annotations
 
 import posixpath
+import time
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -15,10 +19,13 @@ from apache_beam.metrics import Metrics
 
 from pipeline import progress
 from pipeline.config import ReadConfig
+from pipeline.records import item_to_tuple
+from pipeline.stage_metrics import StageTimer
 from schemas.catalog import CatalogColumns, CatalogItem, InvalidRow, validate_row
 from schemas.dead_letter import DeadLetter, Reason, Skip, SkipReason, Stage
 
-DEAD, SKIPPED = "dead", "skipped"
+DEAD, SKIPPED, ROWS = "dead", "skipped", "rows"
+CURRENT = "c"  # tag of a catalog item in the join by item id (the previous run's rows are "p")
 NAMESPACE = "catalog_index.read"
 
 
@@ -31,14 +38,34 @@ def _wanted_columns(columns: CatalogColumns) -> list[str]:
             *columns.passthrough]
 
 
-class _ReadRows(beam.DoFn):
-    """A matched Parquet file -> (source, base_uri, raw row dict), one row group at a time."""
+def classify_row(row: dict, config: ReadConfig, modalities: frozenset[str], base_uri: str,
+                 source: str) -> CatalogItem | DeadLetter | Skip:
+    """One raw row -> the item, or the dead letter / counted skip it becomes (plain logic)."""
+    try:
+        item = validate_row(row, config.columns, base_uri=base_uri, source=source,
+                            max_text_chars=config.max_text_chars)
+    except InvalidRow as e:
+        item_id = e.item_id if e.item_id is not None else f"<row {source}>"
+        return DeadLetter(item_id, Stage.VALIDATE, Reason.INVALID_ROW, str(e), source)
+    if not item.has_content:
+        return DeadLetter(item.item_id, Stage.VALIDATE, Reason.EMPTY_ITEM, "no text, image or audio", source)
+    if not item.modalities & modalities:
+        return Skip(item.item_id, SkipReason.NO_CONFIGURED_MODALITY,
+                    f"has {'+'.join(sorted(item.modalities))}; this run embeds {'+'.join(sorted(modalities))}")
+    return item
 
-    def __init__(self, config: ReadConfig, progress_interval_s: float):
-        self._config, self._interval = config, progress_interval_s
-        self._rows = Metrics.counter(NAMESPACE, "rows")
+
+class _ReadRows(beam.DoFn):
+    """A matched Parquet file -> keyed valid items, dead letters, skips, row counts; a row group at a time."""
+
+    def __init__(self, config: ReadConfig, modalities: frozenset[str], progress_interval_s: float):
+        self._config, self._modalities, self._interval = config, modalities, progress_interval_s
 
     def setup(self):
+        self._rows = Metrics.counter(NAMESPACE, "rows")
+        self._invalid = Metrics.counter(NAMESPACE, "invalid_rows")
+        self._skipped = Metrics.counter(NAMESPACE, "skipped")
+        self._timer = StageTimer("read")
         progress.start(self._interval)
 
     def process(self, readable: fileio.ReadableFile):
@@ -57,71 +84,33 @@ class _ReadRows(beam.DoFn):
         wanted = [c for c in dict.fromkeys(_wanted_columns(self._config.columns)) if c in present]
         row_number = 0
         for group in range(parquet.num_row_groups):
-            for row in parquet.read_row_group(group, columns=wanted).to_pylist():
-                self._rows.inc()
-                progress.note("read")
-                yield f"{path}#{row_number}", base_uri, row
+            started, cpu = time.perf_counter(), time.process_time()
+            rows = parquet.read_row_group(group, columns=wanted).to_pylist()
+            out = []
+            for row in rows:
+                result = classify_row(row, self._config, self._modalities, base_uri, f"{path}#{row_number}")
                 row_number += 1
-
-
-class _Validate(beam.DoFn):
-    def __init__(self, config: ReadConfig, modalities: frozenset[str]):
-        self._config, self._modalities = config, modalities
-        self._invalid = Metrics.counter(NAMESPACE, "invalid_rows")
-        self._skipped = Metrics.counter(NAMESPACE, "skipped")
-
-    def process(self, element):
-        source, base_uri, row = element
-        try:
-            item = validate_row(row, self._config.columns, base_uri=base_uri, source=source,
-                                max_text_chars=self._config.max_text_chars)
-        except InvalidRow as e:
-            self._invalid.inc()
-            item_id = e.item_id if e.item_id is not None else f"<row {source}>"
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(item_id, Stage.VALIDATE, Reason.INVALID_ROW, str(e), source))
-            return
-        if not item.has_content:
-            yield beam.pvalue.TaggedOutput(
-                DEAD, DeadLetter(item.item_id, Stage.VALIDATE, Reason.EMPTY_ITEM, "no text, image or audio", source))
-            return
-        if not item.modalities & self._modalities:
-            self._skipped.inc()
-            yield beam.pvalue.TaggedOutput(SKIPPED, Skip(
-                item.item_id, SkipReason.NO_CONFIGURED_MODALITY,
-                f"has {'+'.join(sorted(item.modalities))}; this run embeds {'+'.join(sorted(self._modalities))}"))
-            return
-        yield item.item_id, item
-
-
-def _source_order(item: CatalogItem) -> tuple[str, int]:
-    path, _, row = item.source.rpartition("#")
-    return path, int(row) if row.isdigit() else 0
-
-
-class _KeepFirst(beam.DoFn):
-    """Of several rows with one item id, keeps the first by (file, row); the rest are dead letters."""
-
-    def __init__(self):
-        self._duplicates = Metrics.counter(NAMESPACE, "duplicate_ids")
-
-    def process(self, element):
-        item_id, items = element
-        ordered = sorted(items, key=_source_order)
-        yield ordered[0]
-        for dup in ordered[1:]:
-            self._duplicates.inc()
-            yield beam.pvalue.TaggedOutput(
-                DEAD,
-                DeadLetter(item_id, Stage.VALIDATE, Reason.DUPLICATE_ID,
-                           f"item id also at {ordered[0].source}; first occurrence kept", dup.source),
-            )
+                if isinstance(result, CatalogItem):
+                    out.append((result.item_id, (CURRENT, item_to_tuple(result))))
+                elif isinstance(result, Skip):
+                    self._skipped.inc()
+                    out.append(beam.pvalue.TaggedOutput(SKIPPED, result))
+                else:
+                    self._invalid.inc()
+                    out.append(beam.pvalue.TaggedOutput(DEAD, result))
+            self._rows.inc(len(rows))
+            self._timer.record(len(rows), time.perf_counter() - started, time.process_time() - cpu)
+            progress.note("read", len(rows))
+            yield beam.pvalue.TaggedOutput(ROWS, len(rows))
+            yield from out
 
 
 class ReadCatalog(beam.PTransform):
-    """pipeline root -> {items: CatalogItem, dead: DeadLetter, skipped: Skip, rows: raw rows (for counting)}.
+    """pipeline root -> {items: (item_id, ("c", item tuple)), dead: DeadLetter, skipped: Skip, rows: int per row group}.
 
     ``modalities`` are those the run has models for; an item whose content is
-    only in other modalities is a counted skip, not a dead letter.
+    only in other modalities is a counted skip, not a dead letter. Duplicate
+    ids are resolved at the join by item id (``pipeline/incremental.py``).
     """
 
     def __init__(self, config: ReadConfig, progress_interval_s: float = 0.0,
@@ -130,19 +119,11 @@ class ReadCatalog(beam.PTransform):
         self._config, self._interval, self._modalities = config, progress_interval_s, frozenset(modalities)
 
     def expand(self, pbegin):
-        rows = (
+        out = (
             pbegin
             | "MatchCatalog" >> fileio.MatchFiles(self._config.catalog, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
             | "OpenFiles" >> fileio.ReadMatches()
-            | "ReadRows" >> beam.ParDo(_ReadRows(self._config, self._interval))
+            | "ReadRows" >> beam.ParDo(_ReadRows(self._config, self._modalities, self._interval))
+            .with_outputs(DEAD, SKIPPED, ROWS, main="items")
         )
-        validated = rows | "Validate" >> (
-            beam.ParDo(_Validate(self._config, self._modalities))
-            .with_output_types(tuple[str, CatalogItem]).with_outputs(DEAD, SKIPPED, main="items"))
-        unique = (
-            validated.items
-            | "GroupById" >> beam.GroupByKey()
-            | "KeepFirst" >> beam.ParDo(_KeepFirst()).with_outputs(DEAD, main="items")
-        )
-        dead = (validated[DEAD], unique[DEAD]) | "FlattenDead" >> beam.Flatten()
-        return {"items": unique.items, "dead": dead, "skipped": validated[SKIPPED], "rows": rows}
+        return {"items": out.items, "dead": out[DEAD], "skipped": out[SKIPPED], "rows": out[ROWS]}

@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 
+from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
 
@@ -36,3 +37,13 @@ class ItemFailure:
     detail: str
     source: str = ""
     modality: str = ""  # "image" or "audio" for media failures: tells fusion which route lost an input
+
+
+def item_to_tuple(item: CatalogItem) -> tuple:
+    """A CatalogItem as a tuple of primitives: Beam's fast coder encodes it without pickle (the join)."""
+    return (item.item_id, item.title, item.description, item.image_uris, item.audio_uri, item.base_uri,
+            item.source, item.attributes, item.content_hash)
+
+
+def item_from_tuple(t: tuple) -> CatalogItem:
+    return CatalogItem(t[0], t[1], t[2], tuple(t[3]), t[4], t[5], t[6], t[7], t[8])

@@ -35,6 +35,26 @@ def add_record(stats: dict, modalities: tuple[str, ...], vector: np.ndarray, num
     return stats
 
 
+def add_table(stats: dict, table) -> dict:
+    """Counts a batch of embedded rows (a ``pa.Table`` in the embeddings schema) at once."""
+    from schemas.embeddings import vectors_of
+
+    if table.num_rows == 0:
+        return stats
+    norms = np.linalg.norm(vectors_of(table).astype(np.float64), axis=1)
+    for modalities in table.column("modalities").to_pylist():
+        for m in modalities:
+            stats["modalities"][m] = stats["modalities"].get(m, 0) + 1
+        combo = "+".join(sorted(modalities)) or "(none)"
+        stats["combinations"][combo] = stats["combinations"].get(combo, 0) + 1
+    stats["items"] += table.num_rows
+    stats["images"] += int(np.sum(table.column("num_images").to_numpy()))
+    stats["norm_min"] = min(stats["norm_min"], float(norms.min()))
+    stats["norm_max"] = max(stats["norm_max"], float(norms.max()))
+    stats["off_unit_norm"] += int(np.sum((np.abs(norms - 1) > NORM_TOLERANCE) | ~np.isfinite(norms)))
+    return stats
+
+
 def merge_stats(parts: list[dict]) -> dict:
     out = empty_stats()
     for s in parts:

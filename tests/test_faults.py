@@ -113,6 +113,27 @@ def test_failure_before_latest_keeps_the_previous_run(fault, good_run, sample_ca
     assert (out / "LATEST").read_text().strip() == "good"
 
 
+def test_rerun_after_a_crash_reuses_what_the_crashed_attempt_wrote(fault, good_run, sample_catalog, tiny_text_dir,
+                                                                  tmp_path):
+    """Issue 11: a run that dies midway, rerun with the same --run_id, encodes only what it had not written."""
+    _, reference = good_run
+    fault("fuse")  # the in-memory runner fails the job after the first batch of 8 items is written
+    argv = _argv(sample_catalog, tmp_path, "crashy", tiny_text_dir, "--items_per_batch", "8")
+    with pytest.raises(Exception, match="injected fault"):
+        cli.main(argv)
+    pieces = glob.glob(str(tmp_path / "runs" / "crashy" / "embeddings" / ".pieces" / "*.arrow"))
+    assert pieces and not (tmp_path / "LATEST").exists()
+    assert cli.main(argv) == 0  # the marker exists: the hook lets the rerun through
+    table = _embeddings(tmp_path, "crashy")
+    assert table.column("item_id").to_pylist() == reference.column("item_id").to_pylist()
+    assert np.array_equal(vectors_of(table), vectors_of(reference))
+    assert table.column("content_hash").to_pylist() == reference.column("content_hash").to_pylist()
+    inc = _manifest(tmp_path, "crashy")["counts"]["incremental"]
+    assert inc["resumed"] >= 8 and inc["encoded"] < reference.num_rows
+    assert inc["resumed"] + inc["encoded"] == reference.num_rows and inc["new"] == reference.num_rows
+    assert not (tmp_path / "runs" / "crashy" / "embeddings" / ".pieces").exists()  # cleaned once published
+
+
 @pytest.mark.slow  # a fresh interpreter: about 20 s of imports and model building
 def test_process_killed_mid_write_keeps_the_previous_run(good_run, sample_catalog, tiny_text_dir, tmp_path):
     out, _ = good_run

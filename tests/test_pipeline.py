@@ -126,6 +126,7 @@ def test_schema_and_metadata(sample_run, tiny_text_dir):
     assert meta["fusion"]["mode"] == "mean"
     assert set(table.column("model_fingerprint").to_pylist()) == {meta["model_fingerprint"]}
     assert manifest["models"] == meta["models"]
+    assert (manifest["image_decode"], manifest["image_decode_scaling"]) == ("cpu", "jpeg_draft")
     assert all(os.path.exists(os.path.join(os.path.dirname(os.path.dirname(files[0])), f["path"]))
                for f in manifest["files"])
 
@@ -152,6 +153,43 @@ def test_portable_runner_with_embedded_job_server(sample_run, sample_catalog, ti
     _, (first, *_) = sample_run
     table, _, _, _ = run(sample_catalog, tmp_path, "portable", tiny_text_dir,
                          "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK")
+    assert np.array_equal(vectors_of(first), vectors_of(table))
+
+
+@pytest.mark.slow
+def test_portable_runner_with_an_external_worker_pool(sample_run, sample_catalog, tiny_text_dir, tmp_path):
+    """How Dataflow Runner v2 runs containers: SDK workers are separate processes started by a worker pool.
+
+    Items, batches and pieces cross process boundaries (pickled), and every DoFn is set up in the pool's
+    worker processes, where the models load. Beam's embedded Python job server asks the pool for one worker
+    per environment (its FnApiRunner keeps direct_num_workers at 1), so one pool process runs here.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    _, (first, *_) = sample_run
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the pool starts workers as `python -c ...`: this interpreter's venv first on PATH, the code on PYTHONPATH
+    env = dict(os.environ, PYTHONPATH=root, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    pool = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                             f"--service_port={port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(2)
+        table, _, manifest, _ = run(sample_catalog, tmp_path, "pool", tiny_text_dir, "--runner=PortableRunner",
+                                    "--job_endpoint=embed", "--environment_type=EXTERNAL",
+                                    f"--environment_config=localhost:{port}", "--sdk_worker_parallelism=2")
+        workers = subprocess.run(["ps", "--ppid", str(pool.pid), "-o", "args="], capture_output=True,
+                                 text=True).stdout.splitlines()
+    finally:
+        pool.terminate()
+        pool.wait(timeout=30)
+    assert any("SdkHarness" in w for w in workers), workers  # the work ran in the pool's worker processes
+    assert manifest["counts"]["embedded"] == first.num_rows
     assert np.array_equal(vectors_of(first), vectors_of(table))
 
 

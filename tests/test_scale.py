@@ -199,8 +199,17 @@ def test_dataflow_graph_constructs_without_submitting(tiny_text_dir):
     build(p, config)
     proto = p.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"Read", "FetchImages", "Encode_image_to_clip", "Encode_text_to_clip", "Encode_text_to_text", "Fuse",
-            "WriteEmbeddings", "Publish"} <= names
+    assert {"Read", "Incremental", "Embed", "WriteEmbeddings", "Publish"} <= names
+    # issue 11: no shuffle between fetch and fusion; the only shuffles of items or rows are the join by id
+    # and the shard write (the rest group counts and small side results)
+    shuffles = sorted(t.unique_name for t in proto.components.transforms.values()
+                      if t.spec.urn == "beam:transform:group_by_key:v1")
+    assert not [s for s in shuffles if s.startswith(("Read", "Embed"))], shuffles
+    assert "Incremental/JoinById" in shuffles and "WriteEmbeddings/GroupByShard" in shuffles
+    data_shuffles = [s for s in shuffles if not s.startswith(("Publish/", "Index/")) and "Count" not in s
+                     and "CombineGlobally" not in s and "/Combine" not in s]
+    assert data_shuffles == ["Incremental/JoinById", "WriteDeadLetters/GroupByShard", "WriteEmbeddings/GroupByShard"], \
+        data_shuffles
     assert config.write.run_dir == "gs://shop-bucket/index/runs/r1"
     assert options.view_as(GoogleCloudOptions).dataflow_service_options == [
         "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"]
@@ -262,6 +271,7 @@ def test_pipeline_with_image_decode_gpu_on_cpu_tensors(sample_catalog, tiny_text
     table, dead, manifest, _ = run(sample_catalog, tmp_path / "b", "gpu-decode", tiny_text_dir,
                                    "--device", "auto", "--image_decode", "gpu")
     assert manifest["image_decode"] == "gpu" and manifest["counts"]["embedded"] == cpu_table.num_rows
+    assert manifest["image_decode_scaling"] == "full"
     assert dead.num_rows == 0
     assert table.column("num_images").to_pylist() == cpu_table.column("num_images").to_pylist()
     cos = np.sum(vectors_of(table) * vectors_of(cpu_table), axis=1)

@@ -1,0 +1,304 @@
+"""CPU cost per item of the pipeline around a near-free model, against a bare decode loop (issue 11).
+
+A synthetic catalog (title + description + one JPEG of 256-1024 px per item)
+goes through the pipeline on the in-memory DirectRunner, in this process, with
+the tiny test CLIP config (random weights: the model costs almost nothing),
+and through a bare loop that reads the Parquet, tokenizes the text with the
+same open_clip tokenizer, fetches the bytes under the same fetch policy, and
+decodes and preprocesses them to the tower's input (``decode_for_tower`` +
+batch normalize), with no model. Both sides run in the same process, one after
+the other, repeats alternating; CPU seconds are the process's user + system
+time (every thread) over the run.
+
+Peak RSS is measured in fresh child processes, text-only, with a tiny CLIP
+config whose towers project to 896-d vectors (real-size vectors, near-free
+model), at two catalog sizes.
+
+    python bench/bench_overhead.py [--items 20000] [--repeats 2] [--rss_items 10000 100000]
+
+Prints the figures and writes them to docs/BENCHMARKS.md (its own section).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench._report import replace_section  # noqa: E402
+from schemas.catalog import CATALOG_SCHEMA  # noqa: E402
+
+HEADING = "Hot path in item batches (issue 11): pipeline vs bare decode loop, CPU per item"
+TINY_CLIP = ROOT / "tests" / "data" / "tiny-clip.json"
+SAMPLE_IMAGES = ROOT / "sample_catalog" / "images"
+WORDS = ("red blue green black white grey canvas leather steel wooden ceramic cotton wool mug bag lamp chair "
+         "table sock shoe jacket bottle kettle cup plate bowl knife spoon desk shelf rug pillow blanket towel "
+         "large small light heavy soft hard warm classic modern vintage handmade waterproof").split()
+
+
+def _text(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def make_catalog(directory: Path, n: int, images: bool, seed: int = 0, distinct: int = 400) -> Path:
+    """``n`` items: a title, a description and (``images``) one JPEG of its own, 256-1024 px on the long side.
+
+    ``distinct`` different JPEGs (crops of the sample photos at random sizes) are cycled;
+    every item still has its own file, read and decoded like any other.
+    """
+    rng = random.Random(seed)
+    rows = []
+    directory.mkdir(parents=True, exist_ok=True)
+    if images:
+        (directory / "img").mkdir(parents=True, exist_ok=True)
+        photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLE_IMAGES.glob("*.jpg"))]
+        encoded = []
+        for i in range(distinct):
+            photo = photos[i % len(photos)]
+            long_side = rng.randint(256, 1024)
+            aspect = rng.uniform(0.6, 1.6)
+            w, h = (long_side, max(64, int(long_side / aspect))) if aspect >= 1 else (max(64, int(long_side * aspect)), long_side)
+            buf = io.BytesIO()
+            photo.resize((w, h), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=85)
+            encoded.append(buf.getvalue())
+    for i in range(n):
+        uris = None
+        if images:
+            name = f"img/{i:07d}.jpg"
+            (directory / name).write_bytes(encoded[i % len(encoded)])
+            uris = [name]
+        rows.append({"item_id": f"item-{i:07d}", "title": _text(rng, 2, 5), "description": _text(rng, 6, 20),
+                     "image_uris": uris, "audio_uri": None})
+    path = directory / "catalog.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), path, row_group_size=16_384)
+    return path
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bare_loop(catalog: Path, clip_json: str, images: bool, batch: int = 256) -> int:
+    """The least a script could do for the tower inputs: read, tokenize, fetch, decode, preprocess."""
+    import open_clip
+
+    from encoders.media import FetchPolicy, decode_for_tower, fetch_bytes, resolve_uri
+    from encoders.specs import ModelSpec, open_clip_name
+    from encoders.towers import image_preprocess
+
+    spec = ModelSpec("open_clip", clip_json, "random")
+    tokenizer = open_clip.get_tokenizer(open_clip_name(clip_json))
+    preprocess = image_preprocess(spec)
+    base = str(catalog.parent)
+    policy = FetchPolicy().with_default_root(base)  # the pipeline's default: media confined to the catalog's tree
+    done = 0
+    parquet = pq.ParquetFile(catalog)
+    for group in range(parquet.num_row_groups):
+        rows = parquet.read_row_group(group).to_pylist()
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            tokens = tokenizer([". ".join(p for p in (r["title"], r["description"]) if p) for r in chunk])
+            assert tokens.shape[0] == len(chunk)
+            if images:
+                pixels = [decode_for_tower(fetch_bytes(resolve_uri(r["image_uris"][0], base), policy), preprocess,
+                                           policy.max_image_pixels) for r in chunk]
+                x = preprocess.normalize(np.stack(pixels))
+                assert x.shape[0] == len(chunk)
+            done += len(chunk)
+    return done
+
+
+def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_size: int = 64) -> int:
+    from pipeline import cli
+    from pipeline.publish import read_manifest
+
+    argv = ["run", "--catalog", str(catalog), "--output", str(out), "--run_id", run_id,
+            "--clip_model", clip_json, "--clip_weights", "random", "--text_model", "none", "--asr_model", "none",
+            "--device", "cpu", "--batch_size", str(batch_size), "--progress_interval_s", "0",
+            "--previous_run", "none", "--index", "off", "--keep_runs", "0"]
+    assert cli.main(argv) == 0
+    return read_manifest(str(out / "runs" / run_id))["counts"]["embedded"]
+
+
+def _measure(fn) -> tuple[float, float, int]:
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    n = fn()
+    return cpu_seconds() - cpu, time.perf_counter() - wall, n
+
+
+def model_alone(catalog: Path, clip_json: str, images: bool, batch_size: int = 64) -> float:
+    """CPU seconds the tiny model itself takes for the catalog's texts (and images): part of the pipeline's cost."""
+    import torch
+
+    from encoders import towers
+    from encoders.specs import ModelSpec
+
+    model = towers.load(ModelSpec("open_clip", clip_json, "random"), torch.device("cpu"))
+    rows = pq.read_table(catalog, columns=["title", "description"]).to_pylist()
+    texts = [". ".join(p for p in (r["title"], r["description"]) if p) for r in rows]
+    tokens = model.tokenizer(texts)
+    cpu = cpu_seconds()
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            model.model.encode_text(tokens[start:start + batch_size], normalize=True)
+        if images:
+            pixels = torch.zeros((batch_size, 3, model.image_size, model.image_size))
+            for _ in range(0, len(texts), batch_size):
+                model.model.encode_image(pixels, normalize=True)
+    return cpu_seconds() - cpu
+
+
+def compare(work: Path, n: int, images: bool, repeats: int) -> dict:
+    catalog = make_catalog(work / ("img" if images else "txt"), n, images)
+    small = make_catalog(work / ("img-small" if images else "txt-small"), 200, images)
+    clip = str(TINY_CLIP)
+    # warm-up: imports, model build, file cache, for both sides
+    bare_loop(catalog, clip, images)
+    pipeline_run(catalog, clip, work / "out", f"warm-{images}")
+    fixed = statistics.median(_measure(lambda: pipeline_run(small, clip, work / "out", f"s-{images}"))[0]
+                              for _ in range(3))
+    model = model_alone(catalog, clip, images)
+    loops, pipes = [], []
+    for r in range(repeats):
+        loops.append(_measure(lambda: bare_loop(catalog, clip, images)))
+        pipes.append(_measure(lambda: pipeline_run(catalog, clip, work / "out", f"r{r}-{images}")))
+        assert loops[-1][2] == pipes[-1][2] == n, (loops[-1], pipes[-1])
+        print(f"{'image' if images else 'text-only'} repeat {r}: loop {loops[-1][0] / n * 1e3:.3f} CPU-ms/item, "
+              f"pipeline {pipes[-1][0] / n * 1e3:.3f} CPU-ms/item ({n / pipes[-1][1]:.0f} items/s)", flush=True)
+    return {"loop": loops, "pipeline": pipes, "fixed_200": fixed, "model": model}
+
+
+def rss_child(n: int, work: Path) -> None:
+    """Runs the text-only pipeline once with 896-d vectors; the parent reads this process's peak RSS."""
+    config = json.loads(TINY_CLIP.read_text())
+    config["embed_dim"] = 896
+    clip = work / "tiny-clip-896.json"
+    clip.write_text(json.dumps(config))
+    catalog = make_catalog(work / "rss", n, images=False)
+    pipeline_run(catalog, str(clip), work / "rss-out", "rss")
+
+
+def peak_rss_mb(n: int, work: Path, torch_threads: int) -> float:
+    child = work / f"rss-{n}"
+    child.mkdir()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, __file__, "--rss_child", str(n), "--work", str(child),
+                    "--torch_threads", str(torch_threads)], check=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if after <= before:
+        raise RuntimeError("child peak RSS not above earlier children's; run the RSS sizes in increasing order")
+    return after / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rss_items", type=int, nargs="*", default=[10_000, 100_000])
+    parser.add_argument("--no_write", action="store_true", help="print only, leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--torch_threads", type=int, default=1)
+    parser.add_argument("--rss_child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--work", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    import torch
+
+    # a near-free model gains nothing from intra-op threads; on a shared 2-core machine they only spin
+    torch.set_num_threads(args.torch_threads)
+    if args.rss_child:
+        rss_child(args.rss_child, Path(args.work))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    try:
+        results = {"image": compare(work, args.items, True, args.repeats),
+                   "text-only": compare(work, args.items, False, args.repeats)}
+        rss = {n: peak_rss_mb(n, work, args.torch_threads) for n in sorted(args.rss_items)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    n = args.items
+    lines = [
+        f"`python bench/bench_overhead.py --items {n} --repeats {args.repeats} --rss_items "
+        f"{' '.join(map(str, sorted(args.rss_items)))}`",
+        "",
+        f"Machine: {os.cpu_count()} cores (shared), torch {torch.__version__}, {args.torch_threads} intra-op "
+        f"thread(s). Model: `tests/data/tiny-clip.json` "
+        "(random weights, near-free), text + image tower, `--batch_size 64`, `--device cpu`. Runner: in-memory "
+        "DirectRunner, one process, `--index off` (the index stage is per run, not per item), `--previous_run none`. "
+        f"Catalog: {n} synthetic items, title + description (8-25 words), and for the image variant one JPEG "
+        "per item (256-1024 px long side, 400 distinct crops of the sample photos, one file per item). Bare loop: "
+        "read the Parquet, tokenize (open_clip), fetch the bytes under the same policy, decode + resize (JPEG "
+        "draft) and batch-normalize to the tower's input; no model. CPU = process user+system time, all threads.",
+        "",
+        "| variant | side | CPU-ms / item (median) | items/s (median) | per repeat CPU-ms / item |",
+        "|---|---|---|---|---|",
+    ]
+    summary = {}
+    for variant, r in results.items():
+        med = {}
+        for side in ("loop", "pipeline"):
+            cpu = statistics.median(c / n * 1e3 for c, _, _ in r[side])
+            rate = statistics.median(n / w for _, w, _ in r[side])
+            med[side] = cpu
+            label = "bare loop" if side == "loop" else "pipeline"
+            lines.append(f"| {variant} | {label} | {cpu:.3f} | {rate:.0f} | "
+                         f"{', '.join(f'{c / n * 1e3:.3f}' for c, _, _ in r[side])} |")
+        ratio = med["pipeline"] / med["loop"]
+        summary[variant] = ratio
+        lines.append(f"| {variant} | **ratio pipeline / loop** | **{ratio:.2f}** (target <= 1.25) | | |")
+        lines.append(f"| {variant} | of the pipeline: the tiny model alone (same batches) | {r['model'] / n * 1e3:.3f} | | |")
+        lines.append(f"| {variant} | of the pipeline: per-run fixed cost (a 200-item run: {r['fixed_200']:.2f} CPU-s) "
+                     f"spread over {n} items | {r['fixed_200'] / n * 1e3:.3f} | | |")
+        rest = med["pipeline"] - (r["model"] + r["fixed_200"]) / n * 1e3
+        lines.append(f"| {variant} | pipeline less model and fixed cost | {rest:.3f} | | "
+                     f"ratio to loop {rest / med['loop']:.2f} |")
+    small, big = sorted(rss)[0], sorted(rss)[-1]
+    lines += [
+        "",
+        "Peak RSS, text-only, 896-d vectors (tiny CLIP config with `embed_dim` 896), fresh process per size:",
+        "",
+        "| items | peak RSS (MB) |",
+        "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in sorted(rss.items())],
+        f"| **ratio {big} / {small}** | **{rss[big] / rss[small]:.2f}** (target <= 1.3) |",
+        "",
+        "Where the pipeline's CPU goes beyond the loop's: the model itself and Beam's per-run cost (graph "
+        "translation, DoFn signature inspection: about 1.3-1.5 CPU-s a run here) are separated above; the rest is "
+        "per-item Python that the loop does not do: validation into a `CatalogItem`, the join by id, fusion "
+        "(`encoders.fusion.fuse`, per item), the content hash (sha256 of the image bytes and of the item), "
+        "Arrow conversion, pieces and shard assembly, the report's statistics, and the decode threads' "
+        "switching on 2 cores. For comparison, the issue measured the graph before this change at 3.6-4.5 "
+        "CPU-ms per image item (~280-420 items/s) and 0.79 CPU-ms per text-only item on this machine "
+        "(not re-measured side by side here).",
+        "",
+        "No modality vector is shuffled: the only shuffles of rows are the join by id (catalog items and the "
+        "previous run's ids and hashes) and the shard write (piece paths and id hashes); "
+        "`tests/test_scale.py::test_dataflow_graph_constructs_without_submitting` checks the graph.",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        replace_section(HEADING, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The embed stage: per batch of items, fetch + decode, every encode route, transcription and fusion.
+
+One element is a batch (a list of :class:`CatalogItem`); everything an item
+needs happens inside the worker that holds its batch, so no modality vector is
+shuffled and nothing joins an item's modalities back together. The logic is in
+plain modules (``fetch``, ``fetch_audio``, ``encode``, ``transcribe``, ``fuse``);
+this DoFn only sequences them and counts.
+
+Outputs: ``records`` (one ``pa.Table`` in the embeddings schema per batch)
+and ``dead`` (one :class:`DeadLetter` per item that failed). Every item of a
+batch leaves in exactly one of the two.
+
+Media of batch k are fetched and decoded on a thread pool while the main
+thread encodes batch k-1 (torch releases the GIL), so decode overlaps the
+model. Models are loaded in ``setup``: one copy per process (CLIP's text and
+image handlers share it), or shared per GPU with ``--model_copies_per_gpu``.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import time
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
+
+from encoders.asr import SAMPLE_RATE
+from encoders.audio import AudioPolicy
+from encoders.device import check_worker_gpu
+from encoders.fusion import FusionConfig, Layout
+from encoders.media import FetchPolicy, MediaError
+from encoders.preprocess import ImagePreprocess
+from pipeline import faults, progress
+from pipeline.config import Route
+from pipeline.encode import RouteEncoder
+from pipeline.fetch import NAMESPACE as FETCH_NAMESPACE, ImageFetcher, failure_stage
+from pipeline.fetch_audio import NAMESPACE as AUDIO_NAMESPACE, AudioFetcher, audio_failure_stage
+from pipeline.fuse import NAMESPACE as FUSE_NAMESPACE, ItemFuser, load_attention
+from pipeline.records import ItemFailure, MediaDigest
+from pipeline.stage_metrics import StageTimer
+from pipeline.transcribe import Transcriber
+from schemas.catalog import CatalogItem
+from schemas.dead_letter import DeadLetter
+from schemas.embeddings import records_to_table
+
+DEAD = "dead"
+
+
+class _Embed(beam.DoFn):
+    def __init__(self, routes: tuple[Route, ...], handlers: dict, asr_handler, preprocess: ImagePreprocess | None,
+                 fetch: FetchPolicy, audio: AudioPolicy, audio_rates: tuple[int, ...], clap_rates: dict,
+                 decode_images: bool,
+                 layout: Layout, fusion: FusionConfig, model_fingerprint: str, media_errors: str,
+                 schema: pa.Schema, device: str, threads: int, progress_interval_s: float):
+        self._routes, self._handlers, self._asr_handler = routes, handlers, asr_handler
+        self._preprocess, self._fetch, self._audio, self._rates = preprocess, fetch, audio, audio_rates
+        self._decode_images, self._clap_rates = decode_images, dict(clap_rates)
+        self._layout, self._fusion, self._fp, self._media_errors = layout, fusion, model_fingerprint, media_errors
+        self._schema, self._device, self._threads, self._interval = schema, device, threads, progress_interval_s
+        self._has_images = any(r.modality == "image" for r in routes)
+        self._pending: collections.deque = collections.deque()
+        self._pool = None
+
+    def setup(self):
+        check_worker_gpu(self._device)  # an old NVIDIA driver fails here, naming both versions
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="fetch")
+        self._models = {}
+        for handler in [*self._handlers.values(), *([self._asr_handler] if self._asr_handler else [])]:
+            if id(handler) not in self._models:
+                self._models[id(handler)] = handler.worker_model()
+        self._encoders = [RouteEncoder(r, self._handlers[r]) for r in self._routes]
+        self._transcriber = Transcriber(self._asr_handler) if self._asr_handler is not None else None
+        self._fuser = ItemFuser(self._routes, self._layout, self._fusion, self._fp, self._media_errors,
+                                attention=load_attention(self._fusion, self._routes, self._layout))
+        self._images = ImageFetcher(self._fetch, self._preprocess, self._decode_images) if self._has_images else None
+        self._clips = AudioFetcher(self._fetch, self._audio, self._rates) if self._rates else None
+        self._timers = {s: StageTimer(s) for s in ("fetch_decode", "encode", "transcribe", "fuse")}
+        self._counters = {
+            "images": Metrics.counter(FETCH_NAMESPACE, "images"), "image_failed": Metrics.counter(FETCH_NAMESPACE, "failed"),
+            "clips": Metrics.counter(AUDIO_NAMESPACE, "clips"), "audio_ms": Metrics.counter(AUDIO_NAMESPACE, "audio_ms"),
+            "clip_failed": Metrics.counter(AUDIO_NAMESPACE, "failed"),
+            "embedded": Metrics.counter(FUSE_NAMESPACE, "embedded"), "dead": Metrics.counter(FUSE_NAMESPACE, "dead_letters"),
+        }
+        progress.start(self._interval)
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def start_bundle(self):
+        self._pending = collections.deque()
+
+    def process(self, batch: list[CatalogItem]):
+        batch = list(batch)
+        self._pending.append((batch, time.perf_counter(),
+                              self._images.submit(self._pool, batch) if self._images else None,
+                              self._clips.submit(self._pool, batch) if self._clips else None))
+        # batch pipelines run in the global window, so the previous batch's outputs can leave here
+        while len(self._pending) > 1:
+            yield from self._embed(*self._pending.popleft())
+
+    def finish_bundle(self):
+        while self._pending:
+            for out in self._embed(*self._pending.popleft()):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+                else:
+                    yield GlobalWindows.windowed_value(out)
+
+    # ------------------------------------------------------------------ one batch
+
+    def _media(self, batch, submitted_at, image_jobs, audio_jobs):
+        n = len(batch)
+        failures: list[list[ItemFailure]] = [[] for _ in range(n)]
+        digests: list[list[MediaDigest]] = [[] for _ in range(n)]
+        image_keys, image_payload, clip_positions, clips = [], None, [], []
+        cpu = 0.0
+        if image_jobs is not None:
+            results, cpu_images = ImageFetcher.collect(image_jobs)
+            cpu += cpu_images
+            pixels = []
+            for job, out in results:
+                if isinstance(out, MediaError):
+                    failures[job.item].append(ItemFailure(failure_stage(out), out.reason, out.detail, job.uri, "image"))
+                    continue
+                data, digest = out
+                digests[job.item].append(MediaDigest("image", job.index, digest))
+                image_keys.append((job.item, job.index))
+                pixels.append(data)
+            self._counters["images"].inc(len(pixels))
+            if len(results) > len(pixels):
+                self._counters["image_failed"].inc(len(results) - len(pixels))
+            if pixels and self._decode_images:
+                image_payload = self._preprocess.normalize(np.stack(pixels))  # one pass over the batch
+            else:
+                image_payload = pixels
+        if audio_jobs is not None:
+            results, cpu_audio = AudioFetcher.collect(audio_jobs)
+            cpu += cpu_audio
+            for pos, uri, out in results:
+                if isinstance(out, MediaError):
+                    self._counters["clip_failed"].inc()
+                    failures[pos].append(ItemFailure(audio_failure_stage(out), out.reason, out.detail, uri, "audio"))
+                    continue
+                clip, digest = out
+                digests[pos].append(MediaDigest("audio", 0, digest))
+                clip_positions.append(pos)
+                clips.append(clip)
+                self._counters["clips"].inc()
+                self._counters["audio_ms"].inc(int(clip.duration_s * 1000))
+        self._timers["fetch_decode"].record(n, time.perf_counter() - submitted_at, cpu)
+        if image_keys:
+            progress.note("images decoded", len(image_keys))
+        return failures, digests, image_keys, image_payload, clip_positions, clips
+
+    def _embed(self, batch, submitted_at, image_jobs, audio_jobs):
+        n = len(batch)
+        failures, digests, image_keys, image_payload, clip_positions, clips = self._media(
+            batch, submitted_at, image_jobs, audio_jobs)
+        transcripts = {}
+        if self._transcriber is not None and clips and SAMPLE_RATE in self._rates:
+            with self._timers["transcribe"].time(len(clips)):
+                transcripts, asr_failures = self._transcriber.transcribe(
+                    self._models[id(self._asr_handler)], clip_positions, clips)
+            for pos, failure in asr_failures:
+                failures[pos].append(failure)
+            progress.note("transcribed", len(clips))
+        vectors: list[list] = [[] for _ in range(n)]
+        with self._timers["encode"].time(n):
+            for encoder in self._encoders:
+                keys, payload = self._payload(encoder.route, batch, image_keys, image_payload, clip_positions,
+                                              clips, transcripts)
+                got, lost = encoder.encode(self._models[id(encoder.handler)], keys, payload)
+                for pos, v in got:
+                    vectors[pos].append(v)
+                for pos, f in lost:
+                    failures[pos].append(f)
+        records, dead = [], []
+        with self._timers["fuse"].time(n):
+            for pos, item in enumerate(batch):
+                out = self._fuser(item, vectors[pos], failures[pos], digests[pos], transcripts.get(pos))
+                (dead if isinstance(out, DeadLetter) else records).append(out)
+            table = records_to_table(records, self._schema) if records else None
+        self._counters["embedded"].inc(len(records))
+        if dead:
+            self._counters["dead"].inc(len(dead))
+        progress.note("fused", n)
+        for d in dead:
+            yield beam.pvalue.TaggedOutput(DEAD, d)
+        if table is not None:
+            yield table
+        faults.inject("fuse")  # test hook: fails a bundle after it has emitted records
+
+    def _payload(self, route: Route, batch, image_keys, image_payload, clip_positions, clips, transcripts):
+        if route.modality == "text":
+            keys = [(pos, 0) for pos, item in enumerate(batch) if item.text]
+            return keys, [batch[pos].text for pos, _ in keys]
+        if route.modality == "image":
+            return image_keys, image_payload
+        if route.via == "transcript":
+            keys = [(pos, 0) for pos in clip_positions if pos in transcripts and transcripts[pos].is_speech]
+            return keys, [transcripts[pos].text for pos, _ in keys]
+        rate = self._clap_rates[route]  # CLAP's own rate, usually 48 kHz
+        return [(pos, 0) for pos in clip_positions], [clip.at(rate) for clip in clips]
+
+
+class EmbedBatches(beam.PTransform):
+    """Batches of CatalogItem -> {records: pa.Table per batch, dead: DeadLetter}."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        load_attention(kwargs["fusion"], kwargs["routes"], kwargs["layout"])  # fail at launch on a bad module
+        self._fn = _Embed(**kwargs)
+
+    def expand(self, batches):
+        out = batches | "Embed" >> beam.ParDo(self._fn).with_outputs(DEAD, main="records")
+        return {"records": out.records, "dead": out[DEAD]}

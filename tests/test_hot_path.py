@@ -1,0 +1,155 @@
+"""Issue 11's hot path in plain functions: reduced-scale decode, batch normalize, shard pieces, driver check."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from encoders import device
+from encoders.media import decode_for_tower, decode_image
+from encoders.preprocess import ImagePreprocess
+from pipeline import write
+from schemas.embeddings import EmbeddingRecord, embeddings_schema, records_to_table
+from tests.conftest import SAMPLE
+
+PRE = ImagePreprocess(size=64, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))
+
+
+def _jpeg(image: Image.Image, long_side: int, quality: int = 90) -> bytes:
+    w, h = image.size
+    scale = long_side / max(w, h)
+    buf = io.BytesIO()
+    image.resize((round(w * scale), round(h * scale))).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in sorted((SAMPLE / "images").glob("*.jpg"))[:8]]
+
+
+def test_batch_normalize_is_bit_identical_to_the_per_image_arithmetic(photos):
+    crops = np.stack([PRE.resize_crop(p) for p in photos])
+    batch = PRE.normalize(crops)
+    for crop, row in zip(crops, batch):
+        x = np.asarray(crop, dtype=np.float32) / 255.0  # what preprocessing did per image before issue 11
+        x = (x - np.asarray(PRE.mean, np.float32)) / np.asarray(PRE.std, np.float32)
+        assert np.array_equal(np.ascontiguousarray(x.transpose(2, 0, 1)), row)
+    assert batch.shape == (len(photos), 3, 64, 64) and batch.flags["C_CONTIGUOUS"]
+
+
+def test_reduced_scale_jpeg_decode_stays_within_the_documented_tolerance(photos, tiny_clip_spec):
+    """JPEG draft (DCT scaling) vs full decode, both then resized by PIL: the README's tolerance."""
+    from encoders import towers
+
+    pre = towers.image_preprocess(tiny_clip_spec)
+    model = towers.load(tiny_clip_spec, torch.device("cpu"))
+    drafted, full = [], []
+    for photo in photos:
+        for long_side in (256, 1024):
+            data = _jpeg(photo, long_side)
+            drafted.append(decode_for_tower(data, pre, 10**9))
+            full.append(pre.resize_crop(decode_image(data, 10**9)))  # today's full-size decode
+    a, b = pre.normalize(np.stack(drafted)), pre.normalize(np.stack(full))
+    diff = np.abs(a - b)
+    assert diff.mean() < 0.05 and np.percentile(diff, 99) < 0.6  # std units; values span about [-2, 2]
+    cos = np.sum(model.encode_image(a, 16) * model.encode_image(b, 16), axis=1)
+    assert np.all(cos > 0.98), cos
+
+
+def test_draft_never_decodes_below_the_tower_input(photos):
+    data = _jpeg(photos[0], 2048)
+    image = decode_image(data, 10**9, draft_size=PRE.draft_size)
+    assert min(image.size) >= PRE.size and max(image.size) <= 2048 // 4  # decoded at 1/8 or so, not full size
+    small = decode_image(_jpeg(photos[0], 80), 10**9, draft_size=PRE.draft_size)
+    assert min(small.size) >= 53  # too close to the input size to scale down: decoded as it is
+    png = io.BytesIO()
+    photos[0].save(png, "PNG")
+    assert decode_image(png.getvalue(), 10**9, draft_size=PRE.draft_size).size == photos[0].size
+
+
+def _table(ids: list[str], dim: int = 4) -> pa.Table:
+    schema = embeddings_schema(dim, "float32", {"run_id": "t"})
+    records = [EmbeddingRecord(i, np.full(dim, k, np.float32), ("text",), f"h{i}", "fp") for k, i in enumerate(ids)]
+    return records_to_table(records, schema)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_shard_pieces_assemble_sorted_and_complete(tmp_path, monkeypatch, chunk):
+    """Pieces written per batch, split by shard hash, assembled a chunk at a time: same rows, sorted by id."""
+    monkeypatch.setattr(write, "CHUNK_ROWS", chunk)
+    rng = np.random.default_rng(0)
+    ids = [f"item-{i:03d}" for i in rng.permutation(40)]
+    batches = [_table(ids[i:i + 7]) for i in range(0, 40, 7)]
+    pieces = [write.write_piece(t, str(tmp_path / ".pieces")) for t in batches]
+    num_shards = 3
+    parts: dict[int, list] = {}
+    for piece in pieces:
+        for shard, part in write.split_by_shard(piece, num_shards):
+            parts.setdefault(shard, []).append(part)
+    total = []
+    for shard, shard_parts in parts.items():
+        path = str(tmp_path / f"shard-{shard}.parquet")
+        n = write.assemble_shard(path, shard_parts[::-1], batches[0].schema)  # shuffle order must not matter
+        table = pq.read_table(path)
+        got = table.column("item_id").to_pylist()
+        assert got == sorted(got) and n == len(got)
+        assert all(write.shard_of(i, num_shards) == shard for i in got)
+        assert table.schema.metadata == batches[0].schema.metadata
+        total += got
+        again = str(tmp_path / f"again-{shard}.parquet")
+        write.assemble_shard(again, shard_parts, batches[0].schema)
+        assert open(path, "rb").read() == open(again, "rb").read()  # a retried write gives the same bytes
+    assert sorted(total) == sorted(ids)
+    whole = pa.concat_tables([pq.read_table(tmp_path / f"shard-{s}.parquet") for s in parts]).sort_by("item_id")
+    assert whole.equals(pa.concat_tables(batches).sort_by("item_id").cast(whole.schema))
+
+
+def test_old_driver_fails_at_worker_start_naming_both_versions(tmp_path, monkeypatch):
+    proc = tmp_path / "version"
+    proc.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+                    "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    assert device.nvidia_driver_version(str(proc)) == "535.104.05"
+    assert device.nvidia_driver_version(str(tmp_path / "absent")) is None
+    with pytest.raises(device.DriverTooOld, match=r"CUDA 13\.0.*driver 580 or newer.*driver 535\.104\.05"):
+        device.check_driver("535.104.05", "13.0")
+    device.check_driver("580.65.06", "13.0")
+    device.check_driver(None, "13.0")  # a CPU machine: nothing to check
+    device.check_driver("535.104.05", "")  # a CPU-only torch build (torch.version.cuda is None)
+    device.check_driver("535.104.05", "12.4")
+
+    # the embed stage checks in setup, before any model is loaded
+    from pipeline.embed import _Embed
+
+    monkeypatch.setattr(device, "nvidia_driver_version", lambda path=None: "550.54.15")
+    fn = _Embed(routes=(), handlers={}, asr_handler=None, preprocess=None, fetch=None, audio=None, audio_rates=(),
+                clap_rates={}, decode_images=True, layout=None, fusion=None, model_fingerprint="", media_errors="",
+                schema=None, device="auto", threads=1, progress_interval_s=0)
+    if torch.version.cuda and torch.version.cuda.startswith("13"):
+        with pytest.raises(device.DriverTooOld, match="550.54.15"):
+            fn.setup()
+    cpu = _Embed(routes=(), handlers={}, asr_handler=None, preprocess=None, fetch=None, audio=None, audio_rates=(),
+                 clap_rates={}, decode_images=True, layout=None, fusion=None, model_fingerprint="", media_errors="",
+                 schema=None, device="cpu", threads=1, progress_interval_s=0)
+    device.check_worker_gpu("cpu")  # --device cpu never looks at the driver
+    assert cpu._device == "cpu"
+
+
+@pytest.mark.slow  # starts Beam's model server process (torch import, model build)
+def test_model_copies_per_gpu_share_one_copy_through_beams_model_server(tiny_clip_spec):
+    """--model_copies_per_gpu: the handlers' worker_model is a proxy to a shared copy; same vectors as a local one."""
+    from encoders.handlers import ImageEmbeddingHandler, TextEmbeddingHandler
+
+    text = TextEmbeddingHandler(tiny_clip_spec, device="cpu", copies_per_gpu=1, batch_size=8)
+    shared = text.worker_model()
+    assert type(shared).__name__ == "_AutoProxyWrapper"
+    local = TextEmbeddingHandler(tiny_clip_spec, device="cpu", batch_size=8).worker_model()
+    np.testing.assert_array_equal(np.stack(text.apply(shared, ["red mug", "blue bag"])),
+                                  local.encode_text(["red mug", "blue bag"], 8))
+    image = ImageEmbeddingHandler(tiny_clip_spec, device="cpu", copies_per_gpu=1, batch_size=8)
+    assert image.apply(image.worker_model(), np.zeros((3, 3, 32, 32), np.float32))[0].shape == (16,)
