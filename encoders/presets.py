@@ -27,7 +27,8 @@ class Preset:
     # speech recognition per backend: transformers is the GPU default, faster_whisper the CPU one;
     # a preset with one backend uses it on every device
     asr: tuple[AsrSpec, ...] = ()
-    clap: ModelSpec | None = None
+    clap: ModelSpec | None = None  # a sound model: hf_clap, or aisfx
+    image: ModelSpec | None = None  # an image space of its own (timm_image)
 
     def asr_for(self, backend: str) -> AsrSpec | None:
         """The preset's recognizer for ``backend``, else its only one, else None."""

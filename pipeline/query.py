@@ -19,7 +19,7 @@ from encoders.audio import AudioPolicy
 from encoders.device import resolve_device
 from encoders.fusion import FusionConfig, FusionError, Layout, fuse
 from encoders.media import FetchPolicy, MediaError, fetch_bytes
-from encoders.specs import ModelSpec, fingerprint
+from encoders.specs import ModelSpec, fingerprint, spec_from_description
 from pipeline.publish import read_manifest, resolve_run_dir
 from schemas.embeddings import read_metadata
 
@@ -79,7 +79,10 @@ class RunInfo:
     def spec(self, space: str) -> ModelSpec:
         """The space's model spec, rebuilt from the metadata and checked against its fingerprint."""
         d = self.metadata["models"][space]
-        spec = ModelSpec(d["family"], d["name"], d["weights"], int(d.get("seed", 0)))
+        try:
+            spec = spec_from_description(d)
+        except (KeyError, ValueError) as e:
+            raise QueryError(f"the {space} model cannot be rebuilt from the run's metadata: {e}") from None
         if fingerprint(spec) != d["fingerprint"]:
             raise QueryError(f"the {space} model {d['name']} is not the one this run used (fingerprint "
                              f"{fingerprint(spec)} != {d['fingerprint']}): its files changed since the run")
