@@ -229,7 +229,10 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
     clip = _space_spec(preset.clip, o.clip_family, o.clip_model, o.clip_weights, "open_clip")
     text = _space_spec(preset.text, None, o.text_model, o.text_weights, "hf_text")
     clap = _space_spec(preset.clap, None, o.clap_model, o.clap_weights, "hf_clap")
-    image = _space_spec(preset.image, None, o.image_model, o.image_weights, "timm_image")
+    # the preset's image space shares the image decode with the preset's clip-slot model; a clip model
+    # of one's own (other preprocessing) leaves it out unless --image_model asks for it
+    own_clip = o.clip_model not in (None, NONE)
+    image = _space_spec(None if own_clip else preset.image, None, o.image_model, o.image_weights, "timm_image")
     asr = _asr_spec(preset, o, o.device)
     preset_asr = preset.asr_for(asr.backend) if asr is not None else (preset.asr[0] if preset.asr else None)
     columns = CatalogColumns(
@@ -269,7 +272,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         incremental=IncrementalConfig(previous_run=o.previous_run, change_detection=o.change_detection,
                                       keep_runs=o.keep_runs),
         preset=preset.name if (clip, text, clap, image, asr) == (preset.clip, preset.text, preset.clap, preset.image,
-                                                                preset_asr)
+                                                                 preset_asr)
         else f"{preset.name}+overrides",
     )
     return config, note
