@@ -15,7 +15,9 @@ product over all of the run's items:
 * text -> photo: an English and a Chinese typed query per photo (photo-only
   catalog): what ConSE is for;
 * Chinese -> Chinese and English -> Chinese: a query in each language per
-  Chinese item (sample catalog, all 36 items as candidates);
+  Chinese item (sample catalog, all 36 items as candidates); and, for the
+  English side, the 12 paraphrases of ``paraphrases.json`` and the typed
+  queries of ``queries.jsonl``;
 * spoken: 48 espeak-ng shopper queries in four voices (bench/spoken_queries.py),
   per speech recognition backend: word error rate against the typed text,
   and retrieval of the spoken query (recognizer swapped on the same run's
@@ -146,11 +148,15 @@ def image_queries(work: Path) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def run_pipeline(preset: str, catalog: str, out: Path, run_id: str) -> tuple[str, float]:
+    """``preset`` is a preset name, optionally with flags: ``offline:--clap_model=none``."""
     from pipeline import cli
 
+    name, *flags = preset.split(":")
+    extra = [part for flag in flags for part in flag.split("=", 1)]
     started = time.perf_counter()
-    argv = ["run", "--catalog", catalog, "--output", str(out), "--run_id", run_id, "--preset", preset,
-            "--device", "cpu", "--progress_interval_s", "0", "--index", "off"]
+    argv = ["run", "--catalog", catalog, "--output", str(out), "--run_id", run_id, "--preset", name, *extra,
+            "--device", "cpu", "--progress_interval_s", "0", "--index", "off",
+            "--allowed_media_roots", str(SAMPLE)]  # the photo-only catalog points at the sample's photos
     if cli.main(argv) != 0:
         raise RuntimeError(f"run {run_id} failed")
     return str(out / "runs" / run_id), time.perf_counter() - started
@@ -235,7 +241,8 @@ def _fmt(m: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/bench-offline-models")
-    parser.add_argument("--presets", default="offline-v1,offline")
+    parser.add_argument("--presets", default="offline-v1,offline,offline:--clap_model=none",
+                        help="comma-separated presets, each optionally with flags (name:--flag=value)")
     args = parser.parse_args()
     from bench.spoken_queries import QUERIES, VOICES, build
 
@@ -255,8 +262,9 @@ def main() -> None:
     asr_table: dict[str, dict] = {}
     wall: dict[str, float] = {}
     for preset in args.presets.split(","):
-        sample_dir, t1 = run_pipeline(preset, str(SAMPLE / "catalog.parquet"), work / preset, "sample")
-        photo_dir, t2 = run_pipeline(preset, photos, work / preset, "photos")
+        folder = work / re.sub(r"[^A-Za-z0-9_.-]+", "_", preset)
+        sample_dir, t1 = run_pipeline(preset, str(SAMPLE / "catalog.parquet"), folder, "sample")
+        photo_dir, t2 = run_pipeline(preset, photos, folder, "photos")
         wall[preset] = t1
         sample, photo = Run(sample_dir), Run(photo_dir)
         models[preset] = ", ".join(f"{s}: {m['family']} {m['name'].split('/')[-1]} ({m['weights_label']})"
@@ -273,6 +281,13 @@ def main() -> None:
                 scores = np.full((len(names), len(photo.ids)), -np.inf)
             r[f"text -> photo-only items, {lang} ({len(names)} photos)"] = metrics(
                 scores, photo.ids, [photo_ids[p] for p in names])
+        pairs = json.loads((SAMPLE / "paraphrases.json").read_text())
+        r["English paraphrases -> English items"] = metrics(
+            sample.score("text", [p["query"] for p in pairs]), sample.ids, [(p["item_id"],) for p in pairs])
+        labelled = [json.loads(line) for line in (SAMPLE / "queries.jsonl").read_text().splitlines()]
+        typed = [q for q in labelled if q["modality"] == "text"]
+        r["sample queries.jsonl, text"] = metrics(sample.score("text", [q["query"] for q in typed]), sample.ids,
+                                                  [tuple(q["relevant"]) for q in typed])
         rel = [q[2] for q in CHINESE_QUERIES]
         r["Chinese -> Chinese items"] = metrics(sample.score("text", [q[0] for q in CHINESE_QUERIES]), sample.ids, rel)
         r["English -> Chinese items"] = metrics(sample.score("text", [q[1] for q in CHINESE_QUERIES]), sample.ids, rel)
