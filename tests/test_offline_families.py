@@ -175,3 +175,23 @@ def test_moonshine_spec_is_english_only():
     with pytest.raises(ValueError, match="English only"):
         AsrSpec("moonshine", "/nowhere", language="zh")
     assert AsrSpec("moonshine", "/nowhere", language="en").describe()["family"] == "asr_moonshine"
+
+
+def test_encode_config_routes_and_labels_the_offline_spaces(tiny_text_dir, tiny_clip_spec):
+    from pipeline.config import EncodeConfig
+
+    text = ModelSpec("hf_text", tiny_text_dir, "pretrained")
+    conse = ModelSpec("conse", "tf_efficientnet_lite0", "random", text=text)
+    image = ModelSpec("timm_image", "tf_efficientnet_lite0", "random")
+    sound = ModelSpec("aisfx", "aisfx-cnn9", "random")
+    config = EncodeConfig(clip=conse, text=text, image=image, clap=sound)
+    assert [(r.modality, r.space, r.via) for r in config.routes] == [
+        ("text", "conse", ""), ("image", "conse", ""), ("image", "image", ""), ("text", "text", ""),
+        ("audio", "sound", "waveform")]
+    assert EncodeConfig(clip=None, text=None, image=image).routes[0].space == "image"
+    with pytest.raises(ValueError, match="different image preprocessing"):
+        EncodeConfig(clip=tiny_clip_spec, text=None, image=image)  # 32 px CLIP vs 224 px EfficientNet
+    with pytest.raises(ValueError, match="needs family 'timm_image'"):
+        EncodeConfig(clip=None, text=text, image=text)
+    with pytest.raises(ValueError, match="sound model needs a family"):
+        EncodeConfig(clip=None, text=text, clap=text)
