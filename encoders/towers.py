@@ -435,6 +435,19 @@ def output_dim(spec: ModelSpec) -> int:
     return int(config.hidden_size)
 
 
+def sound_hears_speech(spec: ModelSpec) -> bool:
+    """Whether a sound model's vector of a spoken clip carries what was said.
+
+    CLAP was trained on captioned audio, speech included. aisfx is a
+    sound-effects embedder: every spoken clip lands in one corner of its space
+    (cosine 0.985 between two different sample descriptions), so a voice query
+    would match every item with a spoken clip, whatever it says. Clips with
+    recognized speech therefore reach it neither from items nor from queries;
+    their words go through speech recognition.
+    """
+    return spec.family != "aisfx"
+
+
 def audio_sample_rate(spec: ModelSpec) -> int:
     """The rate a sound model (CLAP, aisfx) expects, without loading its weights."""
     if spec.family == "aisfx":

@@ -205,11 +205,15 @@ class QueryEncoder:
                     if said else []
                 for (i, _), v in zip(said, vectors):
                     out[i].setdefault(space, {})["audio"] = [v]
+        spoke = {i for i, _ in said} if spoken else set()
         for route in sounds:
             space = route["space"]
-            vectors = self._model(self.run.spec(space)).encode_audio([clips[i].at(rates[space]) for i in ok],
-                                                                     self.batch_size)
-            for i, v in zip(ok, vectors):
+            spec = self.run.spec(space)
+            # as for items: a sound-effects model does not hear words (towers.sound_hears_speech)
+            heard = [i for i in ok if towers.sound_hears_speech(spec) or i not in spoke]
+            vectors = self._model(spec).encode_audio([clips[i].at(rates[space]) for i in heard],
+                                                     self.batch_size) if heard else []
+            for i, v in zip(heard, vectors):
                 out[i].setdefault(space, {})["audio"] = [v]
         for i in ok:
             if not out[i]:
