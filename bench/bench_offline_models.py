@@ -264,10 +264,10 @@ def main() -> None:
     for preset in args.presets.split(","):
         folder = work / re.sub(r"[^A-Za-z0-9_.-]+", "_", preset)
         sample_dir, t1 = run_pipeline(preset, str(SAMPLE / "catalog.parquet"), folder, "sample")
-        photo_dir, t2 = run_pipeline(preset, photos, folder, "photos")
+        photo_dir, t2 = run_pipeline(preset, photos, folder / "photo-only", "photos")  # not incremental on sample
         wall[preset] = t1
         sample, photo = Run(sample_dir), Run(photo_dir)
-        models[preset] = ", ".join(f"{s}: {m['family']} {m['name'].split('/')[-1]} ({m['weights_label']})"
+        models[preset] = ", ".join(f"{s}: {m['family']} {'/'.join(m['name'].split('/')[-2:])} ({m['weights_label']})"
                                    for s, m in sample.info.metadata["models"].items())
         r = results[preset] = {}
         r["image -> image (crop, flip)"] = metrics(sample.score("image", [q for q, _ in image_q]), sample.ids,
@@ -304,7 +304,7 @@ def main() -> None:
         n = next(results[p][task]["n"] for p in presets if task in results[p])
         cells = [(_fmt(results[p][task]) if task in results[p] else "n/a | n/a | n/a") for p in presets]
         lines.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
-    asr_lines = ["| recognizer | WER | CPU seconds per audio second |", "|---|---|---|"]
+    asr_lines = ["| recognizer | WER | wall seconds per audio second |", "|---|---|---|"]
     asr_lines += [f"| {name} | {s['wer']:.3f} | {s['rtf']:.3f} |" for name, s in asr_table.items()]
     voices = ", ".join(v for v, _ in VOICES)
     body = "\n".join([
