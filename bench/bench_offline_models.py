@@ -18,6 +18,9 @@ product over all of the run's items:
   Chinese item (sample catalog, all 36 items as candidates); and, for the
   English side, the 12 paraphrases of ``paraphrases.json`` and the typed
   queries of ``queries.jsonl``;
+* product sound: altered copies (quieter, noisy, cut, delayed, repeated) of
+  the sample's one wordless clip must find its item (no speech: only a sound
+  space can);
 * spoken: 48 espeak-ng shopper queries in four voices (bench/spoken_queries.py),
   per speech recognition backend: word error rate against the typed text,
   and retrieval of the spoken query (recognizer swapped on the same run's
@@ -82,8 +85,9 @@ def metrics(scores: np.ndarray, ids: list[str], relevant: list[tuple[str, ...]])
     r1 = r10 = rr = 0.0
     for row, rel in zip(scores, relevant):
         order = np.argsort(-row, kind="stable")
-        ranks = [i for i, j in enumerate(order) if ids[j] in rel]
-        first = ranks[0] + 1 if ranks else len(ids) + 1
+        # a query that could not be encoded (all -inf) finds nothing, wherever its items happen to sit
+        ranks = [i for i, j in enumerate(order) if ids[j] in rel] if np.isfinite(row).any() else []
+        first = ranks[0] + 1 if ranks else float("inf")
         r1 += first <= 1
         r10 += first <= 10
         rr += 1.0 / first if ranks else 0.0
@@ -144,6 +148,32 @@ def image_queries(work: Path) -> list[tuple[str, tuple[str, ...]]]:
             path = out_dir / f"{photo}-{kind}.jpg"
             variant.save(path, quality=90)
             queries.append((str(path), tuple(items)))
+    return queries
+
+
+def sound_queries(work: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """Altered copies of the sample's one wordless product sound (sku-0028's chime): it must find its item."""
+    import soundfile as sf
+
+    from encoders.audio import decode_audio
+
+    rate = 44_100
+    clip = decode_audio((SAMPLE / "audio" / "sku-0028.ogg").read_bytes(), (rate,)).at(rate)
+    noise = np.random.default_rng(0).standard_normal(len(clip)).astype(np.float32)
+    variants = {
+        "quieter": clip * 0.3,
+        "noisy": clip + noise * float(np.sqrt(np.mean(clip ** 2))) * 0.1,  # 20 dB SNR
+        "first-60pct": clip[: int(len(clip) * 0.6)],
+        "delayed": np.concatenate([np.zeros(rate // 4, np.float32), clip]),
+        "twice": np.concatenate([clip, clip]),
+    }
+    out_dir = work / "sound_queries"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    queries = []
+    for name, samples in variants.items():
+        path = out_dir / f"chime-{name}.wav"
+        sf.write(path, np.clip(samples, -1, 1), rate, subtype="PCM_16")
+        queries.append((str(path), ("sku-0028",)))
     return queries
 
 
@@ -291,6 +321,9 @@ def main() -> None:
         rel = [q[2] for q in CHINESE_QUERIES]
         r["Chinese -> Chinese items"] = metrics(sample.score("text", [q[0] for q in CHINESE_QUERIES]), sample.ids, rel)
         r["English -> Chinese items"] = metrics(sample.score("text", [q[1] for q in CHINESE_QUERIES]), sample.ids, rel)
+        sounds = sound_queries(work)
+        r[f"product sound -> its item ({len(sounds)} altered copies of the one wordless clip)"] = metrics(
+            sample.score("audio", [q for q, _ in sounds]), sample.ids, [rel for _, rel in sounds])
         stats, spoken_results = spoken(sample, spoken_dir)
         asr_table.update(stats)
         for name, m in spoken_results.items():
