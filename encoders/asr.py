@@ -5,6 +5,8 @@
   README, "Audio").
 * ``transformers``: ``WhisperForConditionalGeneration`` on torch's device;
   the GPU default, since it shares torch's CUDA stack with the other encoders.
+* ``moonshine``: Moonshine base-en ONNX Runtime models (``encoders.asr_moonshine``),
+  English only, one clip per forward pass.
 
 Both take 16 kHz mono float32 clips, cut each into Whisper's 30 s windows,
 decode every window of a batch of clips in one batched pass (greedy by
@@ -30,7 +32,7 @@ import torch
 
 from encoders.specs import PRETRAINED, RANDOM, WeightsLabel, _path_digest
 
-BACKENDS = ("faster_whisper", "transformers")
+BACKENDS = ("faster_whisper", "transformers", "moonshine")
 COMPUTE_TYPES = ("default", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30
@@ -67,6 +69,8 @@ class AsrSpec(WeightsLabel):
             raise ValueError(f"ASR weights must be {PRETRAINED!r} or {RANDOM!r}, got {self.weights!r}")
         if self.weights == RANDOM and self.backend != "transformers":
             raise ValueError("random ASR weights exist only for the transformers backend (a config dir)")
+        if self.backend == "moonshine" and self.language not in (None, "en"):
+            raise ValueError(f"the moonshine backend (base-en) transcribes English only, got language {self.language!r}")
         if self.language is not None and not _LANGUAGE_RE.match(self.language):
             raise ValueError(f"ASR language must be a Whisper language code such as 'en' or None (auto), "
                              f"got {self.language!r}")
@@ -357,6 +361,10 @@ def load(spec: AsrSpec, device: torch.device, precision: str = "fp32") -> Speech
         if key not in _CACHE:
             if spec.backend == "faster_whisper":
                 _CACHE[key] = FasterWhisperAsr(spec, device)
+            elif spec.backend == "moonshine":
+                from encoders.asr_moonshine import MoonshineAsr
+
+                _CACHE[key] = MoonshineAsr(spec, device, precision)
             else:
                 _CACHE[key] = TransformersWhisperAsr(spec, device, precision)
         return _CACHE[key]

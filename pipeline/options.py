@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -72,6 +73,10 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--clip_weights", default=None, help="open_clip: tag, checkpoint path or 'random'; hf: pretrained|random")
         g.add_argument("--text_model", default=None, help="sentence encoder hub id or dir; 'none' disables")
         g.add_argument("--text_weights", default=None, choices=["pretrained", "random"])
+        g.add_argument("--image_model", default=None,
+                       help="timm ImageNet classifier for an image space of its own (e.g. tf_efficientnet_lite0); "
+                            "'none' disables")
+        g.add_argument("--image_weights", default=None, help="its state-dict file, or 'random'")
         g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (CUDA absent is an error)")
         g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on CUDA")
         g.add_argument("--batch_size", type=int, default=32, help="rows per forward pass; 0: from free GPU memory")
@@ -97,7 +102,8 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--asr_compute_type", default="default", choices=list(COMPUTE_TYPES),
                        help="faster_whisper quantization (default: int8 on CPU, float16 on CUDA)")
         g.add_argument("--asr_beam_size", type=int, default=1)
-        g.add_argument("--clap_model", default=None, help="CLAP model (hf_clap) hub id or dir; 'none' disables")
+        g.add_argument("--clap_model", default=None, help="CLAP model (hf_clap) hub id or dir; 'none' disables "
+                       "the sound space (the offline preset's aisfx too)")
         g.add_argument("--clap_weights", default=None, choices=["pretrained", "random"])
         g.add_argument("--max_audio_seconds", type=float, default=AudioPolicy.max_seconds,
                        help="longer clips are dead-lettered (audio_too_long)")
@@ -181,8 +187,15 @@ def _space_spec(preset_spec: ModelSpec | None, family: str | None, model: str | 
             return preset_spec
         if preset_spec is None:
             raise ValueError("model weights or family given for a space whose model is 'none'")
-        return ModelSpec(family or preset_spec.family, preset_spec.name, weights or preset_spec.weights)
+        return dataclasses.replace(preset_spec, family=family or preset_spec.family,
+                                   weights=weights or preset_spec.weights)
     family = family or default_family
+    if family == "timm_image" and weights is None:
+        from encoders.efficientnet import PACKAGED_ARCH, packaged_efficientnet
+
+        weights = packaged_efficientnet() if model == PACKAGED_ARCH else None
+        if weights is None:
+            raise ValueError(f"--image_model {model} needs --image_weights (a state-dict file or 'random')")
     # open_clip has no implicit weights: its ModelSpec asks for a tag, a path or 'random'
     return ModelSpec(family, model, weights or PRETRAINED)
 
@@ -219,6 +232,10 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
     clip = _space_spec(preset.clip, o.clip_family, o.clip_model, o.clip_weights, "open_clip")
     text = _space_spec(preset.text, None, o.text_model, o.text_weights, "hf_text")
     clap = _space_spec(preset.clap, None, o.clap_model, o.clap_weights, "hf_clap")
+    # the preset's image space shares the image decode with the preset's clip-slot model; a clip model
+    # of one's own (other preprocessing) leaves it out unless --image_model asks for it
+    own_clip = o.clip_model not in (None, NONE)
+    image = _space_spec(None if own_clip else preset.image, None, o.image_model, o.image_weights, "timm_image")
     asr = _asr_spec(preset, o, o.device)
     preset_asr = preset.asr_for(asr.backend) if asr is not None else (preset.asr[0] if preset.asr else None)
     columns = CatalogColumns(
@@ -234,7 +251,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
     config = RunConfig(
         read=ReadConfig(catalog=o.catalog or "", columns=columns, max_text_chars=o.max_text_chars),
         encode=EncodeConfig(clip=clip, text=text, device=o.device, precision=o.precision, batch_size=o.batch_size,
-                            asr=asr, clap=clap, model_copies_per_gpu=o.model_copies_per_gpu,
+                            asr=asr, clap=clap, image=image, model_copies_per_gpu=o.model_copies_per_gpu,
                             image_decode=o.image_decode),
         write=WriteConfig(output=o.output, run_id=o.run_id, num_shards=o.num_shards,
                           rows_per_shard=o.rows_per_shard, vector_dtype=o.vector_dtype),
@@ -258,7 +275,8 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         items_per_batch=o.items_per_batch,
         incremental=IncrementalConfig(previous_run=o.previous_run, change_detection=o.change_detection,
                                       keep_runs=o.keep_runs),
-        preset=preset.name if (clip, text, clap, asr) == (preset.clip, preset.text, preset.clap, preset_asr)
+        preset=preset.name if (clip, text, clap, image, asr) == (preset.clip, preset.text, preset.clap, preset.image,
+                                                                 preset_asr)
         else f"{preset.name}+overrides",
     )
     return config, note

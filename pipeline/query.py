@@ -19,7 +19,7 @@ from encoders.audio import AudioPolicy
 from encoders.device import resolve_device
 from encoders.fusion import FusionConfig, FusionError, Layout, fuse
 from encoders.media import FetchPolicy, MediaError, fetch_bytes
-from encoders.specs import ModelSpec, fingerprint
+from encoders.specs import ModelSpec, fingerprint, spec_from_description
 from pipeline.publish import read_manifest, resolve_run_dir
 from schemas.embeddings import read_metadata
 
@@ -79,7 +79,10 @@ class RunInfo:
     def spec(self, space: str) -> ModelSpec:
         """The space's model spec, rebuilt from the metadata and checked against its fingerprint."""
         d = self.metadata["models"][space]
-        spec = ModelSpec(d["family"], d["name"], d["weights"], int(d.get("seed", 0)))
+        try:
+            spec = spec_from_description(d)
+        except (KeyError, ValueError) as e:
+            raise QueryError(f"the {space} model cannot be rebuilt from the run's metadata: {e}") from None
         if fingerprint(spec) != d["fingerprint"]:
             raise QueryError(f"the {space} model {d['name']} is not the one this run used (fingerprint "
                              f"{fingerprint(spec)} != {d['fingerprint']}): its files changed since the run")
@@ -202,11 +205,15 @@ class QueryEncoder:
                     if said else []
                 for (i, _), v in zip(said, vectors):
                     out[i].setdefault(space, {})["audio"] = [v]
+        spoke = {i for i, _ in said} if spoken else set()
         for route in sounds:
             space = route["space"]
-            vectors = self._model(self.run.spec(space)).encode_audio([clips[i].at(rates[space]) for i in ok],
-                                                                     self.batch_size)
-            for i, v in zip(ok, vectors):
+            spec = self.run.spec(space)
+            # as for items: a sound-effects model does not hear words (towers.sound_hears_speech)
+            heard = [i for i in ok if towers.sound_hears_speech(spec) or i not in spoke]
+            vectors = self._model(spec).encode_audio([clips[i].at(rates[space]) for i in heard],
+                                                     self.batch_size) if heard else []
+            for i, v in zip(heard, vectors):
                 out[i].setdefault(space, {})["audio"] = [v]
         for i in ok:
             if not out[i]:

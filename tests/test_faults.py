@@ -30,7 +30,7 @@ TINY_CLIP = os.path.join(ROOT, "tests", "data", "tiny-clip.json")
 
 def _argv(catalog, out, run_id, text_dir, *extra):
     return ["run", "--catalog", catalog, "--output", str(out), "--run_id", run_id,
-            "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
+            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
             "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0", *extra]
 
 

@@ -51,7 +51,7 @@ def _row(item_id, title, images=None):
 def run(catalog, out, run_id, text_dir, *extra):
     """One pipeline run; returns (table sorted by id, manifest, PipelineResult)."""
     argv = ["--catalog", catalog, "--output", str(out), "--run_id", run_id,
-            "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
+            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
             "--device", "cpu", "--batch_size", "4", "--progress_interval_s", "0", *extra]
     options = PipelineOptions(argv)
     config, _ = to_run_config(options.view_as(CatalogIndexOptions))

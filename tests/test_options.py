@@ -4,14 +4,33 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.options import CatalogIndexOptions, to_run_config
 
 
-def _config(*flags):
-    return to_run_config(PipelineOptions(["--catalog", "c.parquet", "--preset", "offline", *flags]))[0]
+def _config(*flags, preset="offline-v1"):
+    return to_run_config(PipelineOptions(["--catalog", "c.parquet", "--preset", preset, *flags]))[0]
 
 
-def test_offline_preset_defaults():
+def test_offline_preset_uses_packaged_real_weights_for_every_modality():
+    cfg = _config(preset="offline")
+    if cfg.encode.image is None or cfg.encode.clap is None:
+        pytest.skip("the packaged offline weights are not all installed / prepared")
+    assert (cfg.encode.clip.family, cfg.encode.clip.text, cfg.encode.text.family) == ("conse", cfg.encode.text, "usem3")
+    assert (cfg.encode.image.family, cfg.encode.clap.family) == ("timm_image", "aisfx")
+    assert all(spec.weights_label == "real" for spec in cfg.encode.space_specs.values())
+    assert [(r.modality, r.space, r.via) for r in cfg.encode.routes] == [
+        ("text", "conse", ""), ("image", "conse", ""), ("image", "image", ""), ("text", "text", ""),
+        ("audio", "conse", "transcript"), ("audio", "text", "transcript"), ("audio", "sound", "waveform")]
+    assert cfg.preset == "offline" and cfg.encode.asr.backend == "faster_whisper"
+    # a clip model of one's own leaves the preset's image space (other preprocessing) out
+    own = _config("--clip_model", "ViT-B-32", "--clip_weights", "random", preset="offline")
+    assert own.encode.image is None and own.preset == "offline+overrides"
+    assert _config("--image_model", "none", preset="offline").encode.image is None
+    moonshine = _config("--asr_backend", "moonshine", preset="offline").encode.asr
+    assert moonshine.backend == "moonshine" and moonshine.model.endswith("base-en")
+
+
+def test_offline_v1_preset_defaults():
     cfg = _config()
     assert cfg.encode.clip.family == "open_clip" and cfg.encode.clip.weights == "random"
-    assert cfg.encode.text.family == "hf_text" and cfg.preset == "offline"
+    assert cfg.encode.text.family == "hf_text" and cfg.preset == "offline-v1"
     assert [(r.modality, r.space) for r in cfg.encode.routes] == [
         ("text", "clip"), ("image", "clip"), ("text", "text"), ("audio", "clip"), ("audio", "text")]
     assert cfg.write.run_dir.startswith("./out/runs/")
@@ -28,7 +47,7 @@ def test_audio_options():
     assert [(r.modality, r.space, r.via) for r in cfg.encode.routes if r.modality == "audio"] == [
         ("audio", "clip", "transcript"), ("audio", "text", "transcript"), ("audio", "clap", "waveform")]
     assert cfg.encode.asr.describe()["language"] == "zh" and "clap" in cfg.encode.space_specs
-    assert cfg.preset == "offline+overrides"
+    assert cfg.preset == "offline-v1+overrides"
     off = _config("--asr_model", "none")
     assert off.encode.asr is None and not [r for r in off.encode.routes if r.modality == "audio"]
     # --asr_backend auto on a CPU device picks faster-whisper
@@ -45,7 +64,7 @@ def test_overrides_and_disabling_a_space():
     assert cfg.fusion.space_weight("text") == 2.0
     assert cfg.read.columns.image_uris == "pics"
     assert cfg.write.run_dir == "gs://bucket/out/runs/r1"
-    assert cfg.preset == "offline+overrides"
+    assert cfg.preset == "offline-v1+overrides"
 
 
 def test_hf_clip_family_and_weights():

