@@ -51,6 +51,11 @@ class ItemVectors:
     counts: dict[str, int]
 
 
+def _catalog_path(manifest: dict) -> str:
+    catalog = manifest["catalog"]
+    return catalog["path"] if isinstance(catalog, dict) else catalog  # a string before manifest catalog blocks
+
+
 def read_catalog(pattern: str) -> tuple[list[CatalogItem], dict[str, int]]:
     """Validated items of a catalog (first row wins on duplicate ids), and what was left out."""
     from apache_beam.io.filesystems import FileSystems
@@ -275,7 +280,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     try:
         run = load_run(args.run)
-        items, read_counts = read_catalog(args.catalog or run.manifest["catalog"])
+        items, read_counts = read_catalog(args.catalog or _catalog_path(run.manifest))
         pairs = [q for path in args.queries for q in read_queries(path)]
         if not args.no_titles:
             pairs += title_pairs(items)

@@ -69,6 +69,7 @@ class _Fuse(beam.DoFn):
 
     def _dead_letter(self, item: CatalogItem, stage: Stage, reason: Reason, detail: str, source: str = ""):
         self._dead.inc()
+        progress.note(progress.FAILED)
         return beam.pvalue.TaggedOutput(DEAD, DeadLetter(item.item_id, stage, reason, detail, source or item.source))
 
     def process(self, element):
@@ -117,7 +118,7 @@ class _Fuse(beam.DoFn):
             yield self._dead_letter(item, Stage.FUSE, reason, detail)
             return
         self._embedded.inc()
-        progress.note("fused")
+        progress.note(progress.FUSED)
         yield EmbeddingRecord(
             item_id=item.item_id,
             vector=fused,

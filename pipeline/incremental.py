@@ -39,6 +39,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
+from pipeline import progress
 from pipeline.records import MediaDigest
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason
@@ -302,6 +303,7 @@ class _Decide(beam.DoFn):
             if status == "deleted":
                 continue
             if status == "reused":
+                progress.note(progress.REUSED)
                 yield beam.pvalue.TaggedOutput(REUSED, EmbeddingRecord(
                     item_id=item.item_id, vector=previous.vector, modalities=previous.modalities,
                     content_hash=current_hash, model_fingerprint=self._fp, num_images=previous.num_images,

@@ -77,15 +77,18 @@ class _Validate(beam.DoFn):
                                 max_text_chars=self._config.max_text_chars)
         except InvalidRow as e:
             self._invalid.inc()
+            progress.note(progress.REJECTED)
             item_id = e.item_id if e.item_id is not None else f"<row {source}>"
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(item_id, Stage.VALIDATE, Reason.INVALID_ROW, str(e), source))
             return
         if not item.has_content:
+            progress.note(progress.REJECTED)
             yield beam.pvalue.TaggedOutput(
                 DEAD, DeadLetter(item.item_id, Stage.VALIDATE, Reason.EMPTY_ITEM, "no text, image or audio", source))
             return
         if not item.modalities & self._modalities:
             self._skipped.inc()
+            progress.note(progress.REJECTED)
             yield beam.pvalue.TaggedOutput(SKIPPED, Skip(
                 item.item_id, SkipReason.NO_CONFIGURED_MODALITY,
                 f"has {'+'.join(sorted(item.modalities))}; this run embeds {'+'.join(sorted(self._modalities))}"))
@@ -110,6 +113,7 @@ class _KeepFirst(beam.DoFn):
         yield ordered[0]
         for dup in ordered[1:]:
             self._duplicates.inc()
+            progress.note(progress.REJECTED)
             yield beam.pvalue.TaggedOutput(
                 DEAD,
                 DeadLetter(item_id, Stage.VALIDATE, Reason.DUPLICATE_ID,
