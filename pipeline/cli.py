@@ -254,6 +254,7 @@ def _run_arg(parser: argparse.ArgumentParser) -> None:
                         help="exact search over the embeddings Parquet even if the run has an index")
     parser.add_argument("--nprobe", type=int, default=None,
                         help="IVF lists to visit per query (default: the manifest's recommended nprobe)")
+    console.add_verbosity_args(parser)
 
 
 def _check_nprobe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -267,36 +268,61 @@ def _searcher(info, args):
     return open_searcher(info.run_dir, info.manifest, info.embedding_files, args.metric, args.exact, args.nprobe)
 
 
+_QUERY_HINT = {
+    "RunNotFound": "--run takes a run folder (OUT/runs/<id>) or an output root with a LATEST file",
+    "QueryContentError": "a query image or clip must be a readable local file or an allowed URI",
+    "QueryError": "the query must suit the run's models (catalog-index search --help)",
+    "QueriesFileError": "--queries takes JSON lines {\"modality\": ..., \"query\": ..., \"relevant\": [...]}",
+    "OSError": "check that the path exists and is readable",
+}
+
+
+def _query_error(e: Exception) -> UsageError:
+    name = next((c.__name__ for c in type(e).__mro__ if c.__name__ in _QUERY_HINT), "QueryError")
+    return UsageError(str(e), _QUERY_HINT[name])
+
+
 def search(argv: list[str]) -> int:
+    import json
+
+    from pipeline.hits import describe_hits, format_hit, hit_rows
     from pipeline.query import QueryEncoder, QueryError, load_run
     from pipeline.runs import RunNotFound
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="catalog-index search",
         description="Top-k items for one query, encoded with the run's own models, weights and layout "
-                    "(read from its metadata).")
+                    "(read from its metadata). Each hit shows its title and a short description or transcript.")
     _run_arg(parser)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="a typed query")
     what.add_argument("--image", help="path or URI of a query photo")
     what.add_argument("--audio", help="path or URI of a query audio clip")
     parser.add_argument("-k", type=int, default=10, help="how many items to print")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = parser.parse_args(argv)
     _check_nprobe(parser, args)
+    if args.k < 1:
+        parser.error(f"-k must be >= 1, got {args.k}")
     modality, content = next((m, getattr(args, m)) for m in ("text", "image", "audio") if getattr(args, m))
     try:
         info = load_run(args.run)
         searcher = _searcher(info, args)
         vector = QueryEncoder(info, device=args.device).encode(modality, [content])
-    except (QueryError, RunNotFound) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (QueryError, RunNotFound, OSError) as e:
+        raise _query_error(e) from None
     scores, ids = searcher.search(vector, args.k)
+    hits = hit_rows(ids[0], scores[0], describe_hits(info.embedding_files, ids[0]))
+    if args.json:
+        print(json.dumps({"run_id": info.manifest["run_id"], "query": {"modality": modality, "content": content},
+                          "metric": args.metric, "searcher": searcher.label(),
+                          "fusion": info.metadata["fusion"]["mode"], "hits": hits}, ensure_ascii=False, indent=2))
+        return 0
     label = "score" if args.metric == "cosine" else "dist"
     print(f"run {info.manifest['run_id']} ({info.metadata['fusion']['mode']} fusion, {searcher.label()}): "
-          f"top {len(ids[0])} for {modality} query {content!r}")
-    for rank, (item, score) in enumerate(zip(ids[0], scores[0]), 1):
-        print(f"{rank:3d}  {item}  {label}={score:.4f}")
+          f"top {len(hits)} for {modality} query {content!r}")
+    for hit in hits:
+        print(format_hit(hit, label))
     return 0
 
 
@@ -309,7 +335,7 @@ def evaluate(argv: list[str]) -> int:
     from pipeline.query import QueryEncoder, QueryError, load_run
     from pipeline.runs import RunNotFound
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="catalog-index eval",
         description="Recall@1/5/10, MRR and nDCG@10 of a run on labelled queries, overall and per query modality.")
     _run_arg(parser)
@@ -324,9 +350,8 @@ def evaluate(argv: list[str]) -> int:
         queries = read_queries(args.queries)
         searcher = _searcher(info, args)
         report = run_eval(info, queries, searcher, QueryEncoder(info, device=args.device))
-    except (QueryError, QueriesFileError, RunNotFound) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (QueryError, QueriesFileError, RunNotFound, OSError) as e:
+        raise _query_error(e) from None
     report["queries_file"] = os.path.abspath(args.queries)
     report["metric"] = args.metric
     out = args.out or f"{info.run_dir}/eval/{os.path.splitext(os.path.basename(args.queries))[0]}.json"

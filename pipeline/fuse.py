@@ -18,7 +18,7 @@ from pipeline.config import Route
 from pipeline.records import ItemFailure, MediaDigest, ModalityVector
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
-from schemas.embeddings import EmbeddingRecord
+from schemas.embeddings import EmbeddingRecord, display_fields
 
 DEAD = "dead"
 NAMESPACE = "catalog_index.fuse"
@@ -129,6 +129,7 @@ class _Fuse(beam.DoFn):
             num_images=len({v.index for v in vectors if v.modality == "image"}),
             attributes=item.attributes,
             transcript=transcript.text if transcript is not None else None,
+            **display_fields(item.title, item.description, transcript.text if transcript is not None else None),
         )
         faults.inject("fuse")  # test hook: fails a bundle after it has emitted a record
 

@@ -43,7 +43,7 @@ from pipeline import progress
 from pipeline.records import MediaDigest
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason
-from schemas.embeddings import EmbeddingRecord
+from schemas.embeddings import EmbeddingRecord, display_fields
 
 CHANGE_DETECTION = ("bytes", "metadata")
 NONE = "none"
@@ -308,7 +308,8 @@ class _Decide(beam.DoFn):
                     item_id=item.item_id, vector=previous.vector, modalities=previous.modalities,
                     content_hash=current_hash, model_fingerprint=self._fp, num_images=previous.num_images,
                     attributes=item.attributes,  # attributes are today's: they are not part of the vector
-                    transcript=previous.transcript))
+                    transcript=previous.transcript,
+                    **display_fields(item.title, item.description, previous.transcript)))
                 continue
             if self._mode == "metadata" and current_hash is not None:
                 # fuse would hash the fetched bytes; tomorrow compares metadata tokens, so carry ours
