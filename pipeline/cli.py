@@ -187,7 +187,7 @@ def prepare(argv: list[str]):
     except ValueError as e:
         raise UsageError(str(e), "catalog-index run --help lists the options and their values") from None
     if note:
-        print(note, file=sys.stderr, flush=True)
+        print(f"note: {note}", file=sys.stderr, flush=True)
     try:
         files, missing = check_catalog(config.read.catalog, config.read.columns, _explicit_fields(argv))
     except CatalogColumnError as e:
