@@ -52,9 +52,9 @@ def summary(config, manifest: dict) -> str:
     inc = counts.get("incremental")
     if inc:
         lines.append(_incremental_line(inc))
-    lines.append(f"output: {config.write.run_dir}/ (embeddings/, dead_letter/, index/, report.html, manifest.json); "
-                 f"LATEST -> {manifest['run_id']}")
     index = manifest.get("index")
+    written = "embeddings/, dead_letter/, " + ("index/, " if index else "") + "report.html, manifest.json"
+    lines.append(f"output: {config.write.run_dir}/ ({written}); LATEST -> {manifest['run_id']}")
     if index:
         recall = index["recall"]
         k, nprobe = recall["k"], recall["recommended_nprobe"]

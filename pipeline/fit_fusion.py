@@ -17,7 +17,6 @@ same :class:`pipeline.query.QueryEncoder` the ``search`` verb uses.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -258,7 +257,9 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    from pipeline.console import Parser, UsageError, add_verbosity_args
+
+    parser = Parser(
         prog="catalog-index fit-fusion",
         description="Train the attention-fusion module on labelled query-item pairs of a run's catalog; "
                     "save it (safetensors) for `catalog-index run --fusion_mode attention --fusion_module`.")
@@ -273,6 +274,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--weight_decay", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    add_verbosity_args(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.holdout < 1:
         parser.error(f"--holdout must be in [0, 1), got {args.holdout}")
@@ -286,9 +288,8 @@ def main(argv: list[str]) -> int:
             pairs += title_pairs(items)
         module, report = fit(run, pairs, items, holdout=args.holdout, epochs=args.epochs, lr=args.lr,
                              weight_decay=args.weight_decay, seed=args.seed, device=args.device)
-    except (QueryError, ValueError) as e:
-        print(f"error: {e}", file=sys_stderr())
-        return 2
+    except (QueryError, ValueError, OSError) as e:  # a run not found, unreadable catalog or queries file
+        raise UsageError(str(e), "catalog-index fit-fusion --help lists the options") from None
     report["catalog_rows_left_out"] = read_counts
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(run.run_dir)), "fusion",
                                    f"attention-{run.manifest['run_id']}.safetensors")
@@ -301,8 +302,3 @@ def main(argv: list[str]) -> int:
           f"use: catalog-index run ... --fusion_mode attention --fusion_module {out}")
     return 0
 
-
-def sys_stderr():
-    import sys
-
-    return sys.stderr
