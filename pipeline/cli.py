@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         return console.report(e)
     console.configure_logging(verbose, log_level)
+    if verb == "run":
+        rest += console.worker_log_flags(rest, verbose, log_level)
     try:
         return VERBS[verb](rest)
     except (UsageError, NotPublished) as e:

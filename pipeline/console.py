@@ -10,9 +10,12 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import difflib
+import json
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -79,9 +82,11 @@ def configure_logging(verbose: bool = False, log_level: str | None = None, strea
     handler = logging.StreamHandler(stream)
     handler._catalog_index = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_ThirdPartyFilter(third_party))
     # a handler on the root logger also stops libraries' logging.basicConfig() from adding theirs
     root.addHandler(handler)
-    root.setLevel(third_party)
+    # INFO reaches the handler so that our own lines relayed from worker processes can pass its filter
+    root.setLevel(min(third_party, logging.INFO))
     own = logging.StreamHandler(stream)
     own.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
     for name in OWN_LOGGERS:
@@ -91,6 +96,67 @@ def configure_logging(verbose: bool = False, log_level: str | None = None, strea
         log.propagate = False
     if third_party == QUIET:
         _quiet_loaded_libraries()
+
+
+_ENTRY_MESSAGE = re.compile(r'^message: "(.*)"$', re.M)
+_ENTRY_LOCATION = re.compile(r'^log_location: "([^"]*)"$', re.M)
+_OWN_SOURCES = tuple(f"/{package}/" for package in OWN_LOGGERS[1:]) + ("/schemas/",)
+
+
+def relayed_own_line(record: logging.LogRecord) -> str | None:
+    """The message of one of our own log lines relayed from a worker process, else None.
+
+    Beam's multi-process and portable runners relay each worker log record to
+    the launcher as the text of a ``LogEntry`` on the root logger; the record's
+    source file tells ours (pipeline/, encoders/, schemas/) from third-party ones.
+    """
+    text = record.msg if isinstance(record.msg, str) else ""
+    if "log_location: " not in text:
+        return None
+    location, message = _ENTRY_LOCATION.search(text), _ENTRY_MESSAGE.search(text)
+    if not location or not message or not any(s in location.group(1) for s in _OWN_SOURCES):
+        return None
+    try:  # protobuf text format: C-style escapes, non-ASCII as octal UTF-8 bytes
+        return codecs.escape_decode(message.group(1).encode("latin-1", "backslashreplace"))[0].decode("utf-8")
+    except (UnicodeDecodeError, ValueError):
+        return message.group(1)
+
+
+class _ThirdPartyFilter(logging.Filter):
+    """Root handler: third-party records at ``level`` or above, and our own lines relayed from workers."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self._level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self._level:
+            return True
+        own = relayed_own_line(record) if record.levelno >= logging.INFO else None
+        if own is None:
+            return False
+        record.msg, record.args, record.name = own, (), "worker"
+        return True
+
+
+def worker_log_flags(argv: list[str], verbose: bool, log_level: str | None) -> list[str]:
+    """Beam flags that keep worker processes (multi-processing, portable runners) as quiet as the launcher.
+
+    Workers configure their own logging from the pipeline options: third-party
+    loggers at ERROR, ours at INFO (their progress lines are relayed back).
+    Flags the user gave win; ``--verbose`` / ``--log_level`` leave Beam's defaults.
+    """
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if verbose or log_level:
+        level = [] if log_level is None or "--default_sdk_harness_log_level" in given else [
+            f"--default_sdk_harness_log_level={log_level}"]
+        return level
+    out = []
+    if "--default_sdk_harness_log_level" not in given:
+        out.append("--default_sdk_harness_log_level=ERROR")
+    if "--sdk_harness_log_level_overrides" not in given:
+        out.append("--sdk_harness_log_level_overrides=" + json.dumps({name: "INFO" for name in OWN_LOGGERS}))
+    return out
 
 
 def redirect_own_logs(stream) -> None:

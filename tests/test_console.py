@@ -107,3 +107,27 @@ def test_report_names_missing_columns():
     page = catalog_html(manifest)
     assert "/c/*.parquet" in page and "did you mean --image_column image_uri?" in page
     assert "<p>catalog: <code>old.parquet</code>" in catalog_html({"catalog": "old.parquet"})
+
+
+def test_worker_lines_relayed_by_beam_pass_only_when_they_are_ours():
+    def entry(location: str, message: str) -> logging.LogRecord:
+        text = f'severity: INFO\nmessage: "{message}"\nlog_location: "{location}"\nthread: "1"\n'
+        return logging.LogRecord("root", logging.INFO, "worker_handlers.py", 1, text, (), None)
+
+    ours = entry("/src/pipeline/progress.py:33", "progress after 10s: read 36 (3.6/s) \\346\\241\\221")
+    assert console.relayed_own_line(ours) == "progress after 10s: read 36 (3.6/s) 桑"
+    assert console.relayed_own_line(entry("/site-packages/apache_beam/runners/worker/sdk_worker.py:9", "x")) is None
+    stream = io.StringIO()
+    console.configure_logging(stream=stream)
+    logging.getLogger().handle(ours)
+    logging.getLogger().handle(entry("/site-packages/apache_beam/io/gcp/bigquery.py:1", "apitools not found"))
+    assert "progress after 10s" in stream.getvalue() and "apitools" not in stream.getvalue()
+
+
+def test_worker_processes_get_quiet_log_flags_unless_asked_otherwise():
+    flags = console.worker_log_flags(["--catalog", "x"], False, None)
+    assert flags[0] == "--default_sdk_harness_log_level=ERROR" and '"pipeline": "INFO"' in flags[1]
+    assert console.worker_log_flags(["--default_sdk_harness_log_level=DEBUG"], False, None)[0].startswith(
+        "--sdk_harness_log_level_overrides=")
+    assert console.worker_log_flags([], True, None) == []
+    assert console.worker_log_flags([], False, "DEBUG") == ["--default_sdk_harness_log_level=DEBUG"]
