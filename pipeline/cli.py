@@ -16,9 +16,6 @@ BEAM_NOTE = (
     "Exit status: 0 done; 2 usage, configuration or input error; 3 not published (failure threshold); "
     "1 unexpected error."
 )
-# option dest -> CatalogColumns field, to know which columns were named on the command line
-_COLUMN_OPTIONS = {"item_id_column": "item_id", "title_column": "title", "description_column": "description",
-                   "image_column": "image_uris", "audio_column": "audio_uri", "passthrough_columns": "passthrough"}
 
 
 def _weights_label(described: dict, random_note: str) -> str:
@@ -119,18 +116,6 @@ _WORKER_ERRORS = {
 }
 
 
-def _explicit_fields(argv: list[str]) -> frozenset[str]:
-    """The catalog column fields whose option appears in ``argv`` (not left at its default)."""
-    from pipeline.options import CatalogIndexOptions
-
-    parser = Parser(add_help=False, allow_abbrev=False)
-    CatalogIndexOptions._add_argparse_args(parser)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    given, _ = parser.parse_known_args(argv)
-    return frozenset(field for dest, field in _COLUMN_OPTIONS.items() if dest in vars(given))
-
-
 def _check_flags(argv: list[str]) -> None:
     """Refuses likely typos of known flags (Beam would drop them and the default would silently apply)."""
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -168,7 +153,7 @@ def prepare(argv: list[str]):
     from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
     from pipeline.catalog_files import CatalogFileError, check_catalog
-    from pipeline.options import CatalogIndexOptions, to_run_config
+    from pipeline.options import CatalogIndexOptions, given_column_fields, to_run_config
     from schemas.catalog import CatalogColumnError
 
     parser = Parser(prog="catalog-index run", allow_abbrev=False,
@@ -189,7 +174,7 @@ def prepare(argv: list[str]):
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)
     try:
-        files, missing = check_catalog(config.read.catalog, config.read.columns, _explicit_fields(argv))
+        files, missing = check_catalog(config.read.catalog, config.read.columns, given_column_fields(argv))
     except CatalogColumnError as e:
         raise UsageError(str(e), "name the catalog's columns with --item_id_column, --title_column, "
                                  "--description_column, --image_column, --audio_column") from None
