@@ -120,6 +120,8 @@ def _check_flags(argv: list[str]) -> None:
     """Refuses likely typos of known flags (Beam would drop them and the default would silently apply)."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from pipeline.options import CatalogIndexOptions  # noqa: F401 - registers our options as a subclass
+
     parser = Parser(add_help=False, allow_abbrev=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)

@@ -178,3 +178,15 @@ def test_an_unexpected_error_keeps_its_traceback(renamed_catalog, tiny_text_dir,
     monkeypatch.setattr(pipeline.graph, "build", broken)
     with pytest.raises(RuntimeError, match="a bug"):  # main does not swallow it: Python prints it, exit status 1
         cli.main(["run", "--catalog", str(renamed_catalog), "--output", str(tmp_path), *_models(tiny_text_dir)])
+
+
+def test_beam_and_dataflow_flags_pass_the_typo_check(capsys):
+    from pipeline.cli import _check_flags
+
+    _check_flags(["--catalog", "x", "--runner=DataflowRunner", "--worker_machine_type=g2-standard-24",
+                  "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1", "--experiments=use_runner_v2",
+                  "--sdk_container_image=img:1", "--setup_file", "./setup.py", "--direct_running_mode=multi_processing",
+                  "--job_endpoint=embed", "--environment_type=LOOPBACK", "--model_copies_per_gpu=1", "--verbose"])
+    assert capsys.readouterr().err == ""
+    _check_flags(["--catalog", "x", "--some_service_flag=1"])  # unknown but not a typo: named, passed on
+    assert "--some_service_flag is neither" in capsys.readouterr().err
