@@ -13,6 +13,7 @@ import io
 import ipaddress
 import os
 import posixpath
+import re
 import socket
 import ssl
 import stat
@@ -103,13 +104,31 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-def _scheme(uri: str) -> str:
-    head, sep, _ = uri.partition("://")
-    return head.lower() if sep and head.isalnum() else ""
+# RFC 3986: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), then ":". One letter is not taken
+# as a scheme (a drive letter); a relative path whose first segment holds ':' must start with './'.
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def uri_scheme(uri: str) -> str:
+    """The lower-case scheme of ``uri`` (``gs``, ``https``, ``javascript``, ``data``...), '' for a plain path.
+
+    Any ``name:`` prefix counts, with or without ``//``: ``javascript:alert(1)``,
+    ``data:...`` and ``mailto:...`` are URIs of those schemes, never relative
+    paths, so the policy refuses them instead of resolving them under the catalog.
+    """
+    match = _SCHEME_RE.match(uri)
+    return match.group(1).lower() if match else ""
+
+
+_scheme = uri_scheme
 
 
 def resolve_uri(uri: str, base_uri: str = "") -> str:
-    """A catalog URI made absolute: relative paths resolve against the catalog file's folder."""
+    """A catalog URI made absolute: relative paths resolve against the catalog file's folder.
+
+    A URI with a scheme (known or not) is returned as it is, so an unknown
+    scheme reaches the policy check and is refused there.
+    """
     if _scheme(uri) or uri.startswith("/") or not base_uri:
         return uri
     if _scheme(base_uri):
@@ -137,7 +156,9 @@ def _read_capped(stream, max_bytes: int, uri: str, deadline: float | None = None
 
 
 def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.lower().startswith("file://") else uri
+    if uri.lower().startswith("file://"):
+        return uri[len("file://"):]
+    return uri[len("file:"):] if uri.lower().startswith("file:") else uri
 
 
 def _confine_local(uri: str, policy: FetchPolicy) -> str:
@@ -315,6 +336,20 @@ def _fetch_http(uri: str, policy: FetchPolicy) -> bytes:
     raise MediaError(Reason.FETCH_FAILED, f"{uri}: more than {MAX_REDIRECTS} redirects")
 
 
+def check_scheme(uri: str, policy: FetchPolicy) -> str:
+    """The scheme of a non-http ``uri`` if the policy allows it; refuses unknown and unlisted ones."""
+    scheme = uri_scheme(uri)
+    if (scheme or "file") in policy.allowed_schemes:
+        return scheme
+    raise MediaError(Reason.FORBIDDEN_URI, f"{_shown(uri)}: scheme {scheme or 'file'!r} is not in the allowed "
+                                           f"schemes {list(policy.allowed_schemes)} (--allowed_media_schemes)")
+
+
+def _shown(uri: str, limit: int = 120) -> str:
+    # data: URIs can carry megabytes; a dead letter's detail stays readable
+    return uri if len(uri) <= limit else uri[:limit - 3] + "..."
+
+
 def fetch_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
     """Reads one media object, at most ``policy.max_bytes`` of it, if the policy allows the URI."""
     from apache_beam.io.filesystems import FileSystems
@@ -324,9 +359,7 @@ def fetch_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
         if not policy.allow_http:
             raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: http(s) media is disabled (--allow_http)")
         return _fetch_http(uri, policy)
-    if (scheme or "file") not in policy.allowed_schemes:
-        raise MediaError(Reason.FORBIDDEN_URI, f"{uri}: scheme {scheme or 'file'!r} is not in the allowed "
-                                               f"schemes {list(policy.allowed_schemes)} (--allowed_media_schemes)")
+    check_scheme(uri, policy)
     if scheme in ("", "file"):
         return _fetch_local(uri, policy)
     _confine_remote(uri, scheme, policy)

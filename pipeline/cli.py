@@ -3,39 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import dataclasses
 import sys
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
-
-from pipeline.config import RunConfig
-from pipeline.graph import build
-from pipeline.options import CatalogIndexOptions, to_run_config
-from pipeline.publish import AccountingError, FailureThresholdError, PublishRefused, read_manifest
+from pipeline import console
+from pipeline.console import NotPublished, Parser, UsageError
 
 BEAM_NOTE = (
     "Every other flag is a Beam pipeline option, passed through: --runner (DirectRunner, PortableRunner, "
     "DataflowRunner), --direct_running_mode=multi_processing, --direct_num_workers=N, "
-    "--job_endpoint=embed, --environment_type=LOOPBACK, --setup_file=./setup.py, ..."
+    "--job_endpoint=embed, --environment_type=LOOPBACK, --setup_file=./setup.py, ... "
+    "Exit status: 0 done; 2 usage, configuration or input error; 3 not published (failure threshold); "
+    "1 unexpected error."
 )
-
-
-def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
-    for name in ("catalog_index", "encoders", "pipeline"):
-        log = logging.getLogger(name)
-        log.setLevel(logging.INFO)
-        log.addHandler(handler)
-        log.propagate = False
 
 
 def _weights_label(described: dict, random_note: str) -> str:
     return "REAL weights" if described["weights_label"] == "real" else f"RANDOM weights ({random_note})"
 
 
-def summary(config: RunConfig, manifest: dict) -> str:
+def _incremental_line(inc: dict) -> str:
+    """``reused + encoded = embedded``; what went to the encoders (new + changed) and how much of it failed."""
+    prev = inc["previous_run"]
+    sent = inc["new"] + inc["changed"]
+    failed = sent - inc["encoded"]
+    previous = (f"{prev['run_id']}" + ("" if prev["reusable"] else f" (not reused: {prev['not_reusable_because']})")
+                if prev else "none")
+    return (f"  incremental: {inc['reused']} reused + {inc['encoded']} encoded; {sent} sent to the encoders "
+            f"({inc['new']} new, {inc['changed']} changed)" + (f", {failed} of them failed" if failed else "")
+            + f"; {inc['deleted']} deleted; previous run: {previous}")
+
+
+def summary(config, manifest: dict) -> str:
     """The short report printed after a run: counts, where the output is, which weights are real."""
     counts = manifest["counts"]
     dead, skipped = counts["dead_letters"], counts.get("skipped_by_reason", {})
@@ -44,18 +43,15 @@ def summary(config: RunConfig, manifest: dict) -> str:
         f"{sum(dead.values())} failed" + (f" ({', '.join(f'{k}: {v}' for k, v in dead.items())})" if dead else "")
         + (f", {counts['skipped']} skipped ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""),
     ]
+    catalog = manifest.get("catalog")
+    for missing in (catalog.get("missing_columns", []) if isinstance(catalog, dict) else []):
+        lines.append(f"  catalog: {missing['message']}")
     inc = counts.get("incremental")
     if inc:
-        prev = inc["previous_run"]
-        lines.append(f"  incremental: {inc['reused']} reused, "
-                     + (f"{inc['resumed']} resumed from a killed attempt, " if inc.get("resumed") else "")
-                     + f"{inc['encoded']} encoded ({inc['new']} new, "
-                     f"{inc['changed']} changed), {inc['deleted']} deleted; previous run: "
-                     + (f"{prev['run_id']}" + ("" if prev["reusable"] else f" (not reused: {prev['not_reusable_because']})")
-                        if prev else "none"))
-    lines.append(f"output: {config.write.run_dir}/ (embeddings/, dead_letter/, index/, report.html, manifest.json); "
-                 f"LATEST -> {manifest['run_id']}")
+        lines.append(_incremental_line(inc))
     index = manifest.get("index")
+    written = "embeddings/, dead_letter/, " + ("index/, " if index else "") + "report.html, manifest.json"
+    lines.append(f"output: {config.write.run_dir}/ ({written}); LATEST -> {manifest['run_id']}")
     if index:
         recall = index["recall"]
         k, nprobe = recall["k"], recall["recommended_nprobe"]
@@ -78,11 +74,11 @@ def summary(config: RunConfig, manifest: dict) -> str:
     return "\n".join(lines)
 
 
-EXIT_NOT_PUBLISHED = 3
+EXIT_NOT_PUBLISHED = console.EXIT_NOT_PUBLISHED
 
 
-def publish_refusal(error: BaseException) -> str | None:
-    """The message of the :class:`PublishRefused` behind ``error``, or None if the run failed otherwise.
+def _in_chain(error: BaseException, names: tuple[str, ...]) -> tuple[str, str] | None:
+    """(class name, message) of the first exception named in ``names`` behind ``error``.
 
     Runners re-raise a DoFn's exception in their own wrappers (sometimes only
     its text survives), so both the cause chain and the text are searched.
@@ -90,42 +86,147 @@ def publish_refusal(error: BaseException) -> str | None:
     seen = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
-        if isinstance(e, PublishRefused):
-            return str(e)
+        for cls in type(e).__mro__:
+            if cls.__name__ in names:
+                return cls.__name__, str(e).split(" [while running")[0]
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     text = str(error)
-    for name in (FailureThresholdError.__name__, AccountingError.__name__):
-        if name + ":" in text:
-            return text[text.index(name + ":"):].splitlines()[0].split(" [while running")[0]
+    for name in names:
+        for marker in (name + ": ", f"{name}('"):
+            if marker in text:
+                rest = text[text.index(marker) + len(marker):]
+                return name, rest.splitlines()[0].split(" [while running")[0].rstrip("')")
     return None
 
 
-def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="catalog-index run",
-        description="Embed a catalog snapshot into normalized item vectors (Apache Beam).",
-        epilog=BEAM_NOTE,
-    )
+def publish_refusal(error: BaseException) -> str | None:
+    """The message of the :class:`PublishRefused` behind ``error``, or None if the run failed otherwise."""
+    found = _in_chain(error, ("FailureThresholdError", "AccountingError", "PublishRefused"))
+    if found is None:
+        return None
+    name, message = found
+    return message if name == "PublishRefused" else f"{name}: {message}"
+
+
+# errors raised inside workers that are the user's to fix, with the hint printed beside them
+_WORKER_ERRORS = {
+    "DeviceUnavailable": "use --device auto or --device cpu, or run where the GPU is visible",
+    "CatalogFileError": "--catalog must name Parquet files",
+}
+
+
+def _check_flags(argv: list[str]) -> None:
+    """Refuses likely typos of known flags (Beam would drop them and the default would silently apply)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import CatalogIndexOptions  # noqa: F401 - registers our options as a subclass
+
+    parser = Parser(add_help=False, allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    console.add_verbosity_args(parser)
+    known = [opt for action in parser._actions for opt in action.option_strings]
+    _, unknown = parser.parse_known_args(argv)
+    typos, others = console.unknown_flags(unknown, known)
+    if typos:
+        raise UsageError(f"unknown option {typos[0]}; did you mean {console.closest_flag(typos[0], known)}?",
+                         "catalog-index run --help lists the options")
+    stray = [a for a in unknown if not a.startswith("-")]
+    if stray and not others:
+        raise UsageError(f"unexpected argument {stray[0]!r}", "options take the form --name value")
+    for name in others:
+        print(f"note: {name} is neither a catalog-index nor a Beam option; passed to the runner as is",
+              file=sys.stderr, flush=True)
+
+
+def _show_bar(options, stream) -> bool:
+    """A terminal bar only where this process sees the stages' counts: an in-memory DirectRunner on a TTY."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    in_process = runner in (None, "DirectRunner", "direct") and \
+        options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
+    return in_process and hasattr(stream, "isatty") and stream.isatty()
+
+
+def prepare(argv: list[str]):
+    """Flags -> (PipelineOptions, RunConfig with its catalog checked, catalog files); UsageError on bad input."""
+    from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+    from pipeline.catalog_files import CatalogFileError, check_catalog
+    from pipeline.options import CatalogIndexOptions, given_column_fields, to_run_config
+    from schemas.catalog import CatalogColumnError
+
+    parser = Parser(prog="catalog-index run", allow_abbrev=False,
+                    description="Embed a catalog snapshot into normalized item vectors (Apache Beam).",
+                    epilog=BEAM_NOTE)
     CatalogIndexOptions._add_argparse_args(parser)
-    args, _ = parser.parse_known_args(argv)  # --help exits here, listing the options
+    console.add_verbosity_args(parser)
+    args, _ = parser.parse_known_args(argv)  # --help exits here, listing the options; bad values raise
     if not args.catalog:
-        parser.error("--catalog is required")
+        raise UsageError("--catalog is required", "--catalog takes a Parquet path or glob (local, gs://, s3://)")
+    _check_flags(argv)
     options = PipelineOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
-    config, note = to_run_config(options)
-    if note:
-        print(note, flush=True)
     try:
-        with beam.Pipeline(options=options) as p:
-            build(p, config)
-    except Exception as e:  # noqa: BLE001 - only a refusal to publish is turned into an exit status
+        config, note = to_run_config(options)
+    except ValueError as e:
+        raise UsageError(str(e), "catalog-index run --help lists the options and their values") from None
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    try:
+        files, missing = check_catalog(config.read.catalog, config.read.columns, given_column_fields(argv))
+    except CatalogColumnError as e:
+        raise UsageError(str(e), "name the catalog's columns with --item_id_column, --title_column, "
+                                 "--description_column, --image_column, --audio_column") from None
+    except CatalogFileError as e:
+        raise UsageError(str(e), "--catalog takes a Parquet path or glob (local, gs://, s3://)") from None
+    for m in missing:
+        print(f"note: {m.message()}", file=sys.stderr, flush=True)
+    config = dataclasses.replace(config, read=dataclasses.replace(config.read, missing_columns=missing))
+    return options, config, files
+
+
+def run(argv: list[str]) -> int:
+    import contextlib
+
+    import apache_beam as beam
+
+    from pipeline import progress
+    from pipeline.graph import build
+    from pipeline.progress_bar import TerminalBar
+    from pipeline.publish import read_manifest
+
+    options, config, files = prepare(argv)
+    pipeline = beam.Pipeline(options=options)
+    try:
+        build(pipeline, config)  # loads model configs (dimensions) and the fusion module
+    except (ValueError, OSError) as e:
+        raise UsageError(f"cannot set up the run: {e}",
+                         "check the model options (--clip_model, --clip_weights, --text_model, --asr_model, "
+                         "--clap_model, --fusion_module)") from None
+    bar = contextlib.nullcontext()
+    if _show_bar(options, sys.stderr) and config.progress_interval_s > 0:
+        import logging
+
+        progress.reset()
+        logging.getLogger("catalog_index.progress").setLevel(logging.WARNING)  # the bar replaces the log lines
+        bar = TerminalBar(files.num_rows, progress.done)
+        console.redirect_own_logs(bar.log_stream())
+    try:
+        with bar:
+            pipeline.run().wait_until_finish()
+    except Exception as e:  # noqa: BLE001 - expected failures become an exit status, the rest keeps its traceback
         refusal = publish_refusal(e)
-        if refusal is None:
+        if refusal is not None:
+            raise NotPublished(f"run {config.write.run_id} NOT published: {refusal}",
+                               f"its dead letters are in {config.write.run_dir}/dead_letter/; "
+                               f"--max_failure_fraction sets the threshold") from None
+        found = _in_chain(e, tuple(_WORKER_ERRORS))
+        if found is None:
             raise
-        print(f"run {config.write.run_id} NOT published: {refusal}", file=sys.stderr, flush=True)
-        print(f"its dead letters are in {config.write.run_dir}/dead_letter/", file=sys.stderr, flush=True)
-        return EXIT_NOT_PUBLISHED
+        raise UsageError(found[1], _WORKER_ERRORS[found[0]]) from None
     manifest = read_manifest(config.write.run_dir)
     print(summary(config, manifest), flush=True)
     return 0
@@ -140,6 +241,7 @@ def _run_arg(parser: argparse.ArgumentParser) -> None:
                         help="exact search over the embeddings Parquet even if the run has an index")
     parser.add_argument("--nprobe", type=int, default=None,
                         help="IVF lists to visit per query (default: the manifest's recommended nprobe)")
+    console.add_verbosity_args(parser)
 
 
 def _check_nprobe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -153,36 +255,61 @@ def _searcher(info, args):
     return open_searcher(info.run_dir, info.manifest, info.embedding_files, args.metric, args.exact, args.nprobe)
 
 
+_QUERY_HINT = {
+    "RunNotFound": "--run takes a run folder (OUT/runs/<id>) or an output root with a LATEST file",
+    "QueryContentError": "a query image or clip must be a readable local file or an allowed URI",
+    "QueryError": "the query must suit the run's models (catalog-index search --help)",
+    "QueriesFileError": "--queries takes JSON lines {\"modality\": ..., \"query\": ..., \"relevant\": [...]}",
+    "OSError": "check that the path exists and is readable",
+}
+
+
+def _query_error(e: Exception) -> UsageError:
+    name = next((c.__name__ for c in type(e).__mro__ if c.__name__ in _QUERY_HINT), "QueryError")
+    return UsageError(str(e), _QUERY_HINT[name])
+
+
 def search(argv: list[str]) -> int:
+    import json
+
+    from pipeline.hits import describe_hits, format_hit, hit_rows
     from pipeline.query import QueryEncoder, QueryError, load_run
     from pipeline.runs import RunNotFound
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="catalog-index search",
         description="Top-k items for one query, encoded with the run's own models, weights and layout "
-                    "(read from its metadata).")
+                    "(read from its metadata). Each hit shows its title and a short description or transcript.")
     _run_arg(parser)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="a typed query")
     what.add_argument("--image", help="path or URI of a query photo")
     what.add_argument("--audio", help="path or URI of a query audio clip")
     parser.add_argument("-k", type=int, default=10, help="how many items to print")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = parser.parse_args(argv)
     _check_nprobe(parser, args)
+    if args.k < 1:
+        parser.error(f"-k must be >= 1, got {args.k}")
     modality, content = next((m, getattr(args, m)) for m in ("text", "image", "audio") if getattr(args, m))
     try:
         info = load_run(args.run)
         searcher = _searcher(info, args)
         vector = QueryEncoder(info, device=args.device).encode(modality, [content])
-    except (QueryError, RunNotFound) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (QueryError, RunNotFound, OSError) as e:
+        raise _query_error(e) from None
     scores, ids = searcher.search(vector, args.k)
+    hits = hit_rows(ids[0], scores[0], describe_hits(info.embedding_files, ids[0]))
+    if args.json:
+        print(json.dumps({"run_id": info.manifest["run_id"], "query": {"modality": modality, "content": content},
+                          "metric": args.metric, "searcher": searcher.label(),
+                          "fusion": info.metadata["fusion"]["mode"], "hits": hits}, ensure_ascii=False, indent=2))
+        return 0
     label = "score" if args.metric == "cosine" else "dist"
     print(f"run {info.manifest['run_id']} ({info.metadata['fusion']['mode']} fusion, {searcher.label()}): "
-          f"top {len(ids[0])} for {modality} query {content!r}")
-    for rank, (item, score) in enumerate(zip(ids[0], scores[0]), 1):
-        print(f"{rank:3d}  {item}  {label}={score:.4f}")
+          f"top {len(hits)} for {modality} query {content!r}")
+    for hit in hits:
+        print(format_hit(hit, label))
     return 0
 
 
@@ -195,7 +322,7 @@ def evaluate(argv: list[str]) -> int:
     from pipeline.query import QueryEncoder, QueryError, load_run
     from pipeline.runs import RunNotFound
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="catalog-index eval",
         description="Recall@1/5/10, MRR and nDCG@10 of a run on labelled queries, overall and per query modality.")
     _run_arg(parser)
@@ -210,9 +337,8 @@ def evaluate(argv: list[str]) -> int:
         queries = read_queries(args.queries)
         searcher = _searcher(info, args)
         report = run_eval(info, queries, searcher, QueryEncoder(info, device=args.device))
-    except (QueryError, QueriesFileError, RunNotFound) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (QueryError, QueriesFileError, RunNotFound, OSError) as e:
+        raise _query_error(e) from None
     report["queries_file"] = os.path.abspath(args.queries)
     report["metric"] = args.metric
     out = args.out or f"{info.run_dir}/eval/{os.path.splitext(os.path.basename(args.queries))[0]}.json"
@@ -234,12 +360,23 @@ VERBS = {"run": run, "search": search, "eval": evaluate, "fit-fusion": fit_fusio
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done; 2 usage/configuration/input error; 3 run not published; 1 unexpected (traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
         print(f"usage: catalog-index {{{','.join(VERBS)}}} [options]   (catalog-index VERB --help)", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    _configure_logging()
-    return VERBS[argv[0]](argv[1:])
+        return 0 if argv and argv[0] in ("-h", "--help") else console.EXIT_USAGE
+    verb = argv[0]
+    try:
+        rest, verbose, log_level = console.pop_verbosity(argv[1:])
+    except UsageError as e:
+        return console.report(e)
+    console.configure_logging(verbose, log_level)
+    if verb == "run":
+        rest += console.worker_log_flags(rest, verbose, log_level)
+    try:
+        return VERBS[verb](rest)
+    except (UsageError, NotPublished) as e:
+        return console.report(e)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ IMAGE_TEXT_FAMILIES = (*CLIP_FAMILIES, "conse")  # models with an image and a te
 SOUND_FAMILIES = ("hf_clap", "aisfx")
 from encoders.device import validate_device_spec
 from pipeline.incremental import IncrementalConfig
-from schemas.catalog import CatalogColumns
+from schemas.catalog import CatalogColumns, MissingColumn
 
 MEDIA_ERROR_POLICIES = ("fail_item", "drop_media")
 # A healthy nightly catalog loses well under 1% of rows to broken media and rows;
@@ -64,6 +64,13 @@ class ReadConfig:
     catalog: str  # path or glob, any Beam filesystem; many files
     columns: CatalogColumns = CatalogColumns()
     max_text_chars: int = 10_000
+    # default-named content columns the catalog lacks (schemas.catalog.resolve_columns, run at launch)
+    missing_columns: tuple[MissingColumn, ...] = ()
+
+    def manifest_entry(self) -> dict:
+        """The manifest's ``catalog`` block: what was read, and which modalities were not (and why)."""
+        return {"path": self.catalog, "columns": dataclasses.asdict(self.columns),
+                "missing_columns": [m.to_json() for m in self.missing_columns]}
 
     def __post_init__(self) -> None:
         if not self.catalog:

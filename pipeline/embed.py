@@ -187,7 +187,8 @@ class _Embed(beam.DoFn):
         self._counters["embedded"].inc(len(records))
         if dead:
             self._counters["dead"].inc(len(dead))
-        progress.note("fused", n)
+        progress.note(progress.FUSED, len(records))
+        progress.note(progress.FAILED, len(dead))
         for d in dead:
             yield beam.pvalue.TaggedOutput(DEAD, d)
         if table is not None:

@@ -17,7 +17,6 @@ same :class:`pipeline.query.QueryEncoder` the ``search`` verb uses.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -49,6 +48,11 @@ class ItemVectors:
     x: dict[str, torch.Tensor]  # space -> [N, M, d] unit modality vectors (module spec order)
     mask: dict[str, torch.Tensor]  # space -> [N, M] bool
     counts: dict[str, int]
+
+
+def _catalog_path(manifest: dict) -> str:
+    catalog = manifest["catalog"]
+    return catalog["path"] if isinstance(catalog, dict) else catalog  # a string before manifest catalog blocks
 
 
 def read_catalog(pattern: str) -> tuple[list[CatalogItem], dict[str, int]]:
@@ -253,7 +257,9 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    from pipeline.console import Parser, UsageError, add_verbosity_args
+
+    parser = Parser(
         prog="catalog-index fit-fusion",
         description="Train the attention-fusion module on labelled query-item pairs of a run's catalog; "
                     "save it (safetensors) for `catalog-index run --fusion_mode attention --fusion_module`.")
@@ -268,6 +274,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--weight_decay", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    add_verbosity_args(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.holdout < 1:
         parser.error(f"--holdout must be in [0, 1), got {args.holdout}")
@@ -275,15 +282,14 @@ def main(argv: list[str]) -> int:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     try:
         run = load_run(args.run)
-        items, read_counts = read_catalog(args.catalog or run.manifest["catalog"])
+        items, read_counts = read_catalog(args.catalog or _catalog_path(run.manifest))
         pairs = [q for path in args.queries for q in read_queries(path)]
         if not args.no_titles:
             pairs += title_pairs(items)
         module, report = fit(run, pairs, items, holdout=args.holdout, epochs=args.epochs, lr=args.lr,
                              weight_decay=args.weight_decay, seed=args.seed, device=args.device)
-    except (QueryError, ValueError) as e:
-        print(f"error: {e}", file=sys_stderr())
-        return 2
+    except (QueryError, ValueError, OSError) as e:  # a run not found, unreadable catalog or queries file
+        raise UsageError(str(e), "catalog-index fit-fusion --help lists the options") from None
     report["catalog_rows_left_out"] = read_counts
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(run.run_dir)), "fusion",
                                    f"attention-{run.manifest['run_id']}.safetensors")
@@ -296,8 +302,3 @@ def main(argv: list[str]) -> int:
           f"use: catalog-index run ... --fusion_mode attention --fusion_module {out}")
     return 0
 
-
-def sys_stderr():
-    import sys
-
-    return sys.stderr

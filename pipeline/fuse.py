@@ -17,7 +17,7 @@ from pipeline.config import Route
 from pipeline.records import ItemFailure, MediaDigest, ModalityVector
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
-from schemas.embeddings import EmbeddingRecord
+from schemas.embeddings import EmbeddingRecord, display_fields
 
 NAMESPACE = "catalog_index.fuse"
 _MEDIA_STAGES = (Stage.FETCH, Stage.DECODE)
@@ -112,6 +112,7 @@ class ItemFuser:
             num_images=len({v.index for v in vectors if v.modality == "image"}),
             attributes=item.attributes,
             transcript=transcript.text if transcript is not None else None,
+            **display_fields(item.title, item.description, transcript.text if transcript is not None else None),
         )
 
 

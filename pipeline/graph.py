@@ -43,7 +43,7 @@ def manifest_base(config: RunConfig, metadata: dict) -> dict:
     return {
         "format_version": 1,
         "run_id": config.write.run_id,
-        "catalog": config.read.catalog,
+        "catalog": config.read.manifest_entry(),
         "embeddings": {"dir": "embeddings", "dtype": config.write.vector_dtype, "dim": sum(b["dim"] for b in metadata["layout"])},
         "dead_letter": {"dir": "dead_letter"},
         **metadata,

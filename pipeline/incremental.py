@@ -41,11 +41,12 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
+from pipeline import progress
 from pipeline.records import MediaDigest
 from pipeline.stage_metrics import StageTimer
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
-from schemas.embeddings import EmbeddingRecord
+from schemas.embeddings import EmbeddingRecord, display_fields
 
 CHANGE_DETECTION = ("bytes", "metadata")
 NONE = "none"
@@ -372,6 +373,7 @@ class _Resolve(beam.DoFn):
             item, duplicates = resolve_duplicates(item_id, [item_from_tuple(t) for t in current])
             for dead in duplicates:
                 self._duplicates.inc()
+                progress.note(progress.REJECTED)
                 yield beam.pvalue.TaggedOutput(DEAD, dead)
         # a killed attempt may have written an item twice (a retried bundle): the rows are equal, take one
         self._buffer.append((item, PreviousVector(*previous[0]) if previous else None,
@@ -425,7 +427,8 @@ class _Resolve(beam.DoFn):
                         item_id=item.item_id, vector=source.vector, modalities=source.modalities,
                         content_hash=current_hash, model_fingerprint=self._fp, num_images=source.num_images,
                         attributes=item.attributes,  # attributes are today's: they are not part of the vector
-                        transcript=source.transcript))
+                        transcript=source.transcript,
+                        **display_fields(item.title, item.description, source.transcript)))
                     continue
                 if self._mode == "metadata" and current_hash is not None:
                     # fuse would hash the fetched bytes; tomorrow compares metadata tokens, so carry ours
@@ -435,6 +438,7 @@ class _Resolve(beam.DoFn):
             self._counters[status].inc(n)
         yield beam.pvalue.TaggedOutput(STATUS, dict(statuses))
         if reused:
+            progress.note(progress.REUSED, len(reused))
             yield beam.pvalue.TaggedOutput(REUSED, records_to_table(reused, self._schema))
         if encode:
             yield encode

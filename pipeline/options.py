@@ -177,6 +177,25 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--progress_interval_s", type=float, default=10.0, help="0 disables progress lines")
 
 
+# option dest -> CatalogColumns field, to know which columns were named on the command line
+_COLUMN_OPTIONS = {"item_id_column": "item_id", "title_column": "title", "description_column": "description",
+                   "image_column": "image_uris", "audio_column": "audio_uri", "passthrough_columns": "passthrough"}
+
+
+def given_column_fields(argv: list[str]) -> frozenset[str]:
+    """The catalog fields whose column option appears in ``argv`` (named, not left at the default).
+
+    A named column the catalog lacks is an error; a default one may be absent
+    (schemas.catalog.resolve_columns).
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    CatalogIndexOptions._add_argparse_args(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(argv)
+    return frozenset(field for dest, field in _COLUMN_OPTIONS.items() if dest in vars(given))
+
+
 def _space_spec(preset_spec: ModelSpec | None, family: str | None, model: str | None, weights: str | None,
                 default_family: str) -> ModelSpec | None:
     """The preset's model for a space, with whatever the flags override."""

@@ -11,6 +11,9 @@ import time
 from collections import Counter
 
 _LOG = logging.getLogger("catalog_index.progress")
+# Stages where an input row meets its fate; their sum is the terminal progress bar's "items done".
+FUSED, FAILED, REUSED, REJECTED = "fused", "failed", "reused", "rejected"
+FINAL_STAGES = (FUSED, FAILED, REUSED, REJECTED)
 _lock = threading.Lock()
 _counts: Counter = Counter()
 _state = {"thread": None, "start": 0.0, "interval": 0.0}
@@ -52,3 +55,15 @@ def note(stage: str, n: int = 1) -> None:
 def snapshot() -> dict[str, int]:
     with _lock:
         return dict(_counts)
+
+
+def done() -> int:
+    """Input rows of this process that reached their fate: embedded, dead-lettered, reused or skipped."""
+    with _lock:
+        return sum(_counts[s] for s in FINAL_STAGES)
+
+
+def reset() -> None:
+    """Forgets the counts (a new run in the same process, e.g. the command run twice in a test)."""
+    with _lock:
+        _counts.clear()

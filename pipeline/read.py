@@ -101,6 +101,7 @@ class _ReadRows(beam.DoFn):
             self._rows.inc(len(rows))
             self._timer.record(len(rows), time.perf_counter() - started, time.process_time() - cpu)
             progress.note("read", len(rows))
+            progress.note(progress.REJECTED, sum(isinstance(o, beam.pvalue.TaggedOutput) for o in out))
             yield beam.pvalue.TaggedOutput(ROWS, len(rows))
             yield from out
 

@@ -121,6 +121,17 @@ def recall_svg(table: list[dict], k: int, width: int = 480, height: int = 260) -
     return "".join(parts)
 
 
+def catalog_html(manifest: dict) -> str:
+    """The catalog line, and a warning per modality not read because its default column is missing."""
+    catalog = manifest.get("catalog")
+    path = catalog.get("path") if isinstance(catalog, dict) else catalog  # a plain string in older manifests
+    out = [f"<p>catalog: <code>{html.escape(str(path))}</code>; created "
+           f"{html.escape(str(manifest.get('created_at', '')))}</p>"]
+    for missing in (catalog.get("missing_columns", []) if isinstance(catalog, dict) else []):
+        out.append(f"<p class='bad'>catalog: {html.escape(missing['message'])}</p>")
+    return "".join(out)
+
+
 def render_html(manifest: dict) -> str:
     """One self-contained HTML page: counts, dead letters, coverage, norm check, index and recall."""
     counts, stats, index = manifest["counts"], manifest.get("stats") or {}, manifest.get("index")
@@ -130,8 +141,7 @@ def render_html(manifest: dict) -> str:
            "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
            ".bad{color:#b00}</style></head><body>",
            f"<h1>Run {html.escape(manifest['run_id'])}</h1>",
-           f"<p>catalog: <code>{html.escape(str(manifest.get('catalog')))}</code>; created "
-           f"{html.escape(str(manifest.get('created_at', '')))}</p>",
+           catalog_html(manifest),
            "<h2>Counts</h2>",
            _table(["input rows", "embedded", "dead letters", "skipped"],
                   [[counts["input_rows"], counts["embedded"], sum(dead.values()), counts["skipped"]]]),

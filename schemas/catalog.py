@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -176,3 +176,121 @@ def validate_row(
         source=source,
         attributes=attributes,
     )
+
+
+# --- column resolution, once before the pipeline starts -------------------------------------------
+
+# field -> (option that names its column, modality it carries)
+COLUMN_FIELDS = {
+    "item_id": ("--item_id_column", "item id"),
+    "title": ("--title_column", "text"),
+    "description": ("--description_column", "text"),
+    "image_uris": ("--image_column", "image"),
+    "audio_uri": ("--audio_column", "audio"),
+}
+CONTENT_FIELDS = ("title", "description", "image_uris", "audio_uri")
+
+
+class CatalogColumnError(ValueError):
+    """A column the run was told to read is not in the catalog (or no content column is)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MissingColumn:
+    """A content column left at its default name that (some of) the catalog's files lack."""
+
+    field: str  # "image_uris"
+    column: str  # the name looked for
+    option: str  # "--image_column"
+    modality: str  # "image"
+    suggestion: str | None  # the closest existing column
+    files_missing: int
+    files: int
+
+    def message(self) -> str:
+        where = "" if self.files_missing == self.files else f" in {self.files_missing} of {self.files} files"
+        hint = (f"; did you mean {self.option} {self.suggestion}?" if self.suggestion
+                else f"; set {self.option} to read it")
+        what = f"{self.modality} ({self.field})" if self.modality == "text" else self.modality
+        return f"no column {self.column!r}{where}{hint} ({what} not read)"
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "message": self.message()}
+
+
+# words that give a column away as a field's, when its name is not close to the default
+FIELD_KEYWORDS = {
+    "item_id": ("id", "sku"),
+    "title": ("title", "name"),
+    "description": ("desc", "text", "body"),
+    "image_uris": ("image", "img", "photo", "picture", "pic"),
+    "audio_uri": ("audio", "sound", "voice", "speech"),
+}
+
+
+def closest_column(name: str, present: Sequence[str], field: str = "") -> str | None:
+    """The existing column most like ``name`` (case, plural, separators), else one whose name carries one of
+    ``field``'s keywords (``photo_url`` for images), or None."""
+    import difflib
+
+    def norm(s: str) -> str:
+        return s.lower().replace("-", "_").replace(" ", "_")
+
+    by_norm = {norm(c): c for c in present}
+    if norm(name) in by_norm:
+        return by_norm[norm(name)]
+    match = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.75)
+    if match:
+        return by_norm[match[0]]
+    for keyword in FIELD_KEYWORDS.get(field, ()):
+        hits = [c for n, c in sorted(by_norm.items()) if keyword in n.split("_") or n.startswith(keyword)]
+        if hits:
+            return hits[0]
+    return None
+
+
+def _absent_error(option: str, column: str, present: Sequence[str], files: Sequence[str],
+                  field: str = "") -> CatalogColumnError:
+    suggestion = closest_column(column, present, field)
+    where = files[0] if len(files) == 1 else f"{len(files)} catalog files (first: {files[0]})"
+    return CatalogColumnError(
+        f"{option} {column!r}: no such column in {where}"
+        + (f"; did you mean {option} {suggestion}?" if suggestion else "")
+        + f" (catalog columns: {', '.join(sorted(present))})")
+
+
+def resolve_columns(file_columns: Mapping[str, Sequence[str]], columns: CatalogColumns,
+                    explicit: frozenset[str] = frozenset()) -> tuple[MissingColumn, ...]:
+    """Checks ``columns`` against each catalog file's column names; returns the default ones that are missing.
+
+    ``explicit`` holds the fields whose column was given on the command line
+    (``"image_uris"``, ``"passthrough"``...). An explicitly named column, the
+    item id column and every passthrough column must exist in every file
+    (:class:`CatalogColumnError` otherwise, naming the closest existing
+    column); a content column left at its default name may be absent, and is
+    reported so the run can say which modality it did not read. A catalog
+    with no content column at all is an error.
+    """
+    if not file_columns:
+        raise CatalogColumnError("the catalog has no files")
+    union = sorted({c for cols in file_columns.values() for c in cols})
+    lacking = {f: [path for path, cols in file_columns.items() if getattr(columns, f) not in cols]
+               for f in COLUMN_FIELDS}
+    missing = []
+    for field, (option, modality) in COLUMN_FIELDS.items():
+        files = lacking[field]
+        if not files:
+            continue
+        if field == "item_id" or field in explicit:
+            raise _absent_error(option, getattr(columns, field), union, files, field)
+        missing.append(MissingColumn(field, getattr(columns, field), option, modality,
+                                     closest_column(getattr(columns, field), union, field), len(files), len(file_columns)))
+    for column in columns.passthrough:
+        files = [path for path, cols in file_columns.items() if column not in cols]
+        if files:
+            raise _absent_error("--passthrough_columns", column, union, files)
+    if all(len(lacking[f]) == len(file_columns) for f in CONTENT_FIELDS):
+        names = ", ".join(f"{COLUMN_FIELDS[f][0]} {getattr(columns, f)}" for f in CONTENT_FIELDS)
+        raise CatalogColumnError(f"the catalog has none of the content columns ({names}); "
+                                 f"catalog columns: {', '.join(union)}")
+    return tuple(missing)

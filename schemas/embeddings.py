@@ -31,6 +31,9 @@ class EmbeddingRecord:
     num_images: int = 0
     attributes: str | None = None
     transcript: str | None = None  # speech recognized in the item's audio; '' when it held none
+    # what a person sees beside a search hit (display_fields), so search needs no catalog
+    title: str | None = None
+    snippet: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -42,7 +45,32 @@ class EmbeddingRecord:
             "num_images": self.num_images,
             "attributes": self.attributes,
             "transcript": self.transcript,
+            "title": self.title,
+            "snippet": self.snippet,
         }
+
+
+TITLE_CHARS, SNIPPET_CHARS = 100, 120
+
+
+def _shorten(text: str | None, limit: int) -> str | None:
+    if not text:
+        return None
+    text = " ".join(text.split())  # newlines and runs of spaces would break a one-line hit
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut) + "…"
+
+
+def display_fields(title: str | None, description: str | None, transcript: str | None) -> dict[str, str | None]:
+    """``title`` and ``snippet`` shown beside a search hit: the item's title, and a short description (or,
+    without one, the start of its audio transcript, quoted). Both are shortened to one line."""
+    snippet = _shorten(description, SNIPPET_CHARS)
+    if snippet is None and transcript:
+        spoken = _shorten(transcript, SNIPPET_CHARS - 9)
+        snippet = f"(audio) “{spoken}”" if spoken else None
+    return {"title": _shorten(title, TITLE_CHARS), "snippet": snippet}
 
 
 def embeddings_schema(dim: int, dtype: str = "float32", metadata: dict[str, Any] | None = None) -> pa.Schema:
@@ -61,6 +89,8 @@ def embeddings_schema(dim: int, dtype: str = "float32", metadata: dict[str, Any]
             pa.field("num_images", pa.int32(), nullable=False),
             pa.field("attributes", pa.string()),
             pa.field("transcript", pa.string()),
+            pa.field("title", pa.string()),
+            pa.field("snippet", pa.string()),
         ]
     )
     if metadata is not None:
@@ -88,6 +118,8 @@ def records_to_table(records: list[EmbeddingRecord], schema: pa.Schema) -> pa.Ta
         "num_images": pa.array([r.num_images for r in records], pa.int32()),
         "attributes": pa.array([r.attributes for r in records], pa.string()),
         "transcript": pa.array([r.transcript for r in records], pa.string()),
+        "title": pa.array([r.title for r in records], pa.string()),
+        "snippet": pa.array([r.snippet for r in records], pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=schema)
 

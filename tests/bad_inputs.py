@@ -59,6 +59,8 @@ EXPECTED: dict[str, object] = {
     "symlink-escape": ("fetch", "forbidden_uri"),
     "fifo": ("fetch", "forbidden_uri"),
     "ftp-scheme": ("fetch", "forbidden_uri"),
+    "javascript-uri": ("fetch", "forbidden_uri"),
+    "data-uri-audio": ("fetch", "forbidden_uri"),
     "loopback-http": ("fetch", "forbidden_uri"),
     "private-http": ("fetch", "forbidden_uri"),
     "metadata-http": ("fetch", "forbidden_uri"),
@@ -163,6 +165,9 @@ def build(root: Path) -> tuple[str, int]:
         _row("symlink-escape", "x", images=["media/escape.jpg"]),
         _row("fifo", "x", images=["media/pipe.jpg"]),
         _row("ftp-scheme", "x", images=["ftp://files.example.com/a.jpg"]),
+        # no '//': still a scheme, never a relative path under the catalog's folder
+        _row("javascript-uri", "x", images=["javascript:alert(1)"]),
+        _row("data-uri-audio", "x", audio="data:audio/wav;base64,UklGRg=="),
         _row("loopback-http", "x", images=["http://127.0.0.1:9/a.jpg"]),
         _row("private-http", "x", images=["http://10.0.0.7/a.jpg"]),
         _row("metadata-http", "x", images=["http://169.254.169.254/latest/meta-data/iam/"]),

@@ -129,7 +129,11 @@ def test_too_many_failures_publish_nothing(bad_catalog, tiny_text_dir, tmp_path,
     (tmp_path / "LATEST").write_text("previous-good-run\n")
     status = cli.main(["run", *_argv(catalog, tmp_path, "refused", tiny_text_dir)])  # default threshold
     assert status == cli.EXIT_NOT_PUBLISHED
-    assert "NOT published" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "NOT published" in err and "Traceback" not in err  # one line and a hint, not Beam's traceback
+    # the run's own lines (index stage) may come first; the failure is the last two lines
+    assert [line.split(":")[0] for line in err.splitlines()[-2:]] == ["error", "hint"]
+    assert sum(line.startswith("error: ") for line in err.splitlines()) == 1
     assert (tmp_path / "LATEST").read_text() == "previous-good-run\n"
     assert not (tmp_path / "runs" / "refused" / "manifest.json").exists()
     assert glob.glob(str(tmp_path / "runs" / "refused" / "dead_letter" / "*.parquet"))  # kept for triage

@@ -215,3 +215,29 @@ def test_http_status_caps_and_timeouts(server):
 
 def test_http_connection_refused_is_fetch_failed():
     assert _reason("http://127.0.0.1:1/a.jpg", _local_http()) is Reason.FETCH_FAILED
+
+
+@pytest.mark.parametrize("uri", ["javascript:alert(1)", "data:image/png;base64,iVBORw0KGgo=", "mailto:a@b.example",
+                                 "JavaScript:void(0)", "vbscript:msgbox", "ftp:a.jpg", "img:1.jpg"])
+def test_unknown_schemes_are_forbidden_never_relative_paths(tmp_path, uri):
+    from encoders.media import resolve_uri, uri_scheme
+
+    assert uri_scheme(uri) == uri.split(":", 1)[0].lower()
+    assert resolve_uri(uri, str(tmp_path)) == uri  # never joined to the catalog folder
+    (tmp_path / uri.split("/")[-1]).touch()  # even a same-named local file is not read
+    policy = FetchPolicy(allowed_roots=(str(tmp_path),))
+    with pytest.raises(MediaError) as e:
+        fetch_bytes(resolve_uri(uri, str(tmp_path)), policy)
+    assert e.value.reason is Reason.FORBIDDEN_URI and "allowed schemes" in e.value.detail
+
+
+def test_plain_paths_and_file_uris_have_no_foreign_scheme(tmp_path):
+    from encoders.media import resolve_uri, uri_scheme
+
+    assert uri_scheme("images/a.jpg") == "" and uri_scheme("/abs/a:b.jpg") == "" and uri_scheme("./x:1.jpg") == ""
+    assert uri_scheme("C:/a.jpg") == ""  # one letter is a drive, not a scheme
+    (tmp_path / "x:1.jpg").write_bytes(b"ok")
+    policy = FetchPolicy(allowed_roots=(str(tmp_path),))
+    assert fetch_bytes(resolve_uri("./x:1.jpg", str(tmp_path)), policy) == b"ok"
+    assert fetch_bytes("file:" + str(tmp_path / "x:1.jpg"), policy) == b"ok"
+    assert fetch_bytes("file://" + str(tmp_path / "x:1.jpg"), policy) == b"ok"

@@ -134,3 +134,11 @@ def test_index_options():
     assert not _config("--index", "off").index.enabled
     with pytest.raises(ValueError, match="excludes"):
         _config("--index_factory", "IVF64,PQ8", "--index_nlist", "32")
+
+
+def test_given_column_fields_tells_named_columns_from_defaults():
+    from pipeline.options import given_column_fields
+
+    assert given_column_fields(["--catalog", "x", "--batch_size", "4"]) == frozenset()
+    assert given_column_fields(["--image_column", "image_uri", "--passthrough_columns=price,lang",
+                                "--title_column", "title"]) == {"image_uris", "passthrough", "title"}

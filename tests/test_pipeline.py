@@ -289,9 +289,12 @@ def test_drop_media_policy_embeds_what_is_left(broken_catalog, tiny_text_dir, tm
     assert rows["missing-img"]["modalities"] == ["text"]
 
 
-def test_missing_catalog_is_a_clear_error(tmp_path, tiny_text_dir):
-    with pytest.raises(Exception, match="nothing-here"):
-        run(str(tmp_path / "nothing-here" / "*.parquet"), tmp_path, "none", tiny_text_dir)
+def test_missing_catalog_is_a_clear_error(tmp_path, tiny_text_dir, capsys):
+    argv = ["run", "--catalog", str(tmp_path / "nothing-here" / "*.parquet"), "--output", str(tmp_path),
+            "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", tiny_text_dir]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nothing-here" in err and "matches no file" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "LATEST")
 
 

@@ -155,8 +155,7 @@ def test_search_command_says_which_searcher(runs, capsys):
     assert "nprobe 2" in capsys.readouterr().out.splitlines()[0]
     assert cli.main(["search", "--run", runs["flat"], "--text", q, "--nprobe", "2"]) == 0
     assert "--nprobe ignored" in capsys.readouterr().out.splitlines()[0]
-    with pytest.raises(SystemExit):
-        cli.main(["search", "--run", runs["ivfpq"], "--text", q, "--nprobe", "0"])
+    assert cli.main(["search", "--run", runs["ivfpq"], "--text", q, "--nprobe", "0"]) == 2  # usage error
     assert "--nprobe must be >= 1" in capsys.readouterr().err
 
 
