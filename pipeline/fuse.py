@@ -16,6 +16,7 @@ from encoders.fusion import FusionConfig, FusionError, Layout, fuse
 from pipeline import faults, progress
 from pipeline.config import Route
 from pipeline.records import ItemFailure, MediaDigest, ModalityVector
+from pipeline.stage_metrics import StageTimer
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
 from schemas.embeddings import EmbeddingRecord
@@ -62,6 +63,7 @@ class _Fuse(beam.DoFn):
         self._embedded = Metrics.counter(NAMESPACE, "embedded")
         self._dead = Metrics.counter(NAMESPACE, "dead_letters")
         self._attention = None
+        self._timer = StageTimer("fuse")
 
     def setup(self):
         # the trained module is loaded in the worker (never pickled) and checked against the recorded sha256
@@ -72,6 +74,11 @@ class _Fuse(beam.DoFn):
         return beam.pvalue.TaggedOutput(DEAD, DeadLetter(item.item_id, stage, reason, detail, source or item.source))
 
     def process(self, element):
+        with self._timer.batch(1):  # outputs are collected first so the time excludes downstream steps
+            outputs = list(self._fuse(element))
+        yield from outputs
+
+    def _fuse(self, element):
         item_id, grouped = element
         items: list[CatalogItem] = list(grouped["item"])
         if len(items) != 1:

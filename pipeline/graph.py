@@ -60,7 +60,7 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         config.incremental, previous, metadata["model_fingerprint"], config.fetch, fetched_media)
     items = incremental["encode"]
 
-    vectors, failures, digests = [], [], []
+    vectors, failures, digests, thumbnails = [], [], [], []
     pixels = preprocess = None
     image_routes = [r for r in config.encode.routes if r.modality == "image"]
     if image_routes:
@@ -71,6 +71,7 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         pixels = fetched["pixels"]
         failures.append(fetched["failed"])
         digests.append(fetched["digests"])
+        thumbnails.append(fetched["thumbnails"])
     texts = items | "Texts" >> beam.FlatMap(_texts)
     payloads = {"text": texts, "image": pixels}
     transcripts = None
@@ -124,6 +125,7 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         "rows": read["rows"], "records": records, "dead": dead, "skipped": read["skipped"],
         "embedding_files": embedding_files, "dead_files": dead_files,
         "status": incremental["status"], "encoded": fused["records"],
+        "items": read["items"], "thumbnails": _flatten(p, "AllThumbnails", thumbnails),
     }
     if config.index.enabled:
         publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(
@@ -131,7 +133,8 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     manifest = publish_inputs | "Publish" >> Publish(
         config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata),
         max_failure_fraction=config.max_failure_fraction,
-        incremental_counts=functools.partial(incremental_counts, previous=previous, config=config.incremental))
+        incremental_counts=functools.partial(incremental_counts, previous=previous, config=config.incremental),
+        previous=previous)
     # after LATEST points at the new run: only then may older runs go
     output, keep = config.write.output, config.incremental.keep_runs
     _ = manifest | "Retention" >> beam.Map(lambda m: apply_retention(output, keep, run_dir))

@@ -14,6 +14,7 @@ from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
 from pipeline import progress
+from pipeline.stage_metrics import StageTimer
 from pipeline.config import ReadConfig
 from schemas.catalog import CatalogColumns, CatalogItem, InvalidRow, validate_row
 from schemas.dead_letter import DeadLetter, Reason, Skip, SkipReason, Stage
@@ -37,6 +38,7 @@ class _ReadRows(beam.DoFn):
     def __init__(self, config: ReadConfig, progress_interval_s: float):
         self._config, self._interval = config, progress_interval_s
         self._rows = Metrics.counter(NAMESPACE, "rows")
+        self._timer = StageTimer("read")
 
     def setup(self):
         progress.start(self._interval)
@@ -57,7 +59,9 @@ class _ReadRows(beam.DoFn):
         wanted = [c for c in dict.fromkeys(_wanted_columns(self._config.columns)) if c in present]
         row_number = 0
         for group in range(parquet.num_row_groups):
-            for row in parquet.read_row_group(group, columns=wanted).to_pylist():
+            with self._timer.batch(parquet.metadata.row_group(group).num_rows):
+                rows = parquet.read_row_group(group, columns=wanted).to_pylist()
+            for row in rows:
                 self._rows.inc()
                 progress.note("read")
                 yield f"{path}#{row_number}", base_uri, row

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import faults
+from pipeline.stage_metrics import StageTimer
 from schemas.dead_letter import DEAD_LETTER_SCHEMA, DeadLetter
 from schemas.embeddings import EmbeddingRecord, records_to_table
 
@@ -72,12 +73,14 @@ def dead_letters_to_table(rows: list[DeadLetter], schema: pa.Schema = DEAD_LETTE
 class _WriteShard(beam.DoFn):
     def __init__(self, directory: str, prefix: str, to_table: Callable, schema: pa.Schema):
         self._directory, self._prefix, self._to_table, self._schema = directory, prefix, to_table, schema
+        self._timer = StageTimer("write")
 
     def process(self, element, num_shards: int):
         shard, records = element
         records = sorted(records, key=lambda r: r.item_id)
         path = f"{self._directory}/{shard_name(self._prefix, shard, num_shards)}"
-        write_table_atomically(path, self._to_table(records, self._schema))
+        with self._timer.batch(len(records)):
+            write_table_atomically(path, self._to_table(records, self._schema))
         yield path
 
 
