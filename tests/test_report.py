@@ -238,3 +238,40 @@ def test_stage_timer_records_one_sample_per_batch_read_back_after_the_run():
     demo = stage_timings(result)["demo"]
     assert demo["batches"] == 2 and demo["items"] == 5 and demo["wall_s"] >= 0 and demo["cpu_s"] >= 0
     json.dumps(demo)
+
+
+def test_gallery_searches_the_runs_own_shards_and_shows_what_the_sample_kept(tmp_path):
+    from pipeline import indexing
+
+    rng = np.random.default_rng(2)
+    ids = [f"item-{j:02d}" for j in range(24)]
+    vectors = rng.normal(size=(24, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    (tmp_path / "index").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    params = indexing.choose_params(24, 8, 24)
+    trained = indexing.to_bytes(indexing.train_index(params, vectors))
+    files, shards = [], []
+    for shard, rows in enumerate((slice(0, 12), slice(12, 24))):
+        files.append(_shard(tmp_path / f"embeddings/part-{shard:05d}-of-00002.parquet", ids[rows], vectors[rows],
+                            ["h"] * 12))
+        index, faiss_ids = indexing.fill_shard(trained, vectors[rows], shard)
+        (tmp_path / f"index/shard-{shard:05d}.faiss").write_bytes(indexing.to_bytes(index))
+        pq.write_table(indexing.ids_table(faiss_ids, ids[rows]), tmp_path / f"index/ids-{shard:05d}.parquet")
+        shards.append({"shard": shard, "index": f"index/shard-{shard:05d}.faiss", "ids": f"index/ids-{shard:05d}.parquet"})
+    sample = report_sample.smallest([report_sample.sample_item(CatalogItem(i, title=f"title {i}")) for i in ids[:10]], 10)
+    jpeg = report_sample.make_thumbnail(Image.new("RGB", (40, 40), (0, 0, 255)))
+    thumbs = {i: jpeg for i in ids[:5]}
+    g = report_data.gallery(str(tmp_path), {"shards": shards, "metric": "ip", "recall": {}}, files, sample, thumbs, size=4)
+    assert [e["item_id"] for e in g["items"]] == [s.item_id for s in sample[:4]]
+    for entry in g["items"]:
+        q = ids.index(entry["item_id"])
+        exact = [ids[j] for j in np.argsort(-(vectors @ vectors[q]), kind="stable") if j != q][:5]
+        assert [n["item_id"] for n in entry["neighbours"]] == exact
+        scores = [n["score"] for n in entry["neighbours"]]
+        assert scores == sorted(scores, reverse=True)
+        for n in entry["neighbours"]:
+            assert ("thumbnail" in n) == (n["item_id"] in thumbs)
+            assert n["title"] == (f"title {n['item_id']}" if n["item_id"] in ids[:10] else None)
+            assert n["modalities"] == (["text"])
+    assert report_data.gallery(str(tmp_path), None, files, sample, thumbs)["items"] == []
