@@ -31,6 +31,16 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def fmt_bytes(value) -> str:
+    if value is None:
+        return ""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return ""
+
+
 def bar_chart(rows: Sequence[tuple[str, Sequence[float]]], series: Sequence[str] = ("",), width: int = 560,
               unit: str = "", colors: Sequence[str] = PALETTE, label_width: int = 150, title: str = "") -> str:
     """Horizontal bars: one group per row label, one bar per series value (values >= 0)."""
@@ -119,8 +129,10 @@ def line_chart(series: Sequence[dict], width: int = 560, height: int = 260, x_la
     y_lo = min(y_lo, min(p[1] for p in points))
     plot_w, plot_h = width - left - right, height - top - bottom
 
+    pad = 36  # keeps the first and last setting's label inside the frame
+
     def px(x: float) -> float:
-        return left + (tx(x) - x_lo) / (x_hi - x_lo) * plot_w
+        return left + pad + (tx(x) - x_lo) / (x_hi - x_lo) * (plot_w - 2 * pad)
 
     def py(y: float) -> float:
         return top + (1 - (y - y_lo) / ((y_hi - y_lo) or 1)) * plot_h

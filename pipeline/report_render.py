@@ -7,7 +7,7 @@ data the run did not record says so instead of disappearing.
 """
 from __future__ import annotations
 
-from pipeline.report_charts import PALETTE, bar_chart, esc, fmt, histogram_chart, line_chart
+from pipeline.report_charts import PALETTE, bar_chart, esc, fmt, fmt_bytes, histogram_chart, line_chart
 
 STAGE_ORDER = ("read", "incremental", "fetch_decode", "fetch_audio", "encode", "transcribe", "fuse", "write", "index",
                "publish")
@@ -175,10 +175,10 @@ def _coverage(manifest: dict) -> str:
     if not stats:
         return "".join(out) + _not_recorded("No statistics recorded.")
     n = max(stats["items"], 1)
-    coverage = bar_chart([(m, [c / n * 100]) for m, c in stats["modalities"].items()], unit="%",
-                         title="modality coverage")
+    coverage = bar_chart([(m, [c / n * 100]) for m, c in stats["modalities"].items()], unit="%", width=490,
+                         label_width=110, title="modality coverage")
     combos = bar_chart(sorted(((m, [c]) for m, c in stats["combinations"].items()), key=lambda r: -r[1][0]),
-                       colors=(PALETTE[2],), title="modality combinations")
+                       colors=(PALETTE[2],), width=490, label_width=150, title="modality combinations")
     out.append(f"<div class='charts'><div><h3>Items with each modality (of {stats['items']})</h3>{coverage}</div>"
                f"<div><h3>Modality combinations</h3>{combos}</div></div>")
     norm = stats["norm"]
@@ -258,18 +258,18 @@ def _index(manifest: dict) -> str:
             series.append({"name": "recall@1", "points": [(x, s["recall_at_1"], t) for x, t, s in points],
                            "color": PALETTE[1], "dashed": True})
         title = f"{esc(c.get('name'))} ({esc(c.get('family'))})" + (" &mdash; chosen" if is_chosen else "")
-        chart = line_chart(series, width=500, height=230, x_label="search setting", y_label="recall", target=target)
+        chart = line_chart(series, width=490, height=230, x_label="search setting", y_label="recall", target=target)
         charts.append(f"<div><h3>{title}</h3>{chart}</div>")
     out.append("<div class='charts'>" + "".join(charts) + "</div>" if charts
                else _not_recorded("No recall measured for any candidate."))
     rows = []
     for c in candidates:
         best = c.get("best_setting")
-        rows.append([c.get("name"), c.get("family"), c.get("bytes_per_vector"), fmt(c.get("memory_bytes")),
+        rows.append([c.get("name"), c.get("family"), c.get("bytes_per_vector"), fmt_bytes(c.get("memory_bytes")),
                      {True: "yes", False: "no"}.get(c.get("fits_budget"), ""), c.get("skipped_reason") or "",
                      fmt(c.get("train_seconds")), _setting(best.get("params", {}))[1] if isinstance(best, dict) else best or "",
                      {True: "yes", False: "no"}.get(c.get("meets_target"), "")])
-    out.append("<h3>Candidates</h3>" + _table(["candidate", "family", "bytes/vector", "memory bytes", "fits budget",
+    out.append("<h3>Candidates</h3>" + _table(["candidate", "family", "bytes/vector", "memory", "fits budget",
                                                "skipped", "train s", "best setting", "meets target"], rows, left=2))
     if chosen:
         out.append(f"<p>Chosen: <b>{esc(chosen.get('name'))}</b>, {esc(_setting(chosen.get('params') or {})[1])}: "
