@@ -34,7 +34,7 @@ def make_thumbnail(image: Image.Image, side: int = THUMB_SIDE, max_bytes: int = 
     small.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
     for quality in (80, 60, 40):
         buffer = io.BytesIO()
-        small.save(buffer, format="JPEG", quality=quality, optimize=True)
+        small.save(buffer, format="JPEG", quality=quality)
         if buffer.tell() <= max_bytes:
             return buffer.getvalue()
     return None
