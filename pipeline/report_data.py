@@ -11,11 +11,11 @@ most ``DRIFT_CAP`` changed items' vectors, chosen by smallest id hash.
 from __future__ import annotations
 
 import base64
-import io
 import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -35,7 +35,8 @@ THUMBNAIL_SCHEMA = pa.schema([("item_id", pa.string()), ("key", pa.int64()), ("c
 
 
 def _open_parquet(path: str) -> pq.ParquetFile:
-    return pq.ParquetFile(io.BytesIO(_read(path)))
+    """A seekable reader: only the column chunks asked for are read (local files and object stores alike)."""
+    return pq.ParquetFile(FileSystems.open(path, compression_type="uncompressed"))
 
 
 def _read(path: str) -> bytes:
@@ -115,10 +116,11 @@ def gallery(run_dir: str, index: dict | None, embedding_files: list[str], sample
     if not index or not index.get("shards"):
         return {"items": [], "note": "no index in this run (--index off)"}
     by_id = {s.item_id: s for s in sample}
-    rows = read_rows(embedding_files, set(by_id), ["vector", "modalities"])
-    queries = [s for s in sample if s.item_id in rows][:size]
+    embedded = read_rows(embedding_files, set(by_id), [])  # item ids only: the sample may hold dead-lettered items
+    queries = [s for s in sample if s.item_id in embedded][:size]
     if not queries:
         return {"items": [], "note": "no embedded items in the report sample"}
+    rows = read_rows(embedding_files, {q.item_id for q in queries}, ["vector", "modalities"])
     sharded, ids_by_shard = open_index(run_dir, index)
     nprobe = (index.get("recall") or {}).get("recommended_nprobe")
     vectors = np.stack([rows[q.item_id]["vector"] for q in queries]).astype(np.float32)
@@ -149,9 +151,10 @@ def histogram(values: np.ndarray, lo: float, hi: float, bins: int) -> dict:
 
 def vector_drift(previous_files: list[str], embedding_files: list[str], cap: int = DRIFT_CAP) -> dict:
     """Cosine between last run's and this run's vector for changed items (hash differs), at most ``cap``."""
-    now = read_columns(embedding_files, ["item_id", "content_hash"]).to_pylist()
-    before = {r["item_id"]: r["content_hash"] for r in read_columns(previous_files, ["item_id", "content_hash"]).to_pylist()}
-    changed = [r["item_id"] for r in now if r["item_id"] in before and before[r["item_id"]] != r["content_hash"]]
+    now = read_columns(embedding_files, ["item_id", "content_hash"])
+    before = read_columns(previous_files, ["item_id", "content_hash"]).rename_columns(["item_id", "previous_hash"])
+    both = now.join(before, "item_id", join_type="inner")  # in Arrow: no Python object per catalog row
+    changed = both.filter(pc.not_equal(both["content_hash"], both["previous_hash"])).column("item_id").to_pylist()
     picked = sorted(changed, key=lambda i: (sample_key(i), i))[:cap]
     if not picked:
         return {"changed": len(changed), "sampled": 0}
