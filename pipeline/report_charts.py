@@ -70,7 +70,7 @@ def bar_chart(rows: Sequence[tuple[str, Sequence[float]]], series: Sequence[str]
             parts.append(f'<rect x="{label_width}" y="{y}" width="{w:.1f}" height="{bar_h - 2}" fill="{color}">'
                          f'<title>{esc(label)}{": " + esc(series[i]) if series[i] else ""} {esc(fmt(value))}{esc(unit)}'
                          f'</title></rect><text x="{label_width + w + 4:.1f}" y="{y + bar_h - 4}">'
-                         f'{esc(fmt(value))}{esc(unit)}</text>')
+                         f'{esc(fmt(value))}{"" if value is None else esc(unit)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -102,9 +102,9 @@ def open_index(run_dir: str, index: dict) -> tuple[indexing.ShardedIndex, dict[i
 
 def _tile(item_id: str, sample: dict[str, SampleItem], thumbs: dict[str, bytes], rows: dict[str, dict]) -> dict:
     known = sample.get(item_id)
-    row = rows.get(item_id, {})
-    tile = {"item_id": item_id, "title": known.title if known else None,
-            "modalities": list(known.modalities if known else row.get("modalities") or [])}
+    # the modalities the vector was made from (the catalog item may have more, e.g. audio without a model)
+    modalities = rows.get(item_id, {}).get("modalities") or (known.modalities if known else [])
+    tile = {"item_id": item_id, "title": known.title if known else None, "modalities": list(modalities)}
     if item_id in thumbs:
         tile["thumbnail"] = _data_uri(thumbs[item_id])
     return tile
@@ -132,8 +132,7 @@ def gallery(run_dir: str, index: dict | None, embedding_files: list[str], sample
     for q, srow, rrow, frow, score_row in zip(queries, shard, row, faiss_ids, scores):
         hits = [(ids_by_shard[int(s)][int(r)], float(sc)) for s, r, f, sc in zip(srow, rrow, frow, score_row) if f >= 0]
         found.append([(item, sc) for item, sc in hits if item != q.item_id][:k])
-    outside = {item for hits in found for item, _ in hits if item not in by_id}
-    rows.update(read_rows(embedding_files, outside, ["modalities"]))
+    rows.update(read_rows(embedding_files, {item for hits in found for item, _ in hits} - set(rows), ["modalities"]))
     items = []
     for q, hits in zip(queries, found):
         entry = _tile(q.item_id, by_id, thumbs, rows)
