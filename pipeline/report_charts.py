@@ -26,6 +26,8 @@ def fmt(value: float) -> str:
         return f"{int(value):,}"
     if abs(value) >= 100:
         return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
     if abs(value) >= 1:
         return f"{value:.2f}"
     return f"{value:.3g}"
@@ -100,7 +102,7 @@ def histogram_chart(edges: Sequence[float], counts: Sequence[int], width: int = 
                          f'text-anchor="middle">{n}</text>')
     ticks = edges if len(edges) <= 11 else edges[:: max(1, len(edges) // 10)]
     for e in ticks:
-        parts.append(f'<text x="{px(e):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{esc(fmt(e))}</text>')
+        parts.append(f'<text x="{px(e):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{e:g}</text>')
     if marker is not None and lo <= marker <= hi:
         parts.append(f'<line x1="{px(marker):.1f}" x2="{px(marker):.1f}" y1="{top}" y2="{top + plot_h}" '
                      f'stroke="#c0392b" stroke-dasharray="4 3"/><text x="{px(marker) - 4:.1f}" y="{top + 10}" '

@@ -163,7 +163,7 @@ def _dead_letters(manifest: dict, data: dict) -> str:
     for reason, _ in rows:
         found = (examples or {}).get(reason) or []
         if found:
-            out.append(f"<h3>{esc(reason)} <span class='muted'>({dead[reason]} rows; first {len(found)} by item id)</span>"
+            out.append(f"<h3>{esc(reason)} <span class='muted'>({dead[reason]} {'row' if dead[reason] == 1 else 'rows'}; first {len(found)} by item id)</span>"
                        "</h3>" + _table(["item", "stage", "detail", "source"],
                                         [[e["item_id"], e["stage"], e["detail"], e["source"]] for e in found], left=4))
     return "".join(out)

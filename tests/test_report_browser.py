@@ -47,7 +47,7 @@ window.addEventListener('load', function () {
     undecoded: images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.alt; }),
     pwned: typeof window.pwned !== 'undefined',
     scripts: document.querySelectorAll('script').length,
-    evil_text_shown: document.body.textContent.indexOf('<script>window.pwned = 1</script>') >= 0,
+    evil_text_shown: document.body.textContent.indexOf('<script>window.pwned = 1<' + '/script>') >= 0,
     errors: window.__probe.errors
   };
   var out = document.createElement('pre');
