@@ -1,4 +1,5 @@
-"""Last stage: check the accounting, write report.html and manifest.json, then point LATEST at the run.
+"""Last stage: check the accounting, write the report (report/ and report.html) and manifest.json,
+then point LATEST at the run.
 
 Runs only after every shard is written (its side inputs are the written
 paths, and the index stage's result). The manifest is written last inside the
