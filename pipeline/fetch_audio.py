@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -17,6 +18,7 @@ from encoders.audio import AudioClip, AudioPolicy, decode_audio
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
 from pipeline import progress
 from pipeline.records import ItemFailure, MediaDigest
+from pipeline.stage_metrics import StageTimer
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
@@ -39,6 +41,7 @@ class _FetchAudio(beam.DoFn):
         self._ok = Metrics.counter(NAMESPACE, "clips")
         self._seconds = Metrics.counter(NAMESPACE, "audio_ms")
         self._failed = Metrics.counter(NAMESPACE, "failed")
+        self._timer = StageTimer("fetch_audio")
         self._pool = None
 
     def setup(self):
@@ -57,9 +60,17 @@ class _FetchAudio(beam.DoFn):
         except Exception as e:  # noqa: BLE001 - a bug in one decode must not fail the batch
             return MediaError(Reason.DECODE_FAILED, f"{type(e).__name__}: {e}")
 
+    def _timed(self, uri: str):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        result = self._one(uri)
+        return result, time.perf_counter() - wall, time.thread_time() - cpu
+
     def process(self, items: list[CatalogItem]):
         jobs = [(item, resolve_uri(item.audio_uri, item.base_uri)) for item in items]
-        for (item, uri), result in zip(jobs, self._pool.map(lambda job: self._one(job[1]), jobs)):
+        timed = list(self._pool.map(lambda job: self._timed(job[1]), jobs))
+        # pool threads' time summed per batch, recorded here: Beam's metric containers are per thread
+        self._timer.record(sum(t[1] for t in timed), sum(t[2] for t in timed), len(items))
+        for (item, uri), (result, _, _) in zip(jobs, timed):
             if isinstance(result, MediaError):
                 self._failed.inc()
                 stage = Stage.DECODE if result.reason in _DECODE_REASONS else Stage.FETCH
