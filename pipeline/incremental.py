@@ -31,6 +31,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import logging
+import time
 
 import apache_beam as beam
 import numpy as np
@@ -40,6 +41,7 @@ from apache_beam.metrics import Metrics
 
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
 from pipeline.records import MediaDigest
+from pipeline.stage_metrics import StageTimer
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason
 from schemas.embeddings import EmbeddingRecord
@@ -274,6 +276,7 @@ class _Decide(beam.DoFn):
             model_fingerprint, mode, policy, hash_new, threads)
         self._media = media
         self._counters = {s: Metrics.counter(NAMESPACE, s) for s in STATUSES}
+        self._timer = StageTimer("incremental")
         self._pool = None
 
     def setup(self):
@@ -294,8 +297,15 @@ class _Decide(beam.DoFn):
             return None
         return hash_item(item, self._fp, self._mode, self._policy, self._media)
 
+    def _timed_hash(self, pair):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        return self._hash(pair), time.perf_counter() - wall, time.thread_time() - cpu
+
     def process(self, pairs: list):
-        for (item, previous), current_hash in zip(pairs, self._pool.map(self._hash, pairs)):
+        timed = list(self._pool.map(self._timed_hash, pairs))
+        # the pool threads' hashing time per batch, recorded here: Beam's metric containers are per thread
+        self._timer.record(sum(t[1] for t in timed), sum(t[2] for t in timed), len(pairs))
+        for (item, previous), (current_hash, _, _) in zip(pairs, timed):
             status = classify(item, previous, current_hash, self._fp)
             self._counters[status].inc()
             yield beam.pvalue.TaggedOutput(STATUS, status)
