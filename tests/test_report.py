@@ -275,3 +275,26 @@ def test_gallery_searches_the_runs_own_shards_and_shows_what_the_sample_kept(tmp
             assert n["title"] == (f"title {n['item_id']}" if n["item_id"] in ids[:10] else None)
             assert n["modalities"] == (["text"])
     assert report_data.gallery(str(tmp_path), None, files, sample, thumbs)["items"] == []
+
+
+def test_timings_added_after_the_run_rerender_the_report_and_keep_the_manifest_true(tmp_path):
+    import hashlib
+
+    from pipeline.publish import MANIFEST, add_timings, file_entry, write_report_files
+
+    run_dir = str(tmp_path)
+    manifest = _base_manifest()
+    paths = write_report_files(run_dir, manifest, _data())
+    manifest["files"] = [file_entry(p, run_dir) for p in paths]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    before = (tmp_path / "report.html").read_text()
+    assert "Timings not recorded" in before
+    updated = add_timings(run_dir, TIMINGS)
+    after = (tmp_path / "report.html").read_bytes()
+    assert b"Where the time went" in after and b"Timings not recorded" not in after and b"encoders busy" in after
+    on_disk = json.loads((tmp_path / MANIFEST).read_text())
+    assert on_disk == updated and on_disk["timings"] == TIMINGS
+    for entry in on_disk["files"]:
+        data = (tmp_path / entry["path"]).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert {e["path"] for e in on_disk["files"]} == {"report/data.json", "report.html"}
