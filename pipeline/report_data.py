@@ -107,6 +107,8 @@ def _tile(item_id: str, sample: dict[str, SampleItem], thumbs: dict[str, bytes],
     tile = {"item_id": item_id, "title": known.title if known else None, "modalities": list(modalities)}
     if item_id in thumbs:
         tile["thumbnail"] = _data_uri(thumbs[item_id])
+    elif known is not None and known.text:
+        tile["text"] = known.text
     return tile
 
 

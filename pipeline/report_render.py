@@ -125,8 +125,8 @@ def _card(tile: dict, query: bool = False) -> str:
     title = tile.get("title")
     if tile.get("thumbnail"):
         media = f"<img src=\"{esc(tile['thumbnail'])}\" alt=\"{esc(title or tile['item_id'])}\" class='thumb'>"
-    elif title:
-        media = f"<div class='text'>{esc(title)}</div>"
+    elif tile.get("text") or title:
+        media = f"<div class='text'>{esc(tile.get('text') or title)}</div>"
     else:
         media = "<div class='text muted'>(not in the report sample: no title or thumbnail kept)</div>"
     badges = "".join(f"<span class='badge'>{esc(m)}</span>" for m in tile.get("modalities", []))

@@ -21,6 +21,7 @@ SAMPLE_SIZE = 512  # items kept in the report sample (thumbnails are made for at
 THUMB_SIDE = 96  # longest side of a thumbnail, pixels
 THUMB_MAX_BYTES = 16_000  # a thumbnail larger than this is re-encoded smaller, then dropped
 TITLE_CHARS = 160
+TEXT_CHARS = 300  # what a photo-less item shows in its tile
 
 
 def sample_key(item_id: str) -> int:
@@ -72,20 +73,24 @@ class LocalBound:
 
 @dataclasses.dataclass(frozen=True)
 class SampleItem:
-    """What the gallery shows of one item (title cut to ``TITLE_CHARS``)."""
+    """What the gallery shows of one item: its title, and its text for items without a photo (each cut)."""
 
     key: int
     item_id: str
     title: str
     modalities: tuple[str, ...]
+    text: str = ""
+
+
+def _cut(text: str | None, chars: int) -> str:
+    text = text or ""
+    return text if len(text) <= chars else text[: chars - 1] + "\u2026"
 
 
 def sample_item(item) -> SampleItem:
     """A catalog item's sample entry."""
-    text = item.title or item.text or ""
-    if len(text) > TITLE_CHARS:
-        text = text[: TITLE_CHARS - 1] + "\u2026"
-    return SampleItem(sample_key(item.item_id), item.item_id, text, tuple(sorted(item.modalities)))
+    return SampleItem(sample_key(item.item_id), item.item_id, _cut(item.title or item.text, TITLE_CHARS),
+                      tuple(sorted(item.modalities)), _cut(item.text, TEXT_CHARS))
 
 
 def smallest(entries, size: int) -> list:

@@ -272,6 +272,7 @@ def test_gallery_searches_the_runs_own_shards_and_shows_what_the_sample_kept(tmp
         assert scores == sorted(scores, reverse=True)
         for n in entry["neighbours"]:
             assert ("thumbnail" in n) == (n["item_id"] in thumbs)
+            assert n.get("text") == (f"title {n['item_id']}" if n["item_id"] in ids[5:10] else None)  # photo-less
             assert n["title"] == (f"title {n['item_id']}" if n["item_id"] in ids[:10] else None)
             assert n["modalities"] == (["text"])
     assert report_data.gallery(str(tmp_path), None, files, sample, thumbs)["items"] == []
