@@ -1,9 +1,10 @@
 """Benchmark: what the run report costs (issue 16): the fetch stage's thumbnail hook, and gathering + rendering.
 
-1. Thumbnail hook, per catalog item: ``LocalBound.offer`` for every item
+1. Thumbnail hook and sample, per catalog item: ``LocalBound.offer`` for every item
    (one blake2b hash and a heap compare), plus ``make_thumbnail`` for the
    few items that can still be in the sample, set against the bare decode
-   of the same photos (``decode_image``), which the fetch stage pays anyway.
+   of the same photos (``decode_image``), which the fetch stage pays anyway;
+   and the publish stage's sample combiner over every catalog item.
 2. Report gathering + rendering on a synthetic published run of N vectors
    (sharded, flat index), with a previous run in which 1% changed and
    ``--dead`` dead-letter rows: the gallery search, dead-letter examples,
@@ -34,6 +35,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench._report import median_seconds, write_heading_section  # noqa: E402
 from encoders.media import decode_image  # noqa: E402
 from pipeline import indexing, report, report_data, report_sample  # noqa: E402
+from pipeline.publish import SmallestSample  # noqa: E402
 from pipeline.write import dead_letters_to_table  # noqa: E402
 from schemas.catalog import CatalogItem  # noqa: E402
 from schemas.dead_letter import DeadLetter, Reason, Stage  # noqa: E402
@@ -51,8 +53,18 @@ def hook_figures(items: int, repeats: int) -> dict:
         offer_all.made = sum(bound.offer(i) for i in ids)
 
     offer_us = median_seconds(offer_all, repeats) / items * 1e6
+    catalog = [CatalogItem(i, title=f"title of {i}", description="a description " * 8) for i in ids]
+    combine = SmallestSample()
+
+    def sample_all():
+        acc = combine.create_accumulator()
+        for item in catalog:
+            acc = combine.add_input(acc, item)
+        combine.extract_output(acc)
+
+    sample_us = median_seconds(sample_all, repeats) / items * 1e6
     per_item_us = offer_us + offer_all.made / items * thumb_ms * 1e3
-    return {"photos": len(photos), "decode_ms": decode_ms, "thumb_ms": thumb_ms, "offer_us": offer_us,
+    return {"photos": len(photos), "decode_ms": decode_ms, "sample_us": sample_us, "thumb_ms": thumb_ms, "offer_us": offer_us,
             "thumbnails_made": offer_all.made, "per_item_us": per_item_us,
             "share_of_decode": per_item_us / (decode_ms * 1e3)}
 
@@ -166,7 +178,9 @@ def main(argv=None) -> None:
         f"| `LocalBound.offer` per item | {hook['offer_us']:.2f} µs |\n"
         f"| thumbnails made for {args.items:,} items (sample of {report_sample.SAMPLE_SIZE}) | {hook['thumbnails_made']:,} |\n"
         f"| hook cost per item (offer + thumbnails made / items) | {hook['per_item_us']:.2f} µs "
-        f"({hook['share_of_decode']:.2%} of the bare decode) |\n\n"
+        f"({hook['share_of_decode']:.2%} of the bare decode) |\n"
+        f"| report sample combiner (`SmallestSample.add_input`, every catalog item, in publish) | "
+        f"{hook['sample_us']:.2f} µs per item |\n\n"
         f"**Gathering the report's data** on a synthetic run of {args.items:,} vectors (dim {args.dim}, "
         f"{args.shards} shards, flat index), {gather['changed']:,} changed since the previous run, "
         f"{args.dead:,} dead letters:\n\n"

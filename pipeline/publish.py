@@ -220,20 +220,30 @@ class SmallestSample(beam.CombineFn):
     def __init__(self, size: int = report_sample.SAMPLE_SIZE):
         self._size = size
 
+    # accumulator: [bound, elements]; once pruned to ``size``, an element whose key is above the
+    # bound cannot be in the sample, so a catalog item costs one hash, not a SampleItem
+
     def create_accumulator(self):
-        return []
+        return [None, []]
+
+    def _prune(self, elements: list) -> list:
+        kept = report_sample.smallest(elements, self._size)
+        return [kept[-1].key if len(kept) == self._size else None, kept]
 
     def add_input(self, acc, element):
-        if not isinstance(element, (report_sample.SampleItem, report_sample.Thumbnail)):
-            element = report_sample.sample_item(element)  # a CatalogItem
-        acc.append(element)
-        return report_sample.smallest(acc, self._size) if len(acc) >= 2 * self._size else acc
+        bound, elements = acc
+        is_item = not isinstance(element, (report_sample.SampleItem, report_sample.Thumbnail))
+        key = report_sample.sample_key(element.item_id) if is_item else element.key
+        if bound is not None and key > bound:
+            return acc
+        elements.append(report_sample.sample_item(element) if is_item else element)  # a CatalogItem
+        return self._prune(elements) if len(elements) >= 2 * self._size else acc
 
     def merge_accumulators(self, accs):
-        return report_sample.smallest([e for acc in accs for e in acc], self._size)
+        return self._prune([e for _, elements in accs for e in elements])
 
     def extract_output(self, acc):
-        return report_sample.smallest(acc, self._size)
+        return report_sample.smallest(acc[1], self._size)
 
 
 class Publish(beam.PTransform):
