@@ -26,6 +26,7 @@ from schemas.embeddings import vectors_of
 GALLERY_ITEMS = 8
 NEIGHBOURS = 5
 EXAMPLES_PER_REASON = 5
+DETAIL_CHARS = 400  # an example's detail or source is cut here (the Parquet keeps 2000)
 DRIFT_CAP = 10_000
 DRIFT_BINS = 20
 THUMBNAILS = "report/thumbnails.parquet"
@@ -75,6 +76,10 @@ def read_rows(paths: list[str], item_ids: set[str], columns: list[str]) -> dict[
     return out
 
 
+def _cut(text: str | None, chars: int = DETAIL_CHARS) -> str | None:
+    return text if text is None or len(text) <= chars else text[: chars - 1] + "\u2026"
+
+
 def dead_letter_examples(paths: list[str], per_reason: int = EXAMPLES_PER_REASON) -> dict[str, list[dict]]:
     """Up to ``per_reason`` dead-letter rows per reason code (smallest item ids first, so reruns agree)."""
     table = read_columns(paths, ["item_id", "stage", "reason", "detail", "source"])
@@ -82,7 +87,7 @@ def dead_letter_examples(paths: list[str], per_reason: int = EXAMPLES_PER_REASON
     for row in sorted(table.to_pylist(), key=lambda r: (r["reason"], r["item_id"] or "")):
         examples = by_reason.setdefault(row["reason"], [])
         if len(examples) < per_reason:
-            examples.append({k: row[k] for k in ("item_id", "stage", "detail", "source")})
+            examples.append({k: _cut(row[k]) for k in ("item_id", "stage", "detail", "source")})
     return by_reason
 
 
