@@ -222,6 +222,13 @@ def _setting(params: dict) -> tuple[float, str]:
     return float(value), f"{name} {value}"
 
 
+def _best(best) -> str:
+    """A candidate's best setting: a setting ({"params": ...}), bare params, or nothing."""
+    if not isinstance(best, dict):
+        return "" if best is None else str(best)
+    return _setting(best.get("params", best) if isinstance(best.get("params", best), dict) else {})[1]
+
+
 def _index(manifest: dict) -> str:
     index = manifest.get("index")
     out = ["<h2>Index</h2>"]
@@ -267,7 +274,7 @@ def _index(manifest: dict) -> str:
         best = c.get("best_setting")
         rows.append([c.get("name"), c.get("family"), c.get("bytes_per_vector"), fmt_bytes(c.get("memory_bytes")),
                      {True: "yes", False: "no"}.get(c.get("fits_budget"), ""), c.get("skipped_reason") or "",
-                     fmt(c.get("train_seconds")), _setting(best.get("params", {}))[1] if isinstance(best, dict) else best or "",
+                     fmt(c.get("train_seconds")), _best(best),
                      {True: "yes", False: "no"}.get(c.get("meets_target"), "")])
     out.append("<h3>Candidates</h3>" + _table(["candidate", "family", "bytes/vector", "memory", "fits budget",
                                                "skipped", "train s", "best setting", "meets target"], rows, left=2))
