@@ -103,6 +103,13 @@ def test_report_renders_in_chromium_with_every_thumbnail_decoded_and_no_script_r
     assert "<script" not in page.lower()
     manifest = json.loads((incremental_report / "manifest.json").read_text())
     assert manifest["counts"]["incremental"]["changed"] == 3 and manifest["timings"]["stages"]
+    # night 2 fetched only new and changed items' photos: reused items' thumbnails were carried from night 1
+    data = json.loads((incremental_report / "report" / "data.json").read_text())
+    tiles = [t for item in data["gallery"]["items"] for t in [item, *item["neighbours"]]]
+    with_photo = [t for t in tiles if "image" in t["modalities"]]
+    assert with_photo and all("thumbnail" in t for t in with_photo), [t["item_id"] for t in with_photo]
+    assert any(t["item_id"] not in ("sku-0002", "sku-0003", "sku-0005", "sku-new") for t in with_photo)
+    assert data["drift"]["changed"] == 3 and sum(data["drift"]["histogram"]["counts"]) == 3
 
     shot = tmp_path / "report.png"
     plain = _chromium(f"--screenshot={shot}", "--window-size=1200,6000", "--hide-scrollbars",
