@@ -102,7 +102,11 @@ def test_report_renders_in_chromium_with_every_thumbnail_decoded_and_no_script_r
     page = (incremental_report / "report.html").read_text()
     assert "<script" not in page.lower()
     manifest = json.loads((incremental_report / "manifest.json").read_text())
-    assert manifest["counts"]["incremental"]["changed"] == 3 and manifest["timings"]["stages"]
+    assert manifest["counts"]["incremental"]["changed"] == 3
+    timings = manifest["timings"]  # from the finished pipeline's Beam metrics
+    assert {"read", "incremental", "fetch_decode", "encode", "fuse", "write", "index", "publish"} <= set(timings["stages"])
+    assert timings["stages"]["read"]["items"] == manifest["counts"]["input_rows"] == 39 and timings["stages"]["encode"]["items"] > 0
+    assert 0 < timings["encoder_busy_share"] < 1 and set(timings["encoders"]) == {"text", "image"}
     # night 2 fetched only new and changed items' photos: reused items' thumbnails were carried from night 1
     data = json.loads((incremental_report / "report" / "data.json").read_text())
     tiles = [t for item in data["gallery"]["items"] for t in [item, *item["neighbours"]]]
