@@ -226,7 +226,8 @@ def _best(best) -> str:
     """A candidate's best setting: a setting ({"params": ...}), bare params, or nothing."""
     if not isinstance(best, dict):
         return "" if best is None else str(best)
-    return _setting(best.get("params", best) if isinstance(best.get("params", best), dict) else {})[1]
+    params = best.get("params", best)
+    return _setting(params if isinstance(params, dict) else {})[1]
 
 
 def _index(manifest: dict) -> str:
@@ -251,12 +252,16 @@ def _index(manifest: dict) -> str:
                    f"({'held out from training' if recall.get('held_out') else 'also used in training'}) against "
                    f"{esc(recall.get('ground_truth'))}.</p>")
     charts = []
-    for n, c in enumerate(candidates):
+    for c in candidates:
         measured = [s for s in c.get("settings") or [] if s.get("recall_at_10") is not None]
         if not measured:
             continue
+        # one curve per candidate: on the held-out queries when measured there, else on the recall queries
+        query_sets = {s.get("query_set") for s in measured}
+        query_set = "held_out" if "held_out" in query_sets else sorted(query_sets, key=str)[0]
+        measured = [s for s in measured if s.get("query_set") == query_set]
         is_chosen = chosen is not None and chosen.get("name") == c.get("name")
-        points = sorted((*_setting(s["params"]), s) for s in measured)
+        points = sorted(((*_setting(s["params"]), s) for s in measured), key=lambda p: (p[0], p[1]))
         marked = next((i for i, (_, _, s) in enumerate(points) if s["params"] == chosen.get("params")), None) \
             if is_chosen else None
         series = [{"name": "recall@10", "points": [(x, s["recall_at_10"], t) for x, t, s in points], "marked": marked,
@@ -264,7 +269,8 @@ def _index(manifest: dict) -> str:
         if all(s.get("recall_at_1") is not None for _, _, s in points):
             series.append({"name": "recall@1", "points": [(x, s["recall_at_1"], t) for x, t, s in points],
                            "color": PALETTE[1], "dashed": True})
-        title = f"{esc(c.get('name'))} ({esc(c.get('family'))})" + (" &mdash; chosen" if is_chosen else "")
+        title = (f"{esc(c.get('name'))} ({esc(c.get('family'))})" + (" &mdash; chosen" if is_chosen else "")
+                 + (f" <span class='muted'>({esc(query_set)} queries)</span>" if query_set else ""))
         chart = line_chart(series, width=490, height=230, x_label="search setting", y_label="recall", target=target)
         charts.append(f"<div><h3>{title}</h3>{chart}</div>")
     out.append("<div class='charts'>" + "".join(charts) + "</div>" if charts

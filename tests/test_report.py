@@ -56,8 +56,10 @@ CANDIDATES = [
                    "ms_per_query_batch": 0.1, "ms_single_p50": 0.2} for e, r in ((16, 0.8), (32, 0.95), (64, 0.99))]},
     {"name": "IVF16,PQ8", "family": "ivfpq", "bytes_per_vector": 8, "memory_bytes": 80, "fits_budget": True,
      "skipped_reason": None, "train_seconds": 0.3, "meets_target": False, "best_setting": None,
-     "settings": [{"params": {"nprobe": n}, "query_set": "held_out", "recall_at_10": r, "recall_at_1": None,
-                   "ms_per_query_batch": 0.1, "ms_single_p50": 0.2} for n, r in ((1, 0.4), (4, 0.7))]},
+     # measured on both query sets: the curve shows the held-out one
+     "settings": [{"params": {"nprobe": n}, "query_set": q, "recall_at_10": r, "recall_at_1": None,
+                   "ms_per_query_batch": 0.1, "ms_single_p50": 0.2}
+                  for n, r in ((1, 0.4), (4, 0.7)) for q in ("held_out", "recall_queries")]},
     {"name": "Flat", "family": "flat", "bytes_per_vector": 16, "memory_bytes": 10 ** 12, "fits_budget": False,
      "skipped_reason": "over the memory budget " + EVIL, "settings": []},
 ]
@@ -108,6 +110,7 @@ def test_every_section_renders_from_a_full_manifest_and_catalog_text_stays_text(
     assert "encoders busy <b>40%</b>" in page
     # a chart per measured candidate, the chosen one marked on its own curve; the skipped one in the table
     assert page.count("<polyline") == 3  # HNSW recall@10 and @1, IVF recall@10 (no @1 measured), none for Flat
+    assert sorted(len(p.split()) for p in re.findall(r'<polyline points="([^"]*)"', page)) == [2, 3, 3]
     assert page.count(">chosen</text>") == 1 and "HNSW32 (hnsw) &mdash; chosen" in page
     assert "over the memory budget &lt;script&gt;" in page
     assert page.count("<img ") == 2 and "text only" in page and "not in the report sample" in page
