@@ -64,7 +64,8 @@ def hook_figures(items: int, repeats: int) -> dict:
 
     sample_us = median_seconds(sample_all, repeats) / items * 1e6
     per_item_us = offer_us + offer_all.made / items * thumb_ms * 1e3
-    return {"photos": len(photos), "decode_ms": decode_ms, "sample_us": sample_us, "thumb_ms": thumb_ms, "offer_us": offer_us,
+    return {"photos": len(photos), "decode_ms": decode_ms, "sample_us": sample_us, "thumb_ms": thumb_ms,
+            "offer_us": offer_us,
             "thumbnails_made": offer_all.made, "per_item_us": per_item_us,
             "share_of_decode": per_item_us / (decode_ms * 1e3)}
 
@@ -173,10 +174,12 @@ def main(argv=None) -> None:
         f"medians of {args.repeats}.\n\n"
         "**Thumbnail hook in the fetch stage** (per catalog item, one worker seeing every item):\n\n"
         "| what | figure |\n|---|---|\n"
-        f"| bare decode of a sample photo (`decode_image`, {hook['photos']} photos, up to 320 px) | {hook['decode_ms']:.2f} ms |\n"
+        f"| bare decode of a sample photo (`decode_image`, {hook['photos']} photos, up to 320 px) | "
+        f"{hook['decode_ms']:.2f} ms |\n"
         f"| `make_thumbnail` of a decoded photo (96 px JPEG) | {hook['thumb_ms']:.2f} ms |\n"
         f"| `LocalBound.offer` per item | {hook['offer_us']:.2f} µs |\n"
-        f"| thumbnails made for {args.items:,} items (sample of {report_sample.SAMPLE_SIZE}) | {hook['thumbnails_made']:,} |\n"
+        f"| thumbnails made for {args.items:,} items (sample of {report_sample.SAMPLE_SIZE}) | "
+        f"{hook['thumbnails_made']:,} |\n"
         f"| hook cost per item (offer + thumbnails made / items) | {hook['per_item_us']:.2f} µs "
         f"({hook['share_of_decode']:.2%} of the bare decode) |\n"
         f"| report sample combiner (`SmallestSample.add_input`, every catalog item, in publish) | "

@@ -45,7 +45,8 @@ def run_timings(result, run_wall_s: float) -> dict:
             entry["wall_s"] += _value(dist).sum / 1e6
             entry["batches"] += _value(dist).count
     encoded = sum(int(_value(c) or 0) for c in found["counters"]
-                  if c.key.metric.namespace.startswith(ENCODE_NAMESPACE_PREFIX) and c.key.metric.name in ("encoded", "failed"))
+                  if c.key.metric.namespace.startswith(ENCODE_NAMESPACE_PREFIX)
+                  and c.key.metric.name in ("encoded", "failed"))
     encoder_wall = sum(e["wall_s"] for e in encoders.values())
     if encoders and "encode" not in stages:
         stages["encode"] = {"wall_s": encoder_wall, "cpu_s": None, "items": encoded,

@@ -149,7 +149,8 @@ class _FetchImages(beam.DoFn):
 
 
 class FetchImages(beam.PTransform):
-    """CatalogItem -> {pixels, digests, failed, thumbnails (the report sample's)}; items without images pass through untouched."""
+    """CatalogItem -> {pixels, digests, failed, thumbnails (the report sample's)}; items without images
+    pass through untouched."""
 
     def __init__(self, policy: FetchPolicy, preprocess: ImagePreprocess, threads: int = 8,
                  progress_interval_s: float = 0.0, decode: bool = True, batch: int = 64):

@@ -110,10 +110,14 @@ def _tile(item_id: str, sample: dict[str, SampleItem], thumbs: dict[str, bytes],
     # the modalities the vector was made from (the catalog item may have more, e.g. audio without a model)
     modalities = rows.get(item_id, {}).get("modalities") or (known.modalities if known else [])
     tile = {"item_id": item_id, "title": known.title if known else None, "modalities": list(modalities)}
+    transcript = rows.get(item_id, {}).get("transcript")
     if item_id in thumbs:
         tile["thumbnail"] = _data_uri(thumbs[item_id])
     elif known is not None and known.text:
         tile["text"] = known.text
+    elif transcript:  # an audio-only item: what its speech said
+        tile["text"] = "\U0001f50a " + _cut(transcript, 300)
+    tile["sampled"] = known is not None
     return tile
 
 
@@ -127,7 +131,7 @@ def gallery(run_dir: str, index: dict | None, embedding_files: list[str], sample
     queries = [s for s in sample if s.item_id in embedded][:size]
     if not queries:
         return {"items": [], "note": "no embedded items in the report sample"}
-    rows = read_rows(embedding_files, {q.item_id for q in queries}, ["vector", "modalities"])
+    rows = read_rows(embedding_files, {q.item_id for q in queries}, ["vector", "modalities", "transcript"])
     sharded, ids_by_shard = open_index(run_dir, index)
     nprobe = (index.get("recall") or {}).get("recommended_nprobe")
     vectors = np.stack([rows[q.item_id]["vector"] for q in queries]).astype(np.float32)
@@ -139,7 +143,8 @@ def gallery(run_dir: str, index: dict | None, embedding_files: list[str], sample
     for q, srow, rrow, frow, score_row in zip(queries, shard, row, faiss_ids, scores):
         hits = [(ids_by_shard[int(s)][int(r)], float(sc)) for s, r, f, sc in zip(srow, rrow, frow, score_row) if f >= 0]
         found.append([(item, sc) for item, sc in hits if item != q.item_id][:k])
-    rows.update(read_rows(embedding_files, {item for hits in found for item, _ in hits} - set(rows), ["modalities"]))
+    rows.update(read_rows(embedding_files, {item for hits in found for item, _ in hits} - set(rows),
+                          ["modalities", "transcript"]))
     items = []
     for q, hits in zip(queries, found):
         entry = _tile(q.item_id, by_id, thumbs, rows)
@@ -170,7 +175,8 @@ def vector_drift(previous_files: list[str], embedding_files: list[str], cap: int
     a = np.stack([p[0] for p in pairs]).astype(np.float64)
     b = np.stack([p[1] for p in pairs]).astype(np.float64)
     cos = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    lo = max(-1.0, min(0.0, math.floor(float(cos.min()) * 10) / 10))  # from 0 (lower, in tenths, if any cosine is negative) to 1
+    # bins from 0 to 1, or from the tenth below the lowest cosine when one is negative
+    lo = max(-1.0, min(0.0, math.floor(float(cos.min()) * 10) / 10))
     return {"changed": len(changed), "sampled": len(pairs), "min": round(float(cos.min()), 4),
             "median": round(float(np.median(cos)), 4), "max": round(float(cos.max()), 4),
             "histogram": histogram(cos, lo, 1.0, DRIFT_BINS)}

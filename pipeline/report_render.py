@@ -127,6 +127,8 @@ def _card(tile: dict, query: bool = False) -> str:
         media = f"<img src=\"{esc(tile['thumbnail'])}\" alt=\"{esc(title or tile['item_id'])}\" class='thumb'>"
     elif tile.get("text") or title:
         media = f"<div class='text'>{esc(tile.get('text') or title)}</div>"
+    elif tile.get("sampled", True):
+        media = f"<div class='text muted'>({esc(', '.join(tile.get('modalities', [])) or 'no content')} only)</div>"
     else:
         media = "<div class='text muted'>(not in the report sample: no title or thumbnail kept)</div>"
     badges = "".join(f"<span class='badge'>{esc(m)}</span>" for m in tile.get("modalities", []))
@@ -163,7 +165,8 @@ def _dead_letters(manifest: dict, data: dict) -> str:
     for reason, _ in rows:
         found = (examples or {}).get(reason) or []
         if found:
-            out.append(f"<h3>{esc(reason)} <span class='muted'>({dead[reason]} {'row' if dead[reason] == 1 else 'rows'}; first {len(found)} by item id)</span>"
+            rows_text = f"{dead[reason]} {'row' if dead[reason] == 1 else 'rows'}; first {len(found)} by item id"
+            out.append(f"<h3>{esc(reason)} <span class='muted'>({rows_text})</span>"
                        "</h3>" + _table(["item", "stage", "detail", "source"],
                                         [[e["item_id"], e["stage"], e["detail"], e["source"]] for e in found], left=4))
     return "".join(out)

@@ -46,6 +46,10 @@ class StageTimer:
             self.record(time.perf_counter() - wall, time.thread_time() - cpu, items)
 
 
+def _empty() -> dict:
+    return {"wall_s": 0.0, "cpu_s": 0.0, "batches": 0, "items": 0}
+
+
 def _value(metric):
     return metric.committed if metric.committed is not None else metric.attempted
 
@@ -63,13 +67,13 @@ def stage_timings(result) -> dict[str, dict]:
         value = _value(dist)
         if value is None:
             continue
-        entry = out.setdefault(namespace[len(STAGE_NAMESPACE_PREFIX):], {"wall_s": 0.0, "cpu_s": 0.0, "batches": 0, "items": 0})
+        entry = out.setdefault(namespace[len(STAGE_NAMESPACE_PREFIX):], _empty())
         entry["wall_s" if name == WALL_US else "cpu_s"] += value.sum / 1e6
         if name == WALL_US:
             entry["batches"] += value.count
     for counter in found["counters"]:
         namespace = counter.key.metric.namespace
         if namespace.startswith(STAGE_NAMESPACE_PREFIX) and counter.key.metric.name == ITEMS:
-            entry = out.setdefault(namespace[len(STAGE_NAMESPACE_PREFIX):], {"wall_s": 0.0, "cpu_s": 0.0, "batches": 0, "items": 0})
+            entry = out.setdefault(namespace[len(STAGE_NAMESPACE_PREFIX):], _empty())
             entry["items"] += int(_value(counter) or 0)
     return out

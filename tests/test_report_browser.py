@@ -44,7 +44,8 @@ window.addEventListener('load', function () {
   var images = Array.from(document.querySelectorAll('img.thumb'));
   var result = {
     images: images.length,
-    undecoded: images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.alt; }),
+    undecoded: images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+                     .map(function (i) { return i.alt; }),
     pwned: typeof window.pwned !== 'undefined',
     scripts: document.querySelectorAll('script').length,
     evil_text_shown: document.body.textContent.indexOf('<script>window.pwned = 1<' + '/script>') >= 0,
@@ -105,7 +106,8 @@ def test_report_renders_in_chromium_with_every_thumbnail_decoded_and_no_script_r
     assert manifest["counts"]["incremental"]["changed"] == 3
     timings = manifest["timings"]  # from the finished pipeline's Beam metrics
     assert {"read", "incremental", "fetch_decode", "encode", "fuse", "write", "index", "publish"} <= set(timings["stages"])
-    assert timings["stages"]["read"]["items"] == manifest["counts"]["input_rows"] == 39 and timings["stages"]["encode"]["items"] > 0
+    assert timings["stages"]["read"]["items"] == manifest["counts"]["input_rows"] == 39
+    assert timings["stages"]["encode"]["items"] > 0
     assert 0 < timings["encoder_busy_share"] < 1 and set(timings["encoders"]) == {"text", "image"}
     # night 2 fetched only new and changed items' photos: reused items' thumbnails were carried from night 1
     data = json.loads((incremental_report / "report" / "data.json").read_text())
