@@ -30,8 +30,8 @@ from encoders.handlers import ImageBytes
 from encoders.media import FetchPolicy, MediaError, decode_image, fetch_bytes, probe_image, resolve_uri
 from encoders.preprocess import ImagePreprocess
 from pipeline import progress, report_sample
-from pipeline.stage_metrics import StageTimer
 from pipeline.records import ItemFailure, MediaDigest
+from pipeline.stage_metrics import StageTimer
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
@@ -97,7 +97,7 @@ class _FetchImages(beam.DoFn):
                 if thumbnail:
                     thumb.append(report_sample.thumbnail_from_bytes(result[0].data, self._policy.max_image_pixels))
             else:
-                keep = (lambda image: thumb.append(report_sample.make_thumbnail(image))) if thumbnail else None
+                keep = (lambda image: thumb.append(report_sample.thumbnail_or_none(image))) if thumbnail else None
                 result = load_image(uri, self._policy, self._preprocess, keep)
         except MediaError as e:
             result = e

@@ -41,16 +41,24 @@ def make_thumbnail(image: Image.Image, side: int = THUMB_SIDE, max_bytes: int = 
     return None
 
 
+def thumbnail_or_none(image: Image.Image) -> bytes | None:
+    """:func:`make_thumbnail`, or None if it fails: the report's thumbnail must never cost an item its vector."""
+    try:
+        return make_thumbnail(image)
+    except Exception:  # noqa: BLE001 - only the report's tile loses its photo
+        return None
+
+
 def thumbnail_from_bytes(data: bytes, max_pixels: int, side: int = THUMB_SIDE) -> bytes | None:
     """A thumbnail from already-fetched image bytes (JPEG draft mode decodes at reduced scale)."""
-    from encoders.media import MediaError, decode_image, probe_image
+    from encoders.media import decode_image, probe_image
 
     try:
         image = probe_image(data, max_pixels)
         if image.format == "JPEG":
             image.draft("RGB", (side * 2, side * 2))
         return make_thumbnail(decode_image(data, max_pixels) if image.format != "JPEG" else image.convert("RGB"), side)
-    except (MediaError, OSError, ValueError):
+    except Exception:  # noqa: BLE001 - only the report's tile loses its photo
         return None
 
 
