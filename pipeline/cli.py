@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 
 from pipeline import console
 from pipeline.console import NotPublished, Parser, UsageError
@@ -196,7 +197,6 @@ def run(argv: list[str]) -> int:
     from pipeline import progress
     from pipeline.graph import build
     from pipeline.progress_bar import TerminalBar
-    from pipeline.publish import read_manifest
 
     options, config, files = prepare(argv)
     pipeline = beam.Pipeline(options=options)
@@ -216,7 +216,10 @@ def run(argv: list[str]) -> int:
         console.redirect_own_logs(bar.log_stream())
     try:
         with bar:
-            pipeline.run().wait_until_finish()
+            started = time.perf_counter()
+            result = pipeline.run()
+            result.wait_until_finish()
+            wall_s = time.perf_counter() - started
     except Exception as e:  # noqa: BLE001 - expected failures become an exit status, the rest keeps its traceback
         refusal = publish_refusal(e)
         if refusal is not None:
@@ -227,9 +230,21 @@ def run(argv: list[str]) -> int:
         if found is None:
             raise
         raise UsageError(found[1], _WORKER_ERRORS[found[0]]) from None
-    manifest = read_manifest(config.write.run_dir)
+    manifest = _record_timings(config.write.run_dir, result, wall_s)
     print(summary(config, manifest), flush=True)
     return 0
+
+
+def _record_timings(run_dir: str, result, wall_s: float) -> dict:
+    """Beam metrics are complete only now: the manifest gets ``timings`` and report.html is re-rendered."""
+    from pipeline.beam_metrics import run_timings
+    from pipeline.publish import add_timings, read_manifest
+
+    try:
+        return add_timings(run_dir, run_timings(result, wall_s))
+    except Exception as e:  # noqa: BLE001 - the run is published; only its timing record is missing
+        print(f"warning: run timings not recorded in the report: {type(e).__name__}: {e}", file=sys.stderr)
+        return read_manifest(run_dir)
 
 
 def _run_arg(parser: argparse.ArgumentParser) -> None:

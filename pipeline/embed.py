@@ -33,7 +33,7 @@ from encoders.device import check_worker_gpu
 from encoders.fusion import FusionConfig, Layout
 from encoders.media import FetchPolicy, MediaError
 from encoders.preprocess import ImagePreprocess
-from pipeline import faults, progress
+from pipeline import faults, progress, report_sample
 from pipeline.config import Route
 from pipeline.encode import RouteEncoder
 from pipeline.fetch import NAMESPACE as FETCH_NAMESPACE, ImageFetcher, failure_stage
@@ -46,7 +46,7 @@ from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter
 from schemas.embeddings import records_to_table
 
-DEAD = "dead"
+DEAD, THUMBNAILS = "dead", "thumbnails"
 
 
 class _Embed(beam.DoFn):
@@ -84,6 +84,7 @@ class _Embed(beam.DoFn):
             "clip_failed": Metrics.counter(AUDIO_NAMESPACE, "failed"),
             "embedded": Metrics.counter(FUSE_NAMESPACE, "embedded"), "dead": Metrics.counter(FUSE_NAMESPACE, "dead_letters"),
         }
+        self._thumbs = report_sample.LocalBound()  # items that may still be in the report's sample
         progress.start(self._interval)
 
     def teardown(self):
@@ -95,7 +96,9 @@ class _Embed(beam.DoFn):
 
     def process(self, batch: list[CatalogItem]):
         batch = list(batch)
-        self._pending.append((batch, time.perf_counter(),
+        # the report's thumbnail: the first photo of items that may be in its sample (smallest id hashes)
+        sampled = frozenset(pos for pos, item in enumerate(batch) if item.image_uris and self._thumbs.offer(item.item_id))
+        self._pending.append((batch, sampled, time.perf_counter(),
                               self._images.submit(self._pool, batch) if self._images else None,
                               self._clips.submit(self._pool, batch) if self._clips else None))
         # batch pipelines run in the global window, so the previous batch's outputs can leave here
@@ -112,11 +115,11 @@ class _Embed(beam.DoFn):
 
     # ------------------------------------------------------------------ one batch
 
-    def _media(self, batch, submitted_at, image_jobs, audio_jobs):
+    def _media(self, batch, sampled, submitted_at, image_jobs, audio_jobs):
         n = len(batch)
         failures: list[list[ItemFailure]] = [[] for _ in range(n)]
         digests: list[list[MediaDigest]] = [[] for _ in range(n)]
-        image_keys, image_payload, clip_positions, clips = [], None, [], []
+        image_keys, image_payload, clip_positions, clips, thumbnails = [], None, [], [], []
         cpu = 0.0
         if image_jobs is not None:
             results, cpu_images = ImageFetcher.collect(image_jobs)
@@ -127,6 +130,8 @@ class _Embed(beam.DoFn):
                     failures[job.item].append(ItemFailure(failure_stage(out), out.reason, out.detail, job.uri, "image"))
                     continue
                 data, digest = out
+                if job.index == 0 and job.item in sampled:
+                    thumbnails.append(self._thumbnail(batch[job.item].item_id, data))
                 digests[job.item].append(MediaDigest("image", job.index, digest))
                 image_keys.append((job.item, job.index))
                 pixels.append(data)
@@ -151,25 +156,38 @@ class _Embed(beam.DoFn):
                 clips.append(clip)
                 self._counters["clips"].inc()
                 self._counters["audio_ms"].inc(int(clip.duration_s * 1000))
-        self._timers["fetch_decode"].record(n, time.perf_counter() - submitted_at, cpu)
+        self._timers["fetch_decode"].record(time.perf_counter() - submitted_at, cpu, n)
         if image_keys:
             progress.note("images decoded", len(image_keys))
-        return failures, digests, image_keys, image_payload, clip_positions, clips
+        return failures, digests, image_keys, image_payload, clip_positions, clips, thumbnails
 
-    def _embed(self, batch, submitted_at, image_jobs, audio_jobs):
+    def _thumbnail(self, item_id: str, data) -> report_sample.Thumbnail | None:
+        # from what was decoded for the tower (or, decoding on the GPU, the fetched bytes): nothing is fetched again
+        if isinstance(data, np.ndarray):
+            from PIL import Image
+
+            jpeg = report_sample.thumbnail_or_none(Image.fromarray(data))
+        else:
+            jpeg = report_sample.thumbnail_from_bytes(data.data, self._fetch.max_image_pixels)
+        return report_sample.Thumbnail(report_sample.sample_key(item_id), item_id, jpeg) if jpeg else None
+
+    def _embed(self, batch, sampled, submitted_at, image_jobs, audio_jobs):
         n = len(batch)
-        failures, digests, image_keys, image_payload, clip_positions, clips = self._media(
-            batch, submitted_at, image_jobs, audio_jobs)
+        failures, digests, image_keys, image_payload, clip_positions, clips, thumbnails = self._media(
+            batch, sampled, submitted_at, image_jobs, audio_jobs)
+        for thumbnail in thumbnails:
+            if thumbnail is not None:
+                yield beam.pvalue.TaggedOutput(THUMBNAILS, thumbnail)
         transcripts = {}
         if self._transcriber is not None and clips and SAMPLE_RATE in self._rates:
-            with self._timers["transcribe"].time(len(clips)):
+            with self._timers["transcribe"].batch(len(clips)):
                 transcripts, asr_failures = self._transcriber.transcribe(
                     self._models[id(self._asr_handler)], clip_positions, clips)
             for pos, failure in asr_failures:
                 failures[pos].append(failure)
             progress.note("transcribed", len(clips))
         vectors: list[list] = [[] for _ in range(n)]
-        with self._timers["encode"].time(n):
+        with self._timers["encode"].batch(n):
             for encoder in self._encoders:
                 keys, payload = self._payload(encoder.route, batch, image_keys, image_payload, clip_positions,
                                               clips, transcripts)
@@ -179,7 +197,7 @@ class _Embed(beam.DoFn):
                 for pos, f in lost:
                     failures[pos].append(f)
         records, dead = [], []
-        with self._timers["fuse"].time(n):
+        with self._timers["fuse"].batch(n):
             for pos, item in enumerate(batch):
                 out = self._fuser(item, vectors[pos], failures[pos], digests[pos], transcripts.get(pos))
                 (dead if isinstance(out, DeadLetter) else records).append(out)
@@ -209,7 +227,7 @@ class _Embed(beam.DoFn):
 
 
 class EmbedBatches(beam.PTransform):
-    """Batches of CatalogItem -> {records: pa.Table per batch, dead: DeadLetter}."""
+    """Batches of CatalogItem -> {records: pa.Table per batch, dead: DeadLetter, thumbnails: the report's}."""
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -217,5 +235,5 @@ class EmbedBatches(beam.PTransform):
         self._fn = _Embed(**kwargs)
 
     def expand(self, batches):
-        out = batches | "Embed" >> beam.ParDo(self._fn).with_outputs(DEAD, main="records")
-        return {"records": out.records, "dead": out[DEAD]}
+        out = batches | "Embed" >> beam.ParDo(self._fn).with_outputs(DEAD, THUMBNAILS, main="records")
+        return {"records": out.records, "dead": out[DEAD], "thumbnails": out[THUMBNAILS]}

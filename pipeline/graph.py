@@ -114,6 +114,7 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         "rows": read["rows"], "records": stats, "dead": dead, "skipped": read["skipped"],
         "embedding_files": embedding_files, "dead_files": dead_files,
         "status": incremental["status"], "encoded": encoded,
+        "items": read["items"], "thumbnails": embedded["thumbnails"],
     }
     if config.index.enabled:
         publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(
@@ -121,7 +122,8 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     manifest = publish_inputs | "Publish" >> Publish(
         config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata),
         max_failure_fraction=config.max_failure_fraction,
-        incremental_counts=functools.partial(incremental_counts, previous=previous, config=config.incremental))
+        incremental_counts=functools.partial(incremental_counts, previous=previous, config=config.incremental),
+        previous=previous)
     # after LATEST points at the new run: only then may older runs go
     output, keep = config.write.output, config.incremental.keep_runs
     _ = manifest | "Retention" >> beam.Map(lambda m: apply_retention(output, keep, run_dir))

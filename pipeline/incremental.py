@@ -406,7 +406,7 @@ class _Resolve(beam.DoFn):
         pairs, self._buffer = self._buffer, []
         if not pairs:
             return
-        with self._timer.time(len(pairs)):
+        with self._timer.batch(len(pairs)):
             if any(self._needs_hash(*pair) for pair in pairs):
                 hashes = list(self._pool.map(self._hash, pairs))
             else:

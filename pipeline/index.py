@@ -32,6 +32,7 @@ from pipeline import indexing, quantizer_reuse
 from pipeline.config import IndexConfig
 from pipeline.incremental import PreviousRun
 from pipeline.quantizer_reuse import PreviousQuantizer
+from pipeline.stage_metrics import StageTimer
 from pipeline.write import write_bytes_atomically, write_table_atomically
 from schemas.embeddings import vectors_of
 
@@ -224,12 +225,14 @@ class _FillShard(beam.DoFn):
     def __init__(self, index_dir: str, k: int):
         self._dir, self._k = index_dir, k
         self._vectors = Metrics.counter(NAMESPACE, "vectors_added")
+        self._timer = StageTimer("index")
 
     def process(self, path: str, trained: TrainedIndex):
         shard = shard_number(path)
         item_ids, vectors = read_shard(path)
         start = time.perf_counter()
-        index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
+        with self._timer.batch(len(item_ids)):
+            index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
         add_s = time.perf_counter() - start
         index_path, ids_path = index_shard_paths(self._dir, shard)
         write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))

@@ -1,4 +1,5 @@
-"""Last stage: check the accounting, write report.html and manifest.json, then point LATEST at the run.
+"""Last stage: check the accounting, write the report (report/ and report.html) and manifest.json,
+then point LATEST at the run.
 
 Runs only after every shard is written (its side inputs are the written
 paths, and the index stage's result). The manifest is written last inside the
@@ -10,15 +11,19 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import faults, report
-from pipeline.write import write_bytes_atomically
+from pipeline import faults, report, report_data, report_sample
+from pipeline.records import item_from_tuple
+from pipeline.stage_metrics import StageTimer
+from pipeline.write import write_bytes_atomically, write_table_atomically
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
+log = logging.getLogger("pipeline.publish")
 
 
 class PublishRefused(RuntimeError):
@@ -105,16 +110,72 @@ def resolve_run_dir(path: str) -> str:
     return latest
 
 
+def write_report_files(run_dir: str, manifest: dict, data: dict, thumbnails=None) -> list[str]:
+    """report/data.json (+ report/thumbnails.parquet) and report.html, each atomically; returns their paths."""
+    paths = []
+    if thumbnails is not None:
+        paths.append(f"{run_dir}/{report_data.THUMBNAILS}")
+        write_table_atomically(paths[-1], thumbnails)
+    paths.append(f"{run_dir}/{report_data.DATA}")
+    write_text_atomically(paths[-1], json.dumps(data, indent=1, ensure_ascii=False))
+    paths.append(f"{run_dir}/{report.REPORT}")
+    write_text_atomically(paths[-1], report.render_html(manifest, data))
+    return paths
+
+
+def add_timings(run_dir: str, timings: dict) -> dict:
+    """After the pipeline: the manifest gets ``timings``, report.html is re-rendered with them.
+
+    Beam metrics are complete only once the pipeline has finished, after the
+    publish stage wrote the manifest and LATEST. So the command re-renders
+    report.html (atomically), then rewrites manifest.json (atomically) with
+    ``timings`` and report.html's new size and sha256. Both files are whole at
+    every moment; between the two renames the manifest's sha256 for
+    report.html is the earlier render's.
+    """
+    manifest = read_manifest(run_dir)
+    data_path = f"{run_dir}/{report_data.DATA}"
+    with FileSystems.open(data_path) as f:
+        data = json.loads(f.read().decode())
+    manifest["timings"] = timings
+    path = f"{run_dir}/{report.REPORT}"
+    write_text_atomically(path, report.render_html(manifest, data))
+    entry = file_entry(path, run_dir)
+    manifest["files"] = [entry if f["path"] == entry["path"] else f for f in manifest["files"]]
+    write_text_atomically(f"{run_dir}/{MANIFEST}", json.dumps(manifest, indent=2, ensure_ascii=False))
+    return manifest
+
+
 class _Publish(beam.DoFn):
     def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict, max_failure_fraction: float,
-                 incremental_counts=None):
+                 incremental_counts=None, previous=None):
         self._output, self._run_dir, self._run_id, self._base = output.rstrip("/"), run_dir, run_id, manifest_base
         self._max_failure_fraction = max_failure_fraction
         self._incremental_counts = incremental_counts
+        self._previous = previous
+        self._timer = StageTimer("publish")
 
-    def process(self, _, input_rows: int, embedded: int, dead: dict, skipped: dict, embedding_files: list,
-                dead_files: list, stats: dict, index: dict | None = None, statuses: dict | None = None,
-                encoded: int | None = None):
+    def _report_data(self, index: dict | None, embedding_files: list, dead_files: list, sample, thumbnails):
+        """The report's gallery, dead-letter examples and drift; a failure here is shown in the report, not fatal."""
+        previous, previous_manifest = self._previous, None
+        try:
+            if previous is not None and FileSystems.exists(f"{previous.run_dir}/{MANIFEST}"):
+                previous_manifest = read_manifest(previous.run_dir)
+            return report_data.gather(self._run_dir, index, sorted(embedding_files), sorted(dead_files), sample or [],
+                                      thumbnails or [], previous.run_dir if previous else None,
+                                      bool(previous and previous.reusable), previous_manifest)
+        except Exception as e:  # noqa: BLE001 - the run is good; only its report is incomplete, and says why
+            log.warning("report data could not be gathered: %s: %s", type(e).__name__, e)
+            return {"error": f"{type(e).__name__}: {e}"}, None
+
+    def process(self, *args, **kwargs):
+        with self._timer.batch(1):  # the report's gathering is most of this stage's time
+            manifest = self._publish(*args, **kwargs)
+        yield manifest
+
+    def _publish(self, _, input_rows: int, embedded: int, dead: dict, skipped: dict, embedding_files: list,
+                 dead_files: list, stats: dict, index: dict | None = None, statuses: dict | None = None,
+                 encoded: int | None = None, sample: list | None = None, thumbnails: list | None = None) -> dict:
         counts = {"input_rows": input_rows, "embedded": embedded, "dead_letters": dict(sorted(dead.items())),
                   "skipped": sum(skipped.values()), "skipped_by_reason": dict(sorted(skipped.items()))}
         check_counts(counts)
@@ -134,14 +195,15 @@ class _Publish(beam.DoFn):
                         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         if index is not None:
             manifest["index"] = index
-        write_text_atomically(f"{self._run_dir}/{report.REPORT}", report.render_html(manifest))
+        data, thumbnail_table = self._report_data(index, embedding_files, dead_files, sample, thumbnails)
+        paths += write_report_files(self._run_dir, manifest, data, thumbnail_table)
         manifest["report"] = report.REPORT
-        manifest["files"] = [file_entry(path, self._run_dir) for path in paths + [f"{self._run_dir}/{report.REPORT}"]]
+        manifest["files"] = [file_entry(path, self._run_dir) for path in paths]
         faults.inject("publish_manifest")
         write_text_atomically(f"{self._run_dir}/{MANIFEST}", json.dumps(manifest, indent=2, ensure_ascii=False))
         faults.inject("publish_latest")
         write_text_atomically(f"{self._output}/{LATEST}", self._run_id + "\n")
-        yield manifest
+        return manifest
 
 
 def batch_stats(table) -> dict:
@@ -173,16 +235,57 @@ def _add_counts(dicts) -> dict:
     return total
 
 
+class SmallestSample(beam.CombineFn):
+    """The ``size`` elements with the smallest ``key`` (report_sample.SampleItem or Thumbnail): the report sample."""
+
+    def __init__(self, size: int = report_sample.SAMPLE_SIZE):
+        self._size = size
+
+    # accumulator: [bound, elements]; once pruned to ``size``, an element whose key is above the
+    # bound cannot be in the sample, so a catalog item costs one hash, not a SampleItem
+
+    def create_accumulator(self):
+        return [None, []]
+
+    def _prune(self, elements: list) -> list:
+        kept = report_sample.smallest(elements, self._size)
+        return [kept[-1].key if len(kept) == self._size else None, kept]
+
+    def add_input(self, acc, element):
+        bound, elements = acc
+        is_item = not isinstance(element, (report_sample.SampleItem, report_sample.Thumbnail))
+        # a catalog item comes keyed from the read stage: (item_id, (tag, item tuple))
+        key = report_sample.sample_key(element[0]) if is_item else element.key
+        if bound is not None and key > bound:
+            return acc
+        elements.append(report_sample.sample_item(item_from_tuple(element[1][1])) if is_item else element)
+        return self._prune(elements) if len(elements) >= 2 * self._size else acc
+
+    def merge_accumulators(self, accs):
+        return self._prune([e for _, elements in accs for e in elements])
+
+    def extract_output(self, acc):
+        # a duplicate item id (dead-lettered by the join) must not show twice
+        unique = {}
+        for e in report_sample.smallest(acc[1], 2 * self._size):
+            unique.setdefault(e.item_id, e)
+        return report_sample.smallest(list(unique.values()), self._size)
+
+
 class Publish(beam.PTransform):
     """Inputs: rows (input rows read, as ints to add up), records (:func:`batch_stats` of each batch of
     embedded rows), dead, skipped, embedding_files, dead_files; optional: index (one index dict), and, with
     ``incremental_counts(statuses, encoded, embedded) -> dict``, ``status`` ({status: count} dicts) and
-    ``encoded`` (row counts of the batches that went through the encoders)."""
+    ``encoded`` (row counts of the batches that went through the encoders); for the report, ``items`` (the
+    read stage's keyed items, for its sample) and ``thumbnails`` (report_sample.Thumbnail from the embed stage).
+    ``previous`` (incremental.PreviousRun) gives the report last run's counts, vectors (drift of changed items)
+    and thumbnails (reused items)."""
 
     def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict,
-                 max_failure_fraction: float = 1.0, incremental_counts=None):
+                 max_failure_fraction: float = 1.0, incremental_counts=None, previous=None):
         super().__init__()
-        self._fn = _Publish(output, run_dir, run_id, manifest_base, max_failure_fraction, incremental_counts)
+        self._fn = _Publish(output, run_dir, run_id, manifest_base, max_failure_fraction, incremental_counts,
+                            previous)
 
     def expand(self, inputs: dict):
         p = inputs["rows"].pipeline
@@ -217,6 +320,10 @@ class Publish(beam.PTransform):
         out = {}
         if "index" in inputs:
             out["index"] = beam.pvalue.AsSingleton(inputs["index"])
+        for name, label in (("items", "ReportSample"), ("thumbnails", "ReportThumbnails")):
+            if name in inputs:
+                combined = inputs[name] | label >> beam.CombineGlobally(SmallestSample())
+                out["sample" if name == "items" else name] = beam.pvalue.AsSingleton(combined)
         if self._fn._incremental_counts is not None:
             statuses = inputs["status"] | "CountStatuses" >> beam.CombineGlobally(_add_counts)
             encoded = inputs["encoded"] | "CountEncoded" >> beam.CombineGlobally(sum)

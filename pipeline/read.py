@@ -99,7 +99,7 @@ class _ReadRows(beam.DoFn):
                     self._invalid.inc()
                     out.append(beam.pvalue.TaggedOutput(DEAD, result))
             self._rows.inc(len(rows))
-            self._timer.record(len(rows), time.perf_counter() - started, time.process_time() - cpu)
+            self._timer.record(time.perf_counter() - started, time.process_time() - cpu, len(rows))
             progress.note("read", len(rows))
             progress.note(progress.REJECTED, sum(isinstance(o, beam.pvalue.TaggedOutput) for o in out))
             yield beam.pvalue.TaggedOutput(ROWS, len(rows))

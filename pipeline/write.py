@@ -160,7 +160,7 @@ class _WriteShard(beam.DoFn):
         shard, parts = element
         parts = list(parts)
         path = f"{self._directory}/{shard_name(self._prefix, shard, num_shards)}"
-        with self._timer.time(sum(len(rows) for _, rows in parts)):
+        with self._timer.batch(sum(len(rows) for _, rows in parts)):
             assemble_shard(path, parts, self._schema)
         yield path
 
