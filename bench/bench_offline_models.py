@@ -46,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from bench._report import write_heading_section  # noqa: E402
+from pipeline.metrics import word_edits  # noqa: E402
 
 HEADING = "## Offline presets: packaged real models vs the first offline preset (issue 14)"
 SAMPLE = ROOT / "sample_catalog"
@@ -101,13 +102,8 @@ def _words(text: str) -> list[str]:
 
 def wer(reference: str, hypothesis: str) -> tuple[int, int]:
     """(word edits, reference words): Levenshtein over lower-cased words without punctuation."""
-    ref, hyp = _words(reference), _words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[len(hyp)], len(ref)
+    ref = _words(reference)
+    return word_edits(ref, _words(hypothesis)), len(ref)
 
 
 def photo_catalog(work: Path) -> str:

@@ -56,3 +56,13 @@ def summarize(results: Sequence[tuple[str, dict[str, float]]]) -> dict:
         by_modality.setdefault(modality, []).append(m)
     return {"overall": mean_metrics([m for _, m in results]),
             "by_modality": {k: mean_metrics(v) for k, v in sorted(by_modality.items())}}
+
+
+def word_edits(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
+    """Levenshtein distance over words (substitutions, insertions, deletions): the numerator of a WER."""
+    row = list(range(len(hypothesis) + 1))
+    for i, r in enumerate(reference, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hypothesis, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]

@@ -248,7 +248,7 @@ class SmallestSample(beam.CombineFn):
         return [None, []]
 
     def _prune(self, elements: list) -> list:
-        kept = report_sample.smallest(elements, self._size)
+        kept = self._smallest(elements)
         return [kept[-1].key if len(kept) == self._size else None, kept]
 
     def add_input(self, acc, element):
@@ -264,12 +264,15 @@ class SmallestSample(beam.CombineFn):
     def merge_accumulators(self, accs):
         return self._prune([e for _, elements in accs for e in elements])
 
-    def extract_output(self, acc):
-        # a duplicate item id (dead-lettered by the join) must not show twice
+    def _smallest(self, elements: list) -> list:
+        # a duplicate item id (the join dead-letters all but one row) takes one place, not two
         unique = {}
-        for e in report_sample.smallest(acc[1], 2 * self._size):
+        for e in elements:
             unique.setdefault(e.item_id, e)
         return report_sample.smallest(list(unique.values()), self._size)
+
+    def extract_output(self, acc):
+        return self._smallest(acc[1])
 
 
 class Publish(beam.PTransform):

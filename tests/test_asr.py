@@ -14,6 +14,7 @@ from encoders import asr
 from encoders.asr import AsrSpec, Transcript
 from encoders.audio import decode_audio
 from encoders.handlers import AsrHandler, EncodeFailure
+from pipeline.metrics import word_edits
 
 CPU = torch.device("cpu")
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_catalog"
@@ -100,13 +101,8 @@ def normalize(text: str) -> list[str]:
 
 def wer(reference: str, hypothesis: str) -> tuple[int, int]:
     """(word edits, reference words) by Levenshtein distance over normalized words."""
-    ref, hyp = normalize(reference), normalize(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1], len(ref)
+    ref = normalize(reference)
+    return word_edits(ref, normalize(hypothesis)), len(ref)
 
 
 def test_wer_helper():
