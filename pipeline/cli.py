@@ -13,6 +13,7 @@ from pipeline.config import RunConfig
 from pipeline.graph import build
 from pipeline.options import CatalogIndexOptions, to_run_config
 from pipeline.publish import AccountingError, FailureThresholdError, PublishRefused, read_manifest
+from pipeline.recall_queries import RecallQueriesError
 
 BEAM_NOTE = (
     "Every other flag is a Beam pipeline option, passed through: --runner (DirectRunner, PortableRunner, "
@@ -56,12 +57,17 @@ def summary(config: RunConfig, manifest: dict) -> str:
     index = manifest.get("index")
     if index:
         recall = index["recall"]
-        k, nprobe = recall["k"], recall["recommended_nprobe"]
-        reached = next((r[f"recall_{k}_at_{k}"] for r in recall["table"] if r["nprobe"] == nprobe), "n/a")
-        search = f"nprobe {nprobe}" if nprobe is not None else "exact"
+        k = recall["k"]
+        params = index.get("search_params", {"nprobe": recall["recommended_nprobe"]}
+                           if recall["recommended_nprobe"] is not None else {})
+        reached = next((r[f"recall_{k}_at_{k}"] for r in recall["table"]
+                        if r.get("params", {"nprobe": r["nprobe"]} if r["nprobe"] is not None else {}) == params), "n/a")
+        search = ", ".join(f"{name} {value}" for name, value in params.items()) or "exact"
         lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
                      f"{len(index['shards'])} shard(s); {search} -> {k}-recall@{k} {reached} "
                      f"(target {recall['target_recall']})")
+        if (index.get("chosen") or {}).get("why"):
+            lines.append(f"  index choice: {index['chosen']['why']}")
         quantizer = index.get("quantizer")
         if quantizer and quantizer.get("applicable"):
             how = f"reused from run {quantizer['reused_from_run_id']}" if quantizer["reused"] else "trained"
@@ -117,6 +123,9 @@ def run(argv: list[str]) -> int:
     try:
         with beam.Pipeline(options=options) as p:
             build(p, config)
+    except RecallQueriesError as e:  # raised while the graph is built, before any work
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     except Exception as e:  # noqa: BLE001 - only a refusal to publish is turned into an exit status
         refusal = publish_refusal(e)
         if refusal is None:

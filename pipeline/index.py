@@ -32,6 +32,7 @@ from pipeline import index_select, indexing, quantizer_reuse
 from pipeline.config import IndexConfig
 from pipeline.incremental import PreviousRun
 from pipeline.quantizer_reuse import PreviousQuantizer
+from pipeline.recall_queries import RecallQueries
 from pipeline.write import write_bytes_atomically, write_table_atomically
 from schemas.embeddings import vectors_of
 
@@ -328,8 +329,9 @@ def self_check_settings(params: indexing.IndexParams, config: IndexConfig, selec
 class _CheckRecall(beam.DoFn):
     """Opens every shard as the serving loader does, compares it with exact search, merges if asked."""
 
-    def __init__(self, config: IndexConfig, index_dir: str, run_dir: str):
+    def __init__(self, config: IndexConfig, index_dir: str, run_dir: str, recall_info: dict | None = None):
         self._config, self._dir, self._run_dir = config, index_dir, run_dir
+        self._recall_info = recall_info
 
     def _rel(self, path: str) -> str:
         return path[len(self._run_dir) + 1:]
@@ -401,6 +403,7 @@ class _CheckRecall(beam.DoFn):
             "recall": {
                 "k": c.k, "queries": nq, "held_out": trained.held_out,
                 "recall_queries": len(all_q) - nq,
+                "recall_queries_file": self._recall_info,
                 "ground_truth": "exact search over every indexed vector, the query's own item excluded",
                 "target_recall": c.target_recall, "recommended_nprobe": recommended.get("nprobe"),
                 "recommended_params": recommended, "target_reached": reached,
@@ -420,9 +423,10 @@ class BuildIndex(beam.PTransform):
     """
 
     def __init__(self, config: IndexConfig, run_dir: str, dim: int, previous: PreviousRun | None = None,
-                 model_fingerprint: str = "", recall_queries: np.ndarray | None = None):
+                 model_fingerprint: str = "", recall_queries: RecallQueries | None = None):
         super().__init__()
-        self._recall_queries = recall_queries
+        self._recall_queries = recall_queries.vectors if recall_queries is not None else None
+        self._recall_info = recall_queries.info if recall_queries is not None else None
         self._config, self._run_dir, self._dim = config, run_dir.rstrip("/"), dim
         self._index_dir = f"{self._run_dir}/index"
         self._fp = model_fingerprint
@@ -467,6 +471,7 @@ class BuildIndex(beam.PTransform):
         return (
             p
             | "OnceMore" >> beam.Create([None])
-            | "CheckRecall" >> beam.ParDo(_CheckRecall(c, self._index_dir, self._run_dir), trained_side,
+            | "CheckRecall" >> beam.ParDo(_CheckRecall(c, self._index_dir, self._run_dir, self._recall_info),
+                                          trained_side,
                                           beam.pvalue.AsList(shards))
         )
