@@ -42,6 +42,7 @@ HNSW_M = 32
 EF_SEARCH = (16, 32, 64, 128, 256, 512)
 K_FACTORS = (1, 2, 4, 8, 16, 32)
 SINGLE_QUERIES = 20
+OPQ_MAX_GAIN = 0.10  # recall an OPQ rotation is assumed unable to add over plain PQ of the same code size
 FAMILIES = ("flat", "flat_fp16", "hnsw", "ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 # the families whose trained quantizer a later run may reuse: the IVF ones (flat and HNSW train nothing)
 REUSABLE_FAMILIES = REUSABLE
@@ -280,6 +281,10 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         if winner is not None and cand.memory_bytes > winner[0].memory_bytes:
             entry["skipped_reason"] = f"not measured: {winner[0].name} uses less memory and meets the target"
             continue
+        skip = _opq_not_worth_it(cand, results, plan_rows, target)
+        if skip:
+            entry["skipped_reason"] = skip
+            continue
         t0 = time.perf_counter()
         if cand.ivf and centroids is None:
             centroids = _trained_quantizer(cand.nlist, dim, metric, ivf_train)
@@ -331,6 +336,28 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
     train_s = entry["train_seconds"] + (coarse_s if cand.ivf else 0.0)
     return Selection([e for _, e, _ in results], chosen, cand.params(metric, dim, note),
                      indexing.from_bytes(empty), time.perf_counter() - start, train_s)
+
+
+def _opq_not_worth_it(cand: Candidate, results: list, plan_rows: Sequence[Candidate], target: float) -> str | None:
+    """Why an OPQ candidate is not trained (OPQ training costs many times a PQ's), or None to train it.
+
+    Only when its PQ twin (same code size) was measured more than OPQ_MAX_GAIN
+    below the target *and* a costlier family that may still meet it fits the
+    budget: a rotation rarely buys more than a few points of recall. Without
+    such a fallback (a tight budget) OPQ is always measured.
+    """
+    if cand.family != "ivf_pq_opq":
+        return None
+    twin = next((e for c, e, b in results if c.family == "ivf_pq" and c.m == cand.m and b is not None), None)
+    if twin is None:
+        return None
+    gap = target - _best_recall(twin)
+    others = [c for c in plan_rows if c.fits_budget and c.memory_bytes > cand.memory_bytes
+              and c.family not in ("ivf_pq", "ivf_pq_opq")]
+    if gap > OPQ_MAX_GAIN and others:
+        return (f"not measured: {twin['name']} (same code size) reached {_best_recall(twin):.3f}, more than "
+                f"{OPQ_MAX_GAIN} below the target, and costlier families fit the budget")
+    return None
 
 
 def _best_recall(entry: dict) -> float:
