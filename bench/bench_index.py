@@ -293,6 +293,20 @@ def markdown(results: list[dict], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOTE = ("The synthetic set has 1000 clusters, each spread over its own 16-dimensional subspace of the 512 "
+        "(real embeddings have a low intrinsic dimension). Latencies on the 2 shared cores vary by up to 2x between "
+        "runs; ratios are from one run. This machine's faiss-cpu 1.15 wheel loads its generic build (no AVX2 module), "
+        "autofaiss's venv has faiss-cpu 1.9.0.post1: raw faiss speed differs between the two columns.")
+
+
+def _save(path: str, name: str, rows: list[dict], notes: list[str]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    saved = json.load(open(path)) if os.path.exists(path) else {}
+    saved[name] = {"rows": rows, "notes": notes}
+    with open(path, "w") as f:
+        json.dump(saved, f, default=str)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, args = sys.argv[2], sys.argv[3:]
@@ -312,8 +326,20 @@ def main() -> None:
     ap.add_argument("--afvenv", default="/tmp/afvenv", help="autofaiss's venv ('' to skip autofaiss)")
     ap.add_argument("--only", default="", help="synthetic or minilm: run one data set")
     ap.add_argument("--workdir", default="", help="keep the files here (default: a temporary folder)")
+    ap.add_argument("--results", default=os.path.expanduser("~/.cache/catalog-index-bench/index-results.json"),
+                    help="results of each data set are kept here; --report writes the section from them")
+    ap.add_argument("--report", action="store_true", help="only write the section from --results")
     args = ap.parse_args()
     notes, results = [], []
+    if args.report:
+        with open(args.results) as f:
+            saved = json.load(f)
+        text = markdown([r for name in ("synthetic", "minilm") for r in saved.get(name, {}).get("rows", [])],
+                        [n for name in ("synthetic", "minilm") for n in saved.get(name, {}).get("notes", [])]
+                        + [NOTE])
+        print(text)
+        write_heading_section(text)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
         workdir = args.workdir or tmp
         if args.only in ("", "synthetic"):
@@ -325,8 +351,10 @@ def main() -> None:
             del x
             print(f"synthetic: {args.n} x 512 generated in {time.perf_counter() - start:.1f} s", flush=True)
             budgets = [("4 GB", 4.0), (f"{args.tight_bytes:g} B/vector", args.tight_bytes * len(xb) / (1 << 30))]
-            results += bench_dataset("synthetic clustered", xb, xq, workdir, args.train_size, args.queries, budgets,
-                                     args.afvenv)
+            rows = bench_dataset("synthetic clustered", xb, xq, workdir, args.train_size, args.queries, budgets,
+                                 args.afvenv)
+            results += rows
+            _save(args.results, "synthetic", rows, [])
             del xb
         if args.texts and args.only in ("", "minilm"):
             xb, xq, info = minilm_vectors(args.texts)
@@ -335,11 +363,11 @@ def main() -> None:
                          f"all-MiniLM-L6-v2 (real weights, mean pooling, max 48 tokens) in {info['encode_s']:.0f} s, "
                          "cached in ~/.cache/catalog-index-bench (not part of the timings).")
             budgets = [("4 GB", 4.0), (f"{args.tight_bytes:g} B/vector", args.tight_bytes * len(xb) / (1 << 30))]
-            results += bench_dataset("MiniLM man pages", xb, xq, workdir, args.train_size, args.queries, budgets,
-                                     args.afvenv)
-    notes.append("The synthetic set has 1000 clusters, each spread over its own 16-dimensional subspace of the 512 "
-                 "(real embeddings have a low intrinsic dimension). Latencies on the 2 shared cores vary by up "
-                 "to 2x between runs; ratios are from one run.")
+            rows = bench_dataset("MiniLM man pages", xb, xq, workdir, args.train_size, args.queries, budgets,
+                                 args.afvenv)
+            results += rows
+            _save(args.results, "minilm", rows, notes[-1:])
+    notes.append(NOTE)
     text = markdown(results, notes)
     print(text)
     if args.only:

@@ -219,17 +219,25 @@ class _Train(beam.DoFn):
             if params is None or params.kind == "ivfpq":
                 start = time.perf_counter()
                 # an automatic run offers the previous run's choice first: reusing it skips the selection too
-                factory = params.factory if params is not None else (
-                    self._previous.factory if self._previous is not None else "")
+                previous, unavailable = self._previous, self._unavailable
+                factory = params.factory if params is not None else (previous.factory if previous else "")
+                if params is None and previous is not None and \
+                        previous.bytes_per_vector * total > c.memory_gb * (1 << 30):
+                    previous, unavailable = None, (f"the previous run's {previous.factory} would take "
+                                                   f"{previous.bytes_per_vector * total / (1 << 30):.3g} GB, over "
+                                                   f"the memory budget of {c.memory_gb:g} GB")
                 decision, reused = quantizer_reuse.decide(
-                    self._previous, lambda: _load_trained(self._previous), unseen, factory=factory,
+                    previous, lambda: _load_trained(previous), unseen, factory=factory,
                     metric=c.metric, model_fingerprint=self._fp, setting=c.reuse_quantizer,
-                    tolerance=c.quantizer_drift_tolerance, unavailable=self._unavailable)
+                    tolerance=c.quantizer_drift_tolerance, unavailable=unavailable)
                 decide_s = time.perf_counter() - start
                 log.info("index: quantizer %s: %s", "reused" if decision.reuse else "not reused", decision.reason)
             if params is None and reused is not None:
-                params = indexing.params_for_factory(self._previous.factory, c.metric, self._dim, total,
-                                                     family=self._previous.family)
+                bpv = self._previous.bytes_per_vector
+                params = dataclasses.replace(
+                    indexing.params_for_factory(self._previous.factory, c.metric, self._dim, total,
+                                                family=self._previous.family),
+                    bytes_per_vector=bpv, estimated_bytes=int(bpv * total))
                 chosen = {"name": params.factory, "family": params.family, "params": self._previous.search_params,
                           "why": f"reused the trained index of run {self._previous.trained_run_id} "
                                  f"({decision.reason}); candidate selection skipped", "query_set": None}

@@ -134,6 +134,7 @@ class PreviousQuantizer:
     trained_run_id: str  # the run that trained it (older than run_id when run_id itself reused it)
     family: str = ""  # pipeline.index_select family ("" for a user factory string or an older run)
     search_params: dict = dataclasses.field(default_factory=dict)  # the run's recommended search setting
+    bytes_per_vector: float = 0.0  # its memory per vector (0: not recorded)
 
     @staticmethod
     def from_manifest(run_dir: str, manifest: dict) -> "PreviousQuantizer | None":
@@ -149,7 +150,8 @@ class PreviousQuantizer:
             factory=index.get("factory", ""), metric=index.get("metric", ""), kind=index.get("kind", ""),
             model_fingerprint=recorded.get("model_fingerprint") or manifest.get("model_fingerprint", ""),
             baseline_error=recorded.get("baseline_error"), trained_run_id=recorded.get("trained_run_id") or run_id,
-            family=index.get("family", ""), search_params=dict(index.get("search_params") or {}))
+            family=index.get("family", ""), search_params=dict(index.get("search_params") or {}),
+            bytes_per_vector=float(index.get("bytes_per_vector") or 0.0))
 
 
 def decide(previous: PreviousQuantizer | None, load_previous, held_out: np.ndarray, *, factory: str, metric: str,

@@ -35,7 +35,7 @@ def test_preflight_sizes_every_candidate_before_building_anything():
     by_family = {c.family: c for c in roomy}
     assert by_family["flat"].bytes_per_vector == 4 * dim + 8 and by_family["flat"].fits_budget  # 2 GB of 4
     assert by_family["ivf_sq8"].bytes_per_vector == dim + 8
-    assert by_family["ivf_pq"].name == "IVF2048,PQ128x8np"  # 4 dimensions per code: the finest PQ
+    assert by_family["ivf_pq"].name == "IVF2048,PQ64x8np"  # the finest PQ within MAX_PQ_M
     tight, _ = index_select.plan(n, dim, 100_000, memory_gb=100 * n / (1 << 30))  # 100 bytes per vector
     fitting = [c for c in tight if c.fits_budget]
     assert {c.family for c in fitting} == {"ivf_pq", "ivf_pq_opq"}
