@@ -70,7 +70,7 @@ def built(tmp_path_factory):
     for name, gb in (("roomy", 1.0), ("tight", 20 * 6000 / (1 << 30))):
         run_dir = str(tmp_path_factory.mktemp(name))
         _write_shards(x, os.path.join(run_dir, "embeddings"))
-        config = IndexConfig(train_size=4000, num_queries=200, memory_gb=gb, target_recall=0.95, merge=True)
+        config = IndexConfig(train_size=4000, num_queries=300, memory_gb=gb, target_recall=0.95, merge=True)
         out[name] = (run_dir, _build(run_dir, config, recall), x, far)
     return out
 
@@ -123,7 +123,7 @@ def test_a_comparable_night_reuses_the_chosen_index_and_skips_the_selection(buil
     second_dir = str(tmp_path / "night2")
     os.symlink(os.path.join(run_dir, "embeddings"), os.path.join(second_dir, "embeddings")) \
         if os.makedirs(second_dir) is None else None
-    config = IndexConfig(train_size=4000, num_queries=200, memory_gb=1.0, target_recall=0.95)
+    config = IndexConfig(train_size=4000, num_queries=300, memory_gb=1.0, target_recall=0.95)
     files = sorted(os.path.join(second_dir, "embeddings", f) for f in os.listdir(os.path.join(second_dir, "embeddings")))
     out = os.path.join(second_dir, "info.json")
     with beam.Pipeline() as p:
