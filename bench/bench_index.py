@@ -179,7 +179,7 @@ def exact_truth(xb: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def bench_dataset(name: str, vectors: np.ndarray, queries: np.ndarray, workdir: str, train_size: int,
-                  nq: int, budgets: list[tuple[str, float]], afvenv: str) -> list[dict]:
+                  nq: int, budgets: list[tuple[str, float]], afvenv: str, on_row=None) -> list[dict]:
     base = f"{workdir}/{name.split()[0]}"
     write_shards(vectors, f"{base}/embeddings")
     os.makedirs(f"{base}/npy", exist_ok=True)
@@ -214,6 +214,8 @@ def bench_dataset(name: str, vectors: np.ndarray, queries: np.ndarray, workdir: 
                 print(f"  {label}: autofaiss failed: {auto['error']}", flush=True)
         out.append({"data": name, "n": len(vectors), "dim": dim, "budget": label, "memory_gb": gb,
                     "pipeline": pipe, "bare": bare, "autofaiss": auto})
+        if on_row is not None:  # kept after every budget: a long run cut short keeps what it measured
+            on_row(out)
         print(json.dumps(out[-1], indent=1, default=str)[:4000], flush=True)
     return out
 
@@ -352,7 +354,7 @@ def main() -> None:
             print(f"synthetic: {args.n} x 512 generated in {time.perf_counter() - start:.1f} s", flush=True)
             budgets = [("4 GB", 4.0), (f"{args.tight_bytes:g} B/vector", args.tight_bytes * len(xb) / (1 << 30))]
             rows = bench_dataset("synthetic clustered", xb, xq, workdir, args.train_size, args.queries, budgets,
-                                 args.afvenv)
+                                 args.afvenv, on_row=lambda r: _save(args.results, "synthetic", r, []))
             results += rows
             _save(args.results, "synthetic", rows, [])
             del xb
@@ -364,7 +366,7 @@ def main() -> None:
                          "cached in ~/.cache/catalog-index-bench (not part of the timings).")
             budgets = [("4 GB", 4.0), (f"{args.tight_bytes:g} B/vector", args.tight_bytes * len(xb) / (1 << 30))]
             rows = bench_dataset("MiniLM man pages", xb, xq, workdir, args.train_size, args.queries, budgets,
-                                 args.afvenv)
+                                 args.afvenv, on_row=lambda r: _save(args.results, "minilm", r, notes[-1:]))
             results += rows
             _save(args.results, "minilm", rows, notes[-1:])
     notes.append(NOTE)
