@@ -135,3 +135,28 @@ def test_a_comparable_night_reuses_the_chosen_index_and_skips_the_selection(buil
     assert second["quantizer"]["reused"] and second["factory"] == first["factory"]
     assert second["candidates"] == [] and "candidate selection skipped" in second["chosen"]["why"]
     assert second["training"]["vectors"] == 0 and second["recall"]["target_reached"]
+
+
+def test_recall_queries_are_encoded_with_the_runs_models_and_measured(tmp_path, tiny_text_dir):
+    """The sample catalog's eval queries (typed text and photos against its items) as --recall_queries."""
+    import json as _json
+
+    from conftest import SAMPLE, run_sample_text_image
+    from pipeline import cli
+
+    queries = str(SAMPLE / "queries.jsonl")
+    lines = [line for line in open(queries) if line.strip()]
+    run_dir = run_sample_text_image(tmp_path, "rq", tiny_text_dir, "--recall_queries", queries)
+    with open(os.path.join(run_dir, "manifest.json")) as f:
+        recall = _json.load(f)["index"]["recall"]
+    info = recall["recall_queries_file"]
+    assert info["queries"] == len(lines) and info["encoded"] + len(info["failed"]) == len(lines)
+    assert recall["recall_queries"] == info["encoded"] > 0 and recall["recall_queries_table"]
+    assert all(r["query_set"] == "recall_queries" for r in recall["recall_queries_table"])
+    # a file that is not eval's format: one clear line before any work, no traceback
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"modality": "smell", "query": "x", "relevant": ["a"]}\n')
+    assert cli.main(["run", "--catalog", str(SAMPLE / "catalog.parquet"), "--output", str(tmp_path / "o2"),
+                     "--clip_model", os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json"),
+                     "--clip_weights", "random", "--text_model", tiny_text_dir, "--device", "cpu",
+                     "--asr_model", "none", "--recall_queries", str(bad)]) == 2
