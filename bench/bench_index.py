@@ -331,6 +331,7 @@ def main() -> None:
     ap.add_argument("--results", default=os.path.expanduser("~/.cache/catalog-index-bench/index-results.json"),
                     help="results of each data set are kept here; --report writes the section from them")
     ap.add_argument("--report", action="store_true", help="only write the section from --results")
+    ap.add_argument("--note", action="append", default=[], help="a line to add to the section (with --report)")
     args = ap.parse_args()
     notes, results = [], []
     if args.report:
@@ -338,7 +339,7 @@ def main() -> None:
             saved = json.load(f)
         text = markdown([r for name in ("synthetic", "minilm") for r in saved.get(name, {}).get("rows", [])],
                         [n for name in ("synthetic", "minilm") for n in saved.get(name, {}).get("notes", [])]
-                        + [NOTE])
+                        + args.note + [NOTE])
         print(text)
         write_heading_section(text)
         return
