@@ -55,12 +55,17 @@ def summary(config, manifest: dict) -> str:
     lines.append(f"output: {config.write.run_dir}/ ({written}); LATEST -> {manifest['run_id']}")
     if index:
         recall = index["recall"]
-        k, nprobe = recall["k"], recall["recommended_nprobe"]
-        reached = next((r[f"recall_{k}_at_{k}"] for r in recall["table"] if r["nprobe"] == nprobe), "n/a")
-        search = f"nprobe {nprobe}" if nprobe is not None else "exact"
+        k = recall["k"]
+        params = index.get("search_params", {"nprobe": recall["recommended_nprobe"]}
+                           if recall["recommended_nprobe"] is not None else {})
+        reached = next((r[f"recall_{k}_at_{k}"] for r in recall["table"]
+                        if r.get("params", {"nprobe": r["nprobe"]} if r["nprobe"] is not None else {}) == params), "n/a")
+        search = ", ".join(f"{name} {value}" for name, value in params.items()) or "exact"
         lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
                      f"{len(index['shards'])} shard(s); {search} -> {k}-recall@{k} {reached} "
                      f"(target {recall['target_recall']})")
+        if (index.get("chosen") or {}).get("why"):
+            lines.append(f"  index choice: {index['chosen']['why']}")
         quantizer = index.get("quantizer")
         if quantizer and quantizer.get("applicable"):
             how = f"reused from run {quantizer['reused_from_run_id']}" if quantizer["reused"] else "trained"
@@ -197,11 +202,14 @@ def run(argv: list[str]) -> int:
     from pipeline import progress
     from pipeline.graph import build
     from pipeline.progress_bar import TerminalBar
+    from pipeline.recall_queries import RecallQueriesError
 
     options, config, files = prepare(argv)
     pipeline = beam.Pipeline(options=options)
     try:
-        build(pipeline, config)  # loads model configs (dimensions) and the fusion module
+        build(pipeline, config)  # loads model configs (dimensions), the fusion module, the recall queries
+    except RecallQueriesError as e:
+        raise UsageError(str(e), "--recall_queries takes a JSON-lines file in eval's format") from None
     except (ValueError, OSError) as e:
         raise UsageError(f"cannot set up the run: {e}",
                          "check the model options (--clip_model, --clip_weights, --text_model, --asr_model, "

@@ -193,7 +193,10 @@ class IndexConfig:
     train_size: int = 100_000  # vectors sampled to train the quantizer and PQ codebooks
     num_queries: int = 1000  # held-out sample for the recall self-check
     k: int = 10
-    target_recall: float = 0.95  # k-recall@k the recommended nprobe must reach
+    target_recall: float = 0.95  # k-recall@k the chosen index and its recommended setting must reach
+    # batched ms per query the recommended setting may cost (autofaiss's default latency cap is 10 ms)
+    max_query_ms: float = 10.0
+    recall_queries: str = ""  # JSON-lines queries in eval's format, encoded with the run's models (launcher)
     nprobes: tuple[int, ...] = DEFAULT_NPROBES
     merge: bool = False  # also write one merged index
     # auto: an incremental run reuses the previous run's trained quantizer when its measured drift allows
@@ -214,6 +217,8 @@ class IndexConfig:
         if self.train_size < 1 or self.num_queries < 1 or self.k < 1:
             raise ValueError(f"index train_size, num_queries and k must be >= 1, "
                              f"got {self.train_size}, {self.num_queries}, {self.k}")
+        if not self.max_query_ms > 0:
+            raise ValueError(f"max query ms must be > 0, got {self.max_query_ms}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target recall must be in (0, 1], got {self.target_recall}")
         if not self.nprobes or any(p < 1 for p in self.nprobes):

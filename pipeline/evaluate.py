@@ -123,7 +123,8 @@ def format_report(report: dict) -> str:
 
 def _searcher_line(s: dict) -> str:
     if s.get("kind") == "index":
-        probe = f"nprobe {s['nprobe']}" if s.get("nprobe") is not None else "exact flat scan"
+        params = s.get("search_params") or ({"nprobe": s["nprobe"]} if s.get("nprobe") is not None else {})
+        probe = ", ".join(f"{k} {v}" for k, v in params.items()) or "exact flat scan"
         conv = f"; {s['conversion']}" if s.get("conversion") else ""
         return f"index {s['factory']} ({s['index_metric']}, {probe}), {s['metric']}{conv}"
     if s.get("kind") == "exact":

@@ -26,6 +26,7 @@ from pipeline.encode import handler_for
 from pipeline.index import BuildIndex
 from pipeline.publish import Publish, batch_stats
 from pipeline.read import ReadCatalog
+from pipeline.recall_queries import encode_recall_queries
 from pipeline.incremental import Incremental, incremental_counts, resolve_previous_run, resume_pieces
 from pipeline.retention import apply_retention
 from pipeline.write import WriteShards, dead_letters_to_table
@@ -118,7 +119,9 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     }
     if config.index.enabled:
         publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(
-            config.index, run_dir, layout_dim, previous, metadata["model_fingerprint"])
+            config.index, run_dir, layout_dim, previous, metadata["model_fingerprint"],
+            recall_queries=encode_recall_queries(config.index.recall_queries, metadata, run_dir)
+            if config.index.recall_queries else None)
     manifest = publish_inputs | "Publish" >> Publish(
         config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata),
         max_failure_fraction=config.max_failure_fraction,

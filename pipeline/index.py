@@ -28,10 +28,11 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import indexing, quantizer_reuse
+from pipeline import index_select, indexing, quantizer_reuse
 from pipeline.config import IndexConfig
 from pipeline.incremental import PreviousRun
 from pipeline.quantizer_reuse import PreviousQuantizer
+from pipeline.recall_queries import RecallQueries
 from pipeline.stage_metrics import StageTimer
 from pipeline.write import write_bytes_atomically, write_table_atomically
 from schemas.embeddings import vectors_of
@@ -128,6 +129,17 @@ class TrainedIndex:
     path: str
     quantizer: dict  # manifest["index"]["quantizer"]: trained or reused, why, and the errors measured
     decide_s: float = 0.0
+    recall_queries: np.ndarray | None = None  # the run's own encoded queries (--recall_queries), or None
+    candidates: tuple = ()  # manifest["index"]["candidates"] (pipeline/index_select.py)
+    chosen: dict | None = None  # manifest["index"]["chosen"]: name, params, why
+    selection_s: float = 0.0
+
+    @property
+    def all_queries(self) -> np.ndarray:
+        """Held-out queries, then the recall queries: the rows every shard computes exact top-k for."""
+        if self.recall_queries is None or not len(self.recall_queries):
+            return self.queries
+        return np.concatenate([self.queries, self.recall_queries]).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,50 +187,111 @@ def _load_trained(previous: PreviousQuantizer):
 
 
 class _Train(beam.DoFn):
-    """Trains the empty index on the sample, or reuses the previous run's when the measured drift allows."""
+    """Chooses and trains the empty index on the sample, or reuses the previous run's when the drift allows.
+
+    Automatic parameters go through candidate selection (pipeline/index_select.py);
+    ``--index_factory`` or explicit nlist/M/nbits/OPQ skip it and train what they say.
+    """
 
     def __init__(self, config: IndexConfig, index_dir: str, dim: int, previous: PreviousQuantizer | None = None,
-                 unavailable: str = "", model_fingerprint: str = "", run_id: str = ""):
+                 unavailable: str = "", model_fingerprint: str = "", run_id: str = "",
+                 recall_queries: np.ndarray | None = None):
         self._config, self._dir, self._dim = config, index_dir, dim
         self._previous, self._unavailable = previous, unavailable
         self._fp, self._run_id = model_fingerprint, run_id
+        self._recall_queries = recall_queries
+
+    def _automatic(self) -> bool:
+        c = self._config
+        return not (c.factory or c.nlist or c.m or c.nbits or c.opq)
 
     def process(self, _, sample: VectorSample | None):
         c = self._config
         train, queries, query_ids, held_out, total = split_sample(sample, c, self._dim)
-        params = indexing.choose_params(total, self._dim, len(train), metric=c.metric, memory_gb=c.memory_gb,
-                                        factory=c.factory, nlist=c.nlist, m=c.m, nbits=c.nbits, opq=c.opq)
-        if params.kind == "flat" and params.note:
-            log.warning("index: %s", params.note)
+        rq = self._recall_queries
         # rows never trained on: the recall queries when the sample had room to hold them out
         unseen = queries if held_out else np.zeros((0, self._dim), np.float32)
-        decision, reused, decide_s = None, None, 0.0
-        if params.kind == "ivfpq":
-            start = time.perf_counter()
-            decision, reused = quantizer_reuse.decide(
-                self._previous, lambda: _load_trained(self._previous), unseen, factory=params.factory,
-                metric=params.metric, model_fingerprint=self._fp, setting=c.reuse_quantizer,
-                tolerance=c.quantizer_drift_tolerance, unavailable=self._unavailable)
-            decide_s = time.perf_counter() - start
-            log.info("index: quantizer %s: %s", "reused" if decision.reuse else "trained", decision.reason)
+        select = self._automatic() and index_select.choose_nlist(total, len(train))[0] > 0
+        decision, reused, decide_s, selection, chosen = None, None, 0.0, None, None
+        if select or not self._automatic():
+            params = None if select else indexing.choose_params(
+                total, self._dim, len(train), metric=c.metric, memory_gb=c.memory_gb, factory=c.factory,
+                nlist=c.nlist, m=c.m, nbits=c.nbits, opq=c.opq)
+            if params is None or params.kind == "ivfpq":
+                start = time.perf_counter()
+                # an automatic run offers the previous run's choice first: reusing it skips the selection too
+                previous, unavailable = self._previous, self._unavailable
+                factory = params.factory if params is not None else (previous.factory if previous else "")
+                if params is None and previous is not None and \
+                        previous.bytes_per_vector * total > c.memory_gb * (1 << 30):
+                    previous, unavailable = None, (f"the previous run's {previous.factory} would take "
+                                                   f"{previous.bytes_per_vector * total / (1 << 30):.3g} GB, over "
+                                                   f"the memory budget of {c.memory_gb:g} GB")
+                decision, reused = quantizer_reuse.decide(
+                    previous, lambda: _load_trained(previous), unseen, factory=factory,
+                    metric=c.metric, model_fingerprint=self._fp, setting=c.reuse_quantizer,
+                    tolerance=c.quantizer_drift_tolerance, unavailable=unavailable)
+                decide_s = time.perf_counter() - start
+                log.info("index: quantizer %s: %s", "reused" if decision.reuse else "not reused", decision.reason)
+            if params is None and reused is not None:
+                bpv = self._previous.bytes_per_vector
+                params = dataclasses.replace(
+                    indexing.params_for_factory(self._previous.factory, c.metric, self._dim, total,
+                                                family=self._previous.family),
+                    bytes_per_vector=bpv, estimated_bytes=int(bpv * total))
+                chosen = {"name": params.factory, "family": params.family, "params": self._previous.search_params,
+                          "why": f"reused the trained index of run {self._previous.trained_run_id} "
+                                 f"({decision.reason}); candidate selection skipped", "query_set": None}
+        else:  # too few vectors for IVF: exact search, whose memory is negligible at this size
+            params = indexing.choose_params(total, self._dim, len(train), metric=c.metric, memory_gb=c.memory_gb)
+        if params is not None and params.kind == "flat" and params.note:
+            log.warning("index: %s", params.note)
         start = time.perf_counter()
         if reused is not None:
             index, trained_on, fresh = reused, 0, decision.sample_error
+        elif params is None:
+            selection = index_select.select(
+                total, self._dim, train, self._query_sets(train, queries, rq), metric=c.metric,
+                memory_gb=c.memory_gb, target=c.target_recall, max_query_ms=c.max_query_ms, k=c.k,
+                log=log.info)
+            index, params, chosen = selection.index, selection.params, selection.chosen
+            trained_on = min(len(train), index_select.MAX_POINTS_PER_LIST * max(params.nlist, 1))
+            fresh = None
         else:
             index, trained_on = indexing.train_index(params, train), len(train)
-            fresh = quantizer_reuse.held_out_error(index, unseen) if decision is not None else None
-        train_s = time.perf_counter() - start
+            fresh = None
+            chosen = {"name": params.factory, "family": params.family or params.kind, "params": {},
+                      "why": params.note or "set by the index options (no candidate selection)", "query_set": None}
+        train_s = selection.train_seconds if selection else time.perf_counter() - start
+        reusable = params.kind == "ivfpq" and (not params.family or params.family in index_select.REUSABLE_FAMILIES)
+        if reused is None and reusable:
+            fresh = quantizer_reuse.held_out_error(index, unseen)
+        if not reusable:
+            decision = None
         # a reused quantizer is written again here, byte for byte, so this run never depends on the old one
         data = indexing.to_bytes(index)
         path = f"{self._dir}/{TRAINED}"
         write_bytes_atomically(path, data)
         quantizer = quantizer_reuse.manifest_block(
             decision, setting=c.reuse_quantizer, model_fingerprint=self._fp, previous=self._previous,
-            fresh_error=fresh, held_out_vectors=len(unseen), run_id=self._run_id)
+            fresh_error=fresh, held_out_vectors=len(unseen), run_id=self._run_id,
+            not_applicable=f"{params.family or params.kind} index: no trained quantizer to reuse")
         if reused is None:
             log.info("index: trained %s on %d of %d vectors in %.1f s", params.factory, trained_on, total, train_s)
         yield TrainedIndex(params, data, query_ids, queries, held_out, total, trained_on, train_s, path,
-                           quantizer, decide_s)
+                           quantizer, decide_s, rq, tuple(selection.candidates) if selection else (), chosen,
+                           selection.seconds if selection else 0.0)
+
+    def _query_sets(self, train: np.ndarray, queries: np.ndarray, rq: np.ndarray | None
+                    ) -> list[index_select.QuerySet]:
+        """Queries and their exact top-k among the training rows (the database the candidates are measured on)."""
+        k, metric = self._config.k, self._config.metric
+        rows = np.arange(len(train), dtype=np.int64)
+        sets = []
+        for name, q in (("held_out", queries), ("recall_queries", rq)):
+            if q is not None and len(q):
+                sets.append(index_select.QuerySet(name, q, indexing.exact_topk(train, rows, q, k, metric)[1]))
+        return sets
 
 
 class _FillShard(beam.DoFn):
@@ -237,40 +310,87 @@ class _FillShard(beam.DoFn):
         index_path, ids_path = index_shard_paths(self._dir, shard)
         write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))
         write_bytes_atomically(index_path, indexing.to_bytes(index))
-        scores, exact = indexing.exact_topk(vectors, ids, trained.queries, self._k + 1, trained.params.metric)
+        scores, exact = indexing.exact_topk(vectors, ids, trained.all_queries, self._k + 1, trained.params.metric)
         row_of = {item: row for row, item in enumerate(item_ids)}
         own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
+        own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
         self._vectors.inc(len(ids))
         yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s)
+
+
+def self_check_settings(params: indexing.IndexParams, config: IndexConfig, selected: bool) -> list[list[dict]]:
+    """The search settings the self-check measures on the full index, in groups (see index_select.settings_ladder).
+
+    A selected index measures its family's ladder, each group stopping once the
+    target is met; an index set by the options measures the whole nprobe ladder
+    (IVF), an efSearch ladder (HNSW) or its one exact setting.
+    """
+    nlist = params.nlist or 1
+    if selected and params.family:
+        cand = index_select.Candidate(params.factory, params.family, params.bytes_per_vector,
+                                      params.estimated_bytes, True, nlist=params.nlist)
+        return index_select.settings_ladder(cand)
+    if params.kind == "ivfpq":
+        return [[{"nprobe": p} for p in sorted({min(p, nlist) for p in config.nprobes})]]
+    if params.kind == "hnsw":
+        return [[{"efSearch": ef} for ef in index_select.EF_SEARCH]]
+    return [[{}]]
 
 
 class _CheckRecall(beam.DoFn):
     """Opens every shard as the serving loader does, compares it with exact search, merges if asked."""
 
-    def __init__(self, config: IndexConfig, index_dir: str, run_dir: str):
+    def __init__(self, config: IndexConfig, index_dir: str, run_dir: str, recall_info: dict | None = None):
         self._config, self._dir, self._run_dir = config, index_dir, run_dir
+        self._recall_info = recall_info
 
     def _rel(self, path: str) -> str:
         return path[len(self._run_dir) + 1:]
 
     def process(self, _, trained: TrainedIndex, shards: list[ShardResult]):
         c, params = self._config, trained.params
+        start = time.perf_counter()
         shards = sorted(shards, key=lambda s: s.shard)
         indexes = [indexing.from_bytes(read_bytes(s.index_path)) for s in shards]
         sharded = indexing.ShardedIndex(indexes, params.metric)
-        table, recommended, reached = [], None, False
-        if len(trained.queries) and sharded.ntotal:
+        table, rq_table, recommended, reached = [], [], None, False
+        nq = len(trained.queries)
+        all_q = trained.all_queries
+        if len(all_q) and sharded.ntotal:
             own = np.max([s.query_faiss_ids for s in shards], axis=0)
             _, truth = indexing.merge_topk([(s.exact_scores, s.exact_ids) for s in shards], c.k + 1, params.metric)
             truth = indexing.drop_self(truth, own, c.k)
-            table = indexing.recall_table(sharded, trained.queries, truth, c.k, c.nprobes, exclude=own)
-            recommended, reached = indexing.recommend_nprobe(table, c.target_recall, c.k)
+            selected = bool(trained.candidates)
+            for group in self_check_settings(params, c, selected):
+                for setting in group:
+                    rows = []
+                    if nq:
+                        rows += indexing.recall_table(sharded, trained.queries, truth[:nq], c.k, exclude=own[:nq],
+                                                      settings=[setting])
+                    if len(all_q) > nq:
+                        rows += indexing.recall_table(sharded, all_q[nq:], truth[nq:], c.k, settings=[setting],
+                                                      query_set="recall_queries")
+                    table += [r for r in rows if r["query_set"] == "held_out"]
+                    rq_table += [r for r in rows if r["query_set"] == "recall_queries"]
+                    key = f"recall_{c.k}_at_{c.k}"
+                    if selected and (min(r[key] for r in rows) >= c.target_recall
+                                     or max(r["ms_per_query"] for r in rows) > c.max_query_ms):
+                        break  # costlier settings of this group add nothing to the choice
+            recommended, reached = indexing.recommend_setting(table + rq_table, c.target_recall, c.k, c.max_query_ms)
+        self_check_s = time.perf_counter() - start
         files = [trained.path] + [p for s in shards for p in (s.index_path, s.ids_path)]
-        merged = None
+        merged, merge_note = None, None
         if c.merge:
-            merged = f"{self._dir}/{MERGED}"
-            write_bytes_atomically(merged, indexing.to_bytes(indexing.merge_shards(trained.index_bytes, indexes)))
-            files.append(merged)
+            try:
+                data = indexing.to_bytes(indexing.merge_shards(trained.index_bytes, indexes))
+            except RuntimeError as e:  # faiss merges IVF and flat indexes, not HNSW graphs or IndexRefine
+                merge_note = f"{params.factory} cannot be merged by faiss ({str(e).strip().splitlines()[-1][:200]})"
+                log.warning("index: no merged index: %s", merge_note)
+            else:
+                merged = f"{self._dir}/{MERGED}"
+                write_bytes_atomically(merged, data)
+                files.append(merged)
+        recommended = recommended or {}
         yield {
             **params.to_json(),
             "ntotal": sharded.ntotal,
@@ -280,15 +400,25 @@ class _CheckRecall(beam.DoFn):
             "shards": [{"shard": s.shard, "index": self._rel(s.index_path), "ids": self._rel(s.ids_path),
                         "count": s.count} for s in shards],
             "merged": self._rel(merged) if merged else None,
+            "merge_note": merge_note,
             "training": {"vectors": trained.train_vectors, "seconds": round(trained.train_s, 3),
-                         "decision_seconds": round(trained.decide_s, 3)},
+                         "decision_seconds": round(trained.decide_s, 3),
+                         "selection_seconds": round(trained.selection_s, 3)},
             "quantizer": trained.quantizer,
             "add_seconds": round(sum(s.add_s for s in shards), 3),
+            "self_check_seconds": round(self_check_s, 3),
+            "search_params": recommended,
+            "candidates": list(trained.candidates),
+            "chosen": {**(trained.chosen or {}), "params": recommended},
+            "max_query_ms": c.max_query_ms,
             "recall": {
-                "k": c.k, "queries": len(trained.queries), "held_out": trained.held_out,
+                "k": c.k, "queries": nq, "held_out": trained.held_out,
+                "recall_queries": len(all_q) - nq,
+                "recall_queries_file": self._recall_info,
                 "ground_truth": "exact search over every indexed vector, the query's own item excluded",
-                "target_recall": c.target_recall, "recommended_nprobe": recommended, "target_reached": reached,
-                "table": table,
+                "target_recall": c.target_recall, "recommended_nprobe": recommended.get("nprobe"),
+                "recommended_params": recommended, "target_reached": reached,
+                "table": table, "recall_queries_table": rq_table,
             },
             "files": files,
         }
@@ -304,8 +434,10 @@ class BuildIndex(beam.PTransform):
     """
 
     def __init__(self, config: IndexConfig, run_dir: str, dim: int, previous: PreviousRun | None = None,
-                 model_fingerprint: str = ""):
+                 model_fingerprint: str = "", recall_queries: RecallQueries | None = None):
         super().__init__()
+        self._recall_queries = recall_queries.vectors if recall_queries is not None else None
+        self._recall_info = recall_queries.info if recall_queries is not None else None
         self._config, self._run_dir, self._dim = config, run_dir.rstrip("/"), dim
         self._index_dir = f"{self._run_dir}/index"
         self._fp = model_fingerprint
@@ -338,7 +470,7 @@ class BuildIndex(beam.PTransform):
             p
             | "Once" >> beam.Create([None])
             | "Train" >> beam.ParDo(_Train(c, self._index_dir, self._dim, self._previous, self._unavailable, self._fp,
-                                           self._run_dir.rpartition("/")[2]),
+                                           self._run_dir.rpartition("/")[2], self._recall_queries),
                                     beam.pvalue.AsSingleton(sample))
         )
         trained_side = beam.pvalue.AsSingleton(trained)
@@ -350,6 +482,7 @@ class BuildIndex(beam.PTransform):
         return (
             p
             | "OnceMore" >> beam.Create([None])
-            | "CheckRecall" >> beam.ParDo(_CheckRecall(c, self._index_dir, self._run_dir), trained_side,
+            | "CheckRecall" >> beam.ParDo(_CheckRecall(c, self._index_dir, self._run_dir, self._recall_info),
+                                          trained_side,
                                           beam.pvalue.AsList(shards))
         )

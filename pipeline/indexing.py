@@ -42,7 +42,7 @@ class IndexParams:
     factory: str
     metric: str
     dim: int
-    kind: str  # "ivfpq" (any IVF factory) or "flat"
+    kind: str  # "ivfpq" (any IVF factory), "hnsw" or "flat"
     nlist: int = 0
     m: int = 0
     nbits: int = 0
@@ -50,6 +50,7 @@ class IndexParams:
     bytes_per_vector: float = 0.0
     estimated_bytes: int = 0
     note: str = ""
+    family: str = ""  # pipeline.index_select.FAMILIES; "" for a user factory string
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,7 +86,8 @@ def choose_params(n: int, dim: int, n_train: int, *, metric: str = "ip", memory_
     if factory:
         found = [int(t[3:]) for t in factory.replace("_", ",").split(",") if t.startswith("IVF") and t[3:].isdigit()]
         if not found:
-            return IndexParams(factory, metric, dim, "flat", note="user factory string (not IVF)")
+            return IndexParams(factory, metric, dim, "hnsw" if "HNSW" in factory else "flat",
+                               note="user factory string (not IVF)")
         if n_train < found[0]:
             return _flat(dim, metric, n, f"{n_train} training vectors cannot train {factory!r} "
                                          f"(IVF{found[0]} needs at least {found[0]}): using an exact flat index")
@@ -134,11 +136,46 @@ def choose_params(n: int, dim: int, n_train: int, *, metric: str = "ip", memory_
                        bytes_per_vector=per_vector, estimated_bytes=total, note=note)
 
 
+def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
+    """An empty index from a factory string that takes ``add_with_ids``.
+
+    IVF indexes keep ids in their lists; anything else (flat, HNSW, an IVF
+    behind ``IndexRefine``) is wrapped in an ``IndexIDMap`` unless the factory
+    string already starts with ``IDMap``.
+    """
+    index = faiss.index_factory(dim, factory, METRICS[metric])
+    if not _takes_ids(index):
+        index = faiss.IndexIDMap(index)
+    return index
+
+
+def _takes_ids(index: faiss.Index) -> bool:
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexIVF)):
+        return True
+    if isinstance(index, faiss.IndexPreTransform):
+        return _takes_ids(index.index)
+    return False
+
+
+def params_for_factory(factory: str, metric: str, dim: int, n: int, family: str = "") -> IndexParams:
+    """IndexParams describing an existing factory string (a reused index): nlist, M and nbits read from it."""
+    tokens = factory.replace("_", ",").split(",")
+    nlist = next((int(t[3:]) for t in tokens if t.startswith("IVF") and t[3:].isdigit()), 0)
+    m = nbits = 0
+    for t in tokens:
+        if t.startswith("PQ") and "x" in t:
+            head, _, tail = t[2:].partition("x")
+            if head.isdigit():
+                m, nbits = int(head), int("".join(ch for ch in tail if ch.isdigit()) or 8)
+    kind = "ivfpq" if nlist else ("hnsw" if "HNSW" in factory else "flat")
+    return IndexParams(factory, metric, dim, kind, nlist=nlist, m=m, nbits=nbits, opq=factory.startswith("OPQ"),
+                       family=family, note="reused from the previous run")
+
+
 def train_index(params: IndexParams, sample: np.ndarray) -> faiss.Index:
     """An empty index trained on ``sample`` (float32 [s, dim]); faiss's k-means is seeded, so reruns agree."""
-    index = faiss.index_factory(params.dim, params.factory, METRICS[params.metric])
-    if faiss.try_extract_index_ivf(index) is None and not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        index = faiss.IndexIDMap(index)  # add_with_ids needs an id map outside IVF
+    index = new_index(params.factory, params.dim, params.metric)
     if not index.is_trained:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index
@@ -218,6 +255,23 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: s
     return out_s, out_i
 
 
+# search parameter -> faiss ParameterSpace name (it reaches through IDMap, OPQ and IndexRefine wrappers)
+SEARCH_PARAMS = {"nprobe": "nprobe", "k_factor": "k_factor_rf", "efSearch": "efSearch"}
+
+
+def apply_search_params(index: faiss.Index, params: dict | None) -> None:
+    """Sets nprobe (capped at nlist), k_factor and efSearch on ``index``; unknown names are an error."""
+    space = faiss.ParameterSpace()
+    for name, value in (params or {}).items():
+        if name not in SEARCH_PARAMS:
+            raise ValueError(f"search parameter {name!r} is not one of {sorted(SEARCH_PARAMS)}")
+        if value is None:
+            continue
+        if name == "nprobe":
+            value = min(int(value), max(nlist_of(index), 1))
+        space.set_index_parameter(index, SEARCH_PARAMS[name], float(value) if name == "k_factor" else int(value))
+
+
 def is_ivf(index: faiss.Index) -> bool:
     return faiss.try_extract_index_ivf(index) is not None
 
@@ -248,11 +302,18 @@ class ShardedIndex:
 
     def set_nprobe(self, nprobe: int) -> None:
         if self.ivf:
-            for shard in self.shards:
-                faiss.ParameterSpace().set_index_parameter(shard, "nprobe", int(min(nprobe, self.nlist)))
+            self.set_params({"nprobe": nprobe})
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, faiss ids) [n, k]; missing results have id -1."""
+    def set_params(self, params: dict | None) -> None:
+        """Search parameters (nprobe, k_factor, efSearch) on every shard; those that do not apply are an error."""
+        for shard in self.shards:
+            apply_search_params(shard, params)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, params: dict | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, faiss ids) [n, k]; missing results have id -1. ``params`` or ``nprobe`` are set first."""
+        if params:
+            self.set_params(params)
         if nprobe is not None:
             self.set_nprobe(nprobe)
         xq = np.ascontiguousarray(queries, dtype=np.float32)
@@ -295,21 +356,25 @@ def one_recall_at_one(found: np.ndarray, truth: np.ndarray) -> float:
 
 def recall_table(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, k: int = 10,
                  nprobes: Sequence[int] = DEFAULT_NPROBES, single_queries: int = 50,
-                 exclude: np.ndarray | None = None) -> list[dict]:
-    """Recall of the sharded index against exact ground truth for each nprobe, with latency.
+                 exclude: np.ndarray | None = None, settings: Sequence[dict] | None = None,
+                 query_set: str = "held_out") -> list[dict]:
+    """Recall of the sharded index against exact ground truth for each search setting, with latency.
 
+    ``settings`` (dicts of nprobe / k_factor / efSearch) default to the
+    ``nprobes`` ladder for IVF and one exact row (``nprobe`` None) otherwise.
     ``ms_per_query`` is a batched search of all queries divided by their
     number; ``single_query_ms_p50`` is the median of one-query searches (what
-    a serving call sees). A flat index has one row with ``nprobe`` None.
-    ``exclude`` (per query: its own faiss id, or -1) drops a query that is
-    itself indexed from its results, as it must be from ``truth``: otherwise
-    1-recall@1 only measures whether a vector finds itself.
+    a serving call sees). ``exclude`` (per query: its own faiss id, or -1)
+    drops a query that is itself indexed from its results, as it must be from
+    ``truth``: otherwise 1-recall@1 only measures whether a vector finds itself.
     """
-    ladder = sorted({min(p, index.nlist) for p in nprobes}) if index.ivf else [None]
+    if settings is None:
+        settings = [{"nprobe": p} for p in sorted({min(p, index.nlist) for p in nprobes})] if index.ivf else [{}]
     rows = []
-    for nprobe in ladder:
+    for params in settings:
+        index.set_params(params)
         start = time.perf_counter()
-        _, found = index.search(queries, k + (exclude is not None), nprobe)
+        _, found = index.search(queries, k + (exclude is not None))
         if exclude is not None:
             found = drop_self(found, exclude, k)
         batch_ms = (time.perf_counter() - start) * 1000 / max(len(queries), 1)
@@ -319,13 +384,39 @@ def recall_table(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, k:
             index.search(q[None, :], k)
             singles.append((time.perf_counter() - start) * 1000)
         rows.append({
-            "nprobe": nprobe,
+            "params": dict(params),
+            "query_set": query_set,
+            "nprobe": params.get("nprobe"),
             f"recall_{k}_at_{k}": round(recall_at(found, truth, k), 4),
             "recall_1_at_1": round(one_recall_at_one(found, truth), 4),
             "ms_per_query": round(batch_ms, 4),
             "single_query_ms_p50": round(float(np.median(singles)), 4) if singles else None,
         })
     return rows
+
+
+def recommend_setting(table: list[dict], target: float, k: int = 10, max_query_ms: float = math.inf
+                      ) -> tuple[dict | None, bool]:
+    """The fastest setting whose k-recall@k reaches ``target`` on every query set of ``table`` within
+    ``max_query_ms`` (batched) (and True), else the most accurate one within the cap, else overall (and False)."""
+    key = f"recall_{k}_at_{k}"
+    if not table:
+        return None, False
+    groups: dict[str, list[dict]] = {}
+    for row in table:
+        groups.setdefault(repr(sorted((row.get("params") or {"nprobe": row.get("nprobe")}).items())), []).append(row)
+    scored = []
+    for rows in groups.values():
+        params = rows[0].get("params")
+        if params is None:
+            params = {"nprobe": rows[0].get("nprobe")} if rows[0].get("nprobe") is not None else {}
+        recall, ms = min(r[key] for r in rows), max(r["ms_per_query"] for r in rows)
+        scored.append((params, recall, ms))
+    meeting = [s for s in scored if s[1] >= target and s[2] <= max_query_ms]
+    if meeting:
+        return min(meeting, key=lambda s: s[2])[0], True
+    within = [s for s in scored if s[2] <= max_query_ms] or scored
+    return max(within, key=lambda s: (s[1], -s[2]))[0], False
 
 
 def recommend_nprobe(table: list[dict], target: float, k: int = 10) -> tuple[int | None, bool]:

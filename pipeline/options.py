@@ -142,7 +142,7 @@ class CatalogIndexOptions(PipelineOptions):
                        help="attention module saved by `catalog-index fit-fusion` (safetensors); needs "
                             "--fusion_mode attention")
 
-        g = parser.add_argument_group("index (FAISS IVF-PQ; parameters automatic unless given)")
+        g = parser.add_argument_group("index (FAISS; chosen by measured recall within the memory budget unless given)")
         g.add_argument("--index", default="on", choices=["on", "off"], help="build index shards after embedding")
         g.add_argument("--index_factory", default="", help="faiss factory string, e.g. OPQ32,IVF1024,PQ32x8")
         g.add_argument("--index_nlist", type=int, default=0, help="IVF lists (0: automatic)")
@@ -156,7 +156,12 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--index_queries", type=int, default=IndexConfig.num_queries,
                        help="held-out queries of the recall self-check")
         g.add_argument("--target_recall", type=float, default=IndexConfig.target_recall,
-                       help="10-recall@10 the recommended nprobe must reach")
+                       help="10-recall@10 the chosen index must reach at its recommended search setting")
+        g.add_argument("--max_query_ms", type=float, default=IndexConfig.max_query_ms,
+                       help="batched ms per query the recommended search setting may cost")
+        g.add_argument("--recall_queries", default="",
+                       help="JSON-lines queries in eval's format (modality, query, relevant), encoded with the "
+                            "run's models: the recall self-check and the index choice also measure them")
         g.add_argument("--merge_index", action="store_true", help="also write index/merged.faiss")
         g.add_argument("--reuse_quantizer", default=IndexConfig.reuse_quantizer, choices=list(REUSE_QUANTIZER),
                        help="auto: reuse the previous run's trained IVF-PQ when the model is unchanged and the "
@@ -286,6 +291,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
                           nbits=o.index_nbits, opq=o.index_opq, metric=o.index_metric,
                           memory_gb=o.index_memory_gb, train_size=o.index_train_size,
                           num_queries=o.index_queries, target_recall=o.target_recall, merge=o.merge_index,
+                          max_query_ms=o.max_query_ms, recall_queries=o.recall_queries,
                           reuse_quantizer=o.reuse_quantizer,
                           quantizer_drift_tolerance=o.quantizer_drift_tolerance),
         media_errors=o.media_errors,

@@ -114,6 +114,8 @@ def should_reuse_quantizer(
 # --------------------------------------------------------------------------- what the index stage records and reads
 
 REUSE_SETTINGS = ("auto", "never")
+# the index families whose trained quantizer a later run may reuse (the IVF ones; see pipeline/index_select.py)
+REUSABLE_FAMILIES = ("ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 NOT_APPLICABLE = "exact flat index: no quantizer to train or reuse"
 
 
@@ -130,6 +132,9 @@ class PreviousQuantizer:
     model_fingerprint: str
     baseline_error: float | None  # held-out quantization error when the quantizer was trained
     trained_run_id: str  # the run that trained it (older than run_id when run_id itself reused it)
+    family: str = ""  # pipeline.index_select family ("" for a user factory string or an older run)
+    search_params: dict = dataclasses.field(default_factory=dict)  # the run's recommended search setting
+    bytes_per_vector: float = 0.0  # its memory per vector (0: not recorded)
 
     @staticmethod
     def from_manifest(run_dir: str, manifest: dict) -> "PreviousQuantizer | None":
@@ -144,7 +149,9 @@ class PreviousQuantizer:
             run_id=run_id, trained_path=f"{run_dir.rstrip('/')}/{index['trained']}", sha256=sha,
             factory=index.get("factory", ""), metric=index.get("metric", ""), kind=index.get("kind", ""),
             model_fingerprint=recorded.get("model_fingerprint") or manifest.get("model_fingerprint", ""),
-            baseline_error=recorded.get("baseline_error"), trained_run_id=recorded.get("trained_run_id") or run_id)
+            baseline_error=recorded.get("baseline_error"), trained_run_id=recorded.get("trained_run_id") or run_id,
+            family=index.get("family", ""), search_params=dict(index.get("search_params") or {}),
+            bytes_per_vector=float(index.get("bytes_per_vector") or 0.0))
 
 
 def decide(previous: PreviousQuantizer | None, load_previous, held_out: np.ndarray, *, factory: str, metric: str,
@@ -172,7 +179,12 @@ def decide(previous: PreviousQuantizer | None, load_previous, held_out: np.ndarr
     if previous is None:
         return refuse(unavailable or "no previous run with a trained index")
     if previous.kind != "ivfpq":
-        return refuse(f"previous run {previous.run_id} built an exact flat index: no quantizer to reuse")
+        return refuse(f"previous run {previous.run_id} built an exact flat index: no quantizer to reuse"
+                      if previous.kind == "flat" else
+                      f"previous run {previous.run_id} built a {previous.kind} index: no quantizer to reuse")
+    if previous.family and previous.family not in REUSABLE_FAMILIES:
+        return refuse(f"previous run {previous.run_id} built a {previous.family} index: quantizer reuse applies "
+                      f"to {', '.join(REUSABLE_FAMILIES)}")
     if (previous.factory, previous.metric) != (factory, metric):
         return refuse(f"index parameters changed ({previous.factory} {previous.metric} -> {factory} {metric})")
     if previous.baseline_error is None:
@@ -199,7 +211,7 @@ def held_out_error(index: faiss.Index, held_out: np.ndarray) -> float | None:
 
 def manifest_block(decision: QuantizerDecision | None, *, setting: str, model_fingerprint: str,
                    previous: PreviousQuantizer | None = None, fresh_error: float | None = None,
-                   held_out_vectors: int = 0, run_id: str = "") -> dict:
+                   held_out_vectors: int = 0, run_id: str = "", not_applicable: str = NOT_APPLICABLE) -> dict:
     """``manifest["index"]["quantizer"]``: the decision and its figures, and what the next run compares with.
 
     ``baseline_error`` is the held-out error at *training* time; a reusing run
@@ -209,11 +221,12 @@ def manifest_block(decision: QuantizerDecision | None, *, setting: str, model_fi
     is tonight's measurement through the quantizer actually used.
     """
     if decision is None:
-        return {"applicable": False, "reused": False, "reason": NOT_APPLICABLE, "reuse_setting": setting,
-                "model_fingerprint": model_fingerprint}
+        return {"applicable": False, "reused": False, "reason": not_applicable, "reuse_setting": setting,
+                "model_fingerprint": model_fingerprint, "applies_to": list(REUSABLE_FAMILIES)}
     reused = decision.reuse
     return {
         "applicable": True,
+        "applies_to": list(REUSABLE_FAMILIES),
         "reused": reused,
         **decision.to_json(),
         "reuse_setting": setting,

@@ -27,22 +27,44 @@ class Run:
     item_ids: dict[int, np.ndarray]  # shard -> item ids by row
 
     @property
-    def default_nprobe(self) -> int | None:
-        return self.manifest["index"]["recall"]["recommended_nprobe"]
+    def default_params(self) -> dict:
+        """The search setting the run recommends (nprobe, k_factor, efSearch: those that apply)."""
+        info = self.manifest["index"]
+        params = info.get("search_params")
+        if params is None:  # a run from before candidate selection recorded only an nprobe
+            params = info.get("recall", {}).get("recommended_params")
+        if params is None:
+            nprobe = info.get("recall", {}).get("recommended_nprobe")
+            params = {"nprobe": nprobe} if nprobe is not None else {}
+        return dict(params)
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, list[list[str]]]:
+    @property
+    def default_nprobe(self) -> int | None:
+        return self.default_params.get("nprobe")
+
+    def search_params(self, nprobe: int | None = None, params: dict | None = None) -> dict:
+        """The recorded setting with ``params`` and ``nprobe`` (when given) put over it."""
+        out = {**self.default_params, **(params or {})}
+        if nprobe is not None:
+            out["nprobe"] = nprobe
+        return out
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, params: dict | None = None
+               ) -> tuple[np.ndarray, list[list[str]]]:
         """Top-``k`` items for each query row: scores [n, k] (higher is better) and item ids.
 
         Scores are inner products (metric ``ip``) or negative squared L2
         distances (``l2``). A query with fewer than ``k`` results (a tiny
         catalog, or a small nprobe) gets a shorter id list and -inf scores in
-        the missing places. ``nprobe`` defaults to the manifest's recommended one.
+        the missing places. The search setting (nprobe, k_factor, efSearch)
+        defaults to the manifest's recommended one; ``nprobe``/``params`` override it.
         """
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         dim = self.manifest["index"]["dim"]
         if queries.shape[1] != dim:
             raise ValueError(f"queries have dimension {queries.shape[1]}, the index has {dim}")
-        scores, ids = self.index.search(queries, k, nprobe if nprobe is not None else self.default_nprobe)
+        self.index.set_params(self.search_params(nprobe if self.index.ivf else None, params))
+        scores, ids = self.index.search(queries, k)
         scores = scores.astype(np.float32)
         if self.index.metric == "l2":
             scores = -scores

@@ -95,6 +95,8 @@ class IndexSearcher:
         self.index_metric, self.factory = info["metric"], info["factory"]
         self.nprobe = (nprobe if nprobe is not None else run.default_nprobe) if run.index.ivf else None
         self.nprobe_ignored = nprobe is not None and not run.index.ivf  # a flat index scans everything
+        # the recorded setting (nprobe, k_factor, efSearch) with the caller's nprobe over it
+        self.params = run.search_params(self.nprobe if run.index.ivf else None)
         self.ids = [str(i) for shard in sorted(run.item_ids) for i in run.item_ids[shard]]
 
     @property
@@ -108,18 +110,23 @@ class IndexSearcher:
 
     def describe(self) -> dict:
         return {"kind": "index", "factory": self.factory, "index_metric": self.index_metric, "metric": self.metric,
-                "nprobe": self.nprobe, "conversion": self.conversion or None}
+                "nprobe": self.nprobe, "search_params": self.params, "conversion": self.conversion or None}
 
     def label(self) -> str:
-        probe = (f", nprobe {self.nprobe}" if self.nprobe is not None
-                 else ", exact flat scan" + ("; --nprobe ignored" if self.nprobe_ignored else ""))
+        others = ", ".join(f"{k} {v}" for k, v in self.params.items() if k != "nprobe")
+        if self.nprobe is not None:
+            probe = f", nprobe {self.nprobe}" + (f", {others}" if others else "")
+        elif others:
+            probe = f", {others}" + ("; --nprobe ignored" if self.nprobe_ignored else "")
+        else:
+            probe = ", exact flat scan" + ("; --nprobe ignored" if self.nprobe_ignored else "")
         conv = f"; {self.conversion}" if self.conversion else ""
         return f"index {self.factory} ({self.index_metric}{probe}){conv}"
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        scores, ids = self.run.search(queries, k, self.nprobe)
+        scores, ids = self.run.search(queries, k, params=self.params)
         found = np.isfinite(scores)
         # Run.search gives inner products (ip) or negative squared distances (l2); convert to the metric
         if self.index_metric == "ip":

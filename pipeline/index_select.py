@@ -1,0 +1,399 @@
+"""Choose the index by measurement within a memory budget (no Beam here).
+
+The flow, autofaiss-like but measured rather than formula-picked:
+
+1. ``plan``: every candidate family (exact flat fp32/fp16, HNSW, IVF with SQ8
+   or fp16 codes, IVF-PQ, IVF-PQ with OPQ, IVF-PQ with a refinement stage over
+   SQ8/fp16/flat copies) gets a factory string sized to this catalog, and its
+   memory for all ``n`` vectors is estimated *before anything is built* (the
+   preflight): a candidate over the budget is recorded with a reason and never
+   trained.
+2. ``select``: the fitting candidates are trained on the deterministic sample
+   in order of memory, cheapest first; each fills its trained copy with the
+   training rows and is searched with the held-out queries (and the run's own
+   recall queries, when given) over a ladder of search settings (nprobe,
+   k_factor, efSearch), against exact ground truth on the same rows.
+3. The winner is the cheapest candidate (memory first, then latency) that
+   reaches the target recall at some setting whose batched latency, scaled to
+   the whole catalog, is within ``max_query_ms``. Once a candidate wins, the
+   costlier ones cannot, so they are recorded as not measured. Every IVF
+   candidate shares one coarse quantizer, trained once (for OPQ, its rotation
+   of the same centroids: an orthogonal map keeps distances).
+
+The winner's trained, empty index is the one the shards are filled from: the
+selection's training is the build's training, not an extra pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import faiss
+import numpy as np
+
+from pipeline import indexing
+from pipeline.quantizer_reuse import REUSABLE_FAMILIES as REUSABLE
+
+MIN_POINTS_PER_LIST = 39  # faiss's k-means warns below 39 training points per centroid
+MAX_POINTS_PER_LIST = 256  # faiss samples at most 256 points per centroid for k-means
+HNSW_M = 32
+EF_SEARCH = (16, 32, 64, 128, 256, 512)
+K_FACTORS = (1, 2, 4, 8, 16, 32)
+SINGLE_QUERIES = 20
+CODEBOOK_POINTS_PER_CENTROID = 64
+# PQ codebook training is one k-means per sub-quantizer: past 64 of them it dominates a CPU build (faiss-cpu
+# without AVX2 here: PQ128x8 took 105 s on 10k vectors); more accuracy comes from SQ8 or refinement instead
+MAX_PQ_M = 64
+OPQ_NITER = 25  # faiss's default is 50; the rotation's gain flattens well before
+OPQ_MAX_GAIN = 0.10  # recall an OPQ rotation is assumed unable to add over plain PQ of the same code size
+FAMILIES = ("flat", "flat_fp16", "hnsw", "ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
+# the families whose trained quantizer a later run may reuse: the IVF ones (flat and HNSW train nothing)
+REUSABLE_FAMILIES = REUSABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One index family sized to the catalog, and its memory estimate (the preflight)."""
+
+    name: str  # faiss factory string
+    family: str
+    bytes_per_vector: float
+    memory_bytes: int  # estimated for the whole catalog
+    fits_budget: bool
+    nlist: int = 0
+    m: int = 0
+    nbits: int = 0
+    skipped_reason: str | None = None
+
+    @property
+    def ivf(self) -> bool:
+        return self.family.startswith("ivf")
+
+    def params(self, metric: str, dim: int, note: str = "") -> indexing.IndexParams:
+        kind = "ivfpq" if self.ivf else ("hnsw" if self.family == "hnsw" else "flat")
+        return indexing.IndexParams(self.name, metric, dim, kind, nlist=self.nlist, m=self.m, nbits=self.nbits,
+                                    opq=self.family == "ivf_pq_opq", bytes_per_vector=self.bytes_per_vector,
+                                    estimated_bytes=self.memory_bytes, note=note, family=self.family)
+
+
+def choose_nlist(n: int, n_train: int) -> tuple[int, str]:
+    """IVF lists by faiss's guidance (4*sqrt(N) .. 16*sqrt(N) below 1M vectors, 2^16 for 1M-10M, 2^18 above),
+    capped so that each list gets at least 39 training points; 0 when the sample cannot train IVF at all."""
+    if n < 1_000_000:
+        target = 1 << round(math.log2(4 * math.sqrt(max(n, 1))))
+    else:
+        target = 1 << (16 if n < 10_000_000 else 18)
+    cap = n_train // MIN_POINTS_PER_LIST
+    if cap < 4:
+        return 0, f"{n_train} training vectors cannot train an IVF index (needs at least {4 * MIN_POINTS_PER_LIST})"
+    chosen = min(target, 1 << int(math.log2(cap)))
+    note = "" if chosen == target else (f"nlist {chosen} instead of faiss's guideline {target}: {n_train} training "
+                                         f"vectors give at least {MIN_POINTS_PER_LIST} per list")
+    return chosen, note
+
+
+def _pq_m(dim: int, max_code_bytes: float, min_dims: int = 4) -> int:
+    """The most PQ sub-quantizers (dividing ``dim``, >= ``min_dims`` dimensions each, at most MAX_PQ_M)
+    within ``max_code_bytes``."""
+    fitting = [d for d in range(1, min(dim, MAX_PQ_M) + 1)
+               if dim % d == 0 and dim // d >= min_dims and d <= max_code_bytes]
+    return max(fitting) if fitting else 0
+
+
+def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip") -> tuple[list[Candidate], str]:
+    """Every candidate family sized to ``n`` vectors of ``dim``, memory estimated, in memory order.
+
+    Candidates over the budget are kept (``fits_budget`` False, with the reason) so the
+    manifest shows what was ruled out before anything was built. Returns (candidates, note).
+    """
+    budget = memory_gb * (1 << 30)
+    id_bytes = 8  # every vector's int64 id, in an IVF list or an IndexIDMap
+    out: list[tuple[str, str, float, int, dict]] = []  # (name, family, per vector, fixed overhead, extra)
+
+    out.append(("IDMap,Flat", "flat", 4 * dim + id_bytes, 0, {}))
+    out.append(("IDMap,SQfp16", "flat_fp16", 2 * dim + id_bytes, 0, {}))
+    # HNSW: the vector, about 2*M links on level 0 plus the upper levels' few, level bookkeeping, the id
+    out.append((f"IDMap,HNSW{HNSW_M}", "hnsw", 4 * dim + 4 * (2 * HNSW_M + 2) + 16 + id_bytes, 0, {}))
+
+    nlist, note = choose_nlist(n, n_train)
+    if nlist:
+        coarse = 4 * nlist * dim
+        out.append((f"IVF{nlist},SQ8", "ivf_sq8", dim + id_bytes, coarse + 8 * dim, {"nlist": nlist}))
+        out.append((f"IVF{nlist},SQfp16", "ivf_fp16", 2 * dim + id_bytes, coarse, {"nlist": nlist}))
+        nbits = min(8, int(math.log2(max(n_train // MIN_POINTS_PER_LIST, 1))))
+        if nbits >= 4:
+            codebooks = 4 * (1 << nbits) * dim
+            # the largest PQ that fits the budget (after the coarse quantizer and codebooks)
+            room = (budget - coarse - codebooks - 4 * dim * dim) / max(n, 1) - id_bytes
+            m = _pq_m(dim, room * 8 / nbits)
+            if m:
+                code = math.ceil(m * nbits / 8)
+                out.append((f"IVF{nlist},PQ{m}x{nbits}np", "ivf_pq", code + id_bytes, coarse + codebooks,
+                            {"nlist": nlist, "m": m, "nbits": nbits}))
+                out.append((f"OPQ{m},IVF{nlist},PQ{m}x{nbits}np", "ivf_pq_opq", code + id_bytes,
+                            coarse + codebooks + 4 * dim * dim, {"nlist": nlist, "m": m, "nbits": nbits}))
+            # refinement: a coarse PQ (8 dimensions per code) finds k * k_factor candidates, a finer copy reranks
+            m_base = _pq_m(dim, dim / 8 * 8 / nbits, min_dims=8) or m
+            if m_base:
+                code = math.ceil(m_base * nbits / 8)
+                for refine, size in (("Refine(SQ8)", dim), ("Refine(SQfp16)", 2 * dim), ("RFlat", 4 * dim)):
+                    # IVF list id + the IDMap's id (IndexRefine cannot take ids itself)
+                    out.append((f"IDMap,IVF{nlist},PQ{m_base}x{nbits}np,{refine}", "ivf_pq_refine",
+                                code + 2 * id_bytes + size, coarse + codebooks + (8 * dim if "SQ8" in refine else 0),
+                                {"nlist": nlist, "m": m_base, "nbits": nbits}))
+    cands = []
+    for name, family, per_vector, fixed, extra in out:
+        total = int(n * per_vector + fixed)
+        fits = total <= budget
+        reason = None if fits else f"over the memory budget: {total / (1 << 30):.3g} GB > {memory_gb:g} GB"
+        cands.append(Candidate(name, family, float(per_vector), total, fits, skipped_reason=reason, **extra))
+    cands.sort(key=lambda c: (c.memory_bytes, FAMILIES.index(c.family)))
+    return cands, note
+
+
+def settings_ladder(candidate: Candidate) -> list[list[dict]]:
+    """Search settings to try, as groups: within a group, cost grows, so a group stops once one setting
+    reaches the target (or the latency cap)."""
+    if candidate.family == "hnsw":
+        return [[{"efSearch": ef} for ef in EF_SEARCH]]
+    if not candidate.ivf:
+        return [[{}]]
+    nprobes = sorted({min(p, candidate.nlist) for p in indexing.DEFAULT_NPROBES})
+    if candidate.family == "ivf_pq_refine":
+        return [[{"nprobe": p, "k_factor": kf} for p in nprobes] for kf in K_FACTORS]
+    return [[{"nprobe": p} for p in nprobes]]
+
+
+@dataclasses.dataclass
+class QuerySet:
+    """Queries and their exact top-k over the measured rows (ids are row numbers of the database)."""
+
+    name: str  # "held_out" | "recall_queries"
+    queries: np.ndarray
+    truth: np.ndarray
+
+
+def measure(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict, k: int,
+            single_queries: int = SINGLE_QUERIES) -> list[dict]:
+    """One setting's recall and latency on every query set (rows of the manifest's ``settings``)."""
+    rows = []
+    for qs in sets:
+        index.set_params(params)
+        start = time.perf_counter()
+        _, found = index.search(qs.queries, k)
+        batch_ms = (time.perf_counter() - start) * 1000 / max(len(qs.queries), 1)
+        singles = []
+        for q in qs.queries[:single_queries]:
+            start = time.perf_counter()
+            index.search(q[None, :], k)
+            singles.append((time.perf_counter() - start) * 1000)
+        rows.append({"params": dict(params), "query_set": qs.name,
+                     "recall_at_10": round(indexing.recall_at(found, qs.truth, k), 4),
+                     "recall_at_1": round(indexing.one_recall_at_one(found, qs.truth), 4),
+                     "ms_per_query_batch": round(batch_ms, 4),
+                     "ms_single_p50": round(float(np.median(singles)), 4) if singles else None})
+    return rows
+
+
+def _scale(candidate: Candidate, n: int, n_db: int) -> float:
+    """How a search's time on ``n_db`` rows grows to ``n``: linearly for scans (flat, IVF lists), about
+    logarithmically for HNSW's graph walk."""
+    ratio = max(1.0, n / max(n_db, 1))
+    return 1 + math.log(ratio) / math.log(max(n_db, 2)) if candidate.family == "hnsw" else ratio
+
+
+def _trained_quantizer(nlist: int, dim: int, metric: str, train: np.ndarray) -> np.ndarray:
+    """The coarse centroids every IVF candidate shares, trained the way a factory's IVF trains them."""
+    ivf = faiss.index_factory(dim, f"IVF{nlist},Flat", indexing.METRICS[metric])
+    ivf.train(train)
+    return faiss.extract_index_ivf(ivf).quantizer.reconstruct_n(0, nlist)
+
+
+def train_candidate(candidate: Candidate, dim: int, metric: str, train: np.ndarray,
+                    centroids: np.ndarray | None) -> faiss.Index:
+    """An empty trained index of ``candidate``; IVF candidates start from the shared ``centroids``."""
+    index = indexing.new_index(candidate.name, dim, metric)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and centroids is not None:
+        base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
+        if isinstance(base, faiss.IndexPreTransform):  # OPQ: train the rotation, then rotate the centroids
+            transform = base.chain.at(0)
+            transform.train(train)
+            ivf.quantizer.add(transform.apply(centroids))
+        else:
+            ivf.quantizer.add(centroids)
+    if ivf is not None:
+        _cap_codebook_training(index, ivf)
+    if not index.is_trained:
+        index.train(train)
+    return index
+
+
+def _cap_codebook_training(index: faiss.Index, ivf: faiss.IndexIVF) -> None:
+    """PQ codebooks and OPQ rotations train on at most CODEBOOK_POINTS_PER_CENTROID points per codeword
+    (faiss's default is 256): k-means over thousands of 4-dimensional sub-vectors is the costly part of a
+    PQ candidate, and 64 points per centroid is within faiss's guidance."""
+    ivfpq = faiss.try_extract_index_ivf(index)
+    pq = getattr(faiss.downcast_index(ivfpq), "pq", None)
+    if pq is not None:
+        pq.cp.max_points_per_centroid = CODEBOOK_POINTS_PER_CENTROID
+        base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
+        if isinstance(base, faiss.IndexPreTransform):
+            opq = faiss.downcast_VectorTransform(base.chain.at(0))
+            if isinstance(opq, faiss.OPQMatrix):
+                opq.max_train_points = CODEBOOK_POINTS_PER_CENTROID * (1 << pq.nbits)
+                opq.niter = OPQ_NITER
+
+
+@dataclasses.dataclass
+class Selection:
+    """The measured candidates, the winner and its trained empty index."""
+
+    candidates: list[dict]
+    chosen: dict
+    params: indexing.IndexParams
+    index: faiss.Index
+    seconds: float  # the whole selection: every candidate's training and measurement
+    train_seconds: float  # the winner's own training (shared coarse quantizer included when it is IVF)
+
+
+def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) -> tuple[dict | None, bool]:
+    """(the cheapest setting reaching ``target`` on every query set within the latency cap, True), else
+    (the most accurate setting within the cap, False); latency is the batched one scaled to the catalog."""
+    by_params: dict[str, list[dict]] = {}
+    for r in rows:
+        by_params.setdefault(repr(sorted(r["params"].items())), []).append(r)
+    best, best_key = None, None
+    for group in by_params.values():
+        recall = min(r["recall_at_10"] for r in group)
+        ms = max(r["ms_per_query_batch"] for r in group) * scale
+        within = ms <= max_ms
+        meets = within and recall >= target
+        key = (meets, within, -ms if meets else recall, -ms)
+        if best_key is None or key > best_key:
+            best, best_key = group[0]["params"], key
+    return best, bool(best_key and best_key[0])
+
+
+def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, metric: str, memory_gb: float,
+           target: float, max_query_ms: float, k: int = 10, families: Sequence[str] | None = None,
+           log: Callable[[str], None] = lambda _: None) -> Selection:
+    """Trains and measures candidates in memory order; returns the cheapest that meets the target.
+
+    ``sets`` hold the queries and their exact top-k among ``train``'s rows (the
+    measured database). With no candidate meeting the target, the most accurate
+    fitting one within the latency cap wins, and ``chosen["why"]`` says so.
+    """
+    start = time.perf_counter()
+    plan_rows, note = plan(n, dim, len(train), memory_gb, metric)
+    if families is not None:
+        plan_rows = [c for c in plan_rows if c.family in families]
+    train = np.ascontiguousarray(train, np.float32)
+    n_train_ivf = min(len(train), MAX_POINTS_PER_LIST * max((c.nlist for c in plan_rows), default=1))
+    ivf_train = train[:n_train_ivf]
+    harder = "recall_queries" if any(s.name == "recall_queries" for s in sets) else "held_out"
+    centroids, coarse_s, results, winner = None, 0.0, [], None
+    for cand in plan_rows:
+        entry = {"name": cand.name, "family": cand.family, "bytes_per_vector": cand.bytes_per_vector,
+                 "memory_bytes": cand.memory_bytes, "fits_budget": cand.fits_budget,
+                 "skipped_reason": cand.skipped_reason, "train_seconds": 0.0, "settings": [],
+                 "best_setting": None, "meets_target": False}
+        results.append((cand, entry, None))
+        if not cand.fits_budget:
+            continue
+        if winner is not None and cand.memory_bytes > winner[0].memory_bytes:
+            entry["skipped_reason"] = f"not measured: {winner[0].name} uses less memory and meets the target"
+            continue
+        skip = _opq_not_worth_it(cand, results, plan_rows, target)
+        if skip:
+            entry["skipped_reason"] = skip
+            continue
+        t0 = time.perf_counter()
+        if cand.ivf and centroids is None:
+            centroids = _trained_quantizer(cand.nlist, dim, metric, ivf_train)
+            coarse_s = time.perf_counter() - t0
+            log(f"index: coarse quantizer IVF{cand.nlist} trained on {len(ivf_train)} vectors in {coarse_s:.1f} s")
+        index = train_candidate(cand, dim, metric, ivf_train if cand.ivf else train, centroids)
+        empty = indexing.to_bytes(index)
+        entry["train_seconds"] = round(time.perf_counter() - t0, 3)
+        filled, _ = indexing.fill_shard(empty, train, 0)
+        sharded = indexing.ShardedIndex([filled], metric)
+        scale = _scale(cand, n, len(train))
+        for group in settings_ladder(cand):
+            for params in group:
+                rows = measure(sharded, sets, params, k)
+                entry["settings"] += rows
+                recall = min(r["recall_at_10"] for r in rows)
+                ms = max(r["ms_per_query_batch"] for r in rows) * scale
+                if recall >= target or ms > max_query_ms:
+                    break  # costlier settings of this group: no better choice, or over the cap
+        best, meets = _best_setting(entry["settings"], target, max_query_ms, scale)
+        entry.update(best_setting=best, meets_target=meets, latency_scale=round(scale, 3))
+        results[-1] = (cand, entry, empty)
+        log(f"index: candidate {cand.name}: {'meets' if meets else 'misses'} the target "
+            f"(best setting {best}, trained in {entry['train_seconds']:.1f} s)")
+        if meets and (winner is None or _cheaper(entry, winner[1], scale, winner[3])):
+            winner = (cand, entry, empty, scale)
+    why, fallback = "", None
+    if winner is None:  # nobody meets the target: the most accurate measured candidate within the cap
+        measured = [(c, e, b) for c, e, b in results if b is not None]
+        if not measured:
+            raise indexing.IndexParamsError(f"no index candidate fits the memory budget of {memory_gb:g} GB "
+                                            f"for {n} x {dim} vectors: " + "; ".join(
+                                                f"{c.name}: {c.skipped_reason}" for c, _, _ in results))
+        fallback = max(measured, key=lambda t: _best_recall(t[1]))
+        cand, entry, empty = fallback
+        why = (f"no candidate reached 10-recall@10 >= {target} within {max_query_ms:g} ms/query; {cand.name} "
+               f"({cand.family}, {cand.bytes_per_vector:.0f} B/vector) reached the most: "
+               f"{_best_recall(entry):.3f} at {entry['best_setting']}")
+    else:
+        cand, entry, empty, _ = winner
+        cheaper = [e for c, e, b in results if b is not None and e is not entry]
+        why = (f"{cand.name} ({cand.family}, {cand.bytes_per_vector:.0f} B/vector, "
+               f"{cand.memory_bytes / (1 << 30):.3g} GB) is the least memory that reaches 10-recall@10 >= {target} "
+               f"on the {'recall' if harder == 'recall_queries' else 'held-out'} queries within {max_query_ms:g} ms/query, at {entry['best_setting']}"
+               + (f"; measured and missed: {', '.join(e['name'] for e in cheaper if not e['meets_target'])}"
+                  if any(not e["meets_target"] for e in cheaper) else ""))
+    chosen = {"name": cand.name, "family": cand.family, "params": entry["best_setting"] or {}, "why": why,
+              "meets_target": entry["meets_target"], "query_set": harder}
+    train_s = entry["train_seconds"] + (coarse_s if cand.ivf else 0.0)
+    return Selection([e for _, e, _ in results], chosen, cand.params(metric, dim, note),
+                     indexing.from_bytes(empty), time.perf_counter() - start, train_s)
+
+
+def _opq_not_worth_it(cand: Candidate, results: list, plan_rows: Sequence[Candidate], target: float) -> str | None:
+    """Why an OPQ candidate is not trained (OPQ training costs many times a PQ's), or None to train it.
+
+    Only when its PQ twin (same code size) was measured more than OPQ_MAX_GAIN
+    below the target *and* a costlier family that may still meet it fits the
+    budget: a rotation rarely buys more than a few points of recall. Without
+    such a fallback (a tight budget) OPQ is always measured.
+    """
+    if cand.family != "ivf_pq_opq":
+        return None
+    twin = next((e for c, e, b in results if c.family == "ivf_pq" and c.m == cand.m and b is not None), None)
+    if twin is None:
+        return None
+    gap = target - _best_recall(twin)
+    others = [c for c in plan_rows if c.fits_budget and c.memory_bytes > cand.memory_bytes
+              and c.family not in ("ivf_pq", "ivf_pq_opq")]
+    if gap > OPQ_MAX_GAIN and others:
+        return (f"not measured: {twin['name']} (same code size) reached {_best_recall(twin):.3f}, more than "
+                f"{OPQ_MAX_GAIN} below the target, and costlier families fit the budget")
+    return None
+
+
+def _best_recall(entry: dict) -> float:
+    best = entry["best_setting"]
+    rows = [r for r in entry["settings"] if r["params"] == best] or entry["settings"]
+    return min((r["recall_at_10"] for r in rows), default=0.0)
+
+
+def _cheaper(a: dict, b: dict, scale_a: float, scale_b: float) -> bool:
+    """Memory first, then the batched latency of the best setting."""
+    def ms(e, s):
+        return max((r["ms_per_query_batch"] for r in e["settings"] if r["params"] == e["best_setting"]),
+                   default=math.inf) * s
+    return (a["memory_bytes"], ms(a, scale_a)) < (b["memory_bytes"], ms(b, scale_b))

@@ -1,0 +1,143 @@
+"""Index choice by measurement within a memory budget, on seeded clustered vectors (no Beam)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import index_select, indexing
+from test_indexing import clustered
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = clustered(12_400, 32, clusters=64, noise=0.35)
+    train, queries = x[400:], x[:400]
+    truth = indexing.exact_topk(train, np.arange(len(train)), queries, K, "ip")[1]
+    return train, queries, truth
+
+
+def test_nlist_follows_faiss_guidance_and_the_sample():
+    assert index_select.choose_nlist(10_000, 40_000) == (512, "")  # 4*sqrt(10k) = 400: the nearest power of 2
+    assert index_select.choose_nlist(10_000, 10_000)[0] == 256  # at least 39 training points per list
+    nlist, note = index_select.choose_nlist(1_000_000, 100_000)
+    assert nlist == 2048 and "65536" in note  # 1M-10M: 2^16 lists by the guideline, capped by the sample
+    assert index_select.choose_nlist(5_000_000, 65536 * 39)[0] == 65536
+    assert index_select.choose_nlist(100, 100)[0] == 0
+
+
+def test_preflight_sizes_every_candidate_before_building_anything():
+    n, dim = 1_000_000, 512
+    roomy, _ = index_select.plan(n, dim, 100_000, memory_gb=4.0)
+    assert {c.family for c in roomy} == set(index_select.FAMILIES)
+    assert [c.memory_bytes for c in roomy] == sorted(c.memory_bytes for c in roomy)
+    by_family = {c.family: c for c in roomy}
+    assert by_family["flat"].bytes_per_vector == 4 * dim + 8 and by_family["flat"].fits_budget  # 2 GB of 4
+    assert by_family["ivf_sq8"].bytes_per_vector == dim + 8
+    assert by_family["ivf_pq"].name == "IVF2048,PQ64x8np"  # the finest PQ within MAX_PQ_M
+    tight, _ = index_select.plan(n, dim, 100_000, memory_gb=100 * n / (1 << 30))  # 100 bytes per vector
+    fitting = [c for c in tight if c.fits_budget]
+    assert {c.family for c in fitting} == {"ivf_pq", "ivf_pq_opq"}
+    assert all(c.memory_bytes <= 100 * n for c in fitting)
+    assert all("over the memory budget" in c.skipped_reason for c in tight if not c.fits_budget)
+
+
+def test_the_cheapest_candidate_that_meets_the_target_wins(data):
+    train, queries, truth = data
+    # OPQ's training is the slow one (test_opq_shares_the_rotated_coarse_quantizer covers it)
+    families = [f for f in index_select.FAMILIES if f != "ivf_pq_opq"]
+    sel = index_select.select(200_000, 32, train, [index_select.QuerySet("held_out", queries, truth)],
+                              metric="ip", memory_gb=1.0, target=0.95, max_query_ms=50, families=families)
+    chosen = next(c for c in sel.candidates if c["name"] == sel.chosen["name"])
+    assert chosen["meets_target"] and sel.chosen["params"] == chosen["best_setting"]
+    best = [r for r in chosen["settings"] if r["params"] == chosen["best_setting"]]
+    assert best and all(r["recall_at_10"] >= 0.95 for r in best)
+    for c in sel.candidates:
+        if c["memory_bytes"] < chosen["memory_bytes"]:  # every cheaper one was measured and missed
+            assert c["settings"] and not c["meets_target"], c
+        elif c["memory_bytes"] > chosen["memory_bytes"]:  # a costlier one cannot win: not even trained
+            assert not c["settings"] and "not measured" in c["skipped_reason"]
+    assert "least memory" in sel.chosen["why"]
+    # the returned index is the winner, trained and empty: the shards are filled from it
+    assert sel.index.ntotal == 0 and sel.index.is_trained and sel.params.factory == chosen["name"]
+    index, _ = indexing.fill_shard(sel.index, train, 0)
+    sharded = indexing.ShardedIndex([index], "ip")
+    sharded.set_params(sel.chosen["params"])
+    assert indexing.recall_at(sharded.search(queries, K)[1], truth, K) >= 0.9
+
+
+def test_a_tight_budget_keeps_to_it_and_says_when_the_target_is_missed(data):
+    train, queries, truth = data
+    n = 200_000
+    sel = index_select.select(n, 32, train, [index_select.QuerySet("held_out", queries, truth)],
+                              metric="ip", memory_gb=20 * n / (1 << 30), target=0.999, max_query_ms=50,
+                              families=("flat", "ivf_sq8", "ivf_pq"))
+    assert sel.params.estimated_bytes <= 20 * n and sel.chosen["family"] == "ivf_pq"
+    assert [c["family"] for c in sel.candidates if c["fits_budget"]] == ["ivf_pq"]
+    assert not sel.chosen["meets_target"] and "no candidate reached" in sel.chosen["why"]
+    with pytest.raises(indexing.IndexParamsError, match="no index candidate fits"):
+        index_select.select(n, 32, train, [index_select.QuerySet("held_out", queries, truth)],
+                            metric="ip", memory_gb=1e-6, target=0.9, max_query_ms=50)
+
+
+def test_opq_shares_the_rotated_coarse_quantizer():
+    x = clustered(2600, 16, clusters=16, noise=0.3, seed=3)
+    train, queries = x[200:], x[:200]
+    truth = indexing.exact_topk(train, np.arange(len(train)), queries, K, "ip")[1]
+    (cand,) = [c for c in index_select.plan(len(train), 16, len(train), 1.0)[0] if c.family == "ivf_pq_opq"]
+    centroids = index_select._trained_quantizer(cand.nlist, 16, "ip", train)
+    index = index_select.train_candidate(cand, 16, "ip", train, centroids)
+    ivf = indexing.faiss.extract_index_ivf(index)
+    assert ivf.quantizer.ntotal == cand.nlist  # the shared centroids, rotated, not trained again
+    rotation = indexing.faiss.downcast_VectorTransform(indexing.faiss.downcast_index(index).chain.at(0))
+    np.testing.assert_allclose(ivf.quantizer.reconstruct_n(0, cand.nlist), rotation.apply(centroids), atol=1e-5)
+    recall = {}
+    for name, empty in (("opq", index), ("pq", indexing.train_index(indexing.params_for_factory(
+            cand.name.partition(",")[2], "ip", 16, len(train)), train))):
+        sharded = indexing.ShardedIndex([indexing.fill_shard(empty, train, 0)[0]], "ip")
+        recall[name] = indexing.recall_at(sharded.search(queries, K, nprobe=cand.nlist)[1], truth, K)
+    assert recall["opq"] >= 0.9 * recall["pq"] and recall["pq"] > 0.1, recall  # the rotation costs no recall
+
+
+def test_the_harder_query_set_decides(data):
+    train, queries, truth = data
+    far = clustered(300, 32, clusters=64, noise=0.35, seed=7)  # other centres: harder than held-out rows
+    far_truth = indexing.exact_topk(train, np.arange(len(train)), far, K, "ip")[1]
+    sets = [index_select.QuerySet("held_out", queries, truth), index_select.QuerySet("recall_queries", far, far_truth)]
+    sel = index_select.select(200_000, 32, train, sets, metric="ip", memory_gb=1.0, target=0.95, max_query_ms=50,
+                              families=("ivf_sq8",))
+    (cand,) = sel.candidates
+    assert {r["query_set"] for r in cand["settings"]} == {"held_out", "recall_queries"}
+    best = [r for r in cand["settings"] if r["params"] == cand["best_setting"]]
+    assert min(r["recall_at_10"] for r in best) >= 0.95 and sel.chosen["query_set"] == "recall_queries"
+    # held-out rows alone would have stopped at a smaller nprobe
+    held = [r for r in cand["settings"] if r["query_set"] == "held_out" and r["recall_at_10"] >= 0.95]
+    assert min(r["params"]["nprobe"] for r in held) <= cand["best_setting"]["nprobe"]
+
+
+@pytest.mark.parametrize("family", ["hnsw", "ivf_pq_refine", "flat_fp16"])
+def test_non_ivf_and_refined_shards_are_searched_together(data, family):
+    train, queries, truth = data
+    cand = next(c for c in index_select.plan(len(train), 32, len(train), 1.0)[0] if c.family == family)
+    empty = index_select.train_candidate(cand, 32, "ip", train, None)
+    parts = np.array_split(np.arange(len(train)), 3)
+    shards = [indexing.fill_shard(empty, train[rows], s)[0] for s, rows in enumerate(parts)]
+    row_id = np.concatenate([indexing.make_ids(s, len(rows)) for s, rows in enumerate(parts)])
+    sharded = indexing.ShardedIndex(shards, "ip")
+    params = {"hnsw": {"efSearch": 128}, "ivf_pq_refine": {"nprobe": 16, "k_factor": 8}, "flat_fp16": {}}[family]
+    sharded.set_params(params)
+    found = sharded.search(queries, K)[1]
+    assert indexing.recall_at(found, row_id[truth], K) >= 0.9
+    with pytest.raises(ValueError, match="not one of"):
+        sharded.set_params({"nprobes": 3})
+
+
+def test_recommended_setting_is_the_fastest_meeting_the_target_on_every_query_set():
+    rows = [{"params": {"nprobe": p}, "nprobe": p, "query_set": qs, "recall_10_at_10": r, "ms_per_query": ms}
+            for p, qs, r, ms in [(1, "held_out", 0.96, 0.1), (1, "recall_queries", 0.80, 0.1),
+                                 (4, "held_out", 0.99, 0.3), (4, "recall_queries", 0.96, 0.3),
+                                 (8, "held_out", 0.99, 0.6), (8, "recall_queries", 0.97, 0.6)]]
+    assert indexing.recommend_setting(rows, 0.95) == ({"nprobe": 4}, True)
+    assert indexing.recommend_setting(rows, 0.95, max_query_ms=0.2) == ({"nprobe": 1}, False)
+    assert indexing.recommend_setting(rows, 0.999) == ({"nprobe": 8}, False)
