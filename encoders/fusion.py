@@ -273,13 +273,19 @@ class _Batch:
 
 
 def _unit_rows(rows: np.ndarray, present: np.ndarray, what: str, batch: _Batch) -> np.ndarray:
-    """Rows scaled to unit norm; a present row that is non-finite or zero fails its item (row set to 0)."""
+    """Float64 ``rows`` scaled to unit norm in place (callers pass arrays of their own); a present row that is
+    non-finite or zero fails its item (a non-finite row is set to 0)."""
     finite = np.isfinite(rows).all(axis=1)
-    batch.fail(present & ~finite, f"{what} has non-finite values")
-    rows = np.where(finite[:, None], rows, 0.0)
+    if not finite.all():
+        batch.fail(present & ~finite, f"{what} has non-finite values")
+        rows = np.where(finite[:, None], rows, 0.0)
     norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # row by row: a row's norm does not depend on its batch-mates
-    batch.fail(present & finite & (norms < 1e-12), f"{what} has zero norm")
-    return rows / np.where(norms < 1e-12, 1.0, norms)[:, None]
+    zero = norms < 1e-12
+    if zero.any():
+        batch.fail(present & finite & zero, f"{what} has zero norm")
+        norms = np.where(zero, 1.0, norms)
+    rows /= norms[:, None]
+    return rows
 
 
 def _batch_means(n: int, vectors: BatchVectors, layout: Layout,
@@ -350,7 +356,9 @@ def _assemble_batch(layout: Layout, blocks: Sequence[tuple[Block, np.ndarray, np
         scale = np.where(present & (total > 0), np.sqrt(weight / safe), 0.0)
         out[:, block.offset: block.offset + block.dim] = scale[:, None] * rows
     fused = _unit_rows(out, batch.ok.copy(), "fused vector", batch)
-    return np.where(batch.ok[:, None], fused, 0.0).astype(np.float32)
+    if not batch.ok.all():
+        fused[~batch.ok] = 0.0
+    return fused.astype(np.float32)
 
 
 def _agreement_batch(names: Sequence[str], stacked: np.ndarray, mask: np.ndarray, prior: np.ndarray) -> np.ndarray:
