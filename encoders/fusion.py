@@ -255,14 +255,198 @@ def modality_means(vectors: Mapping[str, Mapping[str, Sequence[np.ndarray]]],
     return out
 
 
-def _assemble(layout: Layout, blocks: Mapping[Block, np.ndarray], weights: Mapping[Block, float]) -> np.ndarray:
-    total = sum(weights[b] for b in blocks)
-    if not blocks or total <= 0:
-        raise FusionError("no usable modality vector to fuse")
-    out = np.zeros(layout.dim, np.float64)
-    for block, v in blocks.items():
-        out[block.offset: block.offset + block.dim] = math.sqrt(weights[block] / total) * v
-    return _unit(out, "fused vector").astype(np.float32)
+# (space, modality) -> (item position of each vector, the vectors): one batch's encoder outputs
+BatchVectors = Mapping[tuple[str, str], tuple[Sequence[int], Sequence[np.ndarray]]]
+
+
+class _Batch:
+    """Per-item error bookkeeping of one batch: the first error an item meets is its error."""
+
+    def __init__(self, n: int):
+        self.errors: list[str | None] = [None] * n
+        self.ok = np.ones(n, bool)
+
+    def fail(self, where: np.ndarray, message) -> None:
+        for i in np.flatnonzero(where & self.ok):
+            self.errors[i] = message(i) if callable(message) else message
+        self.ok &= ~where
+
+
+def _unit_rows(rows: np.ndarray, present: np.ndarray, what: str, batch: _Batch) -> np.ndarray:
+    """Float64 ``rows`` scaled to unit norm in place (callers pass arrays of their own); a present row that is
+    non-finite or zero fails its item (a non-finite row is set to 0)."""
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        batch.fail(present & ~finite, f"{what} has non-finite values")
+        rows = np.where(finite[:, None], rows, 0.0)
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # row by row: a row's norm does not depend on its batch-mates
+    zero = norms < 1e-12
+    if zero.any():
+        batch.fail(present & finite & zero, f"{what} has zero norm")
+        norms = np.where(zero, 1.0, norms)
+    rows /= norms[:, None]
+    return rows
+
+
+def _batch_means(n: int, vectors: BatchVectors, layout: Layout,
+                 batch: _Batch) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """(space, modality) -> (present [n], unit float64 [n, d]): each item's vectors averaged, one call per pair."""
+    out: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    spaces = list(dict.fromkeys(space for space, _ in vectors))
+    for space in spaces:
+        for modality in sorted(m for s, m in vectors if s == space):
+            positions, vs = vectors[(space, modality)]
+            positions = np.asarray(positions, np.int64).reshape(-1)
+            if not len(positions):
+                continue
+            had = np.zeros(n, bool)
+            had[positions] = True
+            if space not in layout.spaces:
+                batch.fail(had, f"space {space!r} is not in the layout {list(layout.spaces)}")
+                continue
+            dim = layout.space_dim(space)
+            lengths = np.array([len(v) for v in vs])
+            wrong = lengths != dim
+            if wrong.any():
+                bad = np.zeros(n, bool)
+                bad[positions[wrong]] = True
+                first = {int(p): int(d) for p, d in zip(positions[wrong][::-1], lengths[wrong][::-1])}
+                batch.fail(bad, lambda i: f"{space}/{modality} vector has dim {first[i]}, layout says {dim}")
+                positions, vs = positions[~wrong], [v for v, w in zip(vs, wrong) if not w]
+                if not len(positions):
+                    continue
+            what = f"{space}/{modality}"
+            units = _unit_rows(np.asarray(np.stack(vs), np.float64), np.ones(len(positions), bool), what,
+                               _RowBatch(batch, positions))  # type: ignore[arg-type]
+            counts = np.bincount(positions, minlength=n)
+            sums = np.zeros((n, dim), np.float64)
+            if counts.max() == 1:
+                sums[positions] = units
+            else:
+                np.add.at(sums, positions, units)  # several images of an item, added in their order
+            present = counts > 0
+            out[(space, modality)] = (present, _unit_rows(sums / np.maximum(counts, 1)[:, None], present, what, batch))
+    return out
+
+
+class _RowBatch:
+    """A view of :class:`_Batch` over vector rows: a failing row fails the item at its position."""
+
+    def __init__(self, batch: _Batch, positions: np.ndarray):
+        self._batch, self._positions = batch, positions
+
+    def fail(self, where: np.ndarray, message) -> None:
+        items = np.zeros(len(self._batch.errors), bool)
+        items[self._positions[where]] = True
+        self._batch.fail(items, message)
+
+
+def _assemble_batch(layout: Layout, blocks: Sequence[tuple[Block, np.ndarray, np.ndarray, float]],
+                    batch: _Batch) -> np.ndarray:
+    """``blocks``: (block, present [n], unit rows [n, d], weight) -> fused float32 [n, dim], each block scaled
+    by the square root of its weight share among the blocks the item fills."""
+    n = len(batch.errors)
+    total = np.zeros(n, np.float64)
+    for _, present, _, weight in blocks:
+        total += np.where(present, weight, 0.0)
+    batch.fail(total <= 0, "no usable modality vector to fuse")
+    out = np.zeros((n, layout.dim), np.float64)
+    safe = np.where(total > 0, total, 1.0)
+    for block, present, rows, weight in blocks:
+        scale = np.where(present & (total > 0), np.sqrt(weight / safe), 0.0)
+        out[:, block.offset: block.offset + block.dim] = scale[:, None] * rows
+    fused = _unit_rows(out, batch.ok.copy(), "fused vector", batch)
+    if not batch.ok.all():
+        fused[~batch.ok] = 0.0
+    return fused.astype(np.float32)
+
+
+def _agreement_batch(names: Sequence[str], stacked: np.ndarray, mask: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """:func:`agreement_weights` for a whole batch: stacked [n, k, d], mask [n, k] -> weights [n, k]."""
+    pw = mask * prior
+    if ANCHOR_MODALITY not in names or len(names) < 2:
+        return pw
+    a = list(names).index(ANCHOR_MODALITY)
+    cos = np.einsum("nkd,nd->nk", stacked, stacked[:, a])
+    weights = np.where(np.arange(len(names)) == a, pw, prior * np.maximum(0.0, cos) * mask)
+    # the rule applies where the item has the anchor and another modality of the space
+    applies = mask[:, a] & (mask.sum(axis=1) > 1)
+    weights = np.where(applies[:, None], weights, pw)
+    return np.where((weights.sum(axis=1) > 0)[:, None], weights, pw)
+
+
+def fuse_batch(
+    n: int,
+    vectors: BatchVectors,
+    layout: Layout,
+    config: FusionConfig = FusionConfig(),
+    *,
+    query: bool = False,
+    attention: AttentionFn | None = None,
+) -> tuple[np.ndarray, list[str | None]]:
+    """Fuses ``n`` items at once: ``vectors[(space, modality)] = (item positions, vectors)``.
+
+    Returns ``(fused float32 [n, layout.dim], errors)``: ``errors[i]`` is None
+    for an item fused into a unit vector, else why it could not be (its row
+    is zeros); one item's error never touches its batch-mates. The rules are
+    those of :func:`fuse` (the module docstring), computed with one numpy
+    call per (space, modality) over the batch, weights renormalized per item
+    over the modalities it has (a mask). Every operation is row by row, so an
+    item's vector does not depend on its batch-mates. A learned ``attention``
+    is applied item by item (it takes one item's vectors).
+    """
+    batch = _Batch(n)
+    means = _batch_means(n, vectors, layout, batch)
+    blocks: list[tuple[Block, np.ndarray, np.ndarray, float]] = []
+    for block in layout.blocks:
+        space = block.space
+        if config.mode == "concat":
+            if query:
+                names = sorted(m for s, m in means if s == space)
+                if not names:
+                    continue
+                prior = np.array([config.modality_weight(m) for m in names])
+                mask = np.stack([means[(space, m)][0] for m in names], axis=1)
+                psum = (mask * prior).sum(axis=1)
+                mixed = sum(np.where(mask[:, j:j + 1], prior[j] * means[(space, m)][1], 0.0)
+                            for j, m in enumerate(names))
+                present = mask.any(axis=1) & (psum > 0)
+                rows = _unit_rows(mixed, present, f"{space} query", batch)
+            elif (space, block.modality) in means:
+                present, rows = means[(space, block.modality)]
+            else:
+                continue
+            w = config.space_weight(space) * config.modality_weight(block.modality or "")
+            if w > 0:
+                blocks.append((block, present, rows, w))
+            continue
+        names = sorted(m for s, m in means if s == space and config.modality_weight(m) > 0)
+        if not names:
+            continue
+        stacked = np.stack([means[(space, m)][1] for m in names], axis=1)  # [n, k, d]
+        mask = np.stack([means[(space, m)][0] for m in names], axis=1)  # [n, k]
+        prior = np.array([config.modality_weight(m) for m in names])
+        if config.mode == "attention" and attention is not None:
+            weights = np.zeros(mask.shape, np.float64)
+            for i in np.flatnonzero(mask.any(axis=1) & batch.ok):
+                idx = np.flatnonzero(mask[i])
+                got = np.asarray(attention(space, [names[j] for j in idx], stacked[i, idx], prior[idx]), np.float64)
+                if got.shape != idx.shape or not np.all(np.isfinite(got)) or np.any(got < 0):
+                    bad = np.zeros(n, bool)
+                    bad[i] = True
+                    batch.fail(bad, f"attention gave invalid weights {got} for {space}/{[names[j] for j in idx]}")
+                    continue
+                weights[i, idx] = got
+        elif config.mode == "attention":
+            weights = _agreement_batch(names, stacked, mask, prior)
+        else:
+            weights = mask * prior
+        total = weights.sum(axis=1)
+        present = mask.any(axis=1) & (total > 0)
+        mixed = np.einsum("nk,nkd->nd", weights, stacked) / np.where(total > 0, total, 1.0)[:, None]
+        blocks.append((block, present, _unit_rows(mixed, present, f"{space} block", batch),
+                       config.space_weight(space)))
+    return _assemble_batch(layout, blocks, batch), batch.errors
 
 
 def fuse(
@@ -273,7 +457,7 @@ def fuse(
     query: bool = False,
     attention: AttentionFn | None = None,
 ) -> np.ndarray:
-    """``vectors[space][modality]`` -> one float32 unit vector in ``layout``.
+    """``vectors[space][modality]`` -> one float32 unit vector in ``layout``; raises :class:`FusionError`.
 
     Each modality may have several vectors (an item's images); they are
     averaged first. Modalities or spaces an item lacks are left out and the
@@ -282,50 +466,12 @@ def fuse(
     ``query=True`` marks a query: it matters only in ``concat`` mode, where a
     query's vector in a space fills every modality block of that space.
     ``attention`` replaces the agreement rule in ``attention`` mode (a loaded
-    :class:`encoders.attention.FusionAttention`).
+    :class:`encoders.attention.FusionAttention`). A batch of one through
+    :func:`fuse_batch`, so items and queries share one implementation.
     """
-    means = modality_means(vectors, layout)
-    if config.mode == "concat":
-        return _fuse_concat(means, layout, config, query)
-    blocks: dict[Block, np.ndarray] = {}
-    space_weights: dict[Block, float] = {}
-    for block in layout.blocks:
-        per_modality = {m: v for m, v in (means.get(block.space) or {}).items() if config.modality_weight(m) > 0}
-        if not per_modality:
-            continue
-        names = sorted(per_modality)
-        stacked = np.stack([per_modality[m] for m in names])
-        prior = np.array([config.modality_weight(m) for m in names])
-        if config.mode == "attention":
-            weights = np.asarray((attention or agreement_weights)(block.space, names, stacked, prior), np.float64)
-            if weights.shape != prior.shape or not np.all(np.isfinite(weights)) or np.any(weights < 0):
-                raise FusionError(f"attention gave invalid weights {weights} for {block.space}/{names}")
-        else:
-            weights = prior
-        if weights.sum() <= 0:
-            continue
-        blocks[block] = _unit(weights @ stacked / weights.sum(), f"{block.space} block")
-        space_weights[block] = config.space_weight(block.space)
-    return _assemble(layout, blocks, space_weights)
-
-
-def _fuse_concat(means: Mapping[str, Mapping[str, np.ndarray]], layout: Layout, config: FusionConfig,
-                 query: bool) -> np.ndarray:
-    blocks: dict[Block, np.ndarray] = {}
-    weights: dict[Block, float] = {}
-    for block in layout.blocks:
-        per_modality = means.get(block.space) or {}
-        if query and per_modality:
-            # a query has one vector per space (several modalities in one query: their weighted mean)
-            prior = {m: config.modality_weight(m) for m in per_modality}
-            if sum(prior.values()) <= 0:
-                continue
-            v = _unit(sum(prior[m] * per_modality[m] for m in per_modality), f"{block.space} query")
-        elif block.modality in per_modality:
-            v = per_modality[block.modality]
-        else:
-            continue
-        w = config.space_weight(block.space) * config.modality_weight(block.modality or "")
-        if w > 0:
-            blocks[block], weights[block] = v, w
-    return _assemble(layout, blocks, weights)
+    flat = {(space, modality): ([0] * len(vs), list(vs))
+            for space, per_modality in vectors.items() for modality, vs in per_modality.items()}
+    fused, errors = fuse_batch(1, flat, layout, config, query=query, attention=attention)
+    if errors[0] is not None:
+        raise FusionError(errors[0])
+    return fused[0]

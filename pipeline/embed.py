@@ -198,8 +198,7 @@ class _Embed(beam.DoFn):
                     failures[pos].append(f)
         records, dead = [], []
         with self._timers["fuse"].batch(n):
-            for pos, item in enumerate(batch):
-                out = self._fuser(item, vectors[pos], failures[pos], digests[pos], transcripts.get(pos))
+            for out in self._fuser.fuse_items(batch, vectors, failures, digests, transcripts):
                 (dead if isinstance(out, DeadLetter) else records).append(out)
             table = records_to_table(records, self._schema) if records else None
         self._counters["embedded"].inc(len(records))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Mapping, Sequence
 
 from encoders.asr import Transcript
-from encoders.fusion import FusionConfig, FusionError, Layout, fuse
+from encoders.fusion import FusionConfig, Layout, fuse_batch
 from encoders.towers import sound_hears_speech
 from pipeline.config import Route
 from pipeline.records import ItemFailure, MediaDigest, ModalityVector
@@ -68,6 +69,53 @@ class ItemFuser:
 
     def __call__(self, item: CatalogItem, vectors: list[ModalityVector], failures: list[ItemFailure],
                  digests: list[MediaDigest], transcript: Transcript | None) -> EmbeddingRecord | DeadLetter:
+        """One item: a batch of one through :meth:`fuse_items`."""
+        return self.fuse_items([item], [vectors], [failures], [digests], {0: transcript} if transcript is not None else {})[0]
+
+    def fuse_items(self, items: Sequence[CatalogItem], vectors: Sequence[list[ModalityVector]],
+                   failures: Sequence[list[ItemFailure]], digests: Sequence[list[MediaDigest]],
+                   transcripts: Mapping[int, Transcript]) -> list[EmbeddingRecord | DeadLetter]:
+        """Every item of a batch -> its record or dead letter, in order; the vectors are fused in one
+        :func:`encoders.fusion.fuse_batch` call, and an item that cannot be fused fails alone."""
+        out: list = [None] * len(items)
+        pending: list[tuple[int, dict]] = []
+        flat: dict[tuple[str, str], tuple[list[int], list]] = {}
+        for pos, item in enumerate(items):
+            decided = self._check(item, vectors[pos], failures[pos], transcripts.get(pos))
+            if isinstance(decided, DeadLetter):
+                out[pos] = decided
+                continue
+            row = len(pending)
+            pending.append((pos, decided))
+            for key, vs in decided.items():
+                rows, got = flat.setdefault(key, ([], []))
+                rows.extend([row] * len(vs))
+                got.extend(v.vector for v in sorted(vs, key=lambda v: v.index))
+        if not pending:
+            return out
+        fused, errors = fuse_batch(len(pending), flat, self._layout, self._fusion, attention=self._attention)
+        for row, (pos, by_route) in enumerate(pending):
+            item, transcript = items[pos], transcripts.get(pos)
+            if errors[row] is not None:
+                out[pos] = self._fusion_dead_letter(item, errors[row], transcript)
+                continue
+            out[pos] = EmbeddingRecord(
+                item_id=item.item_id,
+                vector=fused[row],
+                modalities=tuple(sorted({m for _, m in by_route})),
+                content_hash=item.content_hash or content_hash(item, digests[pos], self._fingerprint),
+                model_fingerprint=self._fingerprint,
+                # images that made it into the vector: with --image_decode gpu, digests are taken before decoding
+                num_images=len({v.index for v in vectors[pos] if v.modality == "image"}),
+                attributes=item.attributes,
+                transcript=transcript.text if transcript is not None else None,
+                **display_fields(item.title, item.description, transcript.text if transcript is not None else None),
+            )
+        return out
+
+    def _check(self, item: CatalogItem, vectors: list[ModalityVector], failures: list[ItemFailure],
+               transcript: Transcript | None) -> dict[tuple[str, str], list[ModalityVector]] | DeadLetter:
+        """An item's fatal failure as a dead letter, else its vectors by (space, modality), counts checked."""
         failures = sorted(failures, key=lambda f: (f.stage.value, f.source, f.detail))
         fatal = [f for f in failures if not (self._media_errors == "drop_media" and f.stage in _MEDIA_STAGES)]
         if fatal:
@@ -86,34 +134,20 @@ class ItemFuser:
             if got + lost != expected:
                 raise RuntimeError(f"item {item.item_id!r}: {route.modality}->{route.space} produced {got} vectors, "
                                    f"{lost} failures, expected {expected}")
-        nested: dict[str, dict[str, list]] = {}
-        for (space, modality), vs in by_route.items():
-            nested.setdefault(space, {})[modality] = [v.vector for v in sorted(vs, key=lambda v: v.index)]
         if transcript is not None and transcript.is_speech:  # speech is for ASR, not for a sound-effects model
             for route in self._routes:
                 if route.via == "waveform" and not sound_hears_speech(route.spec):
-                    nested.get(route.space, {}).pop(route.modality, None)
-        try:
-            fused = fuse(nested, self._layout, self._fusion, attention=self._attention)
-        except FusionError as e:
-            reason = Reason.NONFINITE_VECTOR if "finite" in str(e) or "zero norm" in str(e) else Reason.EMPTY_ITEM
-            detail = str(e) if reason is Reason.NONFINITE_VECTOR else "no modality that this run's models embed"
-            if reason is Reason.EMPTY_ITEM and transcript is not None and not transcript.is_speech:
-                detail = (f"the audio holds no recognizable speech (no-speech probability "
-                          f"{transcript.no_speech_prob:.2f}) and nothing else of the item is embedded by this run")
-            return DeadLetter(item.item_id, Stage.FUSE, reason, detail, item.source)
-        return EmbeddingRecord(
-            item_id=item.item_id,
-            vector=fused,
-            modalities=tuple(sorted({m for _, m in by_route})),
-            content_hash=item.content_hash or content_hash(item, digests, self._fingerprint),
-            model_fingerprint=self._fingerprint,
-            # images that made it into the vector: with --image_decode gpu, digests are taken before decoding
-            num_images=len({v.index for v in vectors if v.modality == "image"}),
-            attributes=item.attributes,
-            transcript=transcript.text if transcript is not None else None,
-            **display_fields(item.title, item.description, transcript.text if transcript is not None else None),
-        )
+                    by_route.pop((route.space, route.modality), None)
+        return by_route
+
+    @staticmethod
+    def _fusion_dead_letter(item: CatalogItem, error: str, transcript: Transcript | None) -> DeadLetter:
+        reason = Reason.NONFINITE_VECTOR if "finite" in error or "zero norm" in error else Reason.EMPTY_ITEM
+        detail = error if reason is Reason.NONFINITE_VECTOR else "no modality that this run's models embed"
+        if reason is Reason.EMPTY_ITEM and transcript is not None and not transcript.is_speech:
+            detail = (f"the audio holds no recognizable speech (no-speech probability "
+                      f"{transcript.no_speech_prob:.2f}) and nothing else of the item is embedded by this run")
+        return DeadLetter(item.item_id, Stage.FUSE, reason, detail, item.source)
 
 
 def load_attention(fusion: FusionConfig, routes, layout: Layout):

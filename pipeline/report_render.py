@@ -51,6 +51,16 @@ def _not_recorded(what: str) -> str:
     return f"<p class='muted'>{esc(what)}</p>"
 
 
+def catalog_html(manifest: dict) -> str:
+    """The catalog line, and a warning per modality not read because its default column is missing."""
+    catalog = manifest.get("catalog")
+    path = catalog.get("path") if isinstance(catalog, dict) else catalog  # a plain string in older manifests
+    missing = "".join(f"<p class='bad'>catalog: {esc(m['message'])}</p>"
+                      for m in (catalog.get("missing_columns", []) if isinstance(catalog, dict) else []))
+    return (f"<p class='muted'>catalog <code>{esc(path)}</code>"
+            f" &middot; created {esc(manifest.get('created_at', ''))}</p>" + missing)
+
+
 def _header(manifest: dict) -> str:
     counts = manifest["counts"]
     dead = sum(counts["dead_letters"].values())
@@ -76,13 +86,7 @@ def _header(manifest: dict) -> str:
     random = any(m.get("weights_label") != "real" for m in manifest.get("models", {}).values())
     warn = ("<p class='bad'>Some models have RANDOM weights: their vectors are not meaningful for search.</p>"
             if random else "")
-    catalog = manifest.get("catalog")
-    path = catalog.get("path") if isinstance(catalog, dict) else catalog  # a plain string in older manifests
-    # a modality not read because its default column is missing is said where the run is summarized
-    missing = "".join(f"<p class='bad'>catalog: {esc(m['message'])}</p>"
-                      for m in (catalog.get("missing_columns", []) if isinstance(catalog, dict) else []))
-    return (f"<h1>Run {esc(manifest['run_id'])}</h1><p class='muted'>catalog <code>{esc(path)}</code>"
-            f" &middot; created {esc(manifest.get('created_at', ''))}</p>" + missing +
+    return (f"<h1>Run {esc(manifest['run_id'])}</h1>" + catalog_html(manifest) +
             "<div class='tiles'>" + "".join(f"<div class='tile'><b>{esc(fmt(v))}</b><span>{esc(k)}</span></div>"
                                             for k, v in tiles) + "</div>"
             "<h3>Models</h3><table><tr><th class='l'>space</th><th class='l'>family</th><th class='l'>model</th>"

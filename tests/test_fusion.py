@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from encoders.fusion import FusionConfig, FusionError, Layout, fuse
+from encoders.fusion import FusionConfig, FusionError, Layout, fuse, fuse_batch
 
 RNG = np.random.default_rng(7)
 
@@ -225,3 +225,62 @@ def test_fusion_config_modes_and_module_validation(tmp_path):
         cfg = FusionConfig(mode=mode, modality_weights=(("image", 0.5),))
         assert FusionConfig.from_json(cfg.to_json()) == cfg
     assert FusionConfig(mode="attention").to_json()["attention"]["rule"] == "agreement"
+
+
+def _random_items(rng, n):
+    """Items with random subsets of modalities (0-3 images), a few broken ones among them."""
+    items = []
+    for i in range(n):
+        v: dict = {}
+        if rng.random() < 0.85:
+            v.setdefault("clip", {})["text"] = [rng.normal(size=8).astype(np.float32)]
+        images = int(rng.integers(0, 4))
+        if images:
+            v.setdefault("clip", {})["image"] = [rng.normal(size=8).astype(np.float32) for _ in range(images)]
+        if rng.random() < 0.6:
+            v.setdefault("text", {})["text"] = [rng.normal(size=4).astype(np.float32)]
+        if rng.random() < 0.4:
+            v.setdefault("clap", {})["audio"] = [rng.normal(size=6).astype(np.float32)]
+        items.append(v)
+    items[3] = {"clip": {"image": [np.full(8, np.nan, np.float32)]}, "text": {"text": [np.ones(4, np.float32)]}}
+    items[5] = {"clip": {"text": [np.zeros(8, np.float32)]}}
+    items[8] = {}
+    return items
+
+
+def _flat(items):
+    flat: dict = {}
+    for row, v in enumerate(items):
+        for space, per_modality in v.items():
+            for modality, vs in per_modality.items():
+                rows, got = flat.setdefault((space, modality), ([], []))
+                rows.extend([row] * len(vs))
+                got.extend(vs)
+    return flat
+
+
+@pytest.mark.parametrize("query", [False, True])
+@pytest.mark.parametrize("mode", ["mean", "concat", "attention"])
+def test_batch_fusion_equals_per_item_fusion_and_isolates_bad_items(mode, query):
+    rng = np.random.default_rng(11)
+    items = _random_items(rng, 300)
+    config = FusionConfig(mode=mode, modality_weights=(("audio", 2.0), ("image", 0.5), ("text", 1.0)),
+                          space_weights=(("clip", 2.0),))
+    layout = Layout.build([("text", "clip"), ("image", "clip"), ("text", "text"), ("audio", "clap")],
+                          {"clip": 8, "text": 4, "clap": 6}, config)
+    fused, errors = fuse_batch(len(items), _flat(items), layout, config, query=query)
+    again, errors_again = fuse_batch(len(items), _flat(items), layout, config, query=query)
+    assert fused.dtype == np.float32 and fused.shape == (len(items), layout.dim)
+    assert np.array_equal(fused, again) and errors == errors_again  # bit-identical reruns
+    assert "non-finite" in errors[3] and "zero norm" in errors[5] and "no usable" in errors[8]
+    for i, v in enumerate(items):
+        if errors[i] is not None:
+            with pytest.raises(FusionError):
+                fuse(v, layout, config, query=query)
+            assert not fused[i].any()
+            continue
+        alone = fuse(v, layout, config, query=query)
+        # an item's vector does not depend on its batch-mates, broken ones included
+        assert np.abs(fused[i] - alone).max() <= 1e-6
+        assert abs(float(np.linalg.norm(fused[i])) - 1.0) < 1e-5
+    assert sum(e is None for e in errors) >= 250
