@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench._report import replace_section  # noqa: E402
-from encoders.fusion import FusionConfig, Layout, fuse, fuse_batch  # noqa: E402
+from encoders.fusion import FusionConfig, Layout, batch_of, fuse, fuse_batch  # noqa: E402
 
 HEADING = "Fusion over a batch (issue 11): fuse_batch vs one item at a time, CPU per item"
 ROUTES = [("text", "clip"), ("image", "clip"), ("text", "text"), ("audio", "clap")]
@@ -52,17 +52,6 @@ def make_items(n: int, seed: int = 0) -> list[dict]:
     return items
 
 
-def as_batch(items: list[dict]) -> dict:
-    flat: dict = {}
-    for row, v in enumerate(items):
-        for space, per_modality in v.items():
-            for modality, vs in per_modality.items():
-                rows, got = flat.setdefault((space, modality), ([], []))
-                rows.extend([row] * len(vs))
-                got.extend(vs)
-    return flat
-
-
 def cpu_per_item(fn, n: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -86,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         config = FusionConfig(mode=mode)
         layout = Layout.build(ROUTES, DIMS, config)
         chunks = [items[i:i + args.batch] for i in range(0, len(items), args.batch)]
-        batches = [as_batch(c) for c in chunks]  # the embed stage builds this while it collects vectors
+        batches = [batch_of(c) for c in chunks]  # the embed stage builds this while it collects vectors
 
         def one_at_a_time():
             return [fuse(v, layout, config) for v in items]

@@ -449,6 +449,18 @@ def fuse_batch(
     return _assemble_batch(layout, blocks, batch), batch.errors
 
 
+def batch_of(items: Sequence[Mapping[str, Mapping[str, Sequence[np.ndarray]]]]) -> BatchVectors:
+    """Per-item ``vectors[space][modality]`` -> the :data:`BatchVectors` form (row i = item i)."""
+    flat: dict[tuple[str, str], tuple[list[int], list[np.ndarray]]] = {}
+    for row, per_space in enumerate(items):
+        for space, per_modality in per_space.items():
+            for modality, vs in per_modality.items():
+                rows, got = flat.setdefault((space, modality), ([], []))
+                rows.extend([row] * len(vs))
+                got.extend(vs)
+    return flat
+
+
 def fuse(
     vectors: Mapping[str, Mapping[str, Sequence[np.ndarray]]],
     layout: Layout,
@@ -469,9 +481,7 @@ def fuse(
     :class:`encoders.attention.FusionAttention`). A batch of one through
     :func:`fuse_batch`, so items and queries share one implementation.
     """
-    flat = {(space, modality): ([0] * len(vs), list(vs))
-            for space, per_modality in vectors.items() for modality, vs in per_modality.items()}
-    fused, errors = fuse_batch(1, flat, layout, config, query=query, attention=attention)
+    fused, errors = fuse_batch(1, batch_of([vectors]), layout, config, query=query, attention=attention)
     if errors[0] is not None:
         raise FusionError(errors[0])
     return fused[0]

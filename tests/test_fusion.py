@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from encoders.fusion import FusionConfig, FusionError, Layout, fuse, fuse_batch
+from encoders.fusion import FusionConfig, FusionError, Layout, batch_of, fuse, fuse_batch
 
 RNG = np.random.default_rng(7)
 
@@ -248,17 +248,6 @@ def _random_items(rng, n):
     return items
 
 
-def _flat(items):
-    flat: dict = {}
-    for row, v in enumerate(items):
-        for space, per_modality in v.items():
-            for modality, vs in per_modality.items():
-                rows, got = flat.setdefault((space, modality), ([], []))
-                rows.extend([row] * len(vs))
-                got.extend(vs)
-    return flat
-
-
 @pytest.mark.parametrize("query", [False, True])
 @pytest.mark.parametrize("mode", ["mean", "concat", "attention"])
 def test_batch_fusion_equals_per_item_fusion_and_isolates_bad_items(mode, query):
@@ -268,8 +257,8 @@ def test_batch_fusion_equals_per_item_fusion_and_isolates_bad_items(mode, query)
                           space_weights=(("clip", 2.0),))
     layout = Layout.build([("text", "clip"), ("image", "clip"), ("text", "text"), ("audio", "clap")],
                           {"clip": 8, "text": 4, "clap": 6}, config)
-    fused, errors = fuse_batch(len(items), _flat(items), layout, config, query=query)
-    again, errors_again = fuse_batch(len(items), _flat(items), layout, config, query=query)
+    fused, errors = fuse_batch(len(items), batch_of(items), layout, config, query=query)
+    again, errors_again = fuse_batch(len(items), batch_of(items), layout, config, query=query)
     assert fused.dtype == np.float32 and fused.shape == (len(items), layout.dim)
     assert np.array_equal(fused, again) and errors == errors_again  # bit-identical reruns
     assert "non-finite" in errors[3] and "zero norm" in errors[5] and "no usable" in errors[8]
