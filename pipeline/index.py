@@ -244,6 +244,9 @@ class _Train(beam.DoFn):
                                  f"({decision.reason}); candidate selection skipped", "query_set": None}
         else:  # too few vectors for IVF: exact search, whose memory is negligible at this size
             params = indexing.choose_params(total, self._dim, len(train), metric=c.metric, memory_gb=c.memory_gb)
+            # the note says what the selection needed, not what the IVF-PQ formula would
+            params = dataclasses.replace(params, note=index_select.choose_nlist(total, len(train))[1]
+                                         + ": using an exact flat index")
         if params is not None and params.kind == "flat" and params.note:
             log.warning("index: %s", params.note)
         start = time.perf_counter()

@@ -87,7 +87,7 @@ def choose_nlist(n: int, n_train: int) -> tuple[int, str]:
         target = 1 << (16 if n < 10_000_000 else 18)
     cap = n_train // MIN_POINTS_PER_LIST
     if cap < 4:
-        return 0, f"{n_train} training vectors cannot train an IVF index (needs at least {4 * MIN_POINTS_PER_LIST})"
+        return 0, f"{n_train} training vectors are too few to train an IVF index (needs at least {4 * MIN_POINTS_PER_LIST})"
     chosen = min(target, 1 << int(math.log2(cap)))
     note = "" if chosen == target else (f"nlist {chosen} instead of faiss's guideline {target}: {n_train} training "
                                          f"vectors give at least {MIN_POINTS_PER_LIST} per list")
