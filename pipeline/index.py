@@ -81,11 +81,13 @@ class VectorSample:
     item_ids: tuple[str, ...]
     vectors: np.ndarray
     seen: int
+    files: int = 1  # embeddings files seen: one index shard each, for the memory preflight
 
     @staticmethod
-    def of(keys: np.ndarray, item_ids, vectors: np.ndarray, seen: int, size: int) -> "VectorSample":
+    def of(keys: np.ndarray, item_ids, vectors: np.ndarray, seen: int, size: int, files: int = 1
+           ) -> "VectorSample":
         order = np.argsort(keys, kind="stable")[:size]
-        return VectorSample(keys[order], tuple(item_ids[i] for i in order), vectors[order], seen)
+        return VectorSample(keys[order], tuple(item_ids[i] for i in order), vectors[order], seen, files)
 
 
 class SmallestKeys(beam.CombineFn):
@@ -108,7 +110,8 @@ class SmallestKeys(beam.CombineFn):
             return accs[0]
         ids = [i for a in accs for i in a.item_ids]
         return VectorSample.of(np.concatenate([a.keys for a in accs]), ids,
-                               np.concatenate([a.vectors for a in accs]), sum(a.seen for a in accs), self._size)
+                               np.concatenate([a.vectors for a in accs]), sum(a.seen for a in accs), self._size,
+                               sum(a.files for a in accs))
 
     def extract_output(self, acc):
         return acc
@@ -253,7 +256,7 @@ class _Train(beam.DoFn):
             selection = index_select.select(
                 total, self._dim, train, self._query_sets(train, queries, rq), metric=c.metric,
                 memory_gb=c.memory_gb, target=c.target_recall, max_query_ms=c.max_query_ms, k=c.k,
-                log=log.info)
+                shards=sample.files, log=log.info)
             index, params, chosen = selection.index, selection.params, selection.chosen
             trained_on = min(len(train), index_select.MAX_POINTS_PER_LIST * max(params.nlist, 1))
             fresh = None

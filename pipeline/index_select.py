@@ -102,13 +102,19 @@ def _pq_m(dim: int, max_code_bytes: float, min_dims: int = 4) -> int:
     return max(fitting) if fitting else 0
 
 
-def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip") -> tuple[list[Candidate], str]:
-    """Every candidate family sized to ``n`` vectors of ``dim``, memory estimated, in memory order.
+def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", shards: int = 1
+         ) -> tuple[list[Candidate], str]:
+    """Every candidate family sized to ``n`` vectors of ``dim`` in ``shards`` index shards, memory estimated,
+    in memory order.
 
-    Candidates over the budget are kept (``fits_budget`` False, with the reason) so the
-    manifest shows what was ruled out before anything was built. Returns (candidates, note).
+    The estimate is per vector (codes, ids, links) times ``n`` plus the fixed part
+    (coarse centroids, list sizes, codebooks, OPQ matrix) times ``shards``: every
+    shard file carries its own copy. Candidates over the budget are kept
+    (``fits_budget`` False, with the reason) so the manifest shows what was ruled
+    out before anything was built. Returns (candidates, note).
     """
     budget = memory_gb * (1 << 30)
+    shards = max(int(shards), 1)
     id_bytes = 8  # every vector's int64 id, in an IVF list or an IndexIDMap
     out: list[tuple[str, str, float, int, dict]] = []  # (name, family, per vector, fixed overhead, extra)
 
@@ -119,14 +125,14 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip") -
 
     nlist, note = choose_nlist(n, n_train)
     if nlist:
-        coarse = 4 * nlist * dim
+        coarse = 4 * nlist * dim + 8 * nlist  # the centroids, and every inverted list's size in the file
         out.append((f"IVF{nlist},SQ8", "ivf_sq8", dim + id_bytes, coarse + 8 * dim, {"nlist": nlist}))
         out.append((f"IVF{nlist},SQfp16", "ivf_fp16", 2 * dim + id_bytes, coarse, {"nlist": nlist}))
         nbits = min(8, int(math.log2(max(n_train // MIN_POINTS_PER_LIST, 1))))
         if nbits >= 4:
             codebooks = 4 * (1 << nbits) * dim
             # the largest PQ that fits the budget (after the coarse quantizer and codebooks)
-            room = (budget - coarse - codebooks - 4 * dim * dim) / max(n, 1) - id_bytes
+            room = (budget - shards * (coarse + codebooks + 4 * dim * dim)) / max(n, 1) - id_bytes
             m = _pq_m(dim, room * 8 / nbits)
             if m:
                 code = math.ceil(m * nbits / 8)
@@ -145,7 +151,7 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip") -
                                 {"nlist": nlist, "m": m_base, "nbits": nbits}))
     cands = []
     for name, family, per_vector, fixed, extra in out:
-        total = int(n * per_vector + fixed)
+        total = int(n * per_vector + shards * fixed)
         fits = total <= budget
         reason = None if fits else f"over the memory budget: {total / (1 << 30):.3g} GB > {memory_gb:g} GB"
         cands.append(Candidate(name, family, float(per_vector), total, fits, skipped_reason=reason, **extra))
@@ -279,15 +285,17 @@ def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) 
 
 def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, metric: str, memory_gb: float,
            target: float, max_query_ms: float, k: int = 10, families: Sequence[str] | None = None,
-           log: Callable[[str], None] = lambda _: None) -> Selection:
+           shards: int = 1, log: Callable[[str], None] = lambda _: None) -> Selection:
     """Trains and measures candidates in memory order; returns the cheapest that meets the target.
 
     ``sets`` hold the queries and their exact top-k among ``train``'s rows (the
     measured database). With no candidate meeting the target, the most accurate
     fitting one within the latency cap wins, and ``chosen["why"]`` says so.
+    ``shards`` is how many index shards the winner is filled into (the memory
+    preflight counts each shard's fixed part).
     """
     start = time.perf_counter()
-    plan_rows, note = plan(n, dim, len(train), memory_gb, metric)
+    plan_rows, note = plan(n, dim, len(train), memory_gb, metric, shards)
     if families is not None:
         plan_rows = [c for c in plan_rows if c.family in families]
     train = np.ascontiguousarray(train, np.float32)
