@@ -61,6 +61,7 @@ def write_shards(vectors: np.ndarray, directory: str) -> list[str]:
             "content_hash": pa.array([""] * n), "model_fingerprint": pa.array([""] * n),
             "num_images": pa.array([0] * n, pa.int32()), "attributes": pa.array([None] * n, pa.string()),
             "transcript": pa.array([None] * n, pa.string()),
+            "title": pa.array([None] * n, pa.string()), "snippet": pa.array([None] * n, pa.string()),
         }, schema=schema)
         path = f"{directory}/part-{shard:05d}-of-{SHARDS:05d}.parquet"
         pq.write_table(table, path)
