@@ -305,9 +305,17 @@ NOTE = ("The synthetic set has 1000 clusters, each spread over its own 16-dimens
 def _save(path: str, name: str, rows: list[dict], notes: list[str]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     saved = json.load(open(path)) if os.path.exists(path) else {}
-    saved[name] = {"rows": rows, "notes": notes}
+    # a run of one budget (--budget) keeps the other budget's rows from an earlier run
+    labels = {r["budget"] for r in rows}
+    kept = [r for r in saved.get(name, {}).get("rows", []) if r["budget"] not in labels]
+    saved[name] = {"rows": sorted(kept + rows, key=lambda r: r["budget"] != "4 GB"), "notes": notes}
     with open(path, "w") as f:
         json.dump(saved, f, default=str)
+
+
+def _budgets(args, n: int) -> list[tuple[str, float]]:
+    both = [("4 GB", 4.0), (f"{args.tight_bytes:g} B/vector", args.tight_bytes * n / (1 << 30))]
+    return {"both": both, "4gb": both[:1], "tight": both[1:]}[args.budget]
 
 
 def main() -> None:
@@ -326,6 +334,7 @@ def main() -> None:
     ap.add_argument("--train_size", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1000, help="held-out sample rows of the self-check")
     ap.add_argument("--tight_bytes", type=float, default=100.0, help="tight budget, bytes per vector")
+    ap.add_argument("--budget", choices=("both", "4gb", "tight"), default="both", help="which budgets to run")
     ap.add_argument("--afvenv", default="/tmp/afvenv", help="autofaiss's venv ('' to skip autofaiss)")
     ap.add_argument("--only", default="", help="synthetic or minilm: run one data set")
     ap.add_argument("--workdir", default="", help="keep the files here (default: a temporary folder)")
@@ -354,7 +363,7 @@ def main() -> None:
             xb, xq = x[pick[1000:]], x[pick[:1000]]
             del x
             print(f"synthetic: {args.n} x 512 generated in {time.perf_counter() - start:.1f} s", flush=True)
-            budgets = [("4 GB", 4.0), (f"{args.tight_bytes:g} B/vector", args.tight_bytes * len(xb) / (1 << 30))]
+            budgets = _budgets(args, len(xb))
             rows = bench_dataset("synthetic clustered", xb, xq, workdir, args.train_size, args.queries, budgets,
                                  args.afvenv, on_row=lambda r: _save(args.results, "synthetic", r, []))
             results += rows
@@ -366,7 +375,7 @@ def main() -> None:
                          f"drawn with a fixed seed) plus 1,000 more as queries, encoded by the packaged "
                          f"all-MiniLM-L6-v2 (real weights, mean pooling, max 48 tokens) in {info['encode_s']:.0f} s, "
                          "cached in ~/.cache/catalog-index-bench (not part of the timings).")
-            budgets = [("4 GB", 4.0), (f"{args.tight_bytes:g} B/vector", args.tight_bytes * len(xb) / (1 << 30))]
+            budgets = _budgets(args, len(xb))
             rows = bench_dataset("MiniLM man pages", xb, xq, workdir, args.train_size, args.queries, budgets,
                                  args.afvenv, on_row=lambda r: _save(args.results, "minilm", r, notes[-1:]))
             results += rows
