@@ -235,8 +235,9 @@ def _equal_latency(pipe: dict, auto: dict | None) -> dict | None:
     return max(within, key=lambda r: r["recall_at_10"]) if within else None
 
 
-def markdown(results: list[dict], notes: list[str]) -> str:
-    lines = [SECTION, "", f"`flock /tmp/bench.lock python bench/bench_index.py {' '.join(sys.argv[1:])}` on this "
+def markdown(results: list[dict], notes: list[str], command: str = "") -> str:
+    command = command or f"`flock /tmp/bench.lock python bench/bench_index.py {' '.join(sys.argv[1:])}`"
+    lines = [SECTION, "", f"{command} on this "
              f"machine ({os.cpu_count()} CPU cores, faiss-cpu, DirectRunner in-memory), one run, every figure of a "
              f"table measured side by side in that run. {SHARDS} embeddings shards. `pipeline` is the Beam stage "
              "`BuildIndex`: deterministic sample, candidates trained and measured on it in memory order, the winner "
@@ -264,7 +265,9 @@ def markdown(results: list[dict], notes: list[str]) -> str:
                          f" {eq['recall_at_1']:.3f} | {eq['ms_per_query_batch']:.3f} | {eq['ms_single_p50']:.3f} | |"
                          f" {_fmt_params(eq['params'])} |")
         if a and "error" not in a:
-            lines.append(f"| {r['data']} | {r['budget']} | autofaiss `{a['factory']}` | {a['bytes_per_vector']:.0f} | "
+            # a row whose autofaiss figures come from an earlier run of the same data and budget says so
+            label = "autofaiss (earlier run)" if a.get("earlier_run") else "autofaiss"
+            lines.append(f"| {r['data']} | {r['budget']} | {label} `{a['factory']}` | {a['bytes_per_vector']:.0f} | "
                          f"{a['recall_at_10']:.3f} | {a['recall_at_1']:.3f} | {a['ms_per_query_batch']:.3f} | "
                          f"{a['ms_single_p50']:.3f} | {a['build_s']:.1f} | {a['params']} |")
         elif a:
@@ -349,7 +352,7 @@ def main() -> None:
             saved = json.load(f)
         text = markdown([r for name in ("synthetic", "minilm") for r in saved.get(name, {}).get("rows", [])],
                         [n for name in ("synthetic", "minilm") for n in saved.get(name, {}).get("notes", [])]
-                        + args.note + [NOTE])
+                        + args.note + [NOTE], command="The commands in the notes below ran")
         print(text)
         write_heading_section(text)
         return
