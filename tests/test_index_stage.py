@@ -94,6 +94,7 @@ def test_manifest_records_every_candidate_and_why_the_winner_won(built):
     best = [r for r in recall["table"] + recall["recall_queries_table"] if r["params"] == info["search_params"]]
     assert len(best) == 2 and all(r["recall_10_at_10"] >= 0.95 for r in best)
     assert info["self_check_seconds"] >= 0 and info["training"]["selection_seconds"] > 0
+    assert info["ground_truth_seconds"] > 0  # the per-shard exact top-k, timed apart from the adds
 
 
 def test_tight_budget_is_kept(built):
