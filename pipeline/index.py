@@ -81,11 +81,13 @@ class VectorSample:
     item_ids: tuple[str, ...]
     vectors: np.ndarray
     seen: int
+    files: int = 1  # embeddings files seen: one index shard each, for the memory preflight
 
     @staticmethod
-    def of(keys: np.ndarray, item_ids, vectors: np.ndarray, seen: int, size: int) -> "VectorSample":
+    def of(keys: np.ndarray, item_ids, vectors: np.ndarray, seen: int, size: int, files: int = 1
+           ) -> "VectorSample":
         order = np.argsort(keys, kind="stable")[:size]
-        return VectorSample(keys[order], tuple(item_ids[i] for i in order), vectors[order], seen)
+        return VectorSample(keys[order], tuple(item_ids[i] for i in order), vectors[order], seen, files)
 
 
 class SmallestKeys(beam.CombineFn):
@@ -108,7 +110,8 @@ class SmallestKeys(beam.CombineFn):
             return accs[0]
         ids = [i for a in accs for i in a.item_ids]
         return VectorSample.of(np.concatenate([a.keys for a in accs]), ids,
-                               np.concatenate([a.vectors for a in accs]), sum(a.seen for a in accs), self._size)
+                               np.concatenate([a.vectors for a in accs]), sum(a.seen for a in accs), self._size,
+                               sum(a.files for a in accs))
 
     def extract_output(self, acc):
         return acc
@@ -154,6 +157,7 @@ class ShardResult:
     exact_ids: np.ndarray
     query_faiss_ids: np.ndarray  # per query: its faiss id if its item is in this shard, else -1
     add_s: float
+    truth_s: float = 0.0  # the exact top-k: self-check work, done here where the shard's vectors are in memory
 
 
 def split_sample(sample: VectorSample | None, config: IndexConfig, dim: int
@@ -256,7 +260,7 @@ class _Train(beam.DoFn):
             selection = index_select.select(
                 total, self._dim, train, self._query_sets(train, queries, rq), metric=c.metric,
                 memory_gb=c.memory_gb, target=c.target_recall, max_query_ms=c.max_query_ms, k=c.k,
-                log=log.info)
+                shards=sample.files, log=log.info)
             index, params, chosen = selection.index, selection.params, selection.chosen
             trained_on = min(len(train), index_select.MAX_POINTS_PER_LIST * max(params.nlist, 1))
             fresh = None
@@ -313,12 +317,14 @@ class _FillShard(beam.DoFn):
         index_path, ids_path = index_shard_paths(self._dir, shard)
         write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))
         write_bytes_atomically(index_path, indexing.to_bytes(index))
+        start = time.perf_counter()
         scores, exact = indexing.exact_topk(vectors, ids, trained.all_queries, self._k + 1, trained.params.metric)
+        truth_s = time.perf_counter() - start
         row_of = {item: row for row, item in enumerate(item_ids)}
         own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
         own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
         self._vectors.inc(len(ids))
-        yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s)
+        yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s)
 
 
 def self_check_settings(params: indexing.IndexParams, config: IndexConfig, selected: bool) -> list[list[dict]]:
@@ -410,6 +416,8 @@ class _CheckRecall(beam.DoFn):
             "quantizer": trained.quantizer,
             "add_seconds": round(sum(s.add_s for s in shards), 3),
             "self_check_seconds": round(self_check_s, 3),
+            # the self-check's exact ground truth, computed per shard in the fill step (summed over shards)
+            "ground_truth_seconds": round(sum(s.truth_s for s in shards), 3),
             "search_params": recommended,
             "candidates": list(trained.candidates),
             "chosen": {**(trained.chosen or {}), "params": recommended},

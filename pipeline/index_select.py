@@ -48,6 +48,12 @@ CODEBOOK_POINTS_PER_CENTROID = 64
 MAX_PQ_M = 64
 OPQ_NITER = 25  # faiss's default is 50; the rotation's gain flattens well before
 OPQ_MAX_GAIN = 0.10  # recall an OPQ rotation is assumed unable to add over plain PQ of the same code size
+# the PQ probe: a PQ candidate's recall ceiling (every list scanned) measured on a small sub-sample, so that a
+# candidate far below the target is not trained in full when a costlier family may meet it (the full PQ64x8
+# training was 17.6 of a 23.5 s selection on 200k MiniLM vectors, for a candidate that reached 0.78)
+PROBE_ROWS = 8192  # database rows of the probe (the first rows of the deterministic sample)
+PROBE_TRAIN_PER_CODE = 16  # PQ training points per codeword in the probe (faiss's full default is 256)
+PROBE_MARGIN = 0.10  # a probe ceiling this far below the target skips the full candidate
 FAMILIES = ("flat", "flat_fp16", "hnsw", "ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 # the families whose trained quantizer a later run may reuse: the IVF ones (flat and HNSW train nothing)
 REUSABLE_FAMILIES = REUSABLE
@@ -102,13 +108,19 @@ def _pq_m(dim: int, max_code_bytes: float, min_dims: int = 4) -> int:
     return max(fitting) if fitting else 0
 
 
-def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip") -> tuple[list[Candidate], str]:
-    """Every candidate family sized to ``n`` vectors of ``dim``, memory estimated, in memory order.
+def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", shards: int = 1
+         ) -> tuple[list[Candidate], str]:
+    """Every candidate family sized to ``n`` vectors of ``dim`` in ``shards`` index shards, memory estimated,
+    in memory order.
 
-    Candidates over the budget are kept (``fits_budget`` False, with the reason) so the
-    manifest shows what was ruled out before anything was built. Returns (candidates, note).
+    The estimate is per vector (codes, ids, links) times ``n`` plus the fixed part
+    (coarse centroids, list sizes, codebooks, OPQ matrix) times ``shards``: every
+    shard file carries its own copy. Candidates over the budget are kept
+    (``fits_budget`` False, with the reason) so the manifest shows what was ruled
+    out before anything was built. Returns (candidates, note).
     """
     budget = memory_gb * (1 << 30)
+    shards = max(int(shards), 1)
     id_bytes = 8  # every vector's int64 id, in an IVF list or an IndexIDMap
     out: list[tuple[str, str, float, int, dict]] = []  # (name, family, per vector, fixed overhead, extra)
 
@@ -119,14 +131,14 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip") -
 
     nlist, note = choose_nlist(n, n_train)
     if nlist:
-        coarse = 4 * nlist * dim
+        coarse = 4 * nlist * dim + 8 * nlist  # the centroids, and every inverted list's size in the file
         out.append((f"IVF{nlist},SQ8", "ivf_sq8", dim + id_bytes, coarse + 8 * dim, {"nlist": nlist}))
         out.append((f"IVF{nlist},SQfp16", "ivf_fp16", 2 * dim + id_bytes, coarse, {"nlist": nlist}))
         nbits = min(8, int(math.log2(max(n_train // MIN_POINTS_PER_LIST, 1))))
         if nbits >= 4:
             codebooks = 4 * (1 << nbits) * dim
             # the largest PQ that fits the budget (after the coarse quantizer and codebooks)
-            room = (budget - coarse - codebooks - 4 * dim * dim) / max(n, 1) - id_bytes
+            room = (budget - shards * (coarse + codebooks + 4 * dim * dim)) / max(n, 1) - id_bytes
             m = _pq_m(dim, room * 8 / nbits)
             if m:
                 code = math.ceil(m * nbits / 8)
@@ -145,7 +157,7 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip") -
                                 {"nlist": nlist, "m": m_base, "nbits": nbits}))
     cands = []
     for name, family, per_vector, fixed, extra in out:
-        total = int(n * per_vector + fixed)
+        total = int(n * per_vector + shards * fixed)
         fits = total <= budget
         reason = None if fits else f"over the memory budget: {total / (1 << 30):.3g} GB > {memory_gb:g} GB"
         cands.append(Candidate(name, family, float(per_vector), total, fits, skipped_reason=reason, **extra))
@@ -279,15 +291,17 @@ def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) 
 
 def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, metric: str, memory_gb: float,
            target: float, max_query_ms: float, k: int = 10, families: Sequence[str] | None = None,
-           log: Callable[[str], None] = lambda _: None) -> Selection:
+           shards: int = 1, log: Callable[[str], None] = lambda _: None) -> Selection:
     """Trains and measures candidates in memory order; returns the cheapest that meets the target.
 
     ``sets`` hold the queries and their exact top-k among ``train``'s rows (the
     measured database). With no candidate meeting the target, the most accurate
     fitting one within the latency cap wins, and ``chosen["why"]`` says so.
+    ``shards`` is how many index shards the winner is filled into (the memory
+    preflight counts each shard's fixed part).
     """
     start = time.perf_counter()
-    plan_rows, note = plan(n, dim, len(train), memory_gb, metric)
+    plan_rows, note = plan(n, dim, len(train), memory_gb, metric, shards)
     if families is not None:
         plan_rows = [c for c in plan_rows if c.family in families]
     train = np.ascontiguousarray(train, np.float32)
@@ -306,7 +320,8 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         if winner is not None and cand.memory_bytes > winner[0].memory_bytes:
             entry["skipped_reason"] = f"not measured: {winner[0].name} uses less memory and meets the target"
             continue
-        skip = _opq_not_worth_it(cand, results, plan_rows, target)
+        skip = _opq_not_worth_it(cand, results, plan_rows, target) or _pq_probe_says_skip(
+            cand, entry, plan_rows, dim, metric, train, sets, target, k, log)
         if skip:
             entry["skipped_reason"] = skip
             continue
@@ -363,6 +378,49 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
                      indexing.from_bytes(empty), time.perf_counter() - start, train_s)
 
 
+def _pq_probe_says_skip(cand: Candidate, entry: dict, plan_rows: Sequence[Candidate], dim: int, metric: str,
+                        train: np.ndarray, sets: Sequence[QuerySet], target: float, k: int,
+                        log: Callable[[str], None]) -> str | None:
+    """Why a plain IVF-PQ candidate is not trained in full, or None to train it.
+
+    Only when a costlier non-PQ family fits the budget (so skipping cannot leave
+    the run without a candidate) and there are more rows than the probe's: its
+    ceiling is measured with IVF-PQ of the same code (nlist scaled down with the
+    rows, by residual, every list scanned) on the first PROBE_ROWS rows, and
+    recorded in ``entry["probe"]``. A smaller database is an easier one, so the
+    probe errs towards training the candidate.
+    """
+    if cand.family != "ivf_pq" or len(train) <= 2 * PROBE_ROWS or not sets:
+        return None
+    if not any(c.fits_budget and c.memory_bytes > cand.memory_bytes and c.family not in ("ivf_pq", "ivf_pq_opq")
+               for c in plan_rows):
+        return None
+    start = time.perf_counter()
+    rows = train[:PROBE_ROWS]
+    nlist = max(4, 1 << int(math.log2(max(cand.nlist * PROBE_ROWS / len(train), 4))))
+    probe = faiss.index_factory(dim, f"IVF{nlist},PQ{cand.m}x{cand.nbits}np", indexing.METRICS[metric])
+    pq = faiss.downcast_index(probe).pq
+    pq.cp.max_points_per_centroid = PROBE_TRAIN_PER_CODE
+    pq.cp.min_points_per_centroid = PROBE_TRAIN_PER_CODE  # few points by design: no k-means warning
+    probe.train(rows[:max(PROBE_TRAIN_PER_CODE << cand.nbits, MIN_POINTS_PER_LIST * nlist)])
+    probe.add(rows)
+    faiss.downcast_index(probe).nprobe = nlist
+    recalls = {}
+    for qs in sets:
+        truth = indexing.exact_topk(rows, np.arange(len(rows), dtype=np.int64), qs.queries, k, metric)[1]
+        recalls[qs.name] = round(indexing.recall_at(probe.search(qs.queries, k)[1], truth, k), 4)
+    ceiling = min(recalls.values())
+    entry["probe"] = {"rows": len(rows), "nlist": nlist, "nprobe": nlist, "recall_at_10": recalls,
+                      "seconds": round(time.perf_counter() - start, 3)}
+    log(f"index: probe of {cand.name} on {len(rows)} rows: ceiling {ceiling:.3f} "
+        f"in {entry['probe']['seconds']:.1f} s")
+    if ceiling < target - PROBE_MARGIN:
+        return (f"not measured: its probe (IVF{nlist},PQ{cand.m}x{cand.nbits}np on {len(rows)} rows, every list "
+                f"scanned) reached {ceiling:.3f}, more than {PROBE_MARGIN} below the target, and costlier "
+                f"families fit the budget")
+    return None
+
+
 def _opq_not_worth_it(cand: Candidate, results: list, plan_rows: Sequence[Candidate], target: float) -> str | None:
     """Why an OPQ candidate is not trained (OPQ training costs many times a PQ's), or None to train it.
 
@@ -373,14 +431,16 @@ def _opq_not_worth_it(cand: Candidate, results: list, plan_rows: Sequence[Candid
     """
     if cand.family != "ivf_pq_opq":
         return None
-    twin = next((e for c, e, b in results if c.family == "ivf_pq" and c.m == cand.m and b is not None), None)
+    twin = next((e for c, e, b in results if c.family == "ivf_pq" and c.m == cand.m
+                 and (b is not None or e.get("probe"))), None)
     if twin is None:
         return None
-    gap = target - _best_recall(twin)
+    twin_recall = _best_recall(twin) if twin["settings"] else min(twin["probe"]["recall_at_10"].values())
+    gap = target - twin_recall
     others = [c for c in plan_rows if c.fits_budget and c.memory_bytes > cand.memory_bytes
               and c.family not in ("ivf_pq", "ivf_pq_opq")]
     if gap > OPQ_MAX_GAIN and others:
-        return (f"not measured: {twin['name']} (same code size) reached {_best_recall(twin):.3f}, more than "
+        return (f"not measured: {twin['name']} (same code size) reached {twin_recall:.3f}, more than "
                 f"{OPQ_MAX_GAIN} below the target, and costlier families fit the budget")
     return None
 

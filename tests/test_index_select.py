@@ -141,3 +141,52 @@ def test_recommended_setting_is_the_fastest_meeting_the_target_on_every_query_se
     assert indexing.recommend_setting(rows, 0.95) == ({"nprobe": 4}, True)
     assert indexing.recommend_setting(rows, 0.95, max_query_ms=0.2) == ({"nprobe": 1}, False)
     assert indexing.recommend_setting(rows, 0.999) == ({"nprobe": 8}, False)
+
+
+@pytest.mark.parametrize("family", ["ivf_pq", pytest.param("ivf_pq_opq", marks=pytest.mark.slow),  # OPQ: ~20 s here
+                                    "ivf_sq8", "ivf_pq_refine", "flat_fp16", "hnsw"])
+def test_preflight_matches_the_written_shard_files(family):
+    """The estimate for a sharded build counts each shard's own coarse quantizer, codebooks and OPQ matrix."""
+    n, dim, shards = 20_000, 32, 4
+    x = clustered(n, dim, clusters=32, noise=0.3, seed=11)
+    budget = 100 * n / (1 << 30)  # tight: PQ's size depends on the room the fixed parts leave
+    train = x[:2000]  # a small sample keeps training quick: 32 lists, 5-bit PQ codes
+    plan = {c.family: c for c in index_select.plan(n, dim, len(train), budget, shards=shards)[0][::-1]}
+    cand = plan[family]
+    centroids = index_select._trained_quantizer(cand.nlist, dim, "ip", train) if cand.ivf else None
+    empty = indexing.to_bytes(index_select.train_candidate(cand, dim, "ip", train, centroids))
+    written = sum(len(indexing.to_bytes(indexing.fill_shard(empty, x[rows], s)[0]))
+                  for s, rows in enumerate(np.array_split(np.arange(n), shards)))
+    assert abs(cand.memory_bytes - written) <= 0.05 * written, (cand.name, cand.memory_bytes, written)
+    if family in ("ivf_pq", "ivf_pq_opq"):
+        assert cand.memory_bytes <= budget * (1 << 30)  # the largest PQ that fits, fixed parts included
+        one = {c.name: c for c in index_select.plan(n, dim, len(train), budget, shards=1)[0]}.get(cand.name)
+        if one is not None:  # the same index counted as one shard would undercount the files
+            assert one.memory_bytes < 0.95 * written
+
+
+def test_pq_probe_skips_a_far_candidate_only_when_a_costlier_family_fits():
+    """The probe's ceiling (a sub-sample, every list scanned) stands in for the full PQ candidate's, and skips it
+    only with a fallback in the budget."""
+    n, dim = 20_000, 32
+    x = clustered(n + 300, dim, clusters=64, noise=0.35, seed=5)
+    train, queries = x[300:], x[:300]
+    sets = [index_select.QuerySet("held_out", queries,
+                                  indexing.exact_topk(train, np.arange(n), queries, K, "ip")[1])]
+    roomy = index_select.plan(n, dim, n, 1.0)[0]
+    pq = next(c for c in roomy if c.family == "ivf_pq")
+    entry: dict = {}
+    why = index_select._pq_probe_says_skip(pq, entry, roomy, dim, "ip", train, sets, 0.999, K, lambda _: None)
+    ceiling = entry["probe"]["recall_at_10"]["held_out"]
+    assert entry["probe"]["rows"] == index_select.PROBE_ROWS and entry["probe"]["nlist"] < pq.nlist
+    # the full candidate, every list scanned: the probe is within a few points of its ceiling
+    full = index_select.train_candidate(pq, dim, "ip", train, None)
+    sharded = indexing.ShardedIndex([indexing.fill_shard(full, train, 0)[0]], "ip")
+    full_ceiling = indexing.recall_at(sharded.search(queries, K, nprobe=pq.nlist)[1], sets[0].truth, K)
+    assert abs(ceiling - full_ceiling) < 0.08, (ceiling, full_ceiling)
+    assert ceiling < 0.999 - index_select.PROBE_MARGIN and why and "probe" in why
+    # a target the probe reaches: trained in full
+    assert index_select._pq_probe_says_skip(pq, {}, roomy, dim, "ip", train, sets, ceiling, K, print) is None
+    # nothing costlier fits: never skipped, whatever the probe would say
+    only_pq = [c for c in roomy if c.family in ("ivf_pq", "ivf_pq_opq")]
+    assert index_select._pq_probe_says_skip(pq, {}, only_pq, dim, "ip", train, sets, 0.999, K, print) is None

@@ -94,11 +94,16 @@ def test_manifest_records_every_candidate_and_why_the_winner_won(built):
     best = [r for r in recall["table"] + recall["recall_queries_table"] if r["params"] == info["search_params"]]
     assert len(best) == 2 and all(r["recall_10_at_10"] >= 0.95 for r in best)
     assert info["self_check_seconds"] >= 0 and info["training"]["selection_seconds"] > 0
+    assert info["ground_truth_seconds"] > 0  # the per-shard exact top-k, timed apart from the adds
 
 
 def test_tight_budget_is_kept(built):
-    _, info, x, _ = built["tight"]
+    run_dir, info, x, _ = built["tight"]
     assert info["estimated_bytes"] <= 20 * len(x) and info["family"] in ("ivf_pq", "ivf_pq_opq")
+    # on disk too: every shard file carries its own coarse quantizer and codebooks, and the preflight counts them
+    written = sum(os.path.getsize(os.path.join(run_dir, s["index"])) for s in info["shards"])
+    assert len(info["shards"]) == SHARDS and written <= 20 * len(x)
+    assert abs(info["estimated_bytes"] - written) <= 0.1 * written, (info["estimated_bytes"], written)
     assert any(not c["fits_budget"] and "over the memory budget" in c["skipped_reason"] for c in info["candidates"])
 
 
