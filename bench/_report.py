@@ -27,6 +27,13 @@ def replace_section(heading: str, body: str, doc: Path = DOC) -> None:
     doc.write_text(text)
 
 
+def report(heading: str, body: str, write: bool = True) -> None:
+    """Prints a benchmark's section and, unless ``write`` is off, puts it into docs/BENCHMARKS.md."""
+    print(body)
+    if write:
+        replace_section(heading, body)
+
+
 def write_heading_section(markdown: str, doc: Path = DOC) -> None:
     """Like :func:`replace_section` for text that starts with its own ``## heading`` line."""
     heading, _, body = markdown.strip().partition("\n")

@@ -31,7 +31,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from bench._report import replace_section  # noqa: E402
+from bench._report import report  # noqa: E402
 from encoders import towers  # noqa: E402
 from encoders.media import FetchPolicy, resolve_uri  # noqa: E402
 from encoders.specs import ModelSpec  # noqa: E402
@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "so it kept them at a few rows, each padded to a fixed shape of 8 rows (`towers.padded_rows`). "
         "The handlers now ask for full batches (min = max = `--batch_size`); the fetch stage likewise.",
     ] if before is not None else []))
-    print(body)
-    if not args.no_write:
-        replace_section(HEADING, body)
+    report(HEADING, body, write=not args.no_write)
     return 0
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench._report import replace_section  # noqa: E402
+from bench._report import report  # noqa: E402
 from encoders.fusion import FusionConfig, Layout, batch_of, fuse, fuse_batch  # noqa: E402
 
 HEADING = "Fusion over a batch (issue 11): fuse_batch vs one item at a time, CPU per item"
@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *rows,
     ])
-    print(body)
-    if not args.no_write:
-        replace_section(HEADING, body)
+    report(HEADING, body, write=not args.no_write)
     return 0
 
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(torch {torch.__version__}). Run it on a GPU machine.", file=sys.stderr)
         return 2
 
-    from bench._report import replace_section
+    from bench._report import report
     from encoders import gpu_decode, towers
     from encoders.media import decode_for_tower
     from encoders.specs import ModelSpec
@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| encoder TFLOP/s ({flops_per_item / 1e9:.1f} GFLOP/item) | {achieved:.0f}"
         + (f" = {100 * achieved / peak:.0f}% of the {peak:.0f} TFLOP/s bf16 peak (target ~40%) |" if peak else " |"),
     ])
-    print(body)
-    if not args.no_write:
-        replace_section(HEADING, body)
+    report(HEADING, body, write=not args.no_write)
     return 0
 
 

@@ -42,7 +42,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench._report import replace_section  # noqa: E402
+from bench._report import report  # noqa: E402
 from schemas.catalog import CATALOG_SCHEMA  # noqa: E402
 
 HEADING = "Hot path in item batches (issue 11): pipeline vs bare decode loop, CPU per item"
@@ -300,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "`tests/test_scale.py::test_dataflow_graph_constructs_without_submitting` checks the graph.",
     ]
     body = "\n".join(lines)
-    print(body)
-    if not args.no_write:
-        replace_section(HEADING, body)
+    report(HEADING, body, write=not args.no_write)
     return 0
 
 
