@@ -182,7 +182,7 @@ def test_portable_runner_with_an_external_worker_pool(sample_run, sample_catalog
         time.sleep(2)
         table, _, manifest, _ = run(sample_catalog, tmp_path, "pool", tiny_text_dir, "--runner=PortableRunner",
                                     "--job_endpoint=embed", "--environment_type=EXTERNAL",
-                                    f"--environment_config=localhost:{port}", "--sdk_worker_parallelism=2")
+                                    f"--environment_config=localhost:{port}")
         workers = subprocess.run(["ps", "--ppid", str(pool.pid), "-o", "args="], capture_output=True,
                                  text=True).stdout.splitlines()
     finally:
