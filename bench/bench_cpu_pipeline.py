@@ -36,7 +36,7 @@ from encoders import towers  # noqa: E402
 from encoders.media import FetchPolicy, resolve_uri  # noqa: E402
 from encoders.specs import ModelSpec  # noqa: E402
 from pipeline import cli  # noqa: E402
-from pipeline.fetch import load_image  # noqa: E402
+from pipeline.stages.fetch import load_image  # noqa: E402
 from schemas.catalog import CATALOG_SCHEMA  # noqa: E402
 
 HEADING = "Scale-out (issue 8): Beam pipeline vs bare encode loop on CPU"
@@ -105,7 +105,7 @@ def pipeline_run(catalog: Path, spec: ModelSpec, batch: int, out: Path, run_id: 
             "--clip_model", spec.name, "--clip_weights", "random", "--text_model", "none",
             "--device", "cpu", "--batch_size", str(batch), "--progress_interval_s", "0", *extra]
     assert cli.main(argv) == 0
-    from pipeline.publish import read_manifest
+    from pipeline.stages.publish import read_manifest
 
     return read_manifest(str(out / "runs" / run_id))["counts"]["embedded"]
 

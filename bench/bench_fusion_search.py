@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._report import median_seconds, replace_section  # noqa: E402
 from encoders.fusion import FusionConfig, Layout, fuse  # noqa: E402
-from pipeline.search import ExactSearcher  # noqa: E402
+from pipeline.query.search import ExactSearcher  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADING = "## Fusion, exact search and retrieval evaluation (issue 4)"
@@ -102,7 +102,7 @@ def main() -> None:
     lines += [f"| {m} | {r:,.0f} | {r / base:.2f} |" for m, r in fusion]
 
     search = bench_search(args.catalog_n, 896, 100, args.repeats)
-    lines += ["", f"Exact search (`pipeline.search.ExactSearcher`, {args.catalog_n:,} items x 896 float32, k=10):", "",
+    lines += ["", f"Exact search (`pipeline.query.search.ExactSearcher`, {args.catalog_n:,} items x 896 float32, k=10):", "",
               "| metric | 1 query (ms) | per query in a batch of 100 (ms) |", "|---|---|---|"]
     lines += [f"| {m} | {a:.1f} | {b:.2f} |" for m, a, b in search]
 

@@ -70,7 +70,7 @@ def write_shards(vectors: np.ndarray, directory: str) -> list[str]:
 
 
 def _evaluate(index, queries: np.ndarray, truth: np.ndarray, params: dict) -> dict:
-    from pipeline import indexing
+    from pipeline.index import indexing
 
     index.set_params(params)
     start = time.perf_counter()
@@ -90,9 +90,9 @@ def worker_pipeline(run_dir: str, dim: int, train_size: int, queries: int, memor
                     tpath: str) -> dict:
     import apache_beam as beam
 
-    from pipeline import indexing
+    from pipeline.index import indexing
     from pipeline.config import IndexConfig
-    from pipeline.index import BuildIndex, self_check_settings
+    from pipeline.stages.index import BuildIndex, self_check_settings
 
     config = IndexConfig(train_size=train_size, num_queries=queries, memory_gb=memory_gb)
     files = sorted(glob.glob(f"{run_dir}/embeddings/*.parquet"))

@@ -7,7 +7,7 @@ Run from the repository root (heavy: wrap it in ``flock /tmp/bench.lock``)::
 Each preset runs the real pipeline (``catalog-index run``, DirectRunner, CPU)
 twice: on the sample catalog, and on a photo-only catalog built here (one
 item per sample photo, no text). Queries go through the run's own encoders
-and layout (``pipeline.query.QueryEncoder``) and are ranked by exact inner
+and layout (``pipeline.query.encoder.QueryEncoder``) and are ranked by exact inner
 product over all of the run's items:
 
 * image -> image: a 70% centre crop and a mirror image of every catalog photo
@@ -46,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from bench._report import write_heading_section  # noqa: E402
-from pipeline.metrics import word_edits  # noqa: E402
+from pipeline.query.metrics import word_edits  # noqa: E402
 
 HEADING = "## Offline presets: packaged real models vs the first offline preset (issue 14)"
 SAMPLE = ROOT / "sample_catalog"
@@ -195,7 +195,7 @@ class Run:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipeline.query import QueryEncoder, load_run
+        from pipeline.query.encoder import QueryEncoder, load_run
         from schemas.embeddings import vectors_of
 
         self.info = load_run(run_dir)
@@ -213,7 +213,7 @@ class Run:
 
     def with_recognizer(self, spec):
         """The same run's vectors, spoken queries transcribed by ``spec`` instead of the run's recognizer."""
-        from pipeline.query import QueryEncoder
+        from pipeline.query.encoder import QueryEncoder
 
         info = dataclasses.replace(self.info, metadata={**self.info.metadata, "asr": spec.describe()})
         return QueryEncoder(info, device="cpu")

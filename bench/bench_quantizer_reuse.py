@@ -30,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench._report import replace_section  # noqa: E402
-from pipeline import indexing  # noqa: E402
+from pipeline.index import indexing  # noqa: E402
 from pipeline.config import IndexConfig  # noqa: E402
-from pipeline.quantizer_reuse import PreviousQuantizer, decide, quantization_error  # noqa: E402
+from pipeline.index.quantizer_reuse import PreviousQuantizer, decide, quantization_error  # noqa: E402
 
 HEADING = "Quantizer reuse on incremental nights (issue 7)"
 HELD_OUT, QUERIES, K, NPROBE = 1000, 500, 10, 16

@@ -1,8 +1,8 @@
 """Benchmark of the query side: `search`/`eval` through the run's IVF-PQ index against exact search.
 
 Synthetic catalog: N x D clustered unit vectors (seeded), split into 4 index
-shards that share one trained IVF-PQ (``pipeline.indexing``, parameters chosen
-as the pipeline chooses them), wrapped in ``pipeline.runs.Run`` exactly as
+shards that share one trained IVF-PQ (``pipeline.index.indexing``, parameters chosen
+as the pipeline chooses them), wrapped in ``pipeline.index.runs.Run`` exactly as
 ``open_run`` builds it. Queries are noisy copies of catalog vectors. For the
 exact searcher (``ExactSearcher``, what `search` used before) and the index
 searcher (``IndexSearcher``) at several nprobe values it measures, in one run:
@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._report import median_seconds, replace_section  # noqa: E402
-from pipeline import indexing  # noqa: E402
-from pipeline.runs import Run  # noqa: E402
-from pipeline.search import ExactSearcher, IndexSearcher  # noqa: E402
+from pipeline.index import indexing  # noqa: E402
+from pipeline.index.runs import Run  # noqa: E402
+from pipeline.query.search import ExactSearcher, IndexSearcher  # noqa: E402
 
 HEADING = "Search through the index vs exact search (search/eval integration)"
 SHARDS = 4

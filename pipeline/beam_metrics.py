@@ -33,7 +33,7 @@ def run_timings(result, run_wall_s: float) -> dict:
     ``encode`` is built from the encoders' own ``encode_wall_us`` batches (wall only: torch's
     intra-op threads make a per-thread CPU figure meaningless) and their ``encoded``/``failed`` counters.
     """
-    from pipeline.stage_metrics import stage_timings
+    from pipeline.stages.stage_metrics import stage_timings
 
     stages = stage_timings(result)
     found = result.metrics().query(MetricsFilter())

@@ -199,10 +199,10 @@ def run(argv: list[str]) -> int:
 
     import apache_beam as beam
 
-    from pipeline import progress
+    from pipeline.stages import progress
     from pipeline.graph import build
     from pipeline.progress_bar import TerminalBar
-    from pipeline.recall_queries import RecallQueriesError
+    from pipeline.query.recall_queries import RecallQueriesError
 
     options, config, files = prepare(argv)
     pipeline = beam.Pipeline(options=options)
@@ -246,7 +246,7 @@ def run(argv: list[str]) -> int:
 def _record_timings(run_dir: str, result, wall_s: float) -> dict:
     """Beam metrics are complete only now: the manifest gets ``timings`` and report.html is re-rendered."""
     from pipeline.beam_metrics import run_timings
-    from pipeline.publish import add_timings, read_manifest
+    from pipeline.stages.publish import add_timings, read_manifest
 
     try:
         return add_timings(run_dir, run_timings(result, wall_s))
@@ -273,7 +273,7 @@ def _check_nprobe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _searcher(info, args):
-    from pipeline.search import open_searcher
+    from pipeline.query.search import open_searcher
 
     return open_searcher(info.run_dir, info.manifest, info.embedding_files, args.metric, args.exact, args.nprobe)
 
@@ -295,9 +295,9 @@ def _query_error(e: Exception) -> UsageError:
 def search(argv: list[str]) -> int:
     import json
 
-    from pipeline.hits import describe_hits, format_hit, hit_rows
-    from pipeline.query import QueryEncoder, QueryError, load_run
-    from pipeline.runs import RunNotFound
+    from pipeline.query.hits import describe_hits, format_hit, hit_rows
+    from pipeline.query.encoder import QueryEncoder, QueryError, load_run
+    from pipeline.index.runs import RunNotFound
 
     parser = Parser(
         prog="catalog-index search",
@@ -340,10 +340,10 @@ def evaluate(argv: list[str]) -> int:
     import json
     import os
 
-    from pipeline.evaluate import QueriesFileError, evaluate as run_eval, format_report, read_queries
-    from pipeline.publish import write_text_atomically
-    from pipeline.query import QueryEncoder, QueryError, load_run
-    from pipeline.runs import RunNotFound
+    from pipeline.query.evaluate import QueriesFileError, evaluate as run_eval, format_report, read_queries
+    from pipeline.stages.publish import write_text_atomically
+    from pipeline.query.encoder import QueryEncoder, QueryError, load_run
+    from pipeline.index.runs import RunNotFound
 
     parser = Parser(
         prog="catalog-index eval",
@@ -374,7 +374,7 @@ def evaluate(argv: list[str]) -> int:
 
 
 def fit_fusion(argv: list[str]) -> int:
-    from pipeline.fit_fusion import main as fit_main
+    from pipeline.query.fit_fusion import main as fit_main
 
     return fit_main(argv)
 

@@ -16,7 +16,7 @@ from encoders.specs import CLIP_FAMILIES, TEXT_FAMILIES, ModelSpec, fingerprint
 IMAGE_TEXT_FAMILIES = (*CLIP_FAMILIES, "conse")  # models with an image and a text tower in one space
 SOUND_FAMILIES = ("hf_clap", "aisfx")
 from encoders.device import validate_device_spec
-from pipeline.incremental import IncrementalConfig
+from pipeline.stages.incremental import IncrementalConfig
 from schemas.catalog import CatalogColumns, MissingColumn
 
 MEDIA_ERROR_POLICIES = ("fail_item", "drop_media")
@@ -174,7 +174,7 @@ class WriteConfig:
 
 
 INDEX_METRICS = ("ip", "l2")
-REUSE_QUANTIZER = ("auto", "never")  # same values as pipeline.quantizer_reuse.REUSE_SETTINGS
+REUSE_QUANTIZER = ("auto", "never")  # same values as pipeline.index.quantizer_reuse.REUSE_SETTINGS
 DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -244,7 +244,7 @@ class RunConfig:
     preset: str = ""
     max_failure_fraction: float = DEFAULT_MAX_FAILURE_FRACTION
     decode_threads: int = 8  # fetch/decode threads per worker process, overlapping the model
-    items_per_batch: int = 256  # items per element from the join to the write (pipeline/embed.py)
+    items_per_batch: int = 256  # items per element from the join to the write (pipeline/stages/embed.py)
     incremental: IncrementalConfig = IncrementalConfig()
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 Items travel in batches from the join to the write: one element is a list
 of catalog items, and fetch, decode, every encode route, transcription and
-fusion run inside the worker that holds it (``pipeline/embed.py``). Two
+fusion run inside the worker that holds it (``pipeline/stages/embed.py``). Two
 shuffles remain, neither of a modality vector:
 
 * ``Incremental/JoinById``: catalog items (text and URIs) meet the previous
@@ -21,15 +21,15 @@ import apache_beam as beam
 from encoders.asr import SAMPLE_RATE
 from encoders.towers import audio_sample_rate, image_preprocess
 from pipeline.config import RunConfig
-from pipeline.embed import EmbedBatches
-from pipeline.encode import handler_for
-from pipeline.index import BuildIndex
-from pipeline.publish import Publish, batch_stats
-from pipeline.read import ReadCatalog
-from pipeline.recall_queries import encode_recall_queries
-from pipeline.incremental import Incremental, incremental_counts, resolve_previous_run, resume_pieces
-from pipeline.retention import apply_retention
-from pipeline.write import WriteShards, dead_letters_to_table
+from pipeline.stages.embed import EmbedBatches
+from pipeline.stages.encode import handler_for
+from pipeline.stages.index import BuildIndex
+from pipeline.stages.publish import Publish, batch_stats
+from pipeline.stages.read import ReadCatalog
+from pipeline.query.recall_queries import encode_recall_queries
+from pipeline.stages.incremental import Incremental, incremental_counts, resolve_previous_run, resume_pieces
+from pipeline.stages.retention import apply_retention
+from pipeline.stages.write import WriteShards, dead_letters_to_table
 from schemas.dead_letter import DEAD_LETTER_SCHEMA
 from schemas.embeddings import embeddings_schema
 

@@ -1,7 +1,7 @@
 """The terminal progress bar of ``catalog-index run``: items done of the catalog's rows, items/s and an ETA.
 
 ``render`` is a plain function (tested on its own); ``TerminalBar`` redraws
-it in place on a TTY from :func:`pipeline.progress.done`, which the stages of
+it in place on a TTY from :func:`pipeline.stages.progress.done`, which the stages of
 an in-process runner (DirectRunner, in memory) feed. The total comes from the
 catalog files' Parquet footers, read before the run starts.
 """

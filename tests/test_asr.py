@@ -14,7 +14,7 @@ from encoders import asr
 from encoders.asr import AsrSpec, Transcript
 from encoders.audio import decode_audio
 from encoders.handlers import AsrHandler, EncodeFailure
-from pipeline.metrics import word_edits
+from pipeline.query.metrics import word_edits
 
 CPU = torch.device("cpu")
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_catalog"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline import cli
-from pipeline.query import QueryContentError, QueryEncoder, load_run
-from pipeline.search import ExactSearcher, open_searcher
+from pipeline.query.encoder import QueryContentError, QueryEncoder, load_run
+from pipeline.query.search import ExactSearcher, open_searcher
 
 TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_catalog")

@@ -18,7 +18,7 @@ def test_quiet_logging_drops_third_party_records_and_keeps_ours():
     logging.getLogger().warning("apitools not found")  # how Beam and open_clip log
     logging.getLogger("transformers.modeling_utils").warning("Loading weights")
     logging.getLogger("catalog_index.progress").info("progress after 10s")
-    logging.getLogger("pipeline.index").info("index: exact flat index")
+    logging.getLogger("pipeline.stages.index").info("index: exact flat index")
     text = stream.getvalue()
     assert "apitools" not in text and "Loading weights" not in text
     assert "progress after 10s" in text and "exact flat index" in text
@@ -76,9 +76,9 @@ def test_terminal_bar_draws_in_place_and_keeps_log_lines_above():
     stream = io.StringIO()
     counts = iter(range(100))
     with TerminalBar(10, lambda: min(next(counts), 10), stream, interval_s=0.01) as bar:
-        bar.log_stream().write("09:00:00 pipeline.index a log line\n")
+        bar.log_stream().write("09:00:00 pipeline.stages.index a log line\n")
     text = stream.getvalue()
-    assert "\r\x1b[K09:00:00 pipeline.index a log line\n" in text
+    assert "\r\x1b[K09:00:00 pipeline.stages.index a log line\n" in text
     assert text.rstrip("\n").split("\r")[-1].startswith("[") and text.endswith("\n")
 
 
@@ -100,7 +100,7 @@ def test_summary_counts_read_consistently():
 
 
 def test_report_names_missing_columns():
-    from pipeline.report_render import catalog_html
+    from pipeline.report.render import catalog_html
 
     manifest = {"catalog": {"path": "/c/*.parquet", "missing_columns": [
         {"message": "no column 'image_uris'; did you mean --image_column image_uri? (image not read)"}]}}

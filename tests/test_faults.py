@@ -1,6 +1,6 @@
 """Fault tolerance: retried bundles leave no duplicates, a killed or failed run leaves LATEST alone.
 
-Faults are injected through the test hook in pipeline/faults.py. Beam's
+Faults are injected through the test hook in pipeline/stages/faults.py. Beam's
 in-memory runner (FnApiRunner) fails the job on the first exception, so the
 retry tests use Beam's ``BundleBasedDirectRunner``, which retries a failed
 bundle up to four times and discards the failed attempt's outputs, the way
@@ -20,8 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli, faults
-from pipeline.write import write_table_atomically
+from pipeline import cli
+
+from pipeline.stages import faults
+from pipeline.stages.write import write_table_atomically
 from schemas.embeddings import vectors_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

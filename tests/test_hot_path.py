@@ -13,7 +13,7 @@ from PIL import Image
 from encoders import device
 from encoders.media import decode_for_tower, decode_image
 from encoders.preprocess import ImagePreprocess
-from pipeline import write
+from pipeline.stages import write
 from schemas.embeddings import EmbeddingRecord, embeddings_schema, records_to_table
 from tests.conftest import SAMPLE
 
@@ -124,7 +124,7 @@ def test_old_driver_fails_at_worker_start_naming_both_versions(tmp_path, monkeyp
     device.check_driver("535.104.05", "12.4")
 
     # the embed stage checks in setup, before any model is loaded
-    from pipeline.embed import _Embed
+    from pipeline.stages.embed import _Embed
 
     monkeypatch.setattr(device, "nvidia_driver_version", lambda path=None: "550.54.15")
     fn = _Embed(routes=(), handlers={}, asr_handler=None, preprocess=None, fetch=None, audio=None, audio_rates=(),

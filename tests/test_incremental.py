@@ -20,12 +20,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
 from encoders.media import FetchPolicy, MediaError
-from pipeline import incremental
+from pipeline.stages import incremental
 from pipeline.graph import build
-from pipeline.incremental import (PreviousVector, check_compatible, classify, hash_item, media_token)
+from pipeline.stages.incremental import (PreviousVector, check_compatible, classify, hash_item, media_token)
 from pipeline.beam_metrics import counter, encoder_seconds
 from pipeline.options import CatalogIndexOptions, to_run_config
-from pipeline.retention import apply_retention, runs_to_delete
+from pipeline.stages.retention import apply_retention, runs_to_delete
 from schemas.catalog import CATALOG_SCHEMA, CatalogItem
 from schemas.embeddings import vectors_of
 

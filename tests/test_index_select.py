@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import index_select, indexing
+from pipeline.index import index_select, indexing
 from test_indexing import clustered
 
 K = 10

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import indexing
+from pipeline.index import indexing
 from pipeline.config import IndexConfig
-from pipeline.index import BuildIndex
-from pipeline.recall_queries import RecallQueries
-from pipeline.runs import open_run
+from pipeline.stages.index import BuildIndex
+from pipeline.query.recall_queries import RecallQueries
+from pipeline.index.runs import open_run
 from schemas.embeddings import embeddings_schema
 from test_indexing import clustered
 
@@ -121,8 +121,8 @@ def test_open_run_applies_the_recorded_setting(built):
 
 
 def test_a_comparable_night_reuses_the_chosen_index_and_skips_the_selection(built, tmp_path):
-    from pipeline.incremental import PreviousRun
-    from pipeline.quantizer_reuse import REUSABLE_FAMILIES
+    from pipeline.stages.incremental import PreviousRun
+    from pipeline.index.quantizer_reuse import REUSABLE_FAMILIES
 
     run_dir, first, x, _ = built["roomy"]
     assert first["family"] in REUSABLE_FAMILIES  # the test data is large enough for an IVF winner

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import indexing
+from pipeline.index import indexing
 from pipeline.config import IndexConfig
 
 

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import metrics
-from pipeline.search import ExactSearcher
+from pipeline.query import metrics
+from pipeline.query.search import ExactSearcher
 
 
 def test_metrics_against_hand_computed_values():

@@ -12,8 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import cli, faults
-from pipeline.runs import open_run
+from pipeline import cli
+
+from pipeline.stages import faults
+from pipeline.index.runs import open_run
 from schemas.catalog import CATALOG_SCHEMA
 from schemas.embeddings import read_metadata, vectors_of
 

@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.quantizer_reuse import quantization_error, sample_rows, should_reuse_quantizer
+from pipeline.index.quantizer_reuse import quantization_error, sample_rows, should_reuse_quantizer
 
 DIM, CLUSTERS = 32, 24
 

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import indexing
+from pipeline.index import indexing
 from pipeline.config import IndexConfig
-from pipeline.quantizer_reuse import PreviousQuantizer, decide, manifest_block
+from pipeline.index.quantizer_reuse import PreviousQuantizer, decide, manifest_block
 from schemas.catalog import CATALOG_SCHEMA
 from test_incremental import run
 
@@ -199,7 +199,7 @@ def test_refusals_before_measuring_name_their_reason(trained_ivfpq, case, reason
 
 def test_measured_decision_returns_the_index_to_reuse(trained_ivfpq):
     params, index, held_out = trained_ivfpq
-    from pipeline.quantizer_reuse import quantization_error
+    from pipeline.index.quantizer_reuse import quantization_error
 
     baseline = quantization_error(index, held_out)
     decision, reused = decide(_previous(params, baseline=baseline), lambda: index, held_out, factory=params.factory,
@@ -225,7 +225,7 @@ def test_index_config_validates_reuse_options():
 def test_a_trained_index_changed_since_its_manifest_is_refused(trained_ivfpq, tmp_path):
     import hashlib
 
-    from pipeline.index import _load_trained
+    from pipeline.stages.index import _load_trained
 
     params, index, held_out = trained_ivfpq
     path = tmp_path / "trained.faiss"

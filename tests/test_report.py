@@ -13,13 +13,13 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from pipeline import report, report_data, report_sample
-from pipeline.publish import SmallestSample
-from pipeline.report_charts import bar_chart, histogram_chart, line_chart
-from pipeline.report_render import index_candidates
-from pipeline.read import CURRENT
-from pipeline.records import item_to_tuple
-from pipeline.stage_metrics import StageTimer, stage_timings
+from pipeline.report import data as report_data, sample as report_sample, stats as report
+from pipeline.stages.publish import SmallestSample
+from pipeline.report.charts import bar_chart, histogram_chart, line_chart
+from pipeline.report.render import index_candidates
+from pipeline.stages.read import CURRENT
+from pipeline.stages.records import item_to_tuple
+from pipeline.stages.stage_metrics import StageTimer, stage_timings
 from schemas.catalog import CatalogItem
 
 EVIL = "<script>window.pwned=1</script>&\"'"
@@ -215,7 +215,7 @@ def test_drift_reads_only_changed_items_and_caps_them(tmp_path):
 
 
 def test_dead_letter_examples_keep_five_per_reason(tmp_path):
-    from pipeline.write import dead_letters_to_table
+    from pipeline.stages.write import dead_letters_to_table
     from schemas.dead_letter import DeadLetter, Reason, Stage
 
     rows = [DeadLetter(f"d{j:02d}", Stage.DECODE, Reason.DECODE_FAILED, f"bad {j}", f"img{j}.jpg") for j in range(8)]
@@ -249,7 +249,7 @@ def test_stage_timer_records_one_sample_per_batch_read_back_after_the_run():
 
 
 def test_gallery_searches_the_runs_own_shards_and_shows_what_the_sample_kept(tmp_path):
-    from pipeline import indexing
+    from pipeline.index import indexing
 
     rng = np.random.default_rng(2)
     ids = [f"item-{j:02d}" for j in range(24)]
@@ -289,7 +289,7 @@ def test_gallery_searches_the_runs_own_shards_and_shows_what_the_sample_kept(tmp
 def test_timings_added_after_the_run_rerender_the_report_and_keep_the_manifest_true(tmp_path):
     import hashlib
 
-    from pipeline.publish import MANIFEST, add_timings, file_entry, write_report_files
+    from pipeline.stages.publish import MANIFEST, add_timings, file_entry, write_report_files
 
     run_dir = str(tmp_path)
     manifest = _base_manifest()

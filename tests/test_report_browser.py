@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.report_sample import sample_key
+from pipeline.report.sample import sample_key
 from tests.conftest import SAMPLE, run_sample_text_image
 
 pytestmark = pytest.mark.slow

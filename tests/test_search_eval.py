@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import run_sample_text_image
 from pipeline import cli
-from pipeline.query import QueryEncoder, QueryError, load_run
-from pipeline.search import ExactSearcher
+from pipeline.query.encoder import QueryEncoder, QueryError, load_run
+from pipeline.query.search import ExactSearcher
 from schemas.catalog import validate_row
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_catalog")
@@ -114,7 +114,7 @@ def test_eval_command_writes_metrics(runs, tmp_path, capsys):
 
 
 def test_eval_counts_queries_it_cannot_encode(runs, tmp_path):
-    from pipeline.evaluate import QueriesFileError, evaluate, read_queries
+    from pipeline.query.evaluate import QueriesFileError, evaluate, read_queries
 
     _, dirs = runs
     run = load_run(dirs["attention"])

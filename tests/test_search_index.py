@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_sample_text_image
-from pipeline import cli, indexing
-from pipeline.evaluate import evaluate, read_queries
-from pipeline.query import QueryEncoder, load_run
-from pipeline.runs import Run
-from pipeline.search import ExactSearcher, IndexSearcher, open_searcher
+from pipeline import cli
+from pipeline.index import indexing
+from pipeline.query.evaluate import evaluate, read_queries
+from pipeline.query.encoder import QueryEncoder, load_run
+from pipeline.index.runs import Run
+from pipeline.query.search import ExactSearcher, IndexSearcher, open_searcher
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_catalog")
 QUERIES = os.path.join(SAMPLE, "queries.jsonl")

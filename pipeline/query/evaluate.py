@@ -15,8 +15,8 @@ import os
 import posixpath
 from typing import Sequence
 
-from pipeline import metrics
-from pipeline.query import QUERY_MODALITIES, QueryEncoder, QueryError, RunInfo
+from pipeline.query import metrics
+from pipeline.query.encoder import QUERY_MODALITIES, QueryEncoder, QueryError, RunInfo
 
 DEPTH = 100  # ranks retrieved per query; MRR counts a first relevant item up to here
 

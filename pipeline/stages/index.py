@@ -11,7 +11,7 @@ The sample is deterministic (the rows whose item-id hash is smallest), so a
 rerun on the same embeddings trains the same index. On an incremental run the
 train step may instead reuse the previous run's trained index, when its
 quantization error on this run's held-out sample rows shows no drift
-(pipeline/quantizer_reuse.py); the shards are rebuilt either way. Every file is written
+(pipeline/index/quantizer_reuse.py); the shards are rebuilt either way. Every file is written
 under a temporary name and renamed.
 """
 from __future__ import annotations
@@ -28,20 +28,20 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import index_select, indexing, quantizer_reuse
+from pipeline.index import index_select, indexing, quantizer_reuse
 from pipeline.config import IndexConfig
-from pipeline.incremental import PreviousRun
-from pipeline.quantizer_reuse import PreviousQuantizer
-from pipeline.recall_queries import RecallQueries
-from pipeline.stage_metrics import StageTimer
-from pipeline.write import write_bytes_atomically, write_table_atomically
+from pipeline.stages.incremental import PreviousRun
+from pipeline.index.quantizer_reuse import PreviousQuantizer
+from pipeline.query.recall_queries import RecallQueries
+from pipeline.stages.stage_metrics import StageTimer
+from pipeline.stages.write import write_bytes_atomically, write_table_atomically
 from schemas.embeddings import vectors_of
 
 NAMESPACE = "catalog_index.index"
 TRAINED = "trained.faiss"
 MERGED = "merged.faiss"
 _PART_RE = re.compile(r"part-(\d+)-of-\d+\.parquet$")
-log = logging.getLogger("pipeline.index")
+log = logging.getLogger("pipeline.stages.index")
 
 
 def read_bytes(path: str) -> bytes:
@@ -133,7 +133,7 @@ class TrainedIndex:
     quantizer: dict  # manifest["index"]["quantizer"]: trained or reused, why, and the errors measured
     decide_s: float = 0.0
     recall_queries: np.ndarray | None = None  # the run's own encoded queries (--recall_queries), or None
-    candidates: tuple = ()  # manifest["index"]["candidates"] (pipeline/index_select.py)
+    candidates: tuple = ()  # manifest["index"]["candidates"] (pipeline/index/index_select.py)
     chosen: dict | None = None  # manifest["index"]["chosen"]: name, params, why
     selection_s: float = 0.0
 
@@ -193,7 +193,7 @@ def _load_trained(previous: PreviousQuantizer):
 class _Train(beam.DoFn):
     """Chooses and trains the empty index on the sample, or reuses the previous run's when the drift allows.
 
-    Automatic parameters go through candidate selection (pipeline/index_select.py);
+    Automatic parameters go through candidate selection (pipeline/index/index_select.py);
     ``--index_factory`` or explicit nlist/M/nbits/OPQ skip it and train what they say.
     """
 
@@ -458,7 +458,7 @@ class BuildIndex(beam.PTransform):
     def _previous_quantizer(config: IndexConfig, previous: PreviousRun | None
                             ) -> tuple[PreviousQuantizer | None, str]:
         """Read at graph construction, like the previous run itself: (what it recorded, or why nothing)."""
-        from pipeline.publish import read_manifest
+        from pipeline.stages.publish import read_manifest
 
         if config.reuse_quantizer == "never":
             return None, ""

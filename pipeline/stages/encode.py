@@ -18,7 +18,7 @@ from encoders.handlers import (ClapAudioHandler, EncodeFailure, ImageBytesHandle
 from encoders.media import FetchPolicy
 from encoders.preprocess import ImagePreprocess
 from pipeline.config import EncodeConfig, Route
-from pipeline.records import ItemFailure, ModalityVector
+from pipeline.stages.records import ItemFailure, ModalityVector
 from schemas.dead_letter import Stage
 
 

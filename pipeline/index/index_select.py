@@ -33,8 +33,8 @@ from typing import Callable, Sequence
 import faiss
 import numpy as np
 
-from pipeline import indexing
-from pipeline.quantizer_reuse import REUSABLE_FAMILIES as REUSABLE
+from pipeline.index import indexing
+from pipeline.index.quantizer_reuse import REUSABLE_FAMILIES as REUSABLE
 
 MIN_POINTS_PER_LIST = 39  # faiss's k-means warns below 39 training points per centroid
 MAX_POINTS_PER_LIST = 256  # faiss samples at most 256 points per centroid for k-means

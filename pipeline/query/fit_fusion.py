@@ -13,7 +13,7 @@ agreement rule and the learned module, side by side.
 The item modality vectors are re-encoded in this process with the run's own
 models (the embeddings files hold fused vectors only), so this suits
 catalogs up to some hundred thousand items; the query vectors come from the
-same :class:`pipeline.query.QueryEncoder` the ``search`` verb uses.
+same :class:`pipeline.query.encoder.QueryEncoder` the ``search`` verb uses.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ import torch
 from encoders import attention, towers
 from encoders.fusion import FusionConfig, Layout, fuse, modality_means
 from encoders.media import FetchPolicy, MediaError, resolve_uri
-from pipeline import metrics
-from pipeline.evaluate import LabelledQuery, read_queries
-from pipeline.query import QueryEncoder, QueryError, RunInfo, load_run
+from pipeline.query import metrics
+from pipeline.query.evaluate import LabelledQuery, read_queries
+from pipeline.query.encoder import QueryEncoder, QueryError, RunInfo, load_run
 from schemas.catalog import CatalogItem, InvalidRow, validate_row
 
 _LOG = logging.getLogger("catalog_index.fit_fusion")
@@ -81,7 +81,7 @@ def read_catalog(pattern: str) -> tuple[list[CatalogItem], dict[str, int]]:
 def encode_items(run: RunInfo, items: list[CatalogItem], module: attention.FusionAttention,
                  encoder: QueryEncoder) -> ItemVectors:
     """Every item's modality vectors through the run's towers (images preprocessed as the pipeline does)."""
-    from pipeline.fetch import load_image
+    from pipeline.stages.fetch import load_image
 
     nested: list[dict] = [{} for _ in items]
     counts = {"media_failed": 0}
@@ -192,7 +192,7 @@ def train(module: attention.FusionAttention, items: ItemVectors, queries: np.nda
 
 def rank_metrics(item_matrix: np.ndarray, ids: list[str], queries: np.ndarray,
                  pairs: list[LabelledQuery]) -> dict:
-    from pipeline.search import ExactSearcher
+    from pipeline.query.search import ExactSearcher
 
     if not len(pairs):
         return {"overall": {"queries": 0}, "by_modality": {}}

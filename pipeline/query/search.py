@@ -74,7 +74,7 @@ class ExactSearcher:
 
 
 class IndexSearcher:
-    """A run's FAISS index shards (``pipeline.runs.Run``) behind the :class:`ExactSearcher` interface.
+    """A run's FAISS index shards (``pipeline.index.runs.Run``) behind the :class:`ExactSearcher` interface.
 
     Scores come back in the requested ``metric``'s terms whatever the index
     was built with. Item and query vectors are unit vectors, so
@@ -155,7 +155,7 @@ def open_searcher(run_dir: str, manifest: dict, embedding_files: Sequence[str], 
     """The run's index when it has one (``nprobe`` defaults to the manifest's recommended one), exact
     search over its embeddings otherwise or when ``exact`` is set."""
     if not exact and manifest.get("index"):
-        from pipeline.runs import open_run
+        from pipeline.index.runs import open_run
 
         return IndexSearcher(open_run(run_dir), metric, nprobe)
     searcher = ExactRunSearcher.from_files(embedding_files, metric)

@@ -114,7 +114,7 @@ def should_reuse_quantizer(
 # --------------------------------------------------------------------------- what the index stage records and reads
 
 REUSE_SETTINGS = ("auto", "never")
-# the index families whose trained quantizer a later run may reuse (the IVF ones; see pipeline/index_select.py)
+# the index families whose trained quantizer a later run may reuse (the IVF ones; see pipeline/index/index_select.py)
 REUSABLE_FAMILIES = ("ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 NOT_APPLICABLE = "exact flat index: no quantizer to train or reuse"
 
@@ -132,7 +132,7 @@ class PreviousQuantizer:
     model_fingerprint: str
     baseline_error: float | None  # held-out quantization error when the quantizer was trained
     trained_run_id: str  # the run that trained it (older than run_id when run_id itself reused it)
-    family: str = ""  # pipeline.index_select family ("" for a user factory string or an older run)
+    family: str = ""  # pipeline.index.index_select family ("" for a user factory string or an older run)
     search_params: dict = dataclasses.field(default_factory=dict)  # the run's recommended search setting
     bytes_per_vector: float = 0.0  # its memory per vector (0: not recorded)
 

@@ -1,7 +1,7 @@
 """The run's own queries for the recall self-check (``--recall_queries``), encoded before the pipeline starts.
 
 A JSON-lines file in ``eval``'s format (``modality``, ``query``, ``relevant``)
-is read and encoded by the query side's :class:`~pipeline.query.QueryEncoder`
+is read and encoded by the query side's :class:`~pipeline.query.encoder.QueryEncoder`
 with this run's models, spaces and layout (from the run's metadata, the same
 dict its embeddings files record). Only the vectors matter here: the
 self-check compares the index's top-k with exact search over every indexed
@@ -36,8 +36,8 @@ class RecallQueries:
 
 def encode_recall_queries(path: str, metadata: dict, run_dir: str, device: str = "cpu") -> RecallQueries:
     """Reads ``path`` and encodes every query with the run described by ``metadata``."""
-    from pipeline.evaluate import QueriesFileError, read_queries
-    from pipeline.query import QueryEncoder, QueryError, RunInfo
+    from pipeline.query.evaluate import QueriesFileError, read_queries
+    from pipeline.query.encoder import QueryEncoder, QueryError, RunInfo
 
     try:
         queries = read_queries(path)

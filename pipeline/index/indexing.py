@@ -50,7 +50,7 @@ class IndexParams:
     bytes_per_vector: float = 0.0
     estimated_bytes: int = 0
     note: str = ""
-    family: str = ""  # pipeline.index_select.FAMILIES; "" for a user factory string
+    family: str = ""  # pipeline.index.index_select.FAMILIES; "" for a user factory string
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

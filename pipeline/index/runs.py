@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import indexing
-from pipeline.index import read_bytes
-from pipeline.publish import RunNotFound, read_manifest, resolve_run_dir
+from pipeline.index import indexing
+from pipeline.stages.index import read_bytes
+from pipeline.stages.publish import RunNotFound, read_manifest, resolve_run_dir
 
 
 @dataclasses.dataclass

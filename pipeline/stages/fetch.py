@@ -1,6 +1,6 @@
 """Fetch, decode and preprocess a batch's images on CPU threads (plain functions, no Beam).
 
-The embed stage (``pipeline/embed.py``) calls :class:`ImageFetcher` once per
+The embed stage (``pipeline/stages/embed.py``) calls :class:`ImageFetcher` once per
 batch of items: every image URI of the batch is read and decoded on a thread
 pool (reads wait on I/O; PIL releases the GIL while it decodes and resizes),
 and each image comes back as uint8 ``[S, S, 3]`` pixels ready for one

@@ -7,7 +7,7 @@ data the run did not record says so instead of disappearing.
 """
 from __future__ import annotations
 
-from pipeline.report_charts import PALETTE, bar_chart, esc, fmt, fmt_bytes, histogram_chart, line_chart
+from pipeline.report.charts import PALETTE, bar_chart, esc, fmt, fmt_bytes, histogram_chart, line_chart
 
 STAGE_ORDER = ("read", "incremental", "fetch_decode", "fetch_audio", "encode", "transcribe", "fuse", "write", "index",
                "publish")

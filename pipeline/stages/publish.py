@@ -16,14 +16,16 @@ import logging
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import faults, report, report_data, report_sample
-from pipeline.records import item_from_tuple
-from pipeline.stage_metrics import StageTimer
-from pipeline.write import write_bytes_atomically, write_table_atomically
+from pipeline.report import data as report_data, sample as report_sample, stats as report
+
+from pipeline.stages import faults
+from pipeline.stages.records import item_from_tuple
+from pipeline.stages.stage_metrics import StageTimer
+from pipeline.stages.write import write_bytes_atomically, write_table_atomically
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
-log = logging.getLogger("pipeline.publish")
+log = logging.getLogger("pipeline.stages.publish")
 
 
 class PublishRefused(RuntimeError):

@@ -41,9 +41,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
-from pipeline import progress
-from pipeline.records import MediaDigest
-from pipeline.stage_metrics import StageTimer
+from pipeline.stages import progress
+from pipeline.stages.records import MediaDigest
+from pipeline.stages.stage_metrics import StageTimer
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
 from schemas.embeddings import EmbeddingRecord, display_fields
@@ -132,7 +132,7 @@ def item_content_hash(item: CatalogItem, tokens: list[str], model_fingerprint: s
     With ``bytes`` tokens this is exactly what the fuse stage writes for an
     encoded item whose media all decoded, which is what makes reuse possible.
     """
-    from pipeline.fuse import content_hash
+    from pipeline.stages.fuse import content_hash
 
     digests = [MediaDigest("image", i, token) for i, token in enumerate(tokens)]
     if audio_token is not None:
@@ -194,7 +194,7 @@ def resolve_previous_run(output: str, previous_run: str, run_dir: str, metadata:
     Only a published run (one with a manifest) is used; a named directory
     without one is an error, since reusing half a run would be wrong.
     """
-    from pipeline.publish import MANIFEST, latest_run_dir, read_manifest
+    from pipeline.stages.publish import MANIFEST, latest_run_dir, read_manifest
 
     if previous_run == NONE:
         return None
@@ -219,8 +219,8 @@ def resume_pieces(run_dir: str) -> list[str]:
     A rerun with the same ``--run_id`` reuses the rows in them whose content
     hash still matches, instead of encoding those items again.
     """
-    from pipeline.publish import MANIFEST
-    from pipeline.write import PIECES
+    from pipeline.stages.publish import MANIFEST
+    from pipeline.stages.write import PIECES
 
     run_dir = run_dir.rstrip("/")
     try:
@@ -238,7 +238,7 @@ def resume_pieces(run_dir: str) -> list[str]:
 
 def read_piece_rows(path: str):
     """(item_id, PreviousVector) for every row of one embeddings piece (Arrow IPC)."""
-    from pipeline.write import _open_piece
+    from pipeline.stages.write import _open_piece
     from schemas.embeddings import vectors_of
 
     table = _open_piece(path)
@@ -252,7 +252,7 @@ def read_piece_rows(path: str):
 
 def previous_embedding_files(previous: PreviousRun) -> list[str]:
     """The embeddings shards the previous run's manifest lists (exactly what was published)."""
-    from pipeline.publish import read_manifest
+    from pipeline.stages.publish import read_manifest
 
     files = read_manifest(previous.run_dir).get("files", [])
     return [f"{previous.run_dir}/{f['path']}" for f in files if f["path"].startswith("embeddings/")]
@@ -281,7 +281,7 @@ def read_previous_rows(path: str, with_vectors: bool):
 # --------------------------------------------------------------------------- Beam wrappers
 
 
-PREVIOUS = "p"  # tag of a previous-run row in the join by item id (catalog items are "c", pipeline.read)
+PREVIOUS = "p"  # tag of a previous-run row in the join by item id (catalog items are "c", pipeline.stages.read)
 RESUMED = "r"  # tag of a row a killed attempt of this run already wrote
 DEAD = "dead"
 
@@ -359,7 +359,7 @@ class _Resolve(beam.DoFn):
         self._buffer = []
 
     def process(self, element):
-        from pipeline.records import item_from_tuple
+        from pipeline.stages.records import item_from_tuple
 
         item_id, values = element
         current, previous, resumed = [], [], []
@@ -445,7 +445,7 @@ class _Resolve(beam.DoFn):
 
 
 class Incremental(beam.PTransform):
-    """Keyed catalog items (``pipeline.read``) -> {encode: list[CatalogItem] batches, reused: pa.Table batches,
+    """Keyed catalog items (``pipeline.stages.read``) -> {encode: list[CatalogItem] batches, reused: pa.Table batches,
     status: {status: count} dicts, dead: duplicate-id DeadLetters}.
 
     The one join by item id of the graph: it carries catalog items (text and
@@ -501,7 +501,7 @@ def incremental_counts(statuses: dict, encoded: int, embedded: int, previous: Pr
     block["resumed"] = int(statuses.get("resumed", 0))
     block["encoded"] = int(encoded)
     if block["reused"] + block["resumed"] + block["encoded"] != embedded:
-        from pipeline.publish import AccountingError
+        from pipeline.stages.publish import AccountingError
 
         raise AccountingError(f"{block['reused']} reused + {block['resumed']} resumed + {encoded} encoded "
                               f"!= {embedded} embedded")

@@ -1,7 +1,7 @@
 """Stage 1: read the catalog Parquet files a row group at a time and validate the rows.
 
 Outputs, per valid row, ``(item_id, ("c", item tuple))`` keyed for the one
-join by item id (``pipeline/incremental.py``), which also resolves duplicate
+join by item id (``pipeline/stages/incremental.py``), which also resolves duplicate
 ids; rows that fail validation as dead letters (``dead``); rows whose content
 is only in modalities the run has no model for as counted skips (``skipped``);
 and the number of rows read per row group (``rows``). Files are read row group
@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
-from pipeline import progress
+from pipeline.stages import progress
 from pipeline.config import ReadConfig
-from pipeline.records import item_to_tuple
-from pipeline.stage_metrics import StageTimer
+from pipeline.stages.records import item_to_tuple
+from pipeline.stages.stage_metrics import StageTimer
 from schemas.catalog import CatalogColumns, CatalogItem, InvalidRow, validate_row
 from schemas.dead_letter import DeadLetter, Reason, Skip, SkipReason, Stage
 
@@ -111,7 +111,7 @@ class ReadCatalog(beam.PTransform):
 
     ``modalities`` are those the run has models for; an item whose content is
     only in other modalities is a counted skip, not a dead letter. Duplicate
-    ids are resolved at the join by item id (``pipeline/incremental.py``).
+    ids are resolved at the join by item id (``pipeline/stages/incremental.py``).
     """
 
     def __init__(self, config: ReadConfig, progress_interval_s: float = 0.0,

@@ -2,7 +2,7 @@
 
 Every item of a batch leaves :class:`ItemFuser` exactly once: as an
 :class:`EmbeddingRecord` or as a :class:`DeadLetter`. The embed stage
-(``pipeline/embed.py``) calls it inside the worker that holds the batch, so
+(``pipeline/stages/embed.py``) calls it inside the worker that holds the batch, so
 an item's modality vectors are never shuffled to meet each other.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from encoders.asr import Transcript
 from encoders.fusion import FusionConfig, Layout, fuse_batch
 from encoders.towers import sound_hears_speech
 from pipeline.config import Route
-from pipeline.records import ItemFailure, MediaDigest, ModalityVector
+from pipeline.stages.records import ItemFailure, MediaDigest, ModalityVector
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
 from schemas.embeddings import EmbeddingRecord, display_fields

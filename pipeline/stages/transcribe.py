@@ -13,7 +13,7 @@ from apache_beam.metrics import Metrics
 from encoders.asr import SAMPLE_RATE, Transcript
 from encoders.audio import AudioClip
 from encoders.handlers import EncodeFailure
-from pipeline.records import ItemFailure
+from pipeline.stages.records import ItemFailure
 from schemas.dead_letter import Stage
 
 NAMESPACE = "catalog_index.asr"

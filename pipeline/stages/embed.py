@@ -33,15 +33,16 @@ from encoders.device import check_worker_gpu
 from encoders.fusion import FusionConfig, Layout
 from encoders.media import FetchPolicy, MediaError
 from encoders.preprocess import ImagePreprocess
-from pipeline import faults, progress, report_sample
+from pipeline.report import sample as report_sample
+from pipeline.stages import faults, progress
 from pipeline.config import Route
-from pipeline.encode import RouteEncoder
-from pipeline.fetch import NAMESPACE as FETCH_NAMESPACE, ImageFetcher, failure_stage
-from pipeline.fetch_audio import NAMESPACE as AUDIO_NAMESPACE, AudioFetcher, audio_failure_stage
-from pipeline.fuse import NAMESPACE as FUSE_NAMESPACE, ItemFuser, load_attention
-from pipeline.records import ItemFailure, MediaDigest
-from pipeline.stage_metrics import StageTimer
-from pipeline.transcribe import Transcriber
+from pipeline.stages.encode import RouteEncoder
+from pipeline.stages.fetch import NAMESPACE as FETCH_NAMESPACE, ImageFetcher, failure_stage
+from pipeline.stages.fetch_audio import NAMESPACE as AUDIO_NAMESPACE, AudioFetcher, audio_failure_stage
+from pipeline.stages.fuse import NAMESPACE as FUSE_NAMESPACE, ItemFuser, load_attention
+from pipeline.stages.records import ItemFailure, MediaDigest
+from pipeline.stages.stage_metrics import StageTimer
+from pipeline.stages.transcribe import Transcriber
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter
 from schemas.embeddings import records_to_table

@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import indexing
-from pipeline.report_sample import SampleItem, Thumbnail, sample_key, smallest
+from pipeline.index import indexing
+from pipeline.report.sample import SampleItem, Thumbnail, sample_key, smallest
 from schemas.embeddings import vectors_of
 
 GALLERY_ITEMS = 8

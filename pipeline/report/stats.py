@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from pipeline.report_render import render_html  # noqa: F401 - the page itself lives there
+from pipeline.report.render import render_html  # noqa: F401 - the page itself lives there
 
 REPORT = "report.html"
 NORM_TOLERANCE = 1e-3  # fused vectors are L2-normalized; float16 storage keeps them within this

@@ -22,8 +22,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import faults
-from pipeline.stage_metrics import StageTimer
+from pipeline.stages import faults
+from pipeline.stages.stage_metrics import StageTimer
 from schemas.dead_letter import DEAD_LETTER_SCHEMA, DeadLetter
 
 
