@@ -33,10 +33,9 @@ import torch  # noqa: E402
 
 from bench._report import report  # noqa: E402
 from encoders import towers  # noqa: E402
-from encoders.media import FetchPolicy, resolve_uri  # noqa: E402
+from encoders.media import FetchPolicy, load_image, resolve_uri  # noqa: E402
 from encoders.specs import ModelSpec  # noqa: E402
 from pipeline import cli  # noqa: E402
-from pipeline.stages.fetch import load_image  # noqa: E402
 from schemas.catalog import CATALOG_SCHEMA  # noqa: E402
 
 HEADING = "Scale-out (issue 8): Beam pipeline vs bare encode loop on CPU"
@@ -105,7 +104,7 @@ def pipeline_run(catalog: Path, spec: ModelSpec, batch: int, out: Path, run_id: 
             "--clip_model", spec.name, "--clip_weights", "random", "--text_model", "none",
             "--device", "cpu", "--batch_size", str(batch), "--progress_interval_s", "0", *extra]
     assert cli.main(argv) == 0
-    from pipeline.stages.publish import read_manifest
+    from pipeline.storage import read_manifest
 
     return read_manifest(str(out / "runs" / run_id))["counts"]["embedded"]
 
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| Beam pipeline end to end (+ validate, fuse, write, publish) | {pipe_med:.2f} | "
         f"{', '.join(f'{x:.2f}' for x in pipe_rates)} |",
         f"| **ratio pipeline / loop** | **{ratio:.2f}** (target >= 0.9) | "
-        f"{', '.join(f'{p / l:.2f}' for p, l in zip(pipe_rates, loop_rates))} |",
+        f"{', '.join(f'{p / q:.2f}' for p, q in zip(pipe_rates, loop_rates))} |",
     ] + ([
         f"| before: BatchElements growing from 1 (one run, after the repeats) | {before:.2f} | "
         f"ratio {before / loop_med:.2f} |",

@@ -128,7 +128,7 @@ def bare_loop(catalog: Path, clip_json: str, images: bool, batch: int = 256) -> 
 
 def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_size: int = 64) -> int:
     from pipeline import cli
-    from pipeline.stages.publish import read_manifest
+    from pipeline.storage import read_manifest
 
     argv = ["run", "--catalog", str(catalog), "--output", str(out), "--run_id", run_id,
             "--clip_model", clip_json, "--clip_weights", "random", "--text_model", "none", "--asr_model", "none",

@@ -156,3 +156,16 @@ def load(path: str, expected_sha256: str = "") -> FusionAttention:
     module = FusionAttention([(s, ms, d) for s, ms, d in json.loads(meta["spec"])])
     module.load_state_dict(load_tensors(data))
     return module.eval()
+
+
+def load_attention(fusion: FusionConfig, routes: Sequence, layout: Layout):
+    """The trained attention of ``fusion`` as a ``fuse(attention=...)`` callable; None for the other rules.
+
+    Shared by the embed stage and the query encoder, so items and queries are
+    weighted by the same module, checked against the same routes and layout.
+    """
+    if not fusion.attention_module:
+        return None
+    module = load(fusion.attention_module, fusion.attention_sha256)
+    module.check_layout([(r.modality, r.space) for r in routes], layout)
+    return module.weights_fn()

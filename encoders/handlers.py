@@ -20,10 +20,9 @@ from encoders import towers
 from encoders.device import resolve_device, validate_device_spec
 from encoders.placement import AUTO_MAX_BATCH
 from encoders.preprocess import ImagePreprocess
-from encoders.specs import ModelSpec
+from encoders.specs import PRECISIONS, ModelSpec
 from schemas.dead_letter import Reason, Stage
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 IMAGE_FAMILIES = ("open_clip", "hf_clip", "conse", "timm_image")
 ENCODE_US = "encode_wall_us"  # Distribution metric name (microseconds), namespace catalog_index.encode.<modality>
 _LOG = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ the caller can turn it into a row instead of a crash.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.client
 import io
 import ipaddress
@@ -433,3 +434,13 @@ def decode_for_tower(data: bytes, preprocess, max_pixels: int = FetchPolicy.max_
     """
     return preprocess.resize_crop(decode_image(data, max_pixels, draft_size=preprocess.draft_size))
 
+
+def load_image(uri: str, policy: FetchPolicy, preprocess) -> tuple:
+    """One image URI -> (normalized float32 [3, S, S] pixels, sha256 of its bytes); raises MediaError.
+
+    One image at a time, for the query side and fit-fusion; the embed stage
+    fetches and decodes a batch on threads (``pipeline/stages/fetch.py``).
+    """
+    data = fetch_bytes(uri, policy)
+    pixels = decode_for_tower(data, preprocess, policy.max_image_pixels)
+    return preprocess.normalize(pixels[None])[0], hashlib.sha256(data).hexdigest()

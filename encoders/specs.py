@@ -25,6 +25,7 @@ FAMILIES = {
     "aisfx": "aisfx sound-effects embedder, 512-d (name = aisfx-cnn9, weights = converted safetensors file)",
 }
 CLIP_FAMILIES = ("open_clip", "hf_clip")
+PRECISIONS = ("fp32", "bf16", "fp16")  # forward-pass precision of a model (EncodeConfig, the handlers)
 TEXT_FAMILIES = ("hf_text", "usem3")
 # families whose weights are a file path (or a tag / random), not "pretrained from name"
 _WEIGHT_FILE_FAMILIES = ("open_clip", "timm_image", "conse", "aisfx")

@@ -246,7 +246,8 @@ def run(argv: list[str]) -> int:
 def _record_timings(run_dir: str, result, wall_s: float) -> dict:
     """Beam metrics are complete only now: the manifest gets ``timings`` and report.html is re-rendered."""
     from pipeline.beam_metrics import run_timings
-    from pipeline.stages.publish import add_timings, read_manifest
+    from pipeline.stages.publish import add_timings
+    from pipeline.storage import read_manifest
 
     try:
         return add_timings(run_dir, run_timings(result, wall_s))
@@ -341,7 +342,7 @@ def evaluate(argv: list[str]) -> int:
     import os
 
     from pipeline.query.evaluate import QueriesFileError, evaluate as run_eval, format_report, read_queries
-    from pipeline.stages.publish import write_text_atomically
+    from pipeline.storage import write_text_atomically
     from pipeline.query.encoder import QueryEncoder, QueryError, load_run
     from pipeline.index.runs import RunNotFound
 

@@ -8,16 +8,14 @@ import time
 
 from encoders.asr import AsrSpec, asr_fingerprint
 from encoders.audio import AudioPolicy
+from encoders.device import validate_device_spec
 from encoders.fusion import FusionConfig, Layout
-from encoders.handlers import PRECISIONS
 from encoders.media import FetchPolicy
-from encoders.specs import CLIP_FAMILIES, TEXT_FAMILIES, ModelSpec, fingerprint
+from encoders.specs import CLIP_FAMILIES, PRECISIONS, TEXT_FAMILIES, ModelSpec, fingerprint
+from schemas.catalog import CatalogColumns, MissingColumn
 
 IMAGE_TEXT_FAMILIES = (*CLIP_FAMILIES, "conse")  # models with an image and a text tower in one space
 SOUND_FAMILIES = ("hf_clap", "aisfx")
-from encoders.device import validate_device_spec
-from pipeline.stages.incremental import IncrementalConfig
-from schemas.catalog import CatalogColumns, MissingColumn
 
 MEDIA_ERROR_POLICIES = ("fail_item", "drop_media")
 # A healthy nightly catalog loses well under 1% of rows to broken media and rows;
@@ -25,6 +23,28 @@ MEDIA_ERROR_POLICIES = ("fail_item", "drop_media")
 # bug), and publishing would replace a good index with a visibly worse one.
 DEFAULT_MAX_FAILURE_FRACTION = 0.05
 _GLOB_CHARS = "*?["
+
+# incremental runs: which previous run to reuse vectors from, and how changed media are detected
+CHANGE_DETECTION = ("bytes", "metadata")
+NONE = "none"
+LATEST = "latest"
+
+
+@dataclasses.dataclass(frozen=True)
+class IncrementalConfig:
+    """Which previous run to reuse vectors from, how to detect media changes, how many runs to keep."""
+
+    previous_run: str = LATEST  # 'latest' (the run OUTPUT/LATEST points to), 'none', or a run directory
+    change_detection: str = "bytes"
+    keep_runs: int = 5  # published runs kept after a new one is published; 0 keeps all
+
+    def __post_init__(self) -> None:
+        if not self.previous_run:
+            raise ValueError(f"previous_run must be {LATEST!r}, {NONE!r} or a run directory, got an empty string")
+        if self.change_detection not in CHANGE_DETECTION:
+            raise ValueError(f"change_detection {self.change_detection!r} is not one of {CHANGE_DETECTION}")
+        if self.keep_runs < 0:
+            raise ValueError(f"keep_runs must be >= 0 (0 keeps every run), got {self.keep_runs}")
 
 
 def catalog_root(catalog: str) -> str:

@@ -15,7 +15,7 @@ from encoders.media import DEFAULT_SCHEMES, FetchPolicy
 from encoders.specs import PRETRAINED, ModelSpec
 from pipeline.config import (DEFAULT_MAX_FAILURE_FRACTION, INDEX_METRICS, MEDIA_ERROR_POLICIES, EncodeConfig,
                              REUSE_QUANTIZER, IndexConfig, ReadConfig, RunConfig, WriteConfig, catalog_root)
-from pipeline.stages.incremental import CHANGE_DETECTION, LATEST, IncrementalConfig
+from pipeline.config import CHANGE_DETECTION, LATEST, IncrementalConfig
 from schemas.catalog import CatalogColumns
 
 NONE = "none"

@@ -24,6 +24,7 @@ from pipeline.stages import incremental
 from pipeline.graph import build
 from pipeline.stages.incremental import (PreviousVector, check_compatible, classify, hash_item, media_token)
 from pipeline.beam_metrics import counter, encoder_seconds
+from pipeline.config import IncrementalConfig
 from pipeline.options import CatalogIndexOptions, to_run_config
 from pipeline.stages.retention import apply_retention, runs_to_delete
 from schemas.catalog import CATALOG_SCHEMA, CatalogItem
@@ -264,9 +265,9 @@ def test_unreadable_media_gives_no_hash(tmp_path):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="change_detection 'mtime' is not one of"):
-        incremental.IncrementalConfig(change_detection="mtime")
+        IncrementalConfig(change_detection="mtime")
     with pytest.raises(ValueError, match="keep_runs"):
-        incremental.IncrementalConfig(keep_runs=-1)
+        IncrementalConfig(keep_runs=-1)
 
 
 @pytest.mark.slow

@@ -289,7 +289,8 @@ def test_gallery_searches_the_runs_own_shards_and_shows_what_the_sample_kept(tmp
 def test_timings_added_after_the_run_rerender_the_report_and_keep_the_manifest_true(tmp_path):
     import hashlib
 
-    from pipeline.stages.publish import MANIFEST, add_timings, file_entry, write_report_files
+    from pipeline.stages.publish import add_timings, file_entry, write_report_files
+    from pipeline.storage import MANIFEST
 
     run_dir = str(tmp_path)
     manifest = _base_manifest()

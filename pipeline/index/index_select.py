@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import faiss
 import numpy as np
@@ -308,9 +308,11 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
     n_train_ivf = min(len(train), MAX_POINTS_PER_LIST * max((c.nlist for c in plan_rows), default=1))
     ivf_train = train[:n_train_ivf]
     harder = "recall_queries" if any(s.name == "recall_queries" for s in sets) else "held_out"
-    centroids, coarse_s, results, winner = None, 0.0, [], None
+    centroids, coarse_s = None, 0.0
+    results: list[tuple[Candidate, dict[str, Any], bytes | None]] = []  # (candidate, entry, empty trained index)
+    winner: tuple[Candidate, dict[str, Any], bytes, float] | None = None
     for cand in plan_rows:
-        entry = {"name": cand.name, "family": cand.family, "bytes_per_vector": cand.bytes_per_vector,
+        entry: dict[str, Any] = {"name": cand.name, "family": cand.family, "bytes_per_vector": cand.bytes_per_vector,
                  "memory_bytes": cand.memory_bytes, "fits_budget": cand.fits_budget,
                  "skipped_reason": cand.skipped_reason, "train_seconds": 0.0, "settings": [],
                  "best_setting": None, "meets_target": False}
@@ -368,7 +370,8 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         cheaper = [e for c, e, b in results if b is not None and e is not entry]
         why = (f"{cand.name} ({cand.family}, {cand.bytes_per_vector:.0f} B/vector, "
                f"{cand.memory_bytes / (1 << 30):.3g} GB) is the least memory that reaches 10-recall@10 >= {target} "
-               f"on the {'recall' if harder == 'recall_queries' else 'held-out'} queries within {max_query_ms:g} ms/query, at {entry['best_setting']}"
+               f"on the {'recall' if harder == 'recall_queries' else 'held-out'} queries within {max_query_ms:g} ms/query, "
+               f"at {entry['best_setting']}"
                + (f"; measured and missed: {', '.join(e['name'] for e in cheaper if not e['meets_target'])}"
                   if any(not e["meets_target"] for e in cheaper) else ""))
     chosen = {"name": cand.name, "family": cand.family, "params": entry["best_setting"] or {}, "why": why,

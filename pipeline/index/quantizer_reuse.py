@@ -224,6 +224,12 @@ def manifest_block(decision: QuantizerDecision | None, *, setting: str, model_fi
         return {"applicable": False, "reused": False, "reason": not_applicable, "reuse_setting": setting,
                 "model_fingerprint": model_fingerprint, "applies_to": list(REUSABLE_FAMILIES)}
     reused = decision.reuse
+    if reused:
+        if previous is None:
+            raise ValueError("a decision to reuse a quantizer needs the previous run's quantizer")
+        reused_from, trained_run, baseline = previous.run_id, previous.trained_run_id, previous.baseline_error
+    else:
+        reused_from, trained_run, baseline = None, run_id, fresh_error
     return {
         "applicable": True,
         "applies_to": list(REUSABLE_FAMILIES),
@@ -231,9 +237,9 @@ def manifest_block(decision: QuantizerDecision | None, *, setting: str, model_fi
         **decision.to_json(),
         "reuse_setting": setting,
         "model_fingerprint": model_fingerprint,
-        "reused_from_run_id": previous.run_id if reused else None,
-        "trained_run_id": previous.trained_run_id if reused else run_id,
-        "baseline_error": previous.baseline_error if reused else fresh_error,
+        "reused_from_run_id": reused_from,
+        "trained_run_id": trained_run,
+        "baseline_error": baseline,
         "held_out_error": fresh_error,
         "held_out_vectors": held_out_vectors,
     }

@@ -10,11 +10,9 @@ import dataclasses
 
 import numpy as np
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 from pipeline.index import indexing
-from pipeline.stages.index import read_bytes
-from pipeline.stages.publish import RunNotFound, read_manifest, resolve_run_dir
+from pipeline.storage import RunNotFound, open_read, read_bytes, read_manifest, resolve_run_dir
 
 
 @dataclasses.dataclass
@@ -77,7 +75,7 @@ class Run:
 
 
 def _read_ids(path: str, shard: int) -> np.ndarray:
-    with FileSystems.open(path) as f:
+    with open_read(path) as f:
         table = pq.read_table(f)
     faiss_ids = table.column("faiss_id").to_numpy()
     if not np.array_equal(faiss_ids, indexing.make_ids(shard, len(faiss_ids))):

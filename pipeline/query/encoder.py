@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from encoders import towers
+from encoders.attention import load_attention
 from encoders.audio import AudioPolicy
 from encoders.device import resolve_device
 from encoders.fusion import FusionConfig, FusionError, Layout, fuse
-from encoders.media import FetchPolicy, MediaError, fetch_bytes
+from encoders.media import FetchPolicy, MediaError, fetch_bytes, load_image
 from encoders.specs import ModelSpec, fingerprint, spec_from_description
-from pipeline.stages.publish import read_manifest, resolve_run_dir
+from pipeline.storage import read_manifest, resolve_run_dir
 from schemas.embeddings import read_metadata
 
 QUERY_MODALITIES = ("text", "image", "audio")
@@ -109,8 +110,6 @@ class QueryEncoder:
 
     def __init__(self, run: RunInfo, device: str = "cpu", batch_size: int = 32, policy: FetchPolicy = FetchPolicy(),
                  audio_policy: AudioPolicy = AudioPolicy()):
-        from pipeline.stages.fuse import load_attention
-
         self.run, self.layout, self.fusion = run, run.layout, run.fusion
         self.device, self.batch_size, self.policy = resolve_device(device), batch_size, policy
         self.audio_policy = audio_policy
@@ -252,8 +251,6 @@ class QueryEncoder:
             raise QueryContentError(f"audio query {path}: {e}") from None
 
     def _pixels(self, spec: ModelSpec, path: str) -> np.ndarray:
-        from pipeline.stages.fetch import load_image
-
         try:
             pixels, _ = load_image(os.fspath(path), self.policy, towers.image_preprocess(spec))
         except MediaError as e:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from pipeline.query import metrics
 from pipeline.query.encoder import QUERY_MODALITIES, QueryEncoder, QueryError, RunInfo
+from pipeline.storage import read_bytes
 
 DEPTH = 100  # ranks retrieved per query; MRR counts a first relevant item up to here
 
@@ -34,12 +35,9 @@ class LabelledQuery:
 
 
 def read_queries(path: str) -> list[LabelledQuery]:
-    from apache_beam.io.filesystems import FileSystems
-
     base = posixpath.dirname(path)
     out = []
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        lines = f.read().decode("utf-8").splitlines()
+    lines = read_bytes(path).decode("utf-8").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -65,7 +63,9 @@ def read_queries(path: str) -> list[LabelledQuery]:
 def evaluate(run: RunInfo, queries: Sequence[LabelledQuery], searcher, encoder: QueryEncoder,
              depth: int = DEPTH) -> dict:
     """Encodes, searches and scores every query; returns the report (overall, per modality, per query)."""
-    results, per_query, skipped, failed = [], [], {}, {}
+    results, per_query = [], []
+    skipped: dict[str, dict] = {}
+    failed: dict[str, list[dict]] = {}
     known = set(searcher.ids) if hasattr(searcher, "ids") else None
     for modality in QUERY_MODALITIES:
         group = [q for q in queries if q.modality == modality]

@@ -24,6 +24,7 @@ import logging
 import os
 import posixpath
 import time
+import typing
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,10 +32,11 @@ import torch
 
 from encoders import attention, towers
 from encoders.fusion import FusionConfig, Layout, fuse, modality_means
-from encoders.media import FetchPolicy, MediaError, resolve_uri
+from encoders.media import FetchPolicy, MediaError, load_image, resolve_uri
 from pipeline.query import metrics
 from pipeline.query.evaluate import LabelledQuery, read_queries
 from pipeline.query.encoder import QueryEncoder, QueryError, RunInfo, load_run
+from pipeline.storage import match_paths, open_read
 from schemas.catalog import CatalogItem, InvalidRow, validate_row
 
 _LOG = logging.getLogger("catalog_index.fit_fusion")
@@ -57,12 +59,9 @@ def _catalog_path(manifest: dict) -> str:
 
 def read_catalog(pattern: str) -> tuple[list[CatalogItem], dict[str, int]]:
     """Validated items of a catalog (first row wins on duplicate ids), and what was left out."""
-    from apache_beam.io.filesystems import FileSystems
-
     items, seen, counts = [], set(), {"invalid_row": 0, "duplicate_id": 0}
-    for match in FileSystems.match([pattern])[0].metadata_list:
-        path = match.path
-        with FileSystems.open(path, compression_type="uncompressed") as f:
+    for path in match_paths(pattern):
+        with open_read(path) as f:
             rows = pq.read_table(f).to_pylist()
         for n, row in enumerate(rows):
             try:
@@ -81,8 +80,6 @@ def read_catalog(pattern: str) -> tuple[list[CatalogItem], dict[str, int]]:
 def encode_items(run: RunInfo, items: list[CatalogItem], module: attention.FusionAttention,
                  encoder: QueryEncoder) -> ItemVectors:
     """Every item's modality vectors through the run's towers (images preprocessed as the pipeline does)."""
-    from pipeline.stages.fetch import load_image
-
     nested: list[dict] = [{} for _ in items]
     counts = {"media_failed": 0}
     for modality, space in run.routes:
@@ -117,9 +114,9 @@ def encode_items(run: RunInfo, items: list[CatalogItem], module: attention.Fusio
         mask[space] = torch.zeros((len(ids), len(modalities)), dtype=torch.bool)
     for n, vectors in enumerate(nested):
         for space, per_modality in modality_means(vectors, layout).items():
-            modalities = module.spaces[space].modalities
+            names = typing.cast(attention.SpaceAttention, module.spaces[space]).modalities
             for modality, v in per_modality.items():
-                j = modalities.index(modality)
+                j = names.index(modality)
                 x[space][n, j] = torch.from_numpy(v)
                 mask[space][n, j] = True
     return ItemVectors(ids, nested, x, mask, counts)

@@ -47,7 +47,9 @@ def encode_recall_queries(path: str, metadata: dict, run_dir: str, device: str =
         encoder = QueryEncoder(RunInfo(run_dir, {}, metadata, ()), device)
     except QueryError as e:
         raise RecallQueriesError(f"--recall_queries: {e}") from None
-    vectors, failed, by_modality = [], [], {}
+    vectors: list[np.ndarray] = []
+    failed: list[dict] = []
+    by_modality: dict[str, int] = {}
     for modality in dict.fromkeys(q.modality for q in queries):
         group = [q for q in queries if q.modality == modality]
         try:
@@ -58,6 +60,7 @@ def encode_recall_queries(path: str, metadata: dict, run_dir: str, device: str =
             if i in errors:
                 failed.append({"line": q.line, "reason": errors[i]})
             else:
+                assert encoded is not None  # errors covers every query when nothing was encoded
                 vectors.append(encoded[i])
                 by_modality[modality] = by_modality.get(modality, 0) + 1
     if not vectors:

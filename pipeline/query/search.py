@@ -5,14 +5,18 @@ ids)``, with ``k' = min(k, number of items)``; the index loader offers the same.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.storage import open_read
 from schemas.embeddings import vectors_of
 
 METRICS = ("cosine", "l2")
+
+
+_Searcher = TypeVar("_Searcher", bound="ExactSearcher")
 
 
 class ExactSearcher:
@@ -34,12 +38,10 @@ class ExactSearcher:
         self._sq_norms = np.einsum("ij,ij->i", vectors, vectors)
 
     @classmethod
-    def from_files(cls, files: Sequence[str], metric: str = "cosine") -> "ExactSearcher":
-        from apache_beam.io.filesystems import FileSystems
-
+    def from_files(cls: type[_Searcher], files: Sequence[str], metric: str = "cosine") -> _Searcher:
         ids, parts = [], []
         for path in files:
-            with FileSystems.open(path, compression_type="uncompressed") as f:
+            with open_read(path) as f:
                 table = pq.read_table(f, columns=["item_id", "vector"])
             ids += table.column("item_id").to_pylist()
             parts.append(vectors_of(table))

@@ -161,7 +161,7 @@ def line_chart(series: Sequence[dict], width: int = 560, height: int = 260, x_la
         dash = ' stroke-dasharray="3 3"' if s.get("dashed") else ""
         parts.append(f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in coords)}" fill="none" '
                      f'stroke="{color}" stroke-width="2"{dash}/>')
-        for (a, b), (x, y, text) in zip(coords, s["points"]):
+        for (a, b), (_x, y, text) in zip(coords, s["points"]):
             parts.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"><title>{esc(s["name"])} '
                          f'{esc(text)}: {y:.4f}</title></circle>')
         if s.get("marked") is not None:

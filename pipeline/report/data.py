@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
+from pipeline import storage
 from pipeline.index import indexing
 from pipeline.report.sample import SampleItem, Thumbnail, sample_key, smallest
 from schemas.embeddings import vectors_of
@@ -37,12 +37,7 @@ THUMBNAIL_SCHEMA = pa.schema([("item_id", pa.string()), ("key", pa.int64()), ("c
 
 def _open_parquet(path: str) -> pq.ParquetFile:
     """A seekable reader: only the column chunks asked for are read (local files and object stores alike)."""
-    return pq.ParquetFile(FileSystems.open(path, compression_type="uncompressed"))
-
-
-def _read(path: str) -> bytes:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read()
+    return pq.ParquetFile(storage.open_read(path))
 
 
 def read_columns(paths: list[str], columns: list[str]) -> pa.Table:
@@ -99,7 +94,7 @@ def open_index(run_dir: str, index: dict) -> tuple[indexing.ShardedIndex, dict[i
     """The run's own index shards (from the index block, before the manifest exists) and ids by shard."""
     shards, ids = [], {}
     for entry in index["shards"]:
-        shards.append(indexing.from_bytes(_read(f"{run_dir}/{entry['index']}")))
+        shards.append(indexing.from_bytes(storage.read_bytes(f"{run_dir}/{entry['index']}")))
         ids[entry["shard"]] = _open_parquet(f"{run_dir}/{entry['ids']}").read(columns=["item_id"]).column(
             "item_id").to_pylist()
     return indexing.ShardedIndex(shards, index["metric"]), ids
@@ -222,7 +217,7 @@ def gather(run_dir: str, index: dict | None, embedding_files: list[str], dead_fi
     previous_files = [f"{previous_dir}/{f['path']}" for f in (previous_manifest or {}).get("files", [])
                       if f["path"].startswith("embeddings/")] if previous_dir else []
     previous_thumbs = None
-    if previous_dir and FileSystems.exists(f"{previous_dir}/{THUMBNAILS}"):
+    if previous_dir and storage.exists(f"{previous_dir}/{THUMBNAILS}"):
         previous_thumbs = _open_parquet(f"{previous_dir}/{THUMBNAILS}").read()
     thumbs = {**carried_thumbnails(previous_thumbs, sample, fresh, hashes), **fresh}
     data = {

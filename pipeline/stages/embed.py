@@ -28,6 +28,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from encoders.asr import SAMPLE_RATE
+from encoders.attention import load_attention
 from encoders.audio import AudioPolicy
 from encoders.device import check_worker_gpu
 from encoders.fusion import FusionConfig, Layout
@@ -39,7 +40,7 @@ from pipeline.config import Route
 from pipeline.stages.encode import RouteEncoder
 from pipeline.stages.fetch import NAMESPACE as FETCH_NAMESPACE, ImageFetcher, failure_stage
 from pipeline.stages.fetch_audio import NAMESPACE as AUDIO_NAMESPACE, AudioFetcher, audio_failure_stage
-from pipeline.stages.fuse import NAMESPACE as FUSE_NAMESPACE, ItemFuser, load_attention
+from pipeline.stages.fuse import NAMESPACE as FUSE_NAMESPACE, ItemFuser
 from pipeline.stages.records import ItemFailure, MediaDigest
 from pipeline.stages.stage_metrics import StageTimer
 from pipeline.stages.transcribe import Transcriber

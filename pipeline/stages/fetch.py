@@ -49,12 +49,6 @@ def load_image_u8(uri: str, policy: FetchPolicy, preprocess: ImagePreprocess) ->
     return decode_for_tower(data, preprocess, policy.max_image_pixels), hashlib.sha256(data).hexdigest()
 
 
-def load_image(uri: str, policy: FetchPolicy, preprocess: ImagePreprocess) -> tuple[np.ndarray, str]:
-    """One image URI -> (normalized float32 [3, S, S] pixels, sha256 of its bytes); raises MediaError."""
-    pixels, digest = load_image_u8(uri, policy, preprocess)
-    return preprocess.normalize(pixels[None])[0], digest
-
-
 def load_image_bytes(uri: str, policy: FetchPolicy) -> tuple[ImageBytes, str]:
     """One image URI -> (its bytes, header checked but not decoded; sha256); raises MediaError."""
     data = fetch_bytes(uri, policy)

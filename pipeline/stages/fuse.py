@@ -148,14 +148,3 @@ class ItemFuser:
             detail = (f"the audio holds no recognizable speech (no-speech probability "
                       f"{transcript.no_speech_prob:.2f}) and nothing else of the item is embedded by this run")
         return DeadLetter(item.item_id, Stage.FUSE, reason, detail, item.source)
-
-
-def load_attention(fusion: FusionConfig, routes, layout: Layout):
-    """The trained attention of ``fusion`` as a ``fuse(attention=...)`` callable; None for the other rules."""
-    if not fusion.attention_module:
-        return None
-    from encoders import attention
-
-    module = attention.load(fusion.attention_module, fusion.attention_sha256)
-    module.check_layout([(r.modality, r.space) for r in routes], layout)
-    return module.weights_fn()

@@ -41,37 +41,22 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
+from pipeline.config import CHANGE_DETECTION, LATEST, NONE, IncrementalConfig
 from pipeline.stages import progress
-from pipeline.stages.records import MediaDigest
+from pipeline.stages.fuse import content_hash
+from pipeline.stages.publish import AccountingError
+from pipeline.stages.records import MediaDigest, item_from_tuple
 from pipeline.stages.stage_metrics import StageTimer
+from pipeline.stages.write import PIECES, _open_piece
+from pipeline.storage import MANIFEST, latest_run_dir, read_manifest
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
-from schemas.embeddings import EmbeddingRecord, display_fields
+from schemas.embeddings import EmbeddingRecord, display_fields, records_to_table, vectors_of
 
-CHANGE_DETECTION = ("bytes", "metadata")
-NONE = "none"
-LATEST = "latest"
 NAMESPACE = "catalog_index.incremental"
 REUSED, ENCODE, STATUS = "reused", "encode", "status"
 STATUSES = ("reused", "new", "changed", "deleted")
 _LOG = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class IncrementalConfig:
-    """Which previous run to reuse vectors from, how to detect media changes, how many runs to keep."""
-
-    previous_run: str = LATEST  # 'latest' (the run OUTPUT/LATEST points to), 'none', or a run directory
-    change_detection: str = "bytes"
-    keep_runs: int = 5  # published runs kept after a new one is published; 0 keeps all
-
-    def __post_init__(self) -> None:
-        if not self.previous_run:
-            raise ValueError(f"previous_run must be {LATEST!r}, {NONE!r} or a run directory, got an empty string")
-        if self.change_detection not in CHANGE_DETECTION:
-            raise ValueError(f"change_detection {self.change_detection!r} is not one of {CHANGE_DETECTION}")
-        if self.keep_runs < 0:
-            raise ValueError(f"keep_runs must be >= 0 (0 keeps every run), got {self.keep_runs}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +117,6 @@ def item_content_hash(item: CatalogItem, tokens: list[str], model_fingerprint: s
     With ``bytes`` tokens this is exactly what the fuse stage writes for an
     encoded item whose media all decoded, which is what makes reuse possible.
     """
-    from pipeline.stages.fuse import content_hash
 
     digests = [MediaDigest("image", i, token) for i, token in enumerate(tokens)]
     if audio_token is not None:
@@ -194,7 +178,6 @@ def resolve_previous_run(output: str, previous_run: str, run_dir: str, metadata:
     Only a published run (one with a manifest) is used; a named directory
     without one is an error, since reusing half a run would be wrong.
     """
-    from pipeline.stages.publish import MANIFEST, latest_run_dir, read_manifest
 
     if previous_run == NONE:
         return None
@@ -219,8 +202,6 @@ def resume_pieces(run_dir: str) -> list[str]:
     A rerun with the same ``--run_id`` reuses the rows in them whose content
     hash still matches, instead of encoding those items again.
     """
-    from pipeline.stages.publish import MANIFEST
-    from pipeline.stages.write import PIECES
 
     run_dir = run_dir.rstrip("/")
     try:
@@ -238,8 +219,6 @@ def resume_pieces(run_dir: str) -> list[str]:
 
 def read_piece_rows(path: str):
     """(item_id, PreviousVector) for every row of one embeddings piece (Arrow IPC)."""
-    from pipeline.stages.write import _open_piece
-    from schemas.embeddings import vectors_of
 
     table = _open_piece(path)
     vectors = vectors_of(table)
@@ -252,7 +231,6 @@ def read_piece_rows(path: str):
 
 def previous_embedding_files(previous: PreviousRun) -> list[str]:
     """The embeddings shards the previous run's manifest lists (exactly what was published)."""
-    from pipeline.stages.publish import read_manifest
 
     files = read_manifest(previous.run_dir).get("files", [])
     return [f"{previous.run_dir}/{f['path']}" for f in files if f["path"].startswith("embeddings/")]
@@ -260,7 +238,6 @@ def previous_embedding_files(previous: PreviousRun) -> list[str]:
 
 def read_previous_rows(path: str, with_vectors: bool):
     """(item_id, PreviousVector) for every row of one embeddings shard, a row group at a time."""
-    from schemas.embeddings import vectors_of
 
     columns = ["item_id", "content_hash", "model_fingerprint", "modalities", "num_images", "transcript"]
     if with_vectors:
@@ -359,7 +336,6 @@ class _Resolve(beam.DoFn):
         self._buffer = []
 
     def process(self, element):
-        from pipeline.stages.records import item_from_tuple
 
         item_id, values = element
         current, previous, resumed = [], [], []
@@ -401,7 +377,6 @@ class _Resolve(beam.DoFn):
         return hash_item(item, self._fp, self._mode, self._policy, self._media)
 
     def _flush(self):
-        from schemas.embeddings import records_to_table
 
         pairs, self._buffer = self._buffer, []
         if not pairs:
@@ -501,7 +476,6 @@ def incremental_counts(statuses: dict, encoded: int, embedded: int, previous: Pr
     block["resumed"] = int(statuses.get("resumed", 0))
     block["encoded"] = int(encoded)
     if block["reused"] + block["resumed"] + block["encoded"] != embedded:
-        from pipeline.stages.publish import AccountingError
 
         raise AccountingError(f"{block['reused']} reused + {block['resumed']} resumed + {encoded} encoded "
                               f"!= {embedded} embedded")

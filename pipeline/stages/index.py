@@ -34,7 +34,8 @@ from pipeline.stages.incremental import PreviousRun
 from pipeline.index.quantizer_reuse import PreviousQuantizer
 from pipeline.query.recall_queries import RecallQueries
 from pipeline.stages.stage_metrics import StageTimer
-from pipeline.stages.write import write_bytes_atomically, write_table_atomically
+from pipeline.stages.write import write_table_atomically
+from pipeline.storage import read_bytes, read_manifest, write_bytes_atomically
 from schemas.embeddings import vectors_of
 
 NAMESPACE = "catalog_index.index"
@@ -42,11 +43,6 @@ TRAINED = "trained.faiss"
 MERGED = "merged.faiss"
 _PART_RE = re.compile(r"part-(\d+)-of-\d+\.parquet$")
 log = logging.getLogger("pipeline.stages.index")
-
-
-def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path) as f:
-        return f.read()
 
 
 def shard_number(path: str) -> int:
@@ -458,7 +454,6 @@ class BuildIndex(beam.PTransform):
     def _previous_quantizer(config: IndexConfig, previous: PreviousRun | None
                             ) -> tuple[PreviousQuantizer | None, str]:
         """Read at graph construction, like the previous run itself: (what it recorded, or why nothing)."""
-        from pipeline.stages.publish import read_manifest
 
         if config.reuse_quantizer == "never":
             return None, ""

@@ -14,17 +14,15 @@ import json
 import logging
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
+from pipeline import storage
 from pipeline.report import data as report_data, sample as report_sample, stats as report
-
 from pipeline.stages import faults
 from pipeline.stages.records import item_from_tuple
 from pipeline.stages.stage_metrics import StageTimer
-from pipeline.stages.write import write_bytes_atomically, write_table_atomically
+from pipeline.stages.write import write_table_atomically
+from pipeline.storage import LATEST, MANIFEST, read_manifest, write_text_atomically
 
-MANIFEST = "manifest.json"
-LATEST = "LATEST"
 log = logging.getLogger("pipeline.stages.publish")
 
 
@@ -57,10 +55,6 @@ def check_failure_fraction(counts: dict, max_fraction: float) -> None:
         )
 
 
-def write_text_atomically(path: str, text: str) -> None:
-    write_bytes_atomically(path, text.encode())
-
-
 def check_counts(counts: dict) -> None:
     accounted = counts["embedded"] + sum(counts["dead_letters"].values()) + counts["skipped"]
     if accounted != counts["input_rows"]:
@@ -73,43 +67,11 @@ def check_counts(counts: dict) -> None:
 def file_entry(path: str, run_dir: str) -> dict:
     """Path relative to the run, size and sha256 of one output file."""
     digest, size = hashlib.sha256(), 0
-    with FileSystems.open(path) as f:
+    with storage.open_read(path) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
     return {"path": path[len(run_dir.rstrip("/")) + 1:], "bytes": size, "sha256": digest.hexdigest()}
-
-
-def read_manifest(run_dir: str) -> dict:
-    with FileSystems.open(f"{run_dir.rstrip('/')}/{MANIFEST}") as f:
-        return json.loads(f.read().decode())
-
-
-def latest_run_dir(output: str) -> str | None:
-    """The run LATEST points to, or None before the first published run."""
-    path = f"{output.rstrip('/')}/{LATEST}"
-    if not FileSystems.exists(path):
-        return None
-    with FileSystems.open(path) as f:
-        run_id = f.read().decode().strip()
-    return f"{output.rstrip('/')}/runs/{run_id}"
-
-
-class RunNotFound(FileNotFoundError):
-    """Neither a run directory with a manifest nor an output root with LATEST."""
-
-
-def resolve_run_dir(path: str) -> str:
-    """A run directory from a run directory or an output root (following LATEST)."""
-    path = path.rstrip("/")
-    if FileSystems.exists(f"{path}/{MANIFEST}"):
-        return path
-    latest = latest_run_dir(path)
-    if latest is None:
-        raise RunNotFound(f"{path} has neither {MANIFEST} (a published run) nor LATEST (an output root)")
-    if not FileSystems.exists(f"{latest}/{MANIFEST}"):
-        raise RunNotFound(f"LATEST in {path} points to {latest}, which has no {MANIFEST}")
-    return latest
 
 
 def write_report_files(run_dir: str, manifest: dict, data: dict, thumbnails=None) -> list[str]:
@@ -137,7 +99,7 @@ def add_timings(run_dir: str, timings: dict) -> dict:
     """
     manifest = read_manifest(run_dir)
     data_path = f"{run_dir}/{report_data.DATA}"
-    with FileSystems.open(data_path) as f:
+    with storage.open_read(data_path) as f:
         data = json.loads(f.read().decode())
     manifest["timings"] = timings
     path = f"{run_dir}/{report.REPORT}"
@@ -161,7 +123,7 @@ class _Publish(beam.DoFn):
         """The report's gallery, dead-letter examples and drift; a failure here is shown in the report, not fatal."""
         previous, previous_manifest = self._previous, None
         try:
-            if previous is not None and FileSystems.exists(f"{previous.run_dir}/{MANIFEST}"):
+            if previous is not None and storage.exists(f"{previous.run_dir}/{MANIFEST}"):
                 previous_manifest = read_manifest(previous.run_dir)
             return report_data.gather(self._run_dir, index, sorted(embedding_files), sorted(dead_files), sample or [],
                                       thumbnails or [], previous.run_dir if previous else None,

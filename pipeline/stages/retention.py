@@ -10,7 +10,7 @@ import logging
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.stages.publish import MANIFEST, latest_run_dir, read_manifest
+from pipeline.storage import MANIFEST, latest_run_dir, read_manifest
 
 _LOG = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import math
 import uuid
-from typing import BinaryIO, Callable
 
 import apache_beam as beam
 import numpy as np
@@ -24,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.stages import faults
 from pipeline.stages.stage_metrics import StageTimer
+from pipeline.storage import write_atomically
 from schemas.dead_letter import DEAD_LETTER_SCHEMA, DeadLetter
 
 
@@ -37,34 +37,10 @@ def shard_name(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
-def write_atomically(path: str, write: Callable[[BinaryIO], None], fault_point: str = "") -> None:
-    """Writes ``path`` through ``write(stream)`` under a temporary name, then renames it.
-
-    A reader never sees half a file, and a failed attempt leaves nothing
-    behind: a retry writes its own temporary file.
-    """
-    directory, _, name = path.rpartition("/")
-    tmp = f"{directory}/.tmp-{uuid.uuid4().hex}-{name}"
-    try:
-        with FileSystems.create(tmp) as stream:
-            write(stream)
-        if fault_point:
-            faults.inject(fault_point)
-        FileSystems.rename([tmp], [path])
-    except BaseException:
-        try:
-            FileSystems.delete([tmp])
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            pass
-        raise
-
-
 def write_table_atomically(path: str, table: pa.Table) -> None:
-    write_atomically(path, lambda stream: pq.write_table(table, stream, compression="zstd"), "write_shard")
-
-
-def write_bytes_atomically(path: str, data: bytes) -> None:
-    write_atomically(path, lambda stream: stream.write(data))
+    """One Parquet table written atomically (``storage.write_atomically``); the crash hook is ``write_shard``."""
+    write_atomically(path, lambda stream: pq.write_table(table, stream, compression="zstd"),
+                     lambda: faults.inject("write_shard"))
 
 
 def dead_letters_to_table(rows: list[DeadLetter], schema: pa.Schema = DEAD_LETTER_SCHEMA) -> pa.Table:
@@ -145,7 +121,7 @@ def assemble_shard(path: str, parts: list[tuple[str, np.ndarray]], schema: pa.Sc
                 restore[np.concatenate(positions)] = np.arange(len(chunk))
                 writer.write_table(table.take(pa.array(restore)).cast(schema), row_group_size=CHUNK_ROWS)
 
-    write_atomically(path, write, "write_shard")
+    write_atomically(path, write, lambda: faults.inject("write_shard"))
     return len(order)
 
 
