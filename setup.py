@@ -36,8 +36,10 @@ setuptools.setup(
                     "moonshine-cpp>=0.1.4", "onnxruntime>=1.20"],
         "asr": ["faster-whisper>=1.0"],
         "test": ["pytest>=8", "scikit-image>=0.22", "scikit-learn>=1.3"],
+        # lint and type checks that .ci/run runs before the tests (config in pyproject.toml)
+        "lint": ["ruff>=0.17", "mypy>=2.4"],
         "gcp": ["apache-beam[gcp]>=2.60"],
-        "all": ["catalog-index[offline,asr,test]"],
+        "all": ["catalog-index[offline,asr,test,lint]"],
     },
     entry_points={"console_scripts": ["catalog-index=pipeline.cli:main"]},
 )

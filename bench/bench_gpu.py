@@ -125,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     end_to_end()
     enc, e2e = [], []
     for _ in range(args.repeats):
-        t = time.perf_counter(); encoder_only(); enc.append(args.items / (time.perf_counter() - t))
-        t = time.perf_counter(); end_to_end(); e2e.append(args.items / (time.perf_counter() - t))
+        t = time.perf_counter()
+        encoder_only()
+        enc.append(args.items / (time.perf_counter() - t))
+        t = time.perf_counter()
+        end_to_end()
+        e2e.append(args.items / (time.perf_counter() - t))
     enc_med, e2e_med = statistics.median(enc), statistics.median(e2e)
     name = torch.cuda.get_device_name(device)
     peak = peak_tflops(name)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench._report import median_seconds, write_heading_section  # noqa: E402
 from encoders.media import decode_image  # noqa: E402
 from pipeline.index import indexing  # noqa: E402
-from pipeline.report import data as report_data, sample as report_sample, stats as report
+from pipeline.report import data as report_data, sample as report_sample, stats as report  # noqa: E402
 from pipeline.stages.publish import SmallestSample  # noqa: E402
 from pipeline.stages.write import dead_letters_to_table  # noqa: E402
 from schemas.catalog import CatalogItem  # noqa: E402

@@ -295,8 +295,8 @@ def _batch_means(n: int, vectors: BatchVectors, layout: Layout,
     spaces = list(dict.fromkeys(space for space, _ in vectors))
     for space in spaces:
         for modality in sorted(m for s, m in vectors if s == space):
-            positions, vs = vectors[(space, modality)]
-            positions = np.asarray(positions, np.int64).reshape(-1)
+            given, vs = vectors[(space, modality)]
+            positions = np.asarray(given, np.int64).reshape(-1)
             if not len(positions):
                 continue
             had = np.zeros(n, bool)
@@ -311,7 +311,7 @@ def _batch_means(n: int, vectors: BatchVectors, layout: Layout,
                 bad = np.zeros(n, bool)
                 bad[positions[wrong]] = True
                 first = {int(p): int(d) for p, d in zip(positions[wrong][::-1], lengths[wrong][::-1])}
-                batch.fail(bad, lambda i: f"{space}/{modality} vector has dim {first[i]}, layout says {dim}")
+                batch.fail(bad, lambda i: f"{space}/{modality} vector has dim {first[i]}, layout says {dim}")  # noqa: B023 - called here
                 positions, vs = positions[~wrong], [v for v, w in zip(vs, wrong) if not w]
                 if not len(positions):
                     continue
@@ -411,8 +411,8 @@ def fuse_batch(
                 mixed = sum(np.where(mask[:, j:j + 1], prior[j] * means[(space, m)][1], 0.0)
                             for j, m in enumerate(names))
                 present = mask.any(axis=1) & (psum > 0)
-                rows = _unit_rows(mixed, present, f"{space} query", batch)
-            elif (space, block.modality) in means:
+                rows = _unit_rows(np.asarray(mixed), present, f"{space} query", batch)
+            elif block.modality is not None and (space, block.modality) in means:
                 present, rows = means[(space, block.modality)]
             else:
                 continue

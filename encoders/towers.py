@@ -270,9 +270,9 @@ class SentenceModel(_AutoBatch):
                 matrix[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
 
-            def run(start, stop, rows):
-                m = _pad_rows(mask[start:stop], rows, 0).to(self.device)
-                x = _pad_rows(matrix[start:stop], rows, pad_id).to(self.device)
+            def run(start, stop, rows):  # called in this iteration only (_in_fixed_batches below)
+                m = _pad_rows(mask[start:stop], rows, 0).to(self.device)  # noqa: B023
+                x = _pad_rows(matrix[start:stop], rows, pad_id).to(self.device)  # noqa: B023
                 with _autocast(self.device, self.precision):
                     hidden = self.model(input_ids=x, attention_mask=m).last_hidden_state
                 weights = m.unsqueeze(-1).to(hidden.dtype)

@@ -37,7 +37,7 @@ def _read_checkpoint(path: str) -> dict:
     import torch
 
     allowed = [np.dtype, type(np.dtype("float64")), type(np.dtype("int64"))]
-    scalar = getattr(getattr(np, "_core", np.core), "multiarray").scalar
+    scalar = getattr(np, "_core", np.core).multiarray.scalar
     allowed += [scalar, (scalar, "numpy.core.multiarray.scalar")]  # numpy 2 and numpy 1 pickles
     with torch.serialization.safe_globals(allowed):
         loaded = torch.load(path, map_location="cpu", weights_only=True)

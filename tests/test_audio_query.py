@@ -71,8 +71,8 @@ def test_a_clip_without_speech_needs_clap(audio_run):
     # the same run's metadata without its clap route: what a text-only run with ASR looks like
     meta = dict(run.metadata, routes=[r for r in run.metadata["routes"] if r.get("via") != "waveform"])
     no_clap = QueryEncoder(type(run)(run.run_dir, run.manifest, meta, run.embedding_files))
-    silent = lambda clips, batch_size: [type("T", (), {"text": "", "is_speech": False, "no_speech_prob": 0.9})()
-                                        for _ in clips]
+    def silent(clips, batch_size):
+        return [type("T", (), {"text": "", "is_speech": False, "no_speech_prob": 0.9})() for _ in clips]
     from encoders import asr
 
     recognizer = asr.load(run.asr_spec(), encoder.device)

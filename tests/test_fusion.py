@@ -230,7 +230,7 @@ def test_fusion_config_modes_and_module_validation(tmp_path):
 def _random_items(rng, n):
     """Items with random subsets of modalities (0-3 images), a few broken ones among them."""
     items = []
-    for i in range(n):
+    for _ in range(n):
         v: dict = {}
         if rng.random() < 0.85:
             v.setdefault("clip", {})["text"] = [rng.normal(size=8).astype(np.float32)]
