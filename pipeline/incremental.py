@@ -41,7 +41,7 @@ from apache_beam.metrics import Metrics
 
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
 from pipeline import progress
-from pipeline.records import MediaDigest
+from pipeline.records import MediaDigest, bucket_of
 from pipeline.stage_metrics import StageTimer
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
@@ -371,8 +371,6 @@ class _ReadHashes(beam.DoFn):
         self._rows = Metrics.counter(NAMESPACE, "previous_rows" if tag == PREVIOUS else "resume_rows")
 
     def process(self, path: str):
-        from pipeline.records import bucket_of
-
         for table in read_hashes(path):
             ids = table.column("item_id").to_pylist()
             hashes = table.column("content_hash").to_pylist()

@@ -25,6 +25,7 @@ from pipeline.graph import build
 from pipeline.incremental import (PreviousVector, check_compatible, classify, hash_item, media_token)
 from pipeline.beam_metrics import counter, encoder_seconds
 from pipeline.options import CatalogIndexOptions, to_run_config
+from pipeline.records import bucket_of, join_buckets
 from pipeline.retention import apply_retention, runs_to_delete
 from schemas.catalog import CATALOG_SCHEMA, CatalogItem
 from schemas.embeddings import vectors_of
@@ -282,3 +283,72 @@ def test_sample_rerun_reuses_every_item_including_audio(tmp_path, tiny_text_dir)
     assert first.column("transcript").to_pylist() == second.column("transcript").to_pylist()
     assert any(t for t in second.column("transcript").to_pylist())  # the spoken items kept their transcripts
     assert first.column("content_hash").to_pylist() == second.column("content_hash").to_pylist()
+
+
+def test_many_join_buckets_give_the_same_nightly_result(nightly, tiny_text_dir, tmp_path):
+    """--items_per_batch 1 splits the join into 2 buckets (8 rows): same vectors, hashes and counts as 1 bucket."""
+    reference, ref_manifest, _ = nightly["day2"]
+    day1_dir = os.path.join(str(nightly["out"]), "runs", "day1")
+    table, manifest, _ = run(nightly["catalog"], tmp_path, "day2-buckets", tiny_text_dir,
+                             "--previous_run", day1_dir, "--items_per_batch", "1")
+    assert join_buckets(8, 1) == 2
+    assert _inc(manifest) == _inc(ref_manifest)
+    assert table.column("item_id").to_pylist() == reference.column("item_id").to_pylist()
+    assert np.array_equal(vectors_of(table), vectors_of(reference))
+    assert table.column("content_hash").to_pylist() == reference.column("content_hash").to_pylist()
+    assert table.column("title").to_pylist() == reference.column("title").to_pylist()
+
+
+def test_the_join_carries_ids_and_hashes_never_a_vector(nightly):
+    """What the previous run contributes to the join: lists of strings per bucket, no vector column read."""
+    day1_dir = os.path.join(str(nightly["out"]), "runs", "day1")
+    shards = sorted(glob.glob(os.path.join(day1_dir, "embeddings", "*.parquet")))
+    for chunk in incremental.read_hashes(shards[0]):
+        assert chunk.column_names == ["item_id", "content_hash", "model_fingerprint"]
+    reader = incremental._ReadHashes(incremental.PREVIOUS, True, 3)
+    out = [e for path in shards for e in reader.process(path)]
+    seen = []
+    for bucket, (tag, (path, reusable, ids, hashes, fps)) in out:
+        assert tag == incremental.PREVIOUS and path in shards and reusable is True and 0 <= bucket < 3
+        assert all(isinstance(v, str) for v in (*ids, *hashes, *fps)) and len(ids) == len(hashes) == len(fps)
+        assert all(bucket_of(i, 3) == bucket for i in ids)
+        seen += ids
+    assert sorted(seen) == list("abcdefgh") and len(out) <= 3 * len(shards)
+
+
+def test_no_per_item_element_between_read_and_the_encode_batches(tmp_path):
+    """3000 items in 3 row groups, 3 buckets: a few elements reach the join, and it emits batches of <= 256."""
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipeline.config import ReadConfig
+    from pipeline.read import ReadCatalog
+    from schemas.embeddings import embeddings_schema
+
+    rows = [_row(f"item-{i:05d}", f"title {i}") for i in range(3000)] + [_row("item-00007", "duplicate")]
+    path = os.path.join(str(tmp_path), "catalog.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), path, row_group_size=1000)
+    buckets = join_buckets(len(rows), 256)
+    assert buckets == 3
+    with beam.Pipeline() as p:
+        read = p | ReadCatalog(ReadConfig(catalog=path), modalities=frozenset({"text"}), num_buckets=buckets)
+        joined = read["items"] | incremental.Incremental(
+            incremental.IncrementalConfig(previous_run="none"), None, "fp", FetchPolicy(), frozenset(),
+            schema=embeddings_schema(4), batch_items=256, num_buckets=buckets)
+        sizes = read["items"] | "JoinInput" >> beam.Map(lambda e: (e[1][0], len(e[1][1])))
+        assert_that(sizes | "Elements" >> beam.combiners.Count.Globally(),
+                    lambda n: _check(n[0] <= 4 * buckets, n), label="FewJoinElements")
+        assert_that(sizes | beam.Values() | "Items" >> beam.CombineGlobally(sum), equal_to([3001]), label="AllItems")
+        batches = joined["encode"] | beam.Map(len)
+        assert_that(batches | "MaxBatch" >> beam.CombineGlobally(max), equal_to([256]), label="BatchCap")
+        assert_that(batches | "Encoded" >> beam.CombineGlobally(sum), equal_to([3000]), label="Encoded")
+        assert_that(batches | "Batches" >> beam.combiners.Count.Globally(),
+                    lambda n: _check(n[0] <= 3000 // 256 + buckets, n), label="FewBatches")
+        assert_that(joined["dead"] | beam.Map(lambda d: (d.item_id, d.reason.value)),
+                    equal_to([("item-00007", "duplicate_id")]), label="Duplicate")
+        assert_that(joined["sample"] | "Samples" >> beam.combiners.Count.Globally(), equal_to([buckets]),
+                    label="OneSampleListPerBucket")
+
+
+def _check(ok: bool, got) -> None:
+    if not ok:
+        raise AssertionError(got)
