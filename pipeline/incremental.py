@@ -40,7 +40,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
-from pipeline import progress
+from pipeline import progress, report_sample
 from pipeline.records import MediaDigest, bucket_of
 from pipeline.stage_metrics import StageTimer
 from schemas.catalog import CatalogItem
@@ -398,7 +398,8 @@ class _Resolve(beam.DoFn):
     ``(file, [ReuseRequest tuple, ...])`` per batch and file holding reused
     vectors; ``status``, a {status: count} dict per batch; ``dead``,
     duplicate-id dead letters; ``sample``, the bucket's candidates for the
-    report's sample (a list of report_sample.SampleItem).
+    report's sample (a list of report_sample.SampleItem: those that can still
+    be among the smallest keys this worker has seen).
     """
 
     def __init__(self, model_fingerprint: str, mode: str, policy: FetchPolicy, hash_new: bool,
@@ -413,13 +414,13 @@ class _Resolve(beam.DoFn):
         self._counters = {s: Metrics.counter(NAMESPACE, s) for s in (*STATUSES, "resumed")}
         self._duplicates = Metrics.counter("catalog_index.read", "duplicate_ids")
         self._timer = StageTimer("incremental")
+        self._sample_bound = report_sample.LocalBound()
 
     def teardown(self):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def process(self, element):
-        from pipeline import report_sample
         from pipeline.records import item_from_tuple
         from pipeline.read import CURRENT
 
@@ -460,10 +461,10 @@ class _Resolve(beam.DoFn):
             entries.append((item, previous.get(item_id), resumed.get(item_id) if item is not None else None))
         for start in range(0, len(entries), self._batch_items):
             yield from self._classify(entries[start:start + self._batch_items])
-        if kept:
-            keyed = sorted((report_sample.sample_key(item.item_id), item.item_id, pos) for pos, item in enumerate(kept))
-            yield beam.pvalue.TaggedOutput(SAMPLE, [report_sample.sample_item(kept[pos])
-                                                    for _, _, pos in keyed[:report_sample.SAMPLE_SIZE]])
+        # the report's sample candidates: only items that can still be among the smallest keys this worker saw
+        sampled = [report_sample.sample_item(item) for item in kept if self._sample_bound.offer(item.item_id)]
+        if sampled:
+            yield beam.pvalue.TaggedOutput(SAMPLE, sampled)
 
     def _needs_hash(self, item, previous, resumed=None) -> bool:
         # A new item is encoded whatever its hash; it is only hashed here when the

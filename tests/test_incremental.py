@@ -345,8 +345,8 @@ def test_no_per_item_element_between_read_and_the_encode_batches(tmp_path):
                     lambda n: _check(n[0] <= 3000 // 256 + buckets, n), label="FewBatches")
         assert_that(joined["dead"] | beam.Map(lambda d: (d.item_id, d.reason.value)),
                     equal_to([("item-00007", "duplicate_id")]), label="Duplicate")
-        assert_that(joined["sample"] | "Samples" >> beam.combiners.Count.Globally(), equal_to([buckets]),
-                    label="OneSampleListPerBucket")
+        assert_that(joined["sample"] | "Samples" >> beam.combiners.Count.Globally(),
+                    lambda n: _check(1 <= n[0] <= buckets, n), label="AtMostOneSampleListPerBucket")
 
 
 def _check(ok: bool, got) -> None:
