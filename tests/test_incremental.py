@@ -352,3 +352,39 @@ def test_no_per_item_element_between_read_and_the_encode_batches(tmp_path):
 def _check(ok: bool, got) -> None:
     if not ok:
         raise AssertionError(got)
+
+
+def test_graph_with_a_previous_run_has_three_data_shuffles_none_of_a_vector(nightly, tiny_text_dir):
+    """The join by id bucket, the ids-only reuse lookup by file, the shard writes; nothing else moves rows."""
+    argv = ["--catalog", nightly["catalog"], "--output", str(nightly["out"]), "--run_id", "graph-only",
+            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random",
+            "--text_model", tiny_text_dir, "--device", "cpu", "--progress_interval_s", "0"]
+    options = PipelineOptions(argv)
+    config, _ = to_run_config(options.view_as(CatalogIndexOptions))
+    p = beam.Pipeline(options=options)
+    build(p, config)  # previous run: LATEST (day2), reusable
+    proto = p.to_runner_api()
+    shuffles = sorted(t.unique_name for t in proto.components.transforms.values()
+                      if t.spec.urn == "beam:transform:group_by_key:v1")
+    data = [s for s in shuffles if not s.startswith(("Publish/", "Index/")) and "Count" not in s
+            and "CombineGlobally" not in s and "/Combine" not in s and "/Spread" not in s]
+    assert data == ["Incremental/JoinByIdBucket", "Incremental/ReuseByFile", "WriteDeadLetters/GroupByShard",
+                    "WriteEmbeddings/GroupByShard"], data
+
+
+def test_reuse_lookup_reads_the_rows_where_they_lie_and_refuses_a_missing_id(nightly):
+    day1_dir = os.path.join(str(nightly["out"]), "runs", "day1")
+    shard = sorted(glob.glob(os.path.join(day1_dir, "embeddings", "*.parquet")))[0]
+    stored = pq.read_table(shard)
+    schema = pq.read_schema(shard)
+    ids = stored.column("item_id").to_pylist()[:2]
+    requests = {i: (i, f"hash-{i}", '{"x": 1}', f"title {i}", None) for i in ids}
+    got = pa.concat_tables(list(incremental.read_reused_rows(shard, requests, schema, "fp-now"))).sort_by("item_id")
+    want = stored.filter(pa.compute.is_in(stored.column("item_id"), value_set=pa.array(ids))).sort_by("item_id")
+    assert got.schema.equals(schema) and got.column("item_id").to_pylist() == sorted(ids)
+    assert np.array_equal(vectors_of(got), vectors_of(want))  # the stored vectors, unchanged
+    assert got.column("content_hash").to_pylist() == [f"hash-{i}" for i in sorted(ids)]  # today's fields
+    assert set(got.column("model_fingerprint").to_pylist()) == {"fp-now"}
+    assert got.column("title").to_pylist() == [f"title {i}" for i in sorted(ids)]
+    with pytest.raises(RuntimeError, match="1 of 3 items to reuse are not in"):
+        list(incremental.read_reused_rows(shard, dict(requests, gone=("gone", "h", None, "t", None)), schema, "fp"))
