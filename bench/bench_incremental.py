@@ -159,7 +159,8 @@ def main() -> int:
         f"- **encoder time ratio, incremental / full: {enc_ratio:.2%}** (target <= 5%)",
         f"- wall time ratio, incremental / full: {wall_ratio:.1%} (Beam start-up, model loading, "
         "reading the reused rows where they lie and hashing every image's bytes remain)",
-        f"- what the encoder ratio can be at this size: forward passes have a fixed shape (`--batch_size` "
+        f"- what the encoder ratio can be at this size, where a padded batch costs the same whatever it holds: "
+        f"forward passes have a fixed shape (`--batch_size` "
         f"{BATCH_SIZE} rows, padded), so the {block['encoded']} re-encoded items cost "
         f"{math.ceil(block['encoded'] / BATCH_SIZE)} padded batch per route against the full run's "
         f"{math.ceil(args.items / BATCH_SIZE)}: a floor of "
