@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Where the pipeline's CPU goes beyond the loop's: the model itself and Beam's per-run cost (graph "
         "translation, DoFn signature inspection: about 1.3-1.5 CPU-s a run here) are separated above; the rest is "
-        "per-item Python that the loop does not do: validation into a `CatalogItem`, the join by id (one Beam "
-        "element per item until the batches are formed), each item's fate check before fusion (fusion itself "
+        "per-item Python that the loop does not do: validation into a `CatalogItem`, the join by id bucket "
+        "(one Beam element per bucket and row group: sorting and batching a bucket's ids), each item's fate "
+        "check before fusion (fusion itself "
         "runs over the batch: `encoders.fusion.fuse_batch`, see its own section), the content hash (sha256 of "
         "the image bytes and of the item), "
         "Arrow conversion, pieces and shard assembly, the report's statistics, and the decode threads' "
@@ -295,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         "CPU-ms per image item (~280-420 items/s) and 0.79 CPU-ms per text-only item on this machine "
         "(not re-measured side by side here).",
         "",
-        "No modality vector is shuffled: the only shuffles of rows are the join by id (catalog items and the "
-        "previous run's ids and hashes) and the shard write (piece paths and id hashes); "
-        "`tests/test_scale.py::test_dataflow_graph_constructs_without_submitting` checks the graph.",
+        "No modality vector is shuffled, and no Beam element from read to write is one item: the only "
+        "shuffles of rows are the join by id bucket (batches of catalog items, and the previous run's ids and "
+        "hashes), the reuse lookup by file (ids only, when something can be reused) and the shard write "
+        "(piece paths and id hashes); `tests/test_scale.py::test_dataflow_graph_constructs_without_submitting` "
+        "and `tests/test_incremental.py` check the graph and the join's elements.",
     ]
     body = "\n".join(lines)
     report(HEADING, body, write=not args.no_write)

@@ -207,7 +207,7 @@ def run(argv: list[str]) -> int:
     options, config, files = prepare(argv)
     pipeline = beam.Pipeline(options=options)
     try:
-        build(pipeline, config)  # loads model configs (dimensions), the fusion module, the recall queries
+        build(pipeline, config, num_rows=files.num_rows)  # loads model configs (dimensions), the fusion module, the recall queries
     except RecallQueriesError as e:
         raise UsageError(str(e), "--recall_queries takes a JSON-lines file in eval's format") from None
     except (ValueError, OSError) as e:

@@ -1,16 +1,28 @@
 """The pipeline graph: read -> join by id (duplicates, incremental) -> embed batches -> write -> index -> publish.
 
-Items travel in batches from the join to the write: one element is a list
-of catalog items, and fetch, decode, every encode route, transcription and
-fusion run inside the worker that holds it (``pipeline/stages/embed.py``). Two
-shuffles remain, neither of a modality vector:
+Items travel in batches from read to write: no Beam element between them is
+one item. The read stage emits, per row group, one batch of items per join
+bucket (a stable hash of the item id); the join hands each bucket to one
+``Resolve`` call, which emits batches of at most ``--items_per_batch`` items;
+fetch, decode, every encode route, transcription and fusion run inside the
+worker that holds a batch (``pipeline/stages/embed.py``); the report's inputs (its
+sample, statistics, counts) are per batch too. Three shuffles remain, none of
+a modality vector:
 
-* ``Incremental/JoinById``: catalog items (text and URIs) meet the previous
-  run's ids and content hashes by item id. Duplicate ids are resolved here,
-  and unchanged items are reused before any fetch; both need every row of an
-  id in one place.
-* ``WriteEmbeddings/GroupByShard``: fused rows meet their shard, so each
-  shard file is written once, sorted by id (retries rewrite the same bytes).
+* ``Incremental/JoinByIdBucket``: batches of catalog items (text and URIs)
+  meet the previous run's and a killed attempt's ids and content hashes, by
+  bucket. Duplicate ids are resolved here, and unchanged items are reused
+  before any fetch; both need every row of an id in one place. The bucket
+  count is fixed from the catalog's row count when the graph is built (a
+  few batches per bucket) and changes no output: a bucket's ids are sorted
+  before they are batched, and every output is sorted by id.
+* ``Incremental/ReuseByFile`` (only with a reusable previous run or a killed
+  attempt's pieces): the ids to reuse meet the file that holds their vectors,
+  so each previous shard is read once, where it lies; only ids, hashes and
+  today's attributes and display text travel, never the vectors.
+* ``WriteEmbeddings/GroupByShard``: piece paths and id hashes meet their
+  shard, so each shard file is written once, sorted by id (retries rewrite
+  the same bytes).
 """
 from __future__ import annotations
 
@@ -30,6 +42,7 @@ from pipeline.query.recall_queries import encode_recall_queries
 from pipeline.stages.incremental import Incremental, incremental_counts, resolve_previous_run, resume_pieces
 from pipeline.stages.retention import apply_retention
 from pipeline.stages.write import WriteShards, dead_letters_to_table
+from pipeline.stages.records import join_buckets
 from schemas.dead_letter import DEAD_LETTER_SCHEMA
 from schemas.embeddings import embeddings_schema
 
@@ -74,11 +87,28 @@ def embed_settings(config: RunConfig, model_handlers: dict) -> dict:
                 threads=config.decode_threads, progress_interval_s=config.progress_interval_s)
 
 
-def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = None) -> dict:
-    """Adds the whole job to ``p``; ``model_handlers`` (route or "asr" -> handler) lets tests swap models."""
+def catalog_rows(pattern: str) -> int:
+    """The catalog's row count from its footers, or 0 where they cannot be read here (a Dataflow launcher
+    without the filesystem's extra): the join then has one bucket per few batches of what can be counted."""
+    from pipeline.catalog_files import CatalogFileError, inspect_catalog
+
+    try:
+        return inspect_catalog(pattern).num_rows
+    except CatalogFileError:
+        return 0
+
+
+def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = None,
+          num_rows: int | None = None) -> dict:
+    """Adds the whole job to ``p``; ``model_handlers`` (route or "asr" -> handler) lets tests swap models.
+
+    ``num_rows``: the catalog's row count (the launcher has read the footers); it sizes the join's buckets.
+    """
     model_handlers = model_handlers or {}
     modalities = frozenset(r.modality for r in config.encode.routes)
-    read = p | "Read" >> ReadCatalog(config.read, config.progress_interval_s, modalities)
+    num_buckets = join_buckets(catalog_rows(config.read.catalog) if num_rows is None else num_rows,
+                               config.items_per_batch)
+    read = p | "Read" >> ReadCatalog(config.read, config.progress_interval_s, modalities, num_buckets)
     metadata = config.metadata()
     run_dir = config.write.run_dir
     layout_dim = sum(b["dim"] for b in metadata["layout"])
@@ -89,7 +119,7 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
                                     metadata, config.write.vector_dtype)
     incremental = read["items"] | "Incremental" >> Incremental(
         config.incremental, previous, metadata["model_fingerprint"], config.fetch, modalities & {"image", "audio"},
-        schema=schema, batch_items=config.items_per_batch, resume=resume_pieces(run_dir))
+        schema=schema, batch_items=config.items_per_batch, resume=resume_pieces(run_dir), num_buckets=num_buckets)
 
     embedded = incremental["encode"] | "Embed" >> EmbedBatches(
         layout=config.layout(), fusion=config.fusion, model_fingerprint=metadata["model_fingerprint"],
@@ -115,7 +145,7 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
         "rows": read["rows"], "records": stats, "dead": dead, "skipped": read["skipped"],
         "embedding_files": embedding_files, "dead_files": dead_files,
         "status": incremental["status"], "encoded": encoded,
-        "items": read["items"], "thumbnails": embedded["thumbnails"],
+        "sample": incremental["sample"], "thumbnails": embedded["thumbnails"],
     }
     if config.index.enabled:
         publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(

@@ -173,7 +173,7 @@ def test_missing_cuda_is_one_line_not_a_traceback(renamed_catalog, tiny_text_dir
 def test_an_unexpected_error_keeps_its_traceback(renamed_catalog, tiny_text_dir, tmp_path, monkeypatch):
     import pipeline.graph
 
-    def broken(p, config):
+    def broken(p, config, **_):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(pipeline.graph, "build", broken)

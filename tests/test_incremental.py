@@ -27,6 +27,7 @@ from pipeline.beam_metrics import counter, encoder_seconds
 from pipeline.config import IncrementalConfig
 from pipeline.options import CatalogIndexOptions, to_run_config
 from pipeline.stages.retention import apply_retention, runs_to_delete
+from pipeline.stages.records import bucket_of, join_buckets
 from schemas.catalog import CATALOG_SCHEMA, CatalogItem
 from schemas.embeddings import vectors_of
 
@@ -283,3 +284,108 @@ def test_sample_rerun_reuses_every_item_including_audio(tmp_path, tiny_text_dir)
     assert first.column("transcript").to_pylist() == second.column("transcript").to_pylist()
     assert any(t for t in second.column("transcript").to_pylist())  # the spoken items kept their transcripts
     assert first.column("content_hash").to_pylist() == second.column("content_hash").to_pylist()
+
+
+def test_many_join_buckets_give_the_same_nightly_result(nightly, tiny_text_dir, tmp_path):
+    """--items_per_batch 1 splits the join into 2 buckets (8 rows): same vectors, hashes and counts as 1 bucket."""
+    reference, ref_manifest, _ = nightly["day2"]
+    day1_dir = os.path.join(str(nightly["out"]), "runs", "day1")
+    table, manifest, _ = run(nightly["catalog"], tmp_path, "day2-buckets", tiny_text_dir,
+                             "--previous_run", day1_dir, "--items_per_batch", "1")
+    assert join_buckets(8, 1) == 2
+    assert _inc(manifest) == _inc(ref_manifest)
+    assert table.column("item_id").to_pylist() == reference.column("item_id").to_pylist()
+    assert np.array_equal(vectors_of(table), vectors_of(reference))
+    assert table.column("content_hash").to_pylist() == reference.column("content_hash").to_pylist()
+    assert table.column("title").to_pylist() == reference.column("title").to_pylist()
+
+
+def test_the_join_carries_ids_and_hashes_never_a_vector(nightly):
+    """What the previous run contributes to the join: lists of strings per bucket, no vector column read."""
+    day1_dir = os.path.join(str(nightly["out"]), "runs", "day1")
+    shards = sorted(glob.glob(os.path.join(day1_dir, "embeddings", "*.parquet")))
+    for chunk in incremental.read_hashes(shards[0]):
+        assert chunk.column_names == ["item_id", "content_hash", "model_fingerprint"]
+    reader = incremental._ReadHashes(incremental.PREVIOUS, True, 3)
+    out = [e for path in shards for e in reader.process(path)]
+    seen = []
+    for bucket, (tag, (path, reusable, ids, hashes, fps)) in out:
+        assert tag == incremental.PREVIOUS and path in shards and reusable is True and 0 <= bucket < 3
+        assert all(isinstance(v, str) for v in (*ids, *hashes, *fps)) and len(ids) == len(hashes) == len(fps)
+        assert all(bucket_of(i, 3) == bucket for i in ids)
+        seen += ids
+    assert sorted(seen) == list("abcdefgh") and len(out) <= 3 * len(shards)
+
+
+def test_no_per_item_element_between_read_and_the_encode_batches(tmp_path):
+    """3000 items in 3 row groups, 3 buckets: a few elements reach the join, and it emits batches of <= 256."""
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipeline.config import ReadConfig
+    from pipeline.stages.read import ReadCatalog
+    from schemas.embeddings import embeddings_schema
+
+    rows = [_row(f"item-{i:05d}", f"title {i}") for i in range(3000)] + [_row("item-00007", "duplicate")]
+    path = os.path.join(str(tmp_path), "catalog.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), path, row_group_size=1000)
+    buckets = join_buckets(len(rows), 256)
+    assert buckets == 3
+    with beam.Pipeline() as p:
+        read = p | ReadCatalog(ReadConfig(catalog=path), modalities=frozenset({"text"}), num_buckets=buckets)
+        joined = read["items"] | incremental.Incremental(
+            incremental.IncrementalConfig(previous_run="none"), None, "fp", FetchPolicy(), frozenset(),
+            schema=embeddings_schema(4), batch_items=256, num_buckets=buckets)
+        sizes = read["items"] | "JoinInput" >> beam.Map(lambda e: (e[1][0], len(e[1][1])))
+        assert_that(sizes | "Elements" >> beam.combiners.Count.Globally(),
+                    lambda n: _check(n[0] <= 4 * buckets, n), label="FewJoinElements")
+        assert_that(sizes | beam.Values() | "Items" >> beam.CombineGlobally(sum), equal_to([3001]), label="AllItems")
+        batches = joined["encode"] | beam.Map(len)
+        assert_that(batches | "MaxBatch" >> beam.CombineGlobally(max), equal_to([256]), label="BatchCap")
+        assert_that(batches | "Encoded" >> beam.CombineGlobally(sum), equal_to([3000]), label="Encoded")
+        assert_that(batches | "Batches" >> beam.combiners.Count.Globally(),
+                    lambda n: _check(n[0] <= 3000 // 256 + buckets, n), label="FewBatches")
+        assert_that(joined["dead"] | beam.Map(lambda d: (d.item_id, d.reason.value)),
+                    equal_to([("item-00007", "duplicate_id")]), label="Duplicate")
+        assert_that(joined["sample"] | "Samples" >> beam.combiners.Count.Globally(),
+                    lambda n: _check(1 <= n[0] <= buckets, n), label="AtMostOneSampleListPerBucket")
+
+
+def _check(ok: bool, got) -> None:
+    if not ok:
+        raise AssertionError(got)
+
+
+def test_graph_with_a_previous_run_has_three_data_shuffles_none_of_a_vector(nightly, tiny_text_dir):
+    """The join by id bucket, the ids-only reuse lookup by file, the shard writes; nothing else moves rows."""
+    argv = ["--catalog", nightly["catalog"], "--output", str(nightly["out"]), "--run_id", "graph-only",
+            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random",
+            "--text_model", tiny_text_dir, "--device", "cpu", "--progress_interval_s", "0"]
+    options = PipelineOptions(argv)
+    config, _ = to_run_config(options.view_as(CatalogIndexOptions))
+    p = beam.Pipeline(options=options)
+    build(p, config)  # previous run: LATEST (day2), reusable
+    proto = p.to_runner_api()
+    shuffles = sorted(t.unique_name for t in proto.components.transforms.values()
+                      if t.spec.urn == "beam:transform:group_by_key:v1")
+    data = [s for s in shuffles if not s.startswith(("Publish/", "Index/")) and "Count" not in s
+            and "CombineGlobally" not in s and "/Combine" not in s and "/Spread" not in s]
+    assert data == ["Incremental/JoinByIdBucket", "Incremental/ReuseByFile", "WriteDeadLetters/GroupByShard",
+                    "WriteEmbeddings/GroupByShard"], data
+
+
+def test_reuse_lookup_reads_the_rows_where_they_lie_and_refuses_a_missing_id(nightly):
+    day1_dir = os.path.join(str(nightly["out"]), "runs", "day1")
+    shard = sorted(glob.glob(os.path.join(day1_dir, "embeddings", "*.parquet")))[0]
+    stored = pq.read_table(shard)
+    schema = pq.read_schema(shard)
+    ids = stored.column("item_id").to_pylist()[:2]
+    requests = {i: (i, f"hash-{i}", '{"x": 1}', f"title {i}", None) for i in ids}
+    got = pa.concat_tables(list(incremental.read_reused_rows(shard, requests, schema, "fp-now"))).sort_by("item_id")
+    want = stored.filter(pa.compute.is_in(stored.column("item_id"), value_set=pa.array(ids))).sort_by("item_id")
+    assert got.schema.equals(schema) and got.column("item_id").to_pylist() == sorted(ids)
+    assert np.array_equal(vectors_of(got), vectors_of(want))  # the stored vectors, unchanged
+    assert got.column("content_hash").to_pylist() == [f"hash-{i}" for i in sorted(ids)]  # today's fields
+    assert set(got.column("model_fingerprint").to_pylist()) == {"fp-now"}
+    assert got.column("title").to_pylist() == [f"title {i}" for i in sorted(ids)]
+    with pytest.raises(RuntimeError, match="1 of 3 items to reuse are not in"):
+        list(incremental.read_reused_rows(shard, dict(requests, gone=("gone", "h", None, "t", None)), schema, "fp"))

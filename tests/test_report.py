@@ -17,8 +17,6 @@ from pipeline.report import data as report_data, sample as report_sample, stats 
 from pipeline.stages.publish import SmallestSample
 from pipeline.report.charts import bar_chart, histogram_chart, line_chart
 from pipeline.report.render import index_candidates
-from pipeline.stages.read import CURRENT
-from pipeline.stages.records import item_to_tuple
 from pipeline.stages.stage_metrics import StageTimer, stage_timings
 from schemas.catalog import CatalogItem
 
@@ -181,8 +179,9 @@ def test_the_sample_is_the_smallest_hashes_whatever_the_order_or_partition():
     bound = report_sample.LocalBound(20)
     offered = [i for i in ids if bound.offer(i)]
     assert set(expected) <= set(offered) and len(offered) < 120  # few thumbnails made past the first 20
-    # keyed as the read stage emits them, duplicate ids included (the join dead-letters the second)
-    items = [(i, (CURRENT, item_to_tuple(CatalogItem(i, title=f"t {i}")))) for i in ids + ids[:50]]
+    # in lists, as the join emits each bucket's candidates; some ids twice (a retried bundle's output)
+    entries = [report_sample.sample_item(CatalogItem(i, title=f"t {i}")) for i in ids + ids[:50]]
+    items = [entries[k:k + 7] for k in range(0, len(entries), 7)]
     combine = SmallestSample(20)
     parts = [combine.add_inputs(combine.create_accumulator(), items[k::3]) for k in range(3)]
     picked = combine.extract_output(combine.merge_accumulators(parts))

@@ -205,10 +205,11 @@ def test_dataflow_graph_constructs_without_submitting(tiny_text_dir):
     shuffles = sorted(t.unique_name for t in proto.components.transforms.values()
                       if t.spec.urn == "beam:transform:group_by_key:v1")
     assert not [s for s in shuffles if s.startswith(("Read", "Embed"))], shuffles
-    assert "Incremental/JoinById" in shuffles and "WriteEmbeddings/GroupByShard" in shuffles
+    assert "Incremental/JoinByIdBucket" in shuffles and "WriteEmbeddings/GroupByShard" in shuffles
     data_shuffles = [s for s in shuffles if not s.startswith(("Publish/", "Index/")) and "Count" not in s
                      and "CombineGlobally" not in s and "/Combine" not in s]
-    assert data_shuffles == ["Incremental/JoinById", "WriteDeadLetters/GroupByShard", "WriteEmbeddings/GroupByShard"], \
+    assert data_shuffles == ["Incremental/JoinByIdBucket", "WriteDeadLetters/GroupByShard",
+                             "WriteEmbeddings/GroupByShard"], \
         data_shuffles
     assert config.write.run_dir == "gs://shop-bucket/index/runs/r1"
     assert options.view_as(GoogleCloudOptions).dataflow_service_options == [

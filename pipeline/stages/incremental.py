@@ -38,23 +38,23 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
 
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
 from pipeline.config import CHANGE_DETECTION, LATEST, NONE, IncrementalConfig
+from pipeline.report import sample as report_sample
 from pipeline.stages import progress
 from pipeline.stages.fuse import content_hash
 from pipeline.stages.publish import AccountingError
-from pipeline.stages.records import MediaDigest, item_from_tuple
+from pipeline.stages.records import MediaDigest, bucket_of, item_from_tuple
 from pipeline.stages.stage_metrics import StageTimer
-from pipeline.stages.write import PIECES, _open_piece
+from pipeline.stages.write import PIECES
 from pipeline.storage import MANIFEST, latest_run_dir, read_manifest
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
-from schemas.embeddings import EmbeddingRecord, display_fields, records_to_table, vectors_of
+from schemas.embeddings import display_fields
 
 NAMESPACE = "catalog_index.incremental"
-REUSED, ENCODE, STATUS = "reused", "encode", "status"
+ENCODE, STATUS = "encode", "status"
 STATUSES = ("reused", "new", "changed", "deleted")
 _LOG = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ class PreviousVector:
     modalities: tuple[str, ...]
     num_images: int
     transcript: str | None = None
+
+    @property
+    def reusable(self) -> bool:
+        return self.vector is not None
 
 
 # --------------------------------------------------------------------------- plain logic
@@ -158,14 +162,14 @@ def check_compatible(previous_manifest: dict, metadata: dict, vector_dtype: str)
     return ""
 
 
-def classify(item: CatalogItem | None, previous: PreviousVector | None, current_hash: str | None,
+def classify(item: CatalogItem | None, previous: PreviousVector | PreviousHash | None, current_hash: str | None,
              model_fingerprint: str) -> str:
     """One of 'reused', 'new', 'changed', 'deleted' for an item id seen in either run."""
     if item is None:
         return "deleted"
     if previous is None:
         return "new"
-    if (previous.vector is not None and current_hash is not None and previous.content_hash == current_hash
+    if (previous.reusable and current_hash is not None and previous.content_hash == current_hash
             and previous.model_fingerprint == model_fingerprint):
         return "reused"
     return "changed"
@@ -217,18 +221,6 @@ def resume_pieces(run_dir: str) -> list[str]:
     return sorted(m.path for m in matched)
 
 
-def read_piece_rows(path: str):
-    """(item_id, PreviousVector) for every row of one embeddings piece (Arrow IPC)."""
-
-    table = _open_piece(path)
-    vectors = vectors_of(table)
-    for i, row in enumerate(table.drop(["vector", "attributes"]).to_pylist()):
-        yield row["item_id"], PreviousVector(
-            content_hash=row["content_hash"], model_fingerprint=row["model_fingerprint"],
-            vector=vectors[i].copy(), modalities=tuple(row["modalities"]), num_images=int(row["num_images"]),
-            transcript=row["transcript"])
-
-
 def previous_embedding_files(previous: PreviousRun) -> list[str]:
     """The embeddings shards the previous run's manifest lists (exactly what was published)."""
 
@@ -236,31 +228,96 @@ def previous_embedding_files(previous: PreviousRun) -> list[str]:
     return [f"{previous.run_dir}/{f['path']}" for f in files if f["path"].startswith("embeddings/")]
 
 
-def read_previous_rows(path: str, with_vectors: bool):
-    """(item_id, PreviousVector) for every row of one embeddings shard, a row group at a time."""
+HASH_COLUMNS = ["item_id", "content_hash", "model_fingerprint"]  # what the join needs of a previous row
 
-    columns = ["item_id", "content_hash", "model_fingerprint", "modalities", "num_images", "transcript"]
-    if with_vectors:
-        columns.append("vector")
+
+def read_hashes(path: str):
+    """Ids, content hashes and model fingerprints of one embeddings shard (Parquet) or a killed attempt's
+    piece (Arrow IPC), as ``pa.Table`` chunks (a row group at a time): no vector is read."""
+    if path.endswith(".arrow"):
+        from pipeline.stages.write import _open_piece
+
+        yield _open_piece(path).select(HASH_COLUMNS)
+        return
     with FileSystems.open(path, compression_type="uncompressed") as stream:
         parquet = pq.ParquetFile(stream)
         for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group, columns=columns)
-            vectors = vectors_of(table) if with_vectors else None
-            for i, row in enumerate(table.drop(["vector"] if with_vectors else []).to_pylist()):
-                yield row["item_id"], PreviousVector(
-                    content_hash=row["content_hash"], model_fingerprint=row["model_fingerprint"],
-                    vector=vectors[i].copy() if vectors is not None else None,
-                    modalities=tuple(row["modalities"]), num_images=int(row["num_images"]),
-                    transcript=row["transcript"])
+            yield parquet.read_row_group(group, columns=HASH_COLUMNS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReuseRequest:
+    """An item whose vector is taken from the previous run's (or the killed attempt's) ``file``: what of
+    today's row comes from the current item. Keyed by the file in the second, ids-only shuffle."""
+
+    item_id: str
+    content_hash: str  # the current hash (equal to the stored one: that is why it is reused)
+    attributes: str | None
+    title: str | None
+    description: str | None
+
+
+def read_reused_rows(path: str, requests: dict[str, tuple], schema, model_fingerprint: str):
+    """The rows of ``path`` whose ids are in ``requests`` (item id -> ReuseRequest tuple), as ``pa.Table``
+    chunks in ``schema``: vector, modalities, images and transcript from the file; hash, attributes and
+    display fields from today's item. Raises if an id is not in the file (a reused item must not vanish)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+
+    wanted = pa.array(sorted(requests), pa.string())
+    found = 0
+    for table in _matching_rows(path, wanted):
+        ids = table.column("item_id").to_pylist()
+        asked = [requests[i] for i in ids]
+        transcripts = table.column("transcript").to_pylist()
+        shown = [display_fields(r[3], r[4], t) for r, t in zip(asked, transcripts)]
+        found += len(ids)
+        yield pa.Table.from_pydict({
+            "item_id": table.column("item_id"),
+            "vector": table.column("vector").cast(schema.field("vector").type),
+            "modalities": table.column("modalities"),
+            "content_hash": pa.array([r[1] for r in asked], pa.string()),
+            "model_fingerprint": pa.array([model_fingerprint] * len(ids), pa.string()),
+            "num_images": pc.cast(table.column("num_images"), pa.int32()),
+            "attributes": pa.array([r[2] for r in asked], pa.string()),
+            "transcript": table.column("transcript"),
+            "title": pa.array([d["title"] for d in shown], pa.string()),
+            "snippet": pa.array([d["snippet"] for d in shown], pa.string()),
+        }, schema=schema)
+    if found != len(requests):
+        raise RuntimeError(f"{len(requests) - found} of {len(requests)} items to reuse are not in {path} "
+                           "(the file changed after the join read it?)")
+
+
+_REUSED_COLUMNS = ["item_id", "vector", "modalities", "num_images", "transcript"]
+
+
+def _matching_rows(path: str, wanted):
+    import pyarrow.compute as pc
+
+    if path.endswith(".arrow"):
+        from pipeline.stages.write import _open_piece
+
+        table = _open_piece(path).select(_REUSED_COLUMNS)
+        mask = pc.is_in(table.column("item_id"), value_set=wanted)
+        yield table.filter(mask)
+        return
+    with FileSystems.open(path, compression_type="uncompressed") as stream:
+        parquet = pq.ParquetFile(stream)
+        for group in range(parquet.num_row_groups):
+            # the ids first: a row group none of whose items is reused costs no vector read
+            mask = pc.is_in(parquet.read_row_group(group, columns=["item_id"]).column("item_id"), value_set=wanted)
+            if pc.any(mask).as_py():
+                yield parquet.read_row_group(group, columns=_REUSED_COLUMNS).filter(mask)
 
 
 # --------------------------------------------------------------------------- Beam wrappers
 
 
-PREVIOUS = "p"  # tag of a previous-run row in the join by item id (catalog items are "c", pipeline.stages.read)
-RESUMED = "r"  # tag of a row a killed attempt of this run already wrote
-DEAD = "dead"
+PREVIOUS = "p"  # tag of a batch of previous-run ids and hashes in the join (catalog items are "c", pipeline.stages.read)
+RESUMED = "r"  # tag of a batch of ids and hashes a killed attempt of this run already wrote
+DEAD, REUSE, SAMPLE = "dead", "reuse", "sample"
 
 
 def _source_order(item: CatalogItem) -> tuple[str, int]:
@@ -276,119 +333,141 @@ def resolve_duplicates(item_id: str, items: list[CatalogItem]) -> tuple[CatalogI
                         for dup in ordered[1:]]
 
 
-def _as_tuple(previous: PreviousVector) -> tuple:
-    return (previous.content_hash, previous.model_fingerprint, previous.vector, previous.modalities,
-            previous.num_images, previous.transcript)
+@dataclasses.dataclass(frozen=True)
+class PreviousHash:
+    """What the join carries of a previous (or a killed attempt's) row: no vector, only where it lies."""
+
+    content_hash: str
+    model_fingerprint: str
+    reusable: bool  # False: the previous run's vectors cannot stand in for this run's (ids read only to count)
+    file: str  # the shard (or piece) that holds the row's vector
 
 
-class _ReadPrevious(beam.DoFn):
-    def __init__(self, with_vectors: bool):
-        self._with_vectors = with_vectors
-        self._rows = Metrics.counter(NAMESPACE, "previous_rows")
+class _ReadHashes(beam.DoFn):
+    """A previous run's shard or a killed attempt's piece -> ``(bucket, (tag, (path, reusable, ids, hashes,
+    fingerprints)))`` per bucket present in each row group: lists of strings, no vector."""
 
-    def process(self, path: str):
-        for item_id, previous in read_previous_rows(path, self._with_vectors):
-            self._rows.inc()
-            yield item_id, (PREVIOUS, _as_tuple(previous))
-
-
-class _ReadResumed(beam.DoFn):
-    def __init__(self):
-        self._rows = Metrics.counter(NAMESPACE, "resume_rows")
+    def __init__(self, tag: str, reusable: bool, num_buckets: int):
+        self._tag, self._reusable, self._num_buckets = tag, reusable, num_buckets
+        self._rows = Metrics.counter(NAMESPACE, "previous_rows" if tag == PREVIOUS else "resume_rows")
 
     def process(self, path: str):
-        for item_id, row in read_piece_rows(path):
-            self._rows.inc()
-            yield item_id, (RESUMED, _as_tuple(row))
+        for table in read_hashes(path):
+            ids = table.column("item_id").to_pylist()
+            hashes = table.column("content_hash").to_pylist()
+            fps = table.column("model_fingerprint").to_pylist()
+            self._rows.inc(len(ids))
+            by_bucket: dict[int, list[int]] = {}
+            for row, item_id in enumerate(ids):
+                by_bucket.setdefault(bucket_of(item_id, self._num_buckets), []).append(row)
+            for bucket in sorted(by_bucket):
+                rows = by_bucket[bucket]
+                yield bucket, (self._tag, (path, self._reusable, [ids[r] for r in rows], [hashes[r] for r in rows],
+                                           [fps[r] for r in rows]))
 
 
 class _Resolve(beam.DoFn):
-    """Joined groups (item id -> catalog rows and previous row) -> batches to encode, reused rows, statuses.
+    """Joined buckets (bucket -> batches of catalog rows, previous ids + hashes) -> batches to encode,
+    requests to reuse, statuses, the report's sample.
 
-    Per item id: duplicates resolved (first by file and row), then, a batch of
-    ``batch_items`` ids at a time, each item classified reused / new / changed
-    (deleted for ids only in the previous run). Hashing reads media (bytes
-    mode) or stats it (metadata mode): a thread pool overlaps the I/O.
-    Outputs: main, ``list[CatalogItem]`` batches to encode; ``reused``, one
-    ``pa.Table`` of reused rows per batch; ``status``, a {status: count} dict
-    per batch; ``dead``, duplicate-id dead letters.
+    Per bucket: its ids sorted (so no output depends on bundles or on the
+    order the shuffle delivers), duplicates resolved (first by file and row),
+    then, ``batch_items`` ids at a time, each item classified reused / new /
+    changed (deleted for ids only in the previous run). Hashing reads media
+    (bytes mode) or stats it (metadata mode): a thread pool overlaps the I/O.
+    Outputs: main, ``list[CatalogItem]`` batches to encode; ``reuse``,
+    ``(file, [ReuseRequest tuple, ...])`` per batch and file holding reused
+    vectors; ``status``, a {status: count} dict per batch; ``dead``,
+    duplicate-id dead letters; ``sample``, the bucket's candidates for the
+    report's sample (a list of report_sample.SampleItem: those that can still
+    be among the smallest keys this worker has seen).
     """
 
     def __init__(self, model_fingerprint: str, mode: str, policy: FetchPolicy, hash_new: bool,
-                 media: frozenset[str], schema, batch_items: int, threads: int = 8):
+                 media: frozenset[str], batch_items: int, threads: int = 8):
         self._fp, self._mode, self._policy, self._hash_new, self._threads = (
             model_fingerprint, mode, policy, hash_new, threads)
-        self._media, self._schema, self._batch_items = media, schema, batch_items
+        self._media, self._batch_items = media, batch_items
         self._pool = None
-        self._buffer: list = []
 
     def setup(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="hash")
         self._counters = {s: Metrics.counter(NAMESPACE, s) for s in (*STATUSES, "resumed")}
         self._duplicates = Metrics.counter("catalog_index.read", "duplicate_ids")
         self._timer = StageTimer("incremental")
+        self._sample_bound = report_sample.LocalBound()
 
     def teardown(self):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def start_bundle(self):
-        self._buffer = []
-
     def process(self, element):
+        from pipeline.stages.read import CURRENT
 
-        item_id, values = element
-        current, previous, resumed = [], [], []
+        _, values = element
+        current: dict[str, list[tuple]] = {}
+        previous: dict[str, PreviousHash] = {}
+        resumed: dict[str, PreviousHash] = {}
         for tag, value in values:
-            (previous if tag == PREVIOUS else resumed if tag == RESUMED else current).append(value)
-        if len(previous) > 1:
-            raise RuntimeError(f"item id {item_id!r} appears {len(previous)} times in the previous run; "
-                               "ids must be unique")
-        item = None
-        if current:
-            item, duplicates = resolve_duplicates(item_id, [item_from_tuple(t) for t in current])
-            for dead in duplicates:
-                self._duplicates.inc()
-                progress.note(progress.REJECTED)
-                yield beam.pvalue.TaggedOutput(DEAD, dead)
-        # a killed attempt may have written an item twice (a retried bundle): the rows are equal, take one
-        self._buffer.append((item, PreviousVector(*previous[0]) if previous else None,
-                             PreviousVector(*resumed[0]) if resumed and item is not None else None))
-        if len(self._buffer) >= self._batch_items:
-            yield from self._flush()
-
-    def finish_bundle(self):
-        for out in self._flush():
-            if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
-            else:
-                yield GlobalWindows.windowed_value(out)
+            if tag == CURRENT:
+                for t in value:
+                    current.setdefault(t[0], []).append(t)
+                continue
+            path, reusable, ids, hashes, fps = value
+            for item_id, h, fp in zip(ids, hashes, fps):
+                if tag == PREVIOUS:
+                    if item_id in previous:
+                        raise RuntimeError(f"item id {item_id!r} appears more than once in the previous run; "
+                                           "ids must be unique")
+                    previous[item_id] = PreviousHash(h, fp, reusable, path)
+                elif item_id not in resumed or path < resumed[item_id].file:
+                    # a killed attempt may have written an item twice (a retried bundle): the rows are equal;
+                    # the first piece by name is taken, so the choice does not depend on delivery order
+                    resumed[item_id] = PreviousHash(h, fp, reusable, path)
+        entries, kept = [], []
+        for item_id in sorted(current.keys() | previous.keys()):
+            rows = current.get(item_id)
+            item = None
+            if rows:
+                if len(rows) == 1:
+                    item = item_from_tuple(rows[0])
+                else:
+                    item, duplicates = resolve_duplicates(item_id, [item_from_tuple(t) for t in rows])
+                    for dead in duplicates:
+                        self._duplicates.inc()
+                        progress.note(progress.REJECTED)
+                        yield beam.pvalue.TaggedOutput(DEAD, dead)
+                kept.append(item)
+            entries.append((item, previous.get(item_id), resumed.get(item_id) if item is not None else None))
+        for start in range(0, len(entries), self._batch_items):
+            yield from self._classify(entries[start:start + self._batch_items])
+        # the report's sample candidates: only items that can still be among the smallest keys this worker saw
+        sampled = [report_sample.sample_item(item) for item in kept if self._sample_bound.offer(item.item_id)]
+        if sampled:
+            yield beam.pvalue.TaggedOutput(SAMPLE, sampled)
 
     def _needs_hash(self, item, previous, resumed=None) -> bool:
         # A new item is encoded whatever its hash; it is only hashed here when the
         # fuse stage cannot derive the same hash itself (metadata tokens).
-        return item is not None and ((previous is not None and previous.vector is not None) or self._hash_new
+        return item is not None and ((previous is not None and previous.reusable) or self._hash_new
                                      or resumed is not None)
 
-    def _hash(self, pair):
-        item, previous, resumed = pair
+    def _hash(self, entry):
+        item, previous, resumed = entry
         if not self._needs_hash(item, previous, resumed):
             return None
         return hash_item(item, self._fp, self._mode, self._policy, self._media)
 
-    def _flush(self):
-
-        pairs, self._buffer = self._buffer, []
-        if not pairs:
-            return
-        with self._timer.batch(len(pairs)):
-            if any(self._needs_hash(*pair) for pair in pairs):
-                hashes = list(self._pool.map(self._hash, pairs))
+    def _classify(self, entries):
+        with self._timer.batch(len(entries)):
+            if any(self._needs_hash(*entry) for entry in entries):
+                hashes = list(self._pool.map(self._hash, entries))
             else:
-                hashes = [None] * len(pairs)
+                hashes = [None] * len(entries)
             statuses: collections.Counter = collections.Counter()
-            reused, encode = [], []
-            for (item, previous, resumed), current_hash in zip(pairs, hashes):
+            reuse: dict[str, list[tuple]] = {}
+            encode = []
+            for (item, previous, resumed), current_hash in zip(entries, hashes):
                 status = classify(item, previous, current_hash, self._fp)
                 statuses[status] += 1
                 if status == "deleted":
@@ -398,12 +477,9 @@ class _Resolve(beam.DoFn):
                     source = resumed  # a killed attempt of this run already embedded it, from the same content
                     statuses["resumed"] += 1
                 if source is not None:
-                    reused.append(EmbeddingRecord(
-                        item_id=item.item_id, vector=source.vector, modalities=source.modalities,
-                        content_hash=current_hash, model_fingerprint=self._fp, num_images=source.num_images,
-                        attributes=item.attributes,  # attributes are today's: they are not part of the vector
-                        transcript=source.transcript,
-                        **display_fields(item.title, item.description, source.transcript)))
+                    # attributes are today's: they are not part of the vector; the vector stays where it lies
+                    reuse.setdefault(source.file, []).append(dataclasses.astuple(ReuseRequest(
+                        item.item_id, current_hash, item.attributes, item.title, item.description)))
                     continue
                 if self._mode == "metadata" and current_hash is not None:
                     # fuse would hash the fetched bytes; tomorrow compares metadata tokens, so carry ours
@@ -412,57 +488,89 @@ class _Resolve(beam.DoFn):
         for status, n in statuses.items():
             self._counters[status].inc(n)
         yield beam.pvalue.TaggedOutput(STATUS, dict(statuses))
-        if reused:
-            progress.note(progress.REUSED, len(reused))
-            yield beam.pvalue.TaggedOutput(REUSED, records_to_table(reused, self._schema))
+        for path in sorted(reuse):
+            yield beam.pvalue.TaggedOutput(REUSE, (path, reuse[path]))
         if encode:
             yield encode
 
 
-class Incremental(beam.PTransform):
-    """Keyed catalog items (``pipeline.stages.read``) -> {encode: list[CatalogItem] batches, reused: pa.Table batches,
-    status: {status: count} dicts, dead: duplicate-id DeadLetters}.
+class _ReadReused(beam.DoFn):
+    """``(file, [[ReuseRequest tuple, ...], ...])`` -> the reused rows (``pa.Table`` in the embeddings schema),
+    read from the file where they lie, a row group at a time."""
 
-    The one join by item id of the graph: it carries catalog items (text and
-    URIs) and, from the previous run, ids and content hashes (and, when the
-    previous run is reusable, its vectors), never a modality vector. Without
-    a previous run it only resolves duplicate ids. ``status`` counts every
-    current item once (reused/new/changed) and every previous-only id (deleted).
+    def __init__(self, schema, model_fingerprint: str):
+        self._schema, self._fp = schema, model_fingerprint
+
+    def setup(self):
+        self._timer = StageTimer("reuse")
+
+    def process(self, element):
+        path, batches = element
+        requests = {r[0]: r for batch in batches for r in batch}
+        with self._timer.batch(len(requests)):
+            tables = list(read_reused_rows(path, requests, self._schema, self._fp))
+        for table in tables:
+            if table.num_rows:
+                progress.note(progress.REUSED, table.num_rows)
+                yield table
+
+
+class Incremental(beam.PTransform):
+    """Bucketed catalog items (``pipeline.stages.read``) -> {encode: list[CatalogItem] batches, reused: pa.Table
+    batches, status: {status: count} dicts, dead: duplicate-id DeadLetters, sample: lists of SampleItem}.
+
+    The one join by item id of the graph (``JoinByIdBucket``, one element per
+    bucket and row group on each side): it carries catalog items (text and
+    URIs) and, from the previous run and a killed attempt's pieces, ids and
+    content hashes, never a vector. Reused vectors are then read where they
+    lie: ``ReuseByFile`` brings each file the ids to take from it (ids and
+    today's attributes and display text, no vector). Without a previous run or
+    pieces it only resolves duplicate ids. ``status`` counts every current item
+    once (reused/new/changed) and every previous-only id (deleted).
     """
 
     def __init__(self, config: IncrementalConfig, previous: PreviousRun | None, model_fingerprint: str,
                  policy: FetchPolicy, media: frozenset[str] = frozenset({"image", "audio"}), *, schema,
-                 batch_items: int = 256, resume: list[str] | None = None):
+                 batch_items: int = 256, resume: list[str] | None = None, num_buckets: int = 1):
         super().__init__()
         self._config, self._previous, self._resume = config, previous, list(resume or [])
+        self._num_buckets, self._schema, self._fp = num_buckets, schema, model_fingerprint
         self._fn = _Resolve(model_fingerprint, config.change_detection, policy,
                             hash_new=config.change_detection == "metadata", media=frozenset(media),
-                            schema=schema, batch_items=batch_items)
+                            batch_items=batch_items)
 
-    def expand(self, keyed_items):
-        p = keyed_items.pipeline
-        sides = [keyed_items]
+    def expand(self, bucketed_items):
+        p = bucketed_items.pipeline
+        sides = [bucketed_items]
         if self._previous is not None:
-            files = previous_embedding_files(self._previous)
             sides.append(
                 p
-                | "PreviousFiles" >> beam.Create(files)
+                | "PreviousFiles" >> beam.Create(previous_embedding_files(self._previous))
                 | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadPrevious" >> beam.ParDo(_ReadPrevious(self._previous.reusable))
+                | "ReadPrevious" >> beam.ParDo(_ReadHashes(PREVIOUS, self._previous.reusable, self._num_buckets))
             )
         if self._resume:
             sides.append(
                 p
                 | "ResumePieces" >> beam.Create(self._resume)
                 | "SpreadPieces" >> beam.Reshuffle()
-                | "ReadResumed" >> beam.ParDo(_ReadResumed())
+                | "ReadResumed" >> beam.ParDo(_ReadHashes(RESUMED, True, self._num_buckets))
             )
         joined = (
             (sides[0] if len(sides) == 1 else tuple(sides) | "CurrentAndPrevious" >> beam.Flatten())
-            | "JoinById" >> beam.GroupByKey()
+            | "JoinByIdBucket" >> beam.GroupByKey()
         )
-        out = joined | "Resolve" >> beam.ParDo(self._fn).with_outputs(REUSED, STATUS, DEAD, main=ENCODE)
-        return {"encode": out[ENCODE], "reused": out[REUSED], "status": out[STATUS], "dead": out[DEAD]}
+        out = joined | "Resolve" >> beam.ParDo(self._fn).with_outputs(REUSE, STATUS, DEAD, SAMPLE, main=ENCODE)
+        if self._previous is not None and self._previous.reusable or self._resume:
+            reused = (
+                out[REUSE]
+                | "ReuseByFile" >> beam.GroupByKey()
+                | "ReadReused" >> beam.ParDo(_ReadReused(self._schema, self._fp))
+            )
+        else:  # nothing can be reused: no second shuffle
+            reused = p | "NoReuse" >> beam.Create([])
+        return {"encode": out[ENCODE], "reused": reused, "status": out[STATUS], "dead": out[DEAD],
+                "sample": out[SAMPLE]}
 
 
 def incremental_counts(statuses: dict, encoded: int, embedded: int, previous: PreviousRun | None,

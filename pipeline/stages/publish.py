@@ -18,7 +18,6 @@ import apache_beam as beam
 from pipeline import storage
 from pipeline.report import data as report_data, sample as report_sample, stats as report
 from pipeline.stages import faults
-from pipeline.stages.records import item_from_tuple
 from pipeline.stages.stage_metrics import StageTimer
 from pipeline.stages.write import write_table_atomically
 from pipeline.storage import LATEST, MANIFEST, read_manifest, write_text_atomically
@@ -200,13 +199,17 @@ def _add_counts(dicts) -> dict:
 
 
 class SmallestSample(beam.CombineFn):
-    """The ``size`` elements with the smallest ``key`` (report_sample.SampleItem or Thumbnail): the report sample."""
+    """The ``size`` elements with the smallest ``key`` (report_sample.SampleItem or Thumbnail): the report sample.
+
+    An input is one element or a list of them (the join emits each bucket's
+    candidates as one list), so a catalog item costs no Beam element here.
+    """
 
     def __init__(self, size: int = report_sample.SAMPLE_SIZE):
         self._size = size
 
     # accumulator: [bound, elements]; once pruned to ``size``, an element whose key is above the
-    # bound cannot be in the sample, so a catalog item costs one hash, not a SampleItem
+    # bound cannot be in the sample
 
     def create_accumulator(self):
         return [None, []]
@@ -217,19 +220,15 @@ class SmallestSample(beam.CombineFn):
 
     def add_input(self, acc, element):
         bound, elements = acc
-        is_item = not isinstance(element, (report_sample.SampleItem, report_sample.Thumbnail))
-        # a catalog item comes keyed from the read stage: (item_id, (tag, item tuple))
-        key = report_sample.sample_key(element[0]) if is_item else element.key
-        if bound is not None and key > bound:
-            return acc
-        elements.append(report_sample.sample_item(item_from_tuple(element[1][1])) if is_item else element)
+        elements.extend(e for e in (element if isinstance(element, list) else [element])
+                        if bound is None or e.key <= bound)
         return self._prune(elements) if len(elements) >= 2 * self._size else acc
 
     def merge_accumulators(self, accs):
         return self._prune([e for _, elements in accs for e in elements])
 
     def _smallest(self, elements: list) -> list:
-        # a duplicate item id (the join dead-letters all but one row) takes one place, not two
+        # one place per item id, whatever reached the combiner twice (a retried bundle's output)
         unique = {}
         for e in elements:
             unique.setdefault(e.item_id, e)
@@ -243,8 +242,8 @@ class Publish(beam.PTransform):
     """Inputs: rows (input rows read, as ints to add up), records (:func:`batch_stats` of each batch of
     embedded rows), dead, skipped, embedding_files, dead_files; optional: index (one index dict), and, with
     ``incremental_counts(statuses, encoded, embedded) -> dict``, ``status`` ({status: count} dicts) and
-    ``encoded`` (row counts of the batches that went through the encoders); for the report, ``items`` (the
-    read stage's keyed items, for its sample) and ``thumbnails`` (report_sample.Thumbnail from the embed stage).
+    ``encoded`` (row counts of the batches that went through the encoders); for the report, ``sample`` (lists
+    of report_sample.SampleItem, each bucket's candidates from the join) and ``thumbnails`` (report_sample.Thumbnail from the embed stage).
     ``previous`` (incremental.PreviousRun) gives the report last run's counts, vectors (drift of changed items)
     and thumbnails (reused items)."""
 
@@ -287,10 +286,10 @@ class Publish(beam.PTransform):
         out = {}
         if "index" in inputs:
             out["index"] = beam.pvalue.AsSingleton(inputs["index"])
-        for name, label in (("items", "ReportSample"), ("thumbnails", "ReportThumbnails")):
+        for name, label in (("sample", "ReportSample"), ("thumbnails", "ReportThumbnails")):
             if name in inputs:
                 combined = inputs[name] | label >> beam.CombineGlobally(SmallestSample())
-                out["sample" if name == "items" else name] = beam.pvalue.AsSingleton(combined)
+                out[name] = beam.pvalue.AsSingleton(combined)
         if self._fn._incremental_counts is not None:
             statuses = inputs["status"] | "CountStatuses" >> beam.CombineGlobally(_add_counts)
             encoded = inputs["encoded"] | "CountEncoded" >> beam.CombineGlobally(sum)

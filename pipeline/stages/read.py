@@ -1,8 +1,11 @@
 """Stage 1: read the catalog Parquet files a row group at a time and validate the rows.
 
-Outputs, per valid row, ``(item_id, ("c", item tuple))`` keyed for the one
-join by item id (``pipeline/stages/incremental.py``), which also resolves duplicate
-ids; rows that fail validation as dead letters (``dead``); rows whose content
+Outputs, per row group, its valid items split by join bucket
+(:func:`pipeline.stages.records.bucket_of`): one ``(bucket, ("c", [item tuple, ...]))``
+element per bucket present in the row group, keyed for the one join by item id
+(``pipeline/stages/incremental.py``), which also resolves duplicate ids. No Beam
+element is one item: the join's input is a few elements per row group. Rows
+that fail validation become dead letters (``dead``); rows whose content
 is only in modalities the run has no model for as counted skips (``skipped``);
 and the number of rows read per row group (``rows``). Files are read row group
 by row group, so memory does not grow with the catalog.
@@ -19,13 +22,14 @@ from apache_beam.metrics import Metrics
 
 from pipeline.stages import progress
 from pipeline.config import ReadConfig
-from pipeline.stages.records import item_to_tuple
+from pipeline.stages.records import bucket_of, item_to_tuple
 from pipeline.stages.stage_metrics import StageTimer
 from schemas.catalog import CatalogColumns, CatalogItem, InvalidRow, validate_row
 from schemas.dead_letter import DeadLetter, Reason, Skip, SkipReason, Stage
 
 DEAD, SKIPPED, ROWS = "dead", "skipped", "rows"
-CURRENT = "c"  # tag of a catalog item in the join by item id (the previous run's rows are "p")
+CURRENT = "c"  # tag of a batch of catalog items in the join by item id (the previous run's rows are "p")
+MAX_JOIN_BATCH = 4096  # items per element of the join's input, at most (a row group holds up to 16k)
 NAMESPACE = "catalog_index.read"
 
 
@@ -56,10 +60,13 @@ def classify_row(row: dict, config: ReadConfig, modalities: frozenset[str], base
 
 
 class _ReadRows(beam.DoFn):
-    """A matched Parquet file -> keyed valid items, dead letters, skips, row counts; a row group at a time."""
+    """A matched Parquet file -> bucketed batches of valid items, dead letters, skips, row counts; a row group
+    at a time."""
 
-    def __init__(self, config: ReadConfig, modalities: frozenset[str], progress_interval_s: float):
+    def __init__(self, config: ReadConfig, modalities: frozenset[str], progress_interval_s: float,
+                 num_buckets: int = 1):
         self._config, self._modalities, self._interval = config, modalities, progress_interval_s
+        self._num_buckets = num_buckets
 
     def setup(self):
         self._rows = Metrics.counter(NAMESPACE, "rows")
@@ -86,12 +93,13 @@ class _ReadRows(beam.DoFn):
         for group in range(parquet.num_row_groups):
             started, cpu = time.perf_counter(), time.process_time()
             rows = parquet.read_row_group(group, columns=wanted).to_pylist()
-            out = []
+            out, buckets = [], {}
             for row in rows:
                 result = classify_row(row, self._config, self._modalities, base_uri, f"{path}#{row_number}")
                 row_number += 1
                 if isinstance(result, CatalogItem):
-                    out.append((result.item_id, (CURRENT, item_to_tuple(result))))
+                    buckets.setdefault(bucket_of(result.item_id, self._num_buckets), []).append(
+                        item_to_tuple(result))
                 elif isinstance(result, Skip):
                     self._skipped.inc()
                     out.append(beam.pvalue.TaggedOutput(SKIPPED, result))
@@ -101,30 +109,37 @@ class _ReadRows(beam.DoFn):
             self._rows.inc(len(rows))
             self._timer.record(time.perf_counter() - started, time.process_time() - cpu, len(rows))
             progress.note("read", len(rows))
-            progress.note(progress.REJECTED, sum(isinstance(o, beam.pvalue.TaggedOutput) for o in out))
+            progress.note(progress.REJECTED, len(out))
             yield beam.pvalue.TaggedOutput(ROWS, len(rows))
             yield from out
+            for bucket in sorted(buckets):
+                items = buckets[bucket]
+                for start in range(0, len(items), MAX_JOIN_BATCH):
+                    yield bucket, (CURRENT, items[start:start + MAX_JOIN_BATCH])
 
 
 class ReadCatalog(beam.PTransform):
-    """pipeline root -> {items: (item_id, ("c", item tuple)), dead: DeadLetter, skipped: Skip, rows: int per row group}.
+    """pipeline root -> {items: (bucket, ("c", [item tuple, ...])), dead: DeadLetter, skipped: Skip,
+    rows: int per row group}.
 
     ``modalities`` are those the run has models for; an item whose content is
     only in other modalities is a counted skip, not a dead letter. Duplicate
-    ids are resolved at the join by item id (``pipeline/stages/incremental.py``).
+    ids are resolved at the join by item id (``pipeline/stages/incremental.py``);
+    ``num_buckets`` is that join's (:func:`pipeline.stages.records.join_buckets`).
     """
 
     def __init__(self, config: ReadConfig, progress_interval_s: float = 0.0,
-                 modalities: frozenset[str] = frozenset({"text", "image", "audio"})):
+                 modalities: frozenset[str] = frozenset({"text", "image", "audio"}), num_buckets: int = 1):
         super().__init__()
         self._config, self._interval, self._modalities = config, progress_interval_s, frozenset(modalities)
+        self._num_buckets = num_buckets
 
     def expand(self, pbegin):
         out = (
             pbegin
             | "MatchCatalog" >> fileio.MatchFiles(self._config.catalog, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
             | "OpenFiles" >> fileio.ReadMatches()
-            | "ReadRows" >> beam.ParDo(_ReadRows(self._config, self._modalities, self._interval))
+            | "ReadRows" >> beam.ParDo(_ReadRows(self._config, self._modalities, self._interval, self._num_buckets))
             .with_outputs(DEAD, SKIPPED, ROWS, main="items")
         )
         return {"items": out.items, "dead": out[DEAD], "skipped": out[SKIPPED], "rows": out[ROWS]}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import zlib
 
 import numpy as np
 
@@ -47,3 +49,17 @@ def item_to_tuple(item: CatalogItem) -> tuple:
 
 def item_from_tuple(t: tuple) -> CatalogItem:
     return CatalogItem(t[0], t[1], t[2], tuple(t[3]), t[4], t[5], t[6], t[7], t[8])
+
+
+def bucket_of(item_id: str, num_buckets: int) -> int:
+    """The join bucket of an item id: stable across processes and runs (crc32, not Python's salted ``hash``).
+
+    Only which items meet in one ``Resolve`` call depends on it; no output does
+    (a bucket's items are sorted by id before they are batched).
+    """
+    return zlib.crc32(item_id.encode()) % num_buckets
+
+
+def join_buckets(catalog_rows: int, items_per_batch: int) -> int:
+    """Buckets for the join by item id: a few encode batches of items each, at least one."""
+    return max(1, math.ceil(catalog_rows / (4 * items_per_batch)))
