@@ -46,6 +46,7 @@ CODEBOOK_POINTS_PER_CENTROID = 64
 # PQ codebook training is one k-means per sub-quantizer: past 64 of them it dominates a CPU build (faiss-cpu
 # without AVX2 here: PQ128x8 took 105 s on 10k vectors); more accuracy comes from SQ8 or refinement instead
 MAX_PQ_M = 64
+SMALL_NBITS = (6, 5)  # the narrower PQ codes a tight budget may use (64 or 32 centroids per sub-quantizer)
 OPQ_NITER = 25  # faiss's default is 50; the rotation's gain flattens well before
 OPQ_MAX_GAIN = 0.10  # recall an OPQ rotation is assumed unable to add over plain PQ of the same code size
 # the PQ probe: a PQ candidate's recall ceiling (every list scanned) measured on a small sub-sample, so that a
@@ -54,6 +55,10 @@ OPQ_MAX_GAIN = 0.10  # recall an OPQ rotation is assumed unable to add over plai
 PROBE_ROWS = 8192  # database rows of the probe (the first rows of the deterministic sample)
 PROBE_TRAIN_PER_CODE = 16  # PQ training points per codeword in the probe (faiss's full default is 256)
 PROBE_MARGIN = 0.10  # a probe ceiling this far below the target skips the full candidate
+# the coarse centroids (stored once per index shard) may take at most this share of the budget: under a tight
+# budget nlist is halved until they do, leaving the bytes to the codes
+MAX_FIXED_SHARE = 0.15
+MIN_NLIST = 16
 FAMILIES = ("flat", "flat_fp16", "hnsw", "ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 # the families whose trained quantizer a later run may reuse: the IVF ones (flat and HNSW train nothing)
 REUSABLE_FAMILIES = REUSABLE
@@ -100,6 +105,40 @@ def choose_nlist(n: int, n_train: int) -> tuple[int, str]:
     return chosen, note
 
 
+def _nlist_within_share(nlist: int, dim: int, shards: int, budget: float) -> tuple[int, str]:
+    """``nlist`` halved (not below MIN_NLIST) until ``shards`` copies of the coarse centroids and list sizes
+    are at most MAX_FIXED_SHARE of ``budget``; (nlist, note)."""
+    chosen = nlist
+    while chosen > MIN_NLIST and shards * (4 * dim + 8) * chosen > MAX_FIXED_SHARE * budget:
+        chosen //= 2
+    if chosen == nlist:
+        return nlist, ""
+    return chosen, (f"nlist {chosen} instead of {nlist}: {shards} index shard(s) of coarse centroids kept within "
+                    f"{MAX_FIXED_SHARE:.0%} of the memory budget")
+
+
+def _pq_code(dim: int, nbits: int, room: Callable[[int], float]) -> tuple[int, int]:
+    """(M, nbits) of the largest PQ code within ``room(nbits)`` bytes per vector (after ids and the fixed part).
+
+    ``nbits`` (8 when the sample allows) first; when the budget, not MAX_PQ_M,
+    is what stops it, narrower codes (SMALL_NBITS) over more sub-quantizers may
+    hold more bits in the same bytes (384 dims in 80 bytes: PQ96x6 is 576 bits,
+    PQ64x8 512), with no more codebook centroids in all (the training cost).
+    """
+    m = _pq_m(dim, room(nbits) * 8 / nbits)
+    larger = [d for d in range(m + 1, dim + 1) if dim % d == 0 and dim // d >= 4]
+    if not m or not larger or larger[0] * nbits <= room(nbits) * 8:
+        return m, nbits  # stopped by MAX_PQ_M, not by the budget (or nothing fits): keep the wider codes
+    best = (m * nbits, nbits, m)
+    for small in (b for b in SMALL_NBITS if b < nbits):
+        cap = MAX_PQ_M << (nbits - small)  # as many centroids in all as MAX_PQ_M codebooks of 2^nbits
+        fitting = [d for d in range(1, min(dim, cap) + 1) if dim % d == 0 and dim // d >= 4
+                   and d * small <= room(small) * 8]
+        if fitting and max(fitting) * small > best[0]:
+            best = (max(fitting) * small, small, max(fitting))
+    return best[2], best[1]
+
+
 def _pq_m(dim: int, max_code_bytes: float, min_dims: int = 4) -> int:
     """The most PQ sub-quantizers (dividing ``dim``, >= ``min_dims`` dimensions each, at most MAX_PQ_M)
     within ``max_code_bytes``."""
@@ -130,22 +169,24 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", s
     out.append((f"IDMap,HNSW{HNSW_M}", "hnsw", 4 * dim + 4 * (2 * HNSW_M + 2) + 16 + id_bytes, 0, {}))
 
     nlist, note = choose_nlist(n, n_train)
+    nbits = min(8, int(math.log2(max(n_train // MIN_POINTS_PER_LIST, 1))))
+    nlist, shrunk = _nlist_within_share(nlist, dim, shards, budget)
+    note = "; ".join(x for x in (note, shrunk) if x)
     if nlist:
         coarse = 4 * nlist * dim + 8 * nlist  # the centroids, and every inverted list's size in the file
         out.append((f"IVF{nlist},SQ8", "ivf_sq8", dim + id_bytes, coarse + 8 * dim, {"nlist": nlist}))
         out.append((f"IVF{nlist},SQfp16", "ivf_fp16", 2 * dim + id_bytes, coarse, {"nlist": nlist}))
-        nbits = min(8, int(math.log2(max(n_train // MIN_POINTS_PER_LIST, 1))))
         if nbits >= 4:
             codebooks = 4 * (1 << nbits) * dim
-            # the largest PQ that fits the budget (after the coarse quantizer and codebooks)
-            room = (budget - shards * (coarse + codebooks + 4 * dim * dim)) / max(n, 1) - id_bytes
-            m = _pq_m(dim, room * 8 / nbits)
+            m, code_nbits = _pq_code(dim, nbits, lambda nb: (budget - shards * (
+                coarse + 4 * (1 << nb) * dim + 4 * dim * dim)) / max(n, 1) - id_bytes)
             if m:
-                code = math.ceil(m * nbits / 8)
-                out.append((f"IVF{nlist},PQ{m}x{nbits}np", "ivf_pq", code + id_bytes, coarse + codebooks,
-                            {"nlist": nlist, "m": m, "nbits": nbits}))
-                out.append((f"OPQ{m},IVF{nlist},PQ{m}x{nbits}np", "ivf_pq_opq", code + id_bytes,
-                            coarse + codebooks + 4 * dim * dim, {"nlist": nlist, "m": m, "nbits": nbits}))
+                code = math.ceil(m * code_nbits / 8)
+                books = 4 * (1 << code_nbits) * dim
+                out.append((f"IVF{nlist},PQ{m}x{code_nbits}np", "ivf_pq", code + id_bytes, coarse + books,
+                            {"nlist": nlist, "m": m, "nbits": code_nbits}))
+                out.append((f"OPQ{m},IVF{nlist},PQ{m}x{code_nbits}np", "ivf_pq_opq", code + id_bytes,
+                            coarse + books + 4 * dim * dim, {"nlist": nlist, "m": m, "nbits": code_nbits}))
             # refinement: a coarse PQ (8 dimensions per code) finds k * k_factor candidates, a finer copy reranks
             m_base = _pq_m(dim, dim / 8 * 8 / nbits, min_dims=8) or m
             if m_base:
@@ -255,7 +296,7 @@ def _cap_codebook_training(index: faiss.Index, ivf: faiss.IndexIVF) -> None:
         if isinstance(base, faiss.IndexPreTransform):
             opq = faiss.downcast_VectorTransform(base.chain.at(0))
             if isinstance(opq, faiss.OPQMatrix):
-                opq.max_train_points = CODEBOOK_POINTS_PER_CENTROID * (1 << pq.nbits)
+                opq.max_train_points = CODEBOOK_POINTS_PER_CENTROID * 256  # a rotation of dim^2 entries
                 opq.niter = OPQ_NITER
 
 
@@ -329,7 +370,9 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         if cand.ivf and centroids is None:
             centroids = _trained_quantizer(cand.nlist, dim, metric, ivf_train)
             coarse_s = time.perf_counter() - t0
+            entry["coarse_seconds"] = round(coarse_s, 3)  # shared by every IVF candidate, counted here once
             log(f"index: coarse quantizer IVF{cand.nlist} trained on {len(ivf_train)} vectors in {coarse_s:.1f} s")
+            t0 = time.perf_counter()
         index = train_candidate(cand, dim, metric, ivf_train if cand.ivf else train, centroids)
         empty = indexing.to_bytes(index)
         entry["train_seconds"] = round(time.perf_counter() - t0, 3)
@@ -373,7 +416,7 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
                   if any(not e["meets_target"] for e in cheaper) else ""))
     chosen = {"name": cand.name, "family": cand.family, "params": entry["best_setting"] or {}, "why": why,
               "meets_target": entry["meets_target"], "query_set": harder}
-    train_s = entry["train_seconds"] + (coarse_s if cand.ivf else 0.0)
+    train_s = entry["train_seconds"] + (coarse_s if cand.ivf else 0.0)  # its own training + the shared centroids
     return Selection([e for _, e, _ in results], chosen, cand.params(metric, dim, note),
                      indexing.from_bytes(empty), time.perf_counter() - start, train_s)
 
