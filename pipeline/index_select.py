@@ -46,7 +46,6 @@ CODEBOOK_POINTS_PER_CENTROID = 64
 # PQ codebook training is one k-means per sub-quantizer: past 64 of them it dominates a CPU build (faiss-cpu
 # without AVX2 here: PQ128x8 took 105 s on 10k vectors); more accuracy comes from SQ8 or refinement instead
 MAX_PQ_M = 64
-SMALL_NBITS = (6, 5)  # the narrower PQ codes a tight budget may use (64 or 32 centroids per sub-quantizer)
 OPQ_NITER = 25  # faiss's default is 50; the rotation's gain flattens well before
 OPQ_MAX_GAIN = 0.10  # recall an OPQ rotation is assumed unable to add over plain PQ of the same code size
 # the PQ probe: a PQ candidate's recall ceiling (every list scanned) measured on a small sub-sample, so that a
@@ -57,7 +56,7 @@ PROBE_TRAIN_PER_CODE = 16  # PQ training points per codeword in the probe (faiss
 PROBE_MARGIN = 0.10  # a probe ceiling this far below the target skips the full candidate
 # the coarse centroids (stored once per index shard) may take at most this share of the budget: under a tight
 # budget nlist is halved until they do, leaving the bytes to the codes
-MAX_FIXED_SHARE = 0.15
+MAX_FIXED_SHARE = 0.20
 MIN_NLIST = 16
 FAMILIES = ("flat", "flat_fp16", "hnsw", "ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 # the families whose trained quantizer a later run may reuse: the IVF ones (flat and HNSW train nothing)
@@ -117,28 +116,6 @@ def _nlist_within_share(nlist: int, dim: int, shards: int, budget: float) -> tup
                     f"{MAX_FIXED_SHARE:.0%} of the memory budget")
 
 
-def _pq_code(dim: int, nbits: int, room: Callable[[int], float]) -> tuple[int, int]:
-    """(M, nbits) of the largest PQ code within ``room(nbits)`` bytes per vector (after ids and the fixed part).
-
-    ``nbits`` (8 when the sample allows) first; when the budget, not MAX_PQ_M,
-    is what stops it, narrower codes (SMALL_NBITS) over more sub-quantizers may
-    hold more bits in the same bytes (384 dims in 80 bytes: PQ96x6 is 576 bits,
-    PQ64x8 512), with no more codebook centroids in all (the training cost).
-    """
-    m = _pq_m(dim, room(nbits) * 8 / nbits)
-    larger = [d for d in range(m + 1, dim + 1) if dim % d == 0 and dim // d >= 4]
-    if not m or not larger or larger[0] * nbits <= room(nbits) * 8:
-        return m, nbits  # stopped by MAX_PQ_M, not by the budget (or nothing fits): keep the wider codes
-    best = (m * nbits, nbits, m)
-    for small in (b for b in SMALL_NBITS if b < nbits):
-        cap = MAX_PQ_M << (nbits - small)  # as many centroids in all as MAX_PQ_M codebooks of 2^nbits
-        fitting = [d for d in range(1, min(dim, cap) + 1) if dim % d == 0 and dim // d >= 4
-                   and d * small <= room(small) * 8]
-        if fitting and max(fitting) * small > best[0]:
-            best = (max(fitting) * small, small, max(fitting))
-    return best[2], best[1]
-
-
 def _pq_m(dim: int, max_code_bytes: float, min_dims: int = 4) -> int:
     """The most PQ sub-quantizers (dividing ``dim``, >= ``min_dims`` dimensions each, at most MAX_PQ_M)
     within ``max_code_bytes``."""
@@ -178,8 +155,11 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", s
         out.append((f"IVF{nlist},SQfp16", "ivf_fp16", 2 * dim + id_bytes, coarse, {"nlist": nlist}))
         if nbits >= 4:
             codebooks = 4 * (1 << nbits) * dim
-            m, code_nbits = _pq_code(dim, nbits, lambda nb: (budget - shards * (
-                coarse + 4 * (1 << nb) * dim + 4 * dim * dim)) / max(n, 1) - id_bytes)
+            # the largest PQ that fits the budget (after the coarse quantizer and codebooks); narrower codes over
+            # more sub-quantizers were measured and lose: on 200k MiniLM at 100 B/vector, PQ96x6 reached 0.789
+            # (OPQ 0.793) against OPQ64 with PQ64x8's 0.818, at 4x the scan time (docs/BENCHMARKS.md)
+            room = (budget - shards * (coarse + codebooks + 4 * dim * dim)) / max(n, 1) - id_bytes
+            m, code_nbits = _pq_m(dim, room * 8 / nbits), nbits
             if m:
                 code = math.ceil(m * code_nbits / 8)
                 books = 4 * (1 << code_nbits) * dim
