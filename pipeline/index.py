@@ -1,11 +1,16 @@
-"""Stage 6: train one IVF-PQ index on a sample, fill one index shard per embeddings shard, check recall.
+"""Stage 6: choose and train one index on a sample, fill the index shards from the embeddings files, check recall.
 
 The stage reads only the written embeddings files, so it can also index an
 existing run. Its graph:
 
     embeddings files -> sample rows (smallest id hashes, per file, then a combiner) -> train once
-                     -> per file: add to a copy of the trained index (side input) -> shard + ids
+                     -> per index shard (a contiguous run of files, ceil(N / shard_vectors) shards at most one per
+                        file): add to a copy of the trained index (side input) -> shard + ids
                      -> recall self-check over all shards (+ optional merged index) -> index info
+
+Every index shard file carries the trained fixed part (coarse centroids,
+codebooks, OPQ) again, so a catalog that fits one shard is one: the memory
+budget then pays for that part once.
 
 The sample is deterministic (the rows whose item-id hash is smallest), so a
 rerun on the same embeddings trains the same index. On an incremental run the
