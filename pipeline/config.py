@@ -219,6 +219,8 @@ class IndexConfig:
     recall_queries: str = ""  # JSON-lines queries in eval's format, encoded with the run's models (launcher)
     nprobes: tuple[int, ...] = DEFAULT_NPROBES
     merge: bool = False  # also write one merged index
+    # vectors per index shard: a smaller catalog is one shard, which holds the trained fixed part once
+    shard_vectors: int = 1_000_000
     # auto: an incremental run reuses the previous run's trained quantizer when its measured drift allows
     reuse_quantizer: str = "auto"
     quantizer_drift_tolerance: float = 0.10  # accepted rise of held-out quantization error over training time
@@ -237,6 +239,8 @@ class IndexConfig:
         if self.train_size < 1 or self.num_queries < 1 or self.k < 1:
             raise ValueError(f"index train_size, num_queries and k must be >= 1, "
                              f"got {self.train_size}, {self.num_queries}, {self.k}")
+        if self.shard_vectors < 1:
+            raise ValueError(f"index shard vectors must be >= 1, got {self.shard_vectors}")
         if not self.max_query_ms > 0:
             raise ValueError(f"max query ms must be > 0, got {self.max_query_ms}")
         if not 0 < self.target_recall <= 1:

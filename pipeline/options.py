@@ -163,6 +163,9 @@ class CatalogIndexOptions(PipelineOptions):
                        help="JSON-lines queries in eval's format (modality, query, relevant), encoded with the "
                             "run's models: the recall self-check and the index choice also measure them")
         g.add_argument("--merge_index", action="store_true", help="also write index/merged.faiss")
+        g.add_argument("--index_shard_vectors", type=int, default=IndexConfig.shard_vectors,
+                       help="vectors per index shard: embeddings files are grouped into ceil(N / this) index "
+                            "shards (at most one per file), each holding the trained quantizer once")
         g.add_argument("--reuse_quantizer", default=IndexConfig.reuse_quantizer, choices=list(REUSE_QUANTIZER),
                        help="auto: reuse the previous run's trained IVF-PQ when the model is unchanged and the "
                             "held-out quantization error has not drifted; never: always train")
@@ -292,7 +295,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
                           memory_gb=o.index_memory_gb, train_size=o.index_train_size,
                           num_queries=o.index_queries, target_recall=o.target_recall, merge=o.merge_index,
                           max_query_ms=o.max_query_ms, recall_queries=o.recall_queries,
-                          reuse_quantizer=o.reuse_quantizer,
+                          shard_vectors=o.index_shard_vectors, reuse_quantizer=o.reuse_quantizer,
                           quantizer_drift_tolerance=o.quantizer_drift_tolerance),
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,

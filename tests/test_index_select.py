@@ -43,6 +43,24 @@ def test_preflight_sizes_every_candidate_before_building_anything():
     assert all("over the memory budget" in c.skipped_reason for c in tight if not c.fits_budget)
 
 
+def test_a_tight_budget_keeps_the_fixed_part_a_small_share_and_counts_it_per_index_shard():
+    n, dim = 200_000, 384
+    budget_gb = 100 * n / (1 << 30)
+    one, note_one = index_select.plan(n, dim, 50_000, memory_gb=budget_gb, shards=1)
+    four, note_four = index_select.plan(n, dim, 50_000, memory_gb=budget_gb, shards=4)
+    pq_one = next(c for c in one if c.family == "ivf_pq_opq")
+    pq_four = next(c for c in four if c.family == "ivf_pq_opq")
+    # four copies of the centroids, codebooks and OPQ matrix: fewer lists, and fewer bytes left for codes
+    assert pq_four.nlist < pq_one.nlist and "20%" in note_four and pq_four.m < pq_one.m
+    for cands, shards in ((one, 1), (four, 4)):
+        c = next(c for c in cands if c.family == "ivf_pq_opq")
+        fixed = c.memory_bytes - n * c.bytes_per_vector
+        books = 4 * (1 << c.nbits) * dim
+        assert fixed == shards * (4 * c.nlist * dim + 8 * c.nlist + books + 4 * dim * dim)
+        assert c.fits_budget and shards * (4 * dim + 8) * c.nlist <= index_select.MAX_FIXED_SHARE * 100 * n
+    assert (pq_one.m, pq_one.nbits) == (64, 8) and pq_one.memory_bytes <= 100 * n
+
+
 def test_the_cheapest_candidate_that_meets_the_target_wins(data):
     train, queries, truth = data
     # OPQ's training is the slow one (test_opq_shares_the_rotated_coarse_quantizer covers it)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.index import indexing
+from pipeline.index import index_select, indexing
 from pipeline.config import IndexConfig
 from pipeline.stages.index import BuildIndex
 from pipeline.query.recall_queries import RecallQueries
@@ -68,16 +68,29 @@ def built(tmp_path_factory):
     recall = RecallQueries(far, {"file": "q.jsonl", "queries": 150, "encoded": 150, "by_modality": {"text": 150},
                                  "failed": []})
     out = {}
-    for name, gb in (("roomy", 1.0), ("tight", 20 * 6000 / (1 << 30))):
+    tight = 20 * 6000 / (1 << 30)
+    # roomy and tight3: 2,000 vectors per index shard, one per embeddings file; tight: the default, one index shard
+    for name, gb, shard_vectors in (("roomy", 1.0, 2000), ("tight3", tight, 2000), ("tight", tight, 1_000_000)):
         run_dir = str(tmp_path_factory.mktemp(name))
         _write_shards(x, os.path.join(run_dir, "embeddings"))
-        config = IndexConfig(train_size=4000, num_queries=300, memory_gb=gb, target_recall=0.95, merge=True)
-        out[name] = (run_dir, _build(run_dir, config, recall), x, far)
+        config = IndexConfig(train_size=4000, num_queries=300, memory_gb=gb, target_recall=0.95, merge=True,
+                             shard_vectors=shard_vectors)
+        trained = []  # every candidate training (name), and any training outside the selection
+        real_train_candidate, real_train_index = index_select.train_candidate, indexing.train_index
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(index_select, "train_candidate",
+                       lambda cand, *a, _log=trained, _train=real_train_candidate, **kw:
+                       _log.append(cand.name) or _train(cand, *a, **kw))
+            mp.setattr(indexing, "train_index",
+                       lambda params, *a, _log=trained, _train=real_train_index, **kw:
+                       _log.append("train_index") or _train(params, *a, **kw))
+            info = _build(run_dir, config, recall)
+        out[name] = (run_dir, info, x, far, trained)
     return out
 
 
 def test_manifest_records_every_candidate_and_why_the_winner_won(built):
-    _, info, _, _ = built["roomy"]
+    _, info, _, _, _ = built["roomy"]
     assert info["candidates"] and all(CANDIDATE_KEYS <= set(c) for c in info["candidates"])
     assert all(SETTING_KEYS <= set(s) for c in info["candidates"] for s in c["settings"])
     chosen = info["chosen"]
@@ -97,18 +110,43 @@ def test_manifest_records_every_candidate_and_why_the_winner_won(built):
     assert info["ground_truth_seconds"] > 0  # the per-shard exact top-k, timed apart from the adds
 
 
-def test_tight_budget_is_kept(built):
-    run_dir, info, x, _ = built["tight"]
+@pytest.mark.parametrize("name, index_shards", [("tight3", SHARDS), ("tight", 1)])
+def test_tight_budget_is_kept(built, name, index_shards):
+    run_dir, info, x, _, _ = built[name]
     assert info["estimated_bytes"] <= 20 * len(x) and info["family"] in ("ivf_pq", "ivf_pq_opq")
     # on disk too: every shard file carries its own coarse quantizer and codebooks, and the preflight counts them
     written = sum(os.path.getsize(os.path.join(run_dir, s["index"])) for s in info["shards"])
-    assert len(info["shards"]) == SHARDS and written <= 20 * len(x)
+    assert len(info["shards"]) == index_shards and written <= 20 * len(x)
     assert abs(info["estimated_bytes"] - written) <= 0.1 * written, (info["estimated_bytes"], written)
     assert any(not c["fits_budget"] and "over the memory budget" in c["skipped_reason"] for c in info["candidates"])
+    assert sorted(f for s in info["shards"] for f in s["embeddings"]) == sorted(
+        f"embeddings/part-{i:05d}-of-{SHARDS:05d}.parquet" for i in range(SHARDS))
+
+
+def test_one_index_shard_holds_the_fixed_part_once_and_spends_it_on_codes(built):
+    """Under the same tight budget, one index shard (every file grouped) leaves more bytes to the PQ codes than
+    one shard per file, and the search through open_run still maps every faiss id to its item."""
+    _, three, _, _, _ = built["tight3"]
+    run_dir, one, x, far, _ = built["tight"]
+    assert one["m"] > three["m"], (one["factory"], three["factory"])
+    assert one["shards"][0]["count"] == len(x) and one["shard_vectors"] == 1_000_000
+    run = open_run(run_dir)
+    _, found = run.search(x[:50], 10)
+    # the files' rows in file order: faiss id 0 << 40 | row is item row, whatever the codes found
+    _, ids = run.index.search(x[:50], 10)
+    shard, row = indexing.split_ids(ids)
+    assert set(shard.ravel()) == {0} and found == [[f"item-{r:06d}" for r in rows] for rows in row]
+
+
+@pytest.mark.parametrize("name", ["roomy", "tight3", "tight"])
+def test_the_build_trains_each_measured_candidate_once_and_never_the_winner_again(built, name):
+    _, info, _, _, trained = built[name]
+    measured = [c["name"] for c in info["candidates"] if c["settings"]]
+    assert sorted(trained) == sorted(measured) and info["factory"] in trained and "train_index" not in trained
 
 
 def test_open_run_applies_the_recorded_setting(built):
-    run_dir, info, x, far = built["roomy"]
+    run_dir, info, x, far, _ = built["roomy"]
     run = open_run(run_dir)
     assert run.default_params == info["search_params"]
     truth = indexing.exact_topk(x, np.arange(len(x)), far, 10, "ip")[1]
@@ -124,7 +162,7 @@ def test_a_comparable_night_reuses_the_chosen_index_and_skips_the_selection(buil
     from pipeline.stages.incremental import PreviousRun
     from pipeline.index.quantizer_reuse import REUSABLE_FAMILIES
 
-    run_dir, first, x, _ = built["roomy"]
+    run_dir, first, x, _, _ = built["roomy"]
     assert first["family"] in REUSABLE_FAMILIES  # the test data is large enough for an IVF winner
     second_dir = str(tmp_path / "night2")
     os.symlink(os.path.join(run_dir, "embeddings"), os.path.join(second_dir, "embeddings")) \

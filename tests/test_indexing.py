@@ -84,6 +84,21 @@ def test_ids_are_collision_free_and_round_trip():
         indexing.make_ids(indexing.MAX_SHARD + 1, 1)
 
 
+@pytest.mark.parametrize("n, files, shard_vectors, expected", [
+    (200_000, 4, 1_000_000, 1), (2_500_000, 4, 1_000_000, 3), (5_000_000, 2, 1_000_000, 2), (0, 0, 10, 1)])
+def test_index_shard_count_groups_files_by_vectors_per_shard(n, files, shard_vectors, expected):
+    count = indexing.index_shard_count(n, files, shard_vectors)
+    assert count == expected
+    groups = [indexing.index_shard_of(f, files, count) for f in range(files)]
+    # contiguous runs of files, every index shard used, none out of range
+    assert groups == sorted(groups) and set(groups) == (set(range(count)) if files else set())
+
+
+def test_index_config_shard_vectors_must_be_positive():
+    with pytest.raises(ValueError, match="shard vectors"):
+        IndexConfig(shard_vectors=0)
+
+
 def _sharded(x, metric, num_shards):
     trained = trained_bytes(x, metric)
     parts = np.array_split(np.arange(len(x)), num_shards)

@@ -199,7 +199,8 @@ def test_fixed_shard_count_and_float16(sample_run, sample_catalog, tiny_text_dir
     _, (first, *_) = sample_run
     table, _, manifest, files = run(sample_catalog, tmp_path, "sharded", tiny_text_dir,
                                     "--num_shards", "3", "--vector_dtype", "float16",
-                                    "--index_nlist", "4", "--index_m", "4", "--index_nbits", "3", "--merge_index")
+                                    "--index_nlist", "4", "--index_m", "4", "--index_nbits", "3", "--merge_index",
+                                    "--index_shard_vectors", "12")  # 35 vectors: one index shard per file
     assert [os.path.basename(f) for f in files] == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
     for f in files:
         ids = pq.read_table(f).column("item_id").to_pylist()

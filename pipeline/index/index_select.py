@@ -53,7 +53,14 @@ OPQ_MAX_GAIN = 0.10  # recall an OPQ rotation is assumed unable to add over plai
 # training was 17.6 of a 23.5 s selection on 200k MiniLM vectors, for a candidate that reached 0.78)
 PROBE_ROWS = 8192  # database rows of the probe (the first rows of the deterministic sample)
 PROBE_TRAIN_PER_CODE = 16  # PQ training points per codeword in the probe (faiss's full default is 256)
+# k-means iterations of the probe's PQ codebooks (faiss's default is 25): their 64 x 25 small k-means were 11.3 of a
+# 14.9 s selection on 200k MiniLM vectors; the ceiling is read with a 0.10 margin, which 8 iterations keep
+PROBE_NITER = 8
 PROBE_MARGIN = 0.10  # a probe ceiling this far below the target skips the full candidate
+# the coarse centroids (stored once per index shard) may take at most this share of the budget: under a tight
+# budget nlist is halved until they do, leaving the bytes to the codes
+MAX_FIXED_SHARE = 0.20
+MIN_NLIST = 16
 FAMILIES = ("flat", "flat_fp16", "hnsw", "ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 # the families whose trained quantizer a later run may reuse: the IVF ones (flat and HNSW train nothing)
 REUSABLE_FAMILIES = REUSABLE
@@ -100,6 +107,18 @@ def choose_nlist(n: int, n_train: int) -> tuple[int, str]:
     return chosen, note
 
 
+def _nlist_within_share(nlist: int, dim: int, shards: int, budget: float) -> tuple[int, str]:
+    """``nlist`` halved (not below MIN_NLIST) until ``shards`` copies of the coarse centroids and list sizes
+    are at most MAX_FIXED_SHARE of ``budget``; (nlist, note)."""
+    chosen = nlist
+    while chosen > MIN_NLIST and shards * (4 * dim + 8) * chosen > MAX_FIXED_SHARE * budget:
+        chosen //= 2
+    if chosen == nlist:
+        return nlist, ""
+    return chosen, (f"nlist {chosen} instead of {nlist}: {shards} index shard(s) of coarse centroids kept within "
+                    f"{MAX_FIXED_SHARE:.0%} of the memory budget")
+
+
 def _pq_m(dim: int, max_code_bytes: float, min_dims: int = 4) -> int:
     """The most PQ sub-quantizers (dividing ``dim``, >= ``min_dims`` dimensions each, at most MAX_PQ_M)
     within ``max_code_bytes``."""
@@ -130,22 +149,27 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", s
     out.append((f"IDMap,HNSW{HNSW_M}", "hnsw", 4 * dim + 4 * (2 * HNSW_M + 2) + 16 + id_bytes, 0, {}))
 
     nlist, note = choose_nlist(n, n_train)
+    nbits = min(8, int(math.log2(max(n_train // MIN_POINTS_PER_LIST, 1))))
+    nlist, shrunk = _nlist_within_share(nlist, dim, shards, budget)
+    note = "; ".join(x for x in (note, shrunk) if x)
     if nlist:
         coarse = 4 * nlist * dim + 8 * nlist  # the centroids, and every inverted list's size in the file
         out.append((f"IVF{nlist},SQ8", "ivf_sq8", dim + id_bytes, coarse + 8 * dim, {"nlist": nlist}))
         out.append((f"IVF{nlist},SQfp16", "ivf_fp16", 2 * dim + id_bytes, coarse, {"nlist": nlist}))
-        nbits = min(8, int(math.log2(max(n_train // MIN_POINTS_PER_LIST, 1))))
         if nbits >= 4:
             codebooks = 4 * (1 << nbits) * dim
-            # the largest PQ that fits the budget (after the coarse quantizer and codebooks)
+            # the largest PQ that fits the budget (after the coarse quantizer and codebooks); narrower codes over
+            # more sub-quantizers were measured and lose: on 200k MiniLM at 100 B/vector, PQ96x6 reached 0.789
+            # (OPQ 0.793) against OPQ64 with PQ64x8's 0.818, at 4x the scan time (docs/BENCHMARKS.md)
             room = (budget - shards * (coarse + codebooks + 4 * dim * dim)) / max(n, 1) - id_bytes
-            m = _pq_m(dim, room * 8 / nbits)
+            m, code_nbits = _pq_m(dim, room * 8 / nbits), nbits
             if m:
-                code = math.ceil(m * nbits / 8)
-                out.append((f"IVF{nlist},PQ{m}x{nbits}np", "ivf_pq", code + id_bytes, coarse + codebooks,
-                            {"nlist": nlist, "m": m, "nbits": nbits}))
-                out.append((f"OPQ{m},IVF{nlist},PQ{m}x{nbits}np", "ivf_pq_opq", code + id_bytes,
-                            coarse + codebooks + 4 * dim * dim, {"nlist": nlist, "m": m, "nbits": nbits}))
+                code = math.ceil(m * code_nbits / 8)
+                books = 4 * (1 << code_nbits) * dim
+                out.append((f"IVF{nlist},PQ{m}x{code_nbits}np", "ivf_pq", code + id_bytes, coarse + books,
+                            {"nlist": nlist, "m": m, "nbits": code_nbits}))
+                out.append((f"OPQ{m},IVF{nlist},PQ{m}x{code_nbits}np", "ivf_pq_opq", code + id_bytes,
+                            coarse + books + 4 * dim * dim, {"nlist": nlist, "m": m, "nbits": code_nbits}))
             # refinement: a coarse PQ (8 dimensions per code) finds k * k_factor candidates, a finer copy reranks
             m_base = _pq_m(dim, dim / 8 * 8 / nbits, min_dims=8) or m
             if m_base:
@@ -255,7 +279,7 @@ def _cap_codebook_training(index: faiss.Index, ivf: faiss.IndexIVF) -> None:
         if isinstance(base, faiss.IndexPreTransform):
             opq = faiss.downcast_VectorTransform(base.chain.at(0))
             if isinstance(opq, faiss.OPQMatrix):
-                opq.max_train_points = CODEBOOK_POINTS_PER_CENTROID * (1 << pq.nbits)
+                opq.max_train_points = CODEBOOK_POINTS_PER_CENTROID * 256  # a rotation of dim^2 entries
                 opq.niter = OPQ_NITER
 
 
@@ -331,7 +355,9 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         if cand.ivf and centroids is None:
             centroids = _trained_quantizer(cand.nlist, dim, metric, ivf_train)
             coarse_s = time.perf_counter() - t0
+            entry["coarse_seconds"] = round(coarse_s, 3)  # shared by every IVF candidate, counted here once
             log(f"index: coarse quantizer IVF{cand.nlist} trained on {len(ivf_train)} vectors in {coarse_s:.1f} s")
+            t0 = time.perf_counter()
         index = train_candidate(cand, dim, metric, ivf_train if cand.ivf else train, centroids)
         empty = indexing.to_bytes(index)
         entry["train_seconds"] = round(time.perf_counter() - t0, 3)
@@ -376,7 +402,7 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
                   if any(not e["meets_target"] for e in cheaper) else ""))
     chosen = {"name": cand.name, "family": cand.family, "params": entry["best_setting"] or {}, "why": why,
               "meets_target": entry["meets_target"], "query_set": harder}
-    train_s = entry["train_seconds"] + (coarse_s if cand.ivf else 0.0)
+    train_s = entry["train_seconds"] + (coarse_s if cand.ivf else 0.0)  # its own training + the shared centroids
     return Selection([e for _, e, _ in results], chosen, cand.params(metric, dim, note),
                      indexing.from_bytes(empty), time.perf_counter() - start, train_s)
 
@@ -405,6 +431,7 @@ def _pq_probe_says_skip(cand: Candidate, entry: dict, plan_rows: Sequence[Candid
     pq = faiss.downcast_index(probe).pq
     pq.cp.max_points_per_centroid = PROBE_TRAIN_PER_CODE
     pq.cp.min_points_per_centroid = PROBE_TRAIN_PER_CODE  # few points by design: no k-means warning
+    pq.cp.niter = PROBE_NITER
     probe.train(rows[:max(PROBE_TRAIN_PER_CODE << cand.nbits, MIN_POINTS_PER_LIST * nlist)])
     probe.add(rows)
     faiss.downcast_index(probe).nprobe = nlist

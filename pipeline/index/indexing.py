@@ -216,6 +216,22 @@ def fill_shard(trained: faiss.Index | bytes, vectors: np.ndarray, shard: int) ->
     return index, ids
 
 
+def index_shard_count(n: int, files: int, shard_vectors: int) -> int:
+    """How many index shards ``n`` vectors in ``files`` embeddings files are filled into: one per
+    ``shard_vectors`` vectors, at most one per file, at least one.
+
+    Every index shard file carries its own copy of the trained fixed part (coarse
+    centroids, codebooks, OPQ matrix): a small catalog in one shard holds it once,
+    which leaves a tight memory budget to the codes.
+    """
+    return max(1, min(max(files, 1), math.ceil(max(n, 0) / max(shard_vectors, 1))))
+
+
+def index_shard_of(file_shard: int, files: int, index_shards: int) -> int:
+    """The index shard that embeddings file ``file_shard`` of ``files`` goes to (contiguous runs of files)."""
+    return min(file_shard * index_shards // max(files, 1), index_shards - 1)
+
+
 def ids_table(faiss_ids: np.ndarray, item_ids: Sequence[str]) -> pa.Table:
     return pa.table({"faiss_id": pa.array(faiss_ids, pa.int64()), "item_id": pa.array(list(item_ids), pa.string())},
                     schema=IDS_SCHEMA)

@@ -1,11 +1,16 @@
-"""Stage 6: train one IVF-PQ index on a sample, fill one index shard per embeddings shard, check recall.
+"""Stage 6: choose and train one index on a sample, fill the index shards from the embeddings files, check recall.
 
 The stage reads only the written embeddings files, so it can also index an
 existing run. Its graph:
 
     embeddings files -> sample rows (smallest id hashes, per file, then a combiner) -> train once
-                     -> per file: add to a copy of the trained index (side input) -> shard + ids
+                     -> per index shard (a contiguous run of files, ceil(N / shard_vectors) shards at most one per
+                        file): add to a copy of the trained index (side input) -> shard + ids
                      -> recall self-check over all shards (+ optional merged index) -> index info
+
+Every index shard file carries the trained fixed part (coarse centroids,
+codebooks, OPQ) again, so a catalog that fits one shard is one: the memory
+budget then pays for that part once.
 
 The sample is deterministic (the rows whose item-id hash is smallest), so a
 rerun on the same embeddings trains the same index. On an incremental run the
@@ -41,7 +46,7 @@ from schemas.embeddings import vectors_of
 NAMESPACE = "catalog_index.index"
 TRAINED = "trained.faiss"
 MERGED = "merged.faiss"
-_PART_RE = re.compile(r"part-(\d+)-of-\d+\.parquet$")
+_PART_RE = re.compile(r"part-(\d+)-of-(\d+)\.parquet$")
 log = logging.getLogger("pipeline.stages.index")
 
 
@@ -51,6 +56,14 @@ def shard_number(path: str) -> int:
     if not match:
         raise ValueError(f"not an embeddings shard name (part-SSSSS-of-NNNNN.parquet): {path}")
     return int(match.group(1))
+
+
+def file_count(path: str) -> int:
+    """The NNNNN of an embeddings file ``part-SSSSS-of-NNNNN.parquet``: how many files its run wrote."""
+    match = _PART_RE.search(path)
+    if not match:
+        raise ValueError(f"not an embeddings shard name (part-SSSSS-of-NNNNN.parquet): {path}")
+    return int(match.group(2))
 
 
 def index_shard_paths(index_dir: str, shard: int) -> tuple[str, str]:
@@ -132,6 +145,11 @@ class TrainedIndex:
     candidates: tuple = ()  # manifest["index"]["candidates"] (pipeline/index/index_select.py)
     chosen: dict | None = None  # manifest["index"]["chosen"]: name, params, why
     selection_s: float = 0.0
+    index_shards: int = 1  # how many index shards the embeddings files are grouped into
+
+    def index_shard_of(self, path: str) -> int:
+        """The index shard embeddings file ``path`` is filled into."""
+        return indexing.index_shard_of(shard_number(path), file_count(path), self.index_shards)
 
     @property
     def all_queries(self) -> np.ndarray:
@@ -154,6 +172,7 @@ class ShardResult:
     query_faiss_ids: np.ndarray  # per query: its faiss id if its item is in this shard, else -1
     add_s: float
     truth_s: float = 0.0  # the exact top-k: self-check work, done here where the shard's vectors are in memory
+    files: tuple[str, ...] = ()  # the embeddings files whose rows it holds, in row order
 
 
 def split_sample(sample: VectorSample | None, config: IndexConfig, dim: int
@@ -208,6 +227,7 @@ class _Train(beam.DoFn):
     def process(self, _, sample: VectorSample | None):
         c = self._config
         train, queries, query_ids, held_out, total = split_sample(sample, c, self._dim)
+        index_shards = indexing.index_shard_count(total, sample.files if sample is not None else 1, c.shard_vectors)
         rq = self._recall_queries
         # rows never trained on: the recall queries when the sample had room to hold them out
         unseen = queries if held_out else np.zeros((0, self._dim), np.float32)
@@ -256,7 +276,7 @@ class _Train(beam.DoFn):
             selection = index_select.select(
                 total, self._dim, train, self._query_sets(train, queries, rq), metric=c.metric,
                 memory_gb=c.memory_gb, target=c.target_recall, max_query_ms=c.max_query_ms, k=c.k,
-                shards=sample.files, log=log.info)
+                shards=index_shards, log=log.info)
             index, params, chosen = selection.index, selection.params, selection.chosen
             trained_on = min(len(train), index_select.MAX_POINTS_PER_LIST * max(params.nlist, 1))
             fresh = None
@@ -283,7 +303,7 @@ class _Train(beam.DoFn):
             log.info("index: trained %s on %d of %d vectors in %.1f s", params.factory, trained_on, total, train_s)
         yield TrainedIndex(params, data, query_ids, queries, held_out, total, trained_on, train_s, path,
                            quantizer, decide_s, rq, tuple(selection.candidates) if selection else (), chosen,
-                           selection.seconds if selection else 0.0)
+                           selection.seconds if selection else 0.0, index_shards)
 
     def _query_sets(self, train: np.ndarray, queries: np.ndarray, rq: np.ndarray | None
                     ) -> list[index_select.QuerySet]:
@@ -298,14 +318,19 @@ class _Train(beam.DoFn):
 
 
 class _FillShard(beam.DoFn):
+    """(index shard, its embeddings files) -> one filled index shard: the files' rows in file order."""
+
     def __init__(self, index_dir: str, k: int):
         self._dir, self._k = index_dir, k
         self._vectors = Metrics.counter(NAMESPACE, "vectors_added")
         self._timer = StageTimer("index")
 
-    def process(self, path: str, trained: TrainedIndex):
-        shard = shard_number(path)
-        item_ids, vectors = read_shard(path)
+    def process(self, group: tuple[int, list[str]], trained: TrainedIndex):
+        shard, paths = group[0], sorted(group[1], key=shard_number)
+        parts = [read_shard(path) for path in paths]
+        item_ids = [i for ids, _ in parts for i in ids]
+        vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
+        del parts
         start = time.perf_counter()
         with self._timer.batch(len(item_ids)):
             index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
@@ -320,7 +345,8 @@ class _FillShard(beam.DoFn):
         own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
         own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
         self._vectors.inc(len(ids))
-        yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s)
+        yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s,
+                          tuple(paths))
 
 
 def self_check_settings(params: indexing.IndexParams, config: IndexConfig, selected: bool) -> list[list[dict]]:
@@ -403,7 +429,10 @@ class _CheckRecall(beam.DoFn):
             "score": "inner product" if params.metric == "ip" else "negative squared L2 distance",
             "trained": self._rel(trained.path),
             "shards": [{"shard": s.shard, "index": self._rel(s.index_path), "ids": self._rel(s.ids_path),
-                        "count": s.count} for s in shards],
+                        "count": s.count, "embeddings": [self._rel(f) if f.startswith(self._run_dir + "/") else f
+                                                         for f in s.files]} for s in shards],
+            # embeddings files grouped into index shards of at most this many vectors (one per file at most)
+            "shard_vectors": c.shard_vectors,
             "merged": self._rel(merged) if merged else None,
             "merge_note": merge_note,
             "training": {"vectors": trained.train_vectors, "seconds": round(trained.train_s, 3),
@@ -482,7 +511,8 @@ class BuildIndex(beam.PTransform):
         trained_side = beam.pvalue.AsSingleton(trained)
         shards = (
             embedding_files
-            | "Reshuffle" >> beam.Reshuffle()  # spread shards over workers
+            | "IndexShardOf" >> beam.Map(lambda path, t: (t.index_shard_of(path), path), trained_side)
+            | "GroupFiles" >> beam.GroupByKey()  # also spreads the index shards over workers
             | "FillShards" >> beam.ParDo(_FillShard(self._index_dir, c.k), trained_side)
         )
         return (
