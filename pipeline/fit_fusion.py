@@ -35,7 +35,8 @@ from encoders.media import FetchPolicy, MediaError, resolve_uri
 from pipeline import metrics
 from pipeline.evaluate import LabelledQuery, read_queries
 from pipeline.query import QueryEncoder, QueryError, RunInfo, load_run
-from schemas.catalog import CatalogItem, InvalidRow, validate_row
+from schemas.catalog import CatalogColumns, CatalogItem, InvalidRow, validate_row
+from schemas.manifest import Catalog
 
 _LOG = logging.getLogger("catalog_index.fit_fusion")
 TEMPERATURE = 0.05  # softmax temperature of the training loss (cosines live in [-1, 1])
@@ -50,13 +51,14 @@ class ItemVectors:
     counts: dict[str, int]
 
 
-def _catalog_path(manifest: dict) -> str:
-    catalog = manifest["catalog"]
-    return catalog["path"] if isinstance(catalog, dict) else catalog  # a string before manifest catalog blocks
+def read_catalog(pattern: str, columns: CatalogColumns = CatalogColumns()
+                 ) -> tuple[list[CatalogItem], dict[str, int]]:
+    """Validated items of a catalog (first row wins on duplicate ids), and what was left out.
 
-
-def read_catalog(pattern: str) -> tuple[list[CatalogItem], dict[str, int]]:
-    """Validated items of a catalog (first row wins on duplicate ids), and what was left out."""
+    ``columns``: the physical column names, as the run recorded them
+    (``Manifest.catalog.column_mapping()``), so a run made with
+    ``--item_id_column`` etc. is read as the pipeline read it.
+    """
     from apache_beam.io.filesystems import FileSystems
 
     items, seen, counts = [], set(), {"invalid_row": 0, "duplicate_id": 0}
@@ -66,7 +68,7 @@ def read_catalog(pattern: str) -> tuple[list[CatalogItem], dict[str, int]]:
             rows = pq.read_table(f).to_pylist()
         for n, row in enumerate(rows):
             try:
-                item = validate_row(row, base_uri=posixpath.dirname(path), source=f"{path}#{n}")
+                item = validate_row(row, columns, base_uri=posixpath.dirname(path), source=f"{path}#{n}")
             except InvalidRow:
                 counts["invalid_row"] += 1
                 continue
@@ -228,7 +230,7 @@ def fit(run: RunInfo, pairs: list[LabelledQuery], items: list[CatalogItem], *, h
     test_pairs = [kept[i] for i in np.flatnonzero(test)]
     train_pairs = [kept[i] for i in train_rows]
     report = {
-        "run_id": run.manifest["run_id"],
+        "run_id": run.manifest.run_id,
         "items": len(vectors.ids), "item_counts": vectors.counts,
         "pairs": {"train": len(train_pairs), "held_out": len(test_pairs), "skipped": skipped,
                   "held_out_fraction": holdout, "seed": seed},
@@ -282,7 +284,10 @@ def main(argv: list[str]) -> int:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     try:
         run = load_run(args.run)
-        items, read_counts = read_catalog(args.catalog or _catalog_path(run.manifest))
+        catalog = run.manifest.catalog or Catalog()
+        if not (args.catalog or catalog.path):
+            raise ValueError(f"run {run.run_dir} records no catalog path: give --catalog")
+        items, read_counts = read_catalog(args.catalog or catalog.path, catalog.column_mapping())
         pairs = [q for path in args.queries for q in read_queries(path)]
         if not args.no_titles:
             pairs += title_pairs(items)
@@ -292,7 +297,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(str(e), "catalog-index fit-fusion --help lists the options") from None
     report["catalog_rows_left_out"] = read_counts
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(run.run_dir)), "fusion",
-                                   f"attention-{run.manifest['run_id']}.safetensors")
+                                   f"attention-{run.manifest.run_id}.safetensors")
     attention.save(module, out)
     report["module"] = os.path.abspath(out)
     with open(out + ".report.json", "w") as f:

@@ -31,6 +31,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
+from schemas.catalog import CatalogColumns
+
 FORMAT_VERSION = 1
 FILE_NAME = "manifest.json"
 
@@ -49,8 +51,8 @@ def _part_type(hint: Any) -> tuple[str, type | None]:
     if isinstance(hint, type) and issubclass(hint, Part):
         return "part", hint
     if origin in (typing.Union, types.UnionType):
-        parts = [a for a in typing.get_args(hint) if isinstance(a, type) and issubclass(a, Part)]
-        return ("part", parts[0]) if parts else ("raw", None)
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _part_type(args[0]) if len(args) == 1 else ("raw", None)
     if origin is tuple:
         args = typing.get_args(hint)
         if args and isinstance(args[0], type) and issubclass(args[0], Part):
@@ -135,6 +137,16 @@ class Catalog(Part):
         if self.columns is None and not self.missing_columns and not self.extra:
             return self.path
         return super().to_dict()
+
+    def column_mapping(self) -> CatalogColumns:
+        """The catalog's physical column names as the run read them (the defaults for older runs)."""
+        if not self.columns:
+            return CatalogColumns()
+        known = {f.name for f in dataclasses.fields(CatalogColumns)}
+        cols = {k: v for k, v in self.columns.items() if k in known}
+        if "passthrough" in cols:
+            cols["passthrough"] = tuple(cols["passthrough"])
+        return CatalogColumns(**cols)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +299,12 @@ class RecallRow(Part):
         """k-recall@k of this row (None when not measured)."""
         return self.recalls.get(k)
 
+    def setting(self) -> dict[str, Any]:
+        """The search parameters of this row (older tables recorded only an nprobe)."""
+        if self.params is not None:
+            return dict(self.params)
+        return {"nprobe": self.nprobe} if self.nprobe is not None else {}
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RecallRow":
         recalls, extra = {}, {}
@@ -315,6 +333,8 @@ class RecallRow(Part):
 class Recall(Part):
     """``index.recall``: the self-check of the finished index against exact search."""
 
+    OPTIONAL = frozenset({"recommended_params"})
+
     k: int = 10
     queries: int = 0
     held_out: bool = False
@@ -323,16 +343,16 @@ class Recall(Part):
     ground_truth: str = ""
     target_recall: float = 0.0
     recommended_nprobe: int | None = None
-    recommended_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recommended_params: dict[str, Any] | None = None  # absent in runs from before candidate selection
     target_reached: bool = False
     table: tuple[RecallRow, ...] = ()
     recall_queries_table: tuple[RecallRow, ...] = ()
     extra: dict[str, Any] = _extra()
 
-    def reached(self, query_set: str = "held_out") -> float | None:
-        """k-recall@k at the recommended setting on ``query_set`` (None when not measured)."""
+    def recall_at(self, params: Mapping[str, Any], query_set: str = "held_out") -> float | None:
+        """k-recall@k measured with search setting ``params`` on ``query_set`` (None when not measured)."""
         rows = self.table if query_set == "held_out" else self.recall_queries_table
-        return next((r.recall(self.k) for r in rows if r.nprobe == self.recommended_nprobe), None)
+        return next((r.recall(self.k) for r in rows if r.setting() == dict(params)), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,14 +383,28 @@ class IndexInfo(Part):
     add_seconds: float = 0.0
     self_check_seconds: float = 0.0
     ground_truth_seconds: float = 0.0
-    search_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the recommended setting
+    search_params: dict[str, Any] | None = None  # the recommended setting (absent before candidate selection)
     candidates: list = dataclasses.field(default_factory=list)  # pipeline.index_select candidates
     chosen: dict[str, Any] | None = None  # name, family, why, params
     max_query_ms: float | None = None
     recall: Recall | None = None
     extra: dict[str, Any] = _extra()
 
-    OPTIONAL = frozenset({"quantizer", "recall", "chosen", "max_query_ms"})
+    OPTIONAL = frozenset({"quantizer", "recall", "chosen", "max_query_ms", "search_params"})
+
+    def recommended_params(self) -> dict[str, Any]:
+        """The search setting the run recommends (nprobe, k_factor, efSearch: those that apply).
+
+        Runs from before candidate selection recorded ``recall.recommended_params``
+        or only ``recall.recommended_nprobe``; those still open with their setting.
+        """
+        params = self.search_params
+        if params is None and self.recall is not None:
+            params = self.recall.recommended_params
+            if params is None:
+                nprobe = self.recall.recommended_nprobe
+                params = {"nprobe": nprobe} if nprobe is not None else {}
+        return dict(params or {})
 
 
 @dataclasses.dataclass(frozen=True)
