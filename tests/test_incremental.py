@@ -28,6 +28,7 @@ from pipeline.options import CatalogIndexOptions, to_run_config
 from pipeline.retention import apply_retention, runs_to_delete
 from schemas.catalog import CATALOG_SCHEMA, CatalogItem
 from schemas.embeddings import vectors_of
+from schemas.manifest import Manifest
 
 TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
 
@@ -230,10 +231,10 @@ def test_classify():
 def test_check_compatible():
     meta = {"model_fingerprint": "fp", "layout": [{"space": "clip", "dim": 16, "offset": 0}]}
     manifest = dict(meta, embeddings={"dtype": "float32"})
-    assert check_compatible(manifest, meta, "float32") == ""
-    assert "dtype" in check_compatible(manifest, meta, "float16")
-    assert "fingerprint" in check_compatible(dict(manifest, model_fingerprint="x"), meta, "float32")
-    assert "layout" in check_compatible(dict(manifest, layout=[]), meta, "float32")
+    assert check_compatible(Manifest.from_dict(manifest), meta, "float32") == ""
+    assert "dtype" in check_compatible(Manifest.from_dict(manifest), meta, "float16")
+    assert "fingerprint" in check_compatible(Manifest.from_dict(dict(manifest, model_fingerprint="x")), meta, "float32")
+    assert "layout" in check_compatible(Manifest.from_dict(dict(manifest, layout=[])), meta, "float32")
 
 
 def test_bytes_token_sees_same_size_rewrites_metadata_reads_no_bytes(tmp_path, monkeypatch):
