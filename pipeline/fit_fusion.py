@@ -80,6 +80,14 @@ def read_catalog(pattern: str, columns: CatalogColumns = CatalogColumns()
     return items, counts
 
 
+def run_catalog(run: RunInfo, pattern: str = "") -> tuple[list[CatalogItem], dict[str, int]]:
+    """The run's catalog (or ``pattern``, another snapshot of it) read with the column mapping the run recorded."""
+    catalog = run.manifest.catalog or Catalog()
+    if not (pattern or catalog.path):
+        raise ValueError(f"run {run.run_dir} records no catalog path: give --catalog")
+    return read_catalog(pattern or catalog.path, catalog.column_mapping())
+
+
 def encode_items(run: RunInfo, items: list[CatalogItem], module: attention.FusionAttention,
                  encoder: QueryEncoder) -> ItemVectors:
     """Every item's modality vectors through the run's towers (images preprocessed as the pipeline does)."""
@@ -284,10 +292,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     try:
         run = load_run(args.run)
-        catalog = run.manifest.catalog or Catalog()
-        if not (args.catalog or catalog.path):
-            raise ValueError(f"run {run.run_dir} records no catalog path: give --catalog")
-        items, read_counts = read_catalog(args.catalog or catalog.path, catalog.column_mapping())
+        items, read_counts = run_catalog(run, args.catalog)
         pairs = [q for path in args.queries for q in read_queries(path)]
         if not args.no_titles:
             pairs += title_pairs(items)

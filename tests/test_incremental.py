@@ -29,8 +29,8 @@ from pipeline.retention import apply_retention, runs_to_delete
 from schemas.catalog import CATALOG_SCHEMA, CatalogItem
 from schemas.embeddings import vectors_of
 from schemas.manifest import Manifest
+from tests.conftest import tiny_run_argv
 
-TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
 
 
 def _jpeg(color, size=(40, 32)) -> bytes:
@@ -51,9 +51,7 @@ def _row(item_id, title, images=None):
 
 def run(catalog, out, run_id, text_dir, *extra):
     """One pipeline run; returns (table sorted by id, manifest, PipelineResult)."""
-    argv = ["--catalog", catalog, "--output", str(out), "--run_id", run_id,
-            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
-            "--device", "cpu", "--batch_size", "4", "--progress_interval_s", "0", *extra]
+    argv = tiny_run_argv(catalog, out, run_id, text_dir, *extra, batch_size=4, command=False)
     options = PipelineOptions(argv)
     config, _ = to_run_config(options.view_as(CatalogIndexOptions))
     p = beam.Pipeline(options=options)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import DATA, run_sample_text_image
+from tests.conftest import DATA, run_sample_text_image
 from schemas.catalog import CatalogColumns
 from schemas.manifest import (FORMAT_VERSION, Catalog, Counts, IndexInfo, Manifest, ManifestError, RecallRow,
                               recall_key)
