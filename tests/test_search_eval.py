@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -164,7 +165,10 @@ def test_fit_fusion_reads_the_catalog_with_the_runs_column_mapping(tmp_path, tin
 
     rows = pq.read_table(os.path.join(SAMPLE, "catalog.parquet")).to_pylist()[:8]
     renamed = [{"sku": r["item_id"], "name": r["title"], "blurb": r["description"],
-                "pics": [os.path.join(SAMPLE, u) for u in r["image_uris"] or []]} for r in rows]
+                "pics": r["image_uris"]} for r in rows]
+    for uri in {u for r in rows for u in r["image_uris"] or []}:  # URIs stay relative to the catalog's folder
+        os.makedirs(tmp_path / os.path.dirname(uri), exist_ok=True)
+        shutil.copy(os.path.join(SAMPLE, uri), tmp_path / uri)
     catalog = tmp_path / "renamed.parquet"
     pq.write_table(pa.Table.from_pylist(renamed), catalog)
     run_dir = os.path.join(tmp_path, "out", "runs", "cols")
