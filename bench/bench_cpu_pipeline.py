@@ -106,7 +106,7 @@ def pipeline_run(catalog: Path, spec: ModelSpec, batch: int, out: Path, run_id: 
     assert cli.main(argv) == 0
     from pipeline.storage import read_manifest
 
-    return read_manifest(str(out / "runs" / run_id))["counts"]["embedded"]
+    return read_manifest(str(out / "runs" / run_id)).counts.embedded
 
 
 def main(argv: list[str] | None = None) -> int:

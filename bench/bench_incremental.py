@@ -48,6 +48,7 @@ from PIL import Image  # noqa: E402
 from pipeline.graph import build  # noqa: E402
 from pipeline.beam_metrics import encoder_seconds  # noqa: E402
 from pipeline.options import CatalogIndexOptions, to_run_config  # noqa: E402
+from pipeline.stages.publish import read_manifest  # noqa: E402
 from schemas.catalog import CATALOG_SCHEMA  # noqa: E402
 from schemas.embeddings import vectors_of  # noqa: E402
 
@@ -103,11 +104,10 @@ def run(catalog: str, output: str, run_id: str, *extra: str) -> dict:
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - started
-    with open(os.path.join(config.write.run_dir, "manifest.json")) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(config.write.run_dir)
     files = sorted(glob.glob(os.path.join(config.write.run_dir, "embeddings", "*.parquet")))
     table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("item_id")
-    return {"wall_s": wall, "encoder_s": encoder_seconds(result), "counts": manifest["counts"], "table": table}
+    return {"wall_s": wall, "encoder_s": encoder_seconds(result), "counts": manifest.counts, "table": table}
 
 
 BATCH_SIZE = 32  # the runs' --batch_size (the option's default)
@@ -137,7 +137,7 @@ def main() -> int:
     med = lambda runs, key: statistics.median(x[key] for x in runs)  # noqa: E731
     enc_ratio = med(inc, "encoder_s") / med(full, "encoder_s")
     wall_ratio = med(inc, "wall_s") / med(full, "wall_s")
-    block = {k: inc[0]["counts"]["incremental"][k] for k in ("reused", "encoded", "new", "changed", "deleted")}
+    block = {k: getattr(inc[0]["counts"].incremental, k) for k in ("reused", "encoded", "new", "changed", "deleted")}
     lines = [
         SECTION,
         "",

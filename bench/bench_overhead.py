@@ -135,7 +135,7 @@ def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_si
             "--device", "cpu", "--batch_size", str(batch_size), "--progress_interval_s", "0",
             "--previous_run", "none", "--index", "off", "--keep_runs", "0"]
     assert cli.main(argv) == 0
-    return read_manifest(str(out / "runs" / run_id))["counts"]["embedded"]
+    return read_manifest(str(out / "runs" / run_id)).counts.embedded
 
 
 def _measure(fn) -> tuple[float, float, int]:

@@ -9,6 +9,7 @@ import time
 
 from pipeline import console
 from pipeline.console import NotPublished, Parser, UsageError
+from schemas.manifest import Counts, IncrementalCounts, Manifest, ModelEntry
 
 BEAM_NOTE = (
     "Every other flag is a Beam pipeline option, passed through: --runner (DirectRunner, PortableRunner, "
@@ -19,63 +20,59 @@ BEAM_NOTE = (
 )
 
 
-def _weights_label(described: dict, random_note: str) -> str:
-    return "REAL weights" if described["weights_label"] == "real" else f"RANDOM weights ({random_note})"
+def _weights_label(described: ModelEntry, random_note: str) -> str:
+    return "REAL weights" if described.real else f"RANDOM weights ({random_note})"
 
 
-def _incremental_line(inc: dict) -> str:
+def _incremental_line(inc: IncrementalCounts) -> str:
     """``reused + encoded = embedded``; what went to the encoders (new + changed) and how much of it failed."""
-    prev = inc["previous_run"]
-    sent = inc["new"] + inc["changed"]
-    failed = sent - inc["encoded"]
+    prev = inc.previous_run
+    sent = inc.new + inc.changed
+    failed = sent - inc.encoded
     previous = (f"{prev['run_id']}" + ("" if prev["reusable"] else f" (not reused: {prev['not_reusable_because']})")
                 if prev else "none")
-    return (f"  incremental: {inc['reused']} reused + {inc['encoded']} encoded; {sent} sent to the encoders "
-            f"({inc['new']} new, {inc['changed']} changed)" + (f", {failed} of them failed" if failed else "")
-            + f"; {inc['deleted']} deleted; previous run: {previous}")
+    return (f"  incremental: {inc.reused} reused + {inc.encoded} encoded; {sent} sent to the encoders "
+            f"({inc.new} new, {inc.changed} changed)" + (f", {failed} of them failed" if failed else "")
+            + f"; {inc.deleted} deleted; previous run: {previous}")
 
 
-def summary(config, manifest: dict) -> str:
+def summary(config, manifest: Manifest) -> str:
     """The short report printed after a run: counts, where the output is, which weights are real."""
-    counts = manifest["counts"]
-    dead, skipped = counts["dead_letters"], counts.get("skipped_by_reason", {})
+    counts = manifest.counts or Counts()
+    dead, skipped = counts.dead_letters, counts.skipped_by_reason
     lines = [
-        f"run {manifest['run_id']}: {counts['input_rows']} items read, {counts['embedded']} embedded, "
-        f"{sum(dead.values())} failed" + (f" ({', '.join(f'{k}: {v}' for k, v in dead.items())})" if dead else "")
-        + (f", {counts['skipped']} skipped ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""),
+        f"run {manifest.run_id}: {counts.input_rows} items read, {counts.embedded} embedded, "
+        f"{counts.failed} failed" + (f" ({', '.join(f'{k}: {v}' for k, v in dead.items())})" if dead else "")
+        + (f", {counts.skipped} skipped ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""),
     ]
-    catalog = manifest.get("catalog")
-    for missing in (catalog.get("missing_columns", []) if isinstance(catalog, dict) else []):
+    for missing in (manifest.catalog.missing_columns if manifest.catalog else []):
         lines.append(f"  catalog: {missing['message']}")
-    inc = counts.get("incremental")
-    if inc:
-        lines.append(_incremental_line(inc))
-    index = manifest.get("index")
+    if counts.incremental:
+        lines.append(_incremental_line(counts.incremental))
+    index = manifest.index
     written = "embeddings/, dead_letter/, " + ("index/, " if index else "") + "report.html, manifest.json"
-    lines.append(f"output: {config.write.run_dir}/ ({written}); LATEST -> {manifest['run_id']}")
-    if index:
-        recall = index["recall"]
-        k = recall["k"]
-        params = index.get("search_params", {"nprobe": recall["recommended_nprobe"]}
-                           if recall["recommended_nprobe"] is not None else {})
-        reached = next((r[f"recall_{k}_at_{k}"] for r in recall["table"]
-                        if r.get("params", {"nprobe": r["nprobe"]} if r["nprobe"] is not None else {}) == params), "n/a")
+    lines.append(f"output: {config.write.run_dir}/ ({written}); LATEST -> {manifest.run_id}")
+    if index and index.recall:
+        recall = index.recall
+        k = recall.k
+        params = index.recommended_params()
+        reached = recall.recall_at(params)
         search = ", ".join(f"{name} {value}" for name, value in params.items()) or "exact"
-        lines.append(f"  index: {index['factory']} ({index['metric']}), {index['ntotal']} vectors in "
-                     f"{len(index['shards'])} shard(s); {search} -> {k}-recall@{k} {reached} "
-                     f"(target {recall['target_recall']})")
-        if (index.get("chosen") or {}).get("why"):
-            lines.append(f"  index choice: {index['chosen']['why']}")
-        quantizer = index.get("quantizer")
-        if quantizer and quantizer.get("applicable"):
-            how = f"reused from run {quantizer['reused_from_run_id']}" if quantizer["reused"] else "trained"
-            lines.append(f"  quantizer: {how} ({quantizer['reason']})")
-    for space, model in manifest["models"].items():
-        lines.append(f"  {space:5s} space: {model['family']} {model['name']} [{model['weights']}] -> "
+        lines.append(f"  index: {index.factory} ({index.metric}), {index.ntotal} vectors in "
+                     f"{len(index.shards)} shard(s); {search} -> {k}-recall@{k} "
+                     f"{'n/a' if reached is None else reached} (target {recall.target_recall})")
+        if (index.chosen or {}).get("why"):
+            lines.append(f"  index choice: {index.chosen['why']}")
+        quantizer = index.quantizer
+        if quantizer and quantizer.applicable:
+            how = f"reused from run {quantizer.reused_from_run_id}" if quantizer.reused else "trained"
+            lines.append(f"  quantizer: {how} ({quantizer.reason})")
+    for space, model in manifest.models.items():
+        lines.append(f"  {space:5s} space: {model.family} {model.name} [{model.weights}] -> "
                      + _weights_label(model, "not meaningful for search"))
-    if "asr" in manifest:
-        asr = manifest["asr"]
-        lines.append(f"  speech recognition: {asr['family']} {asr['name']} [language {asr['language']}] -> "
+    if manifest.asr is not None:
+        asr = manifest.asr
+        lines.append(f"  speech recognition: {asr.family} {asr.name} [language {asr.get('language')}] -> "
                      + _weights_label(asr, "transcripts meaningless"))
     return "\n".join(lines)
 
@@ -243,7 +240,7 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-def _record_timings(run_dir: str, result, wall_s: float) -> dict:
+def _record_timings(run_dir: str, result, wall_s: float) -> Manifest:
     """Beam metrics are complete only now: the manifest gets ``timings`` and report.html is re-rendered."""
     from pipeline.beam_metrics import run_timings
     from pipeline.stages.publish import add_timings
@@ -325,12 +322,12 @@ def search(argv: list[str]) -> int:
     scores, ids = searcher.search(vector, args.k)
     hits = hit_rows(ids[0], scores[0], describe_hits(info.embedding_files, ids[0]))
     if args.json:
-        print(json.dumps({"run_id": info.manifest["run_id"], "query": {"modality": modality, "content": content},
+        print(json.dumps({"run_id": info.manifest.run_id, "query": {"modality": modality, "content": content},
                           "metric": args.metric, "searcher": searcher.label(),
                           "fusion": info.metadata["fusion"]["mode"], "hits": hits}, ensure_ascii=False, indent=2))
         return 0
     label = "score" if args.metric == "cosine" else "dist"
-    print(f"run {info.manifest['run_id']} ({info.metadata['fusion']['mode']} fusion, {searcher.label()}): "
+    print(f"run {info.manifest.run_id} ({info.metadata['fusion']['mode']} fusion, {searcher.label()}): "
           f"top {len(hits)} for {modality} query {content!r}")
     for hit in hits:
         print(format_hit(hit, label))

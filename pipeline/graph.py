@@ -45,6 +45,7 @@ from pipeline.stages.write import WriteShards, dead_letters_to_table
 from pipeline.stages.records import join_buckets
 from schemas.dead_letter import DEAD_LETTER_SCHEMA
 from schemas.embeddings import embeddings_schema
+from schemas.manifest import FORMAT_VERSION, Manifest
 
 def _flatten(p: beam.Pipeline, label: str, pcolls: list) -> beam.PCollection:
     if not pcolls:
@@ -52,16 +53,16 @@ def _flatten(p: beam.Pipeline, label: str, pcolls: list) -> beam.PCollection:
     return tuple(pcolls) | label >> beam.Flatten()
 
 
-def manifest_base(config: RunConfig, metadata: dict) -> dict:
+def manifest_base(config: RunConfig, metadata: dict) -> Manifest:
     """The manifest's fixed part: what ran, with which models and settings."""
-    return {
-        "format_version": 1,
+    return Manifest.from_dict({
+        "format_version": FORMAT_VERSION,
         "run_id": config.write.run_id,
         "catalog": config.read.manifest_entry(),
         "embeddings": {"dir": "embeddings", "dtype": config.write.vector_dtype, "dim": sum(b["dim"] for b in metadata["layout"])},
         "dead_letter": {"dir": "dead_letter"},
         **metadata,
-    }
+    })
 
 
 def embed_settings(config: RunConfig, model_handlers: dict) -> dict:

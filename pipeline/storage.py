@@ -11,11 +11,12 @@ published, so a reader that resolves runs here never sees a half-written one.
 """
 from __future__ import annotations
 
-import json
 import uuid
 from typing import BinaryIO, Callable
 
-MANIFEST = "manifest.json"
+from schemas.manifest import FILE_NAME, Manifest
+
+MANIFEST = FILE_NAME  # the run's manifest.json (schemas/manifest.py)
 LATEST = "LATEST"
 
 
@@ -77,8 +78,9 @@ def write_text_atomically(path: str, text: str) -> None:
     write_bytes_atomically(path, text.encode())
 
 
-def read_manifest(run_dir: str) -> dict:
-    return json.loads(read_bytes(f"{run_dir.rstrip('/')}/{MANIFEST}").decode())
+def read_manifest(run_dir: str) -> Manifest:
+    """A published run's manifest, typed (``ManifestError`` for a newer format or a file that is not JSON)."""
+    return Manifest.from_json(read_bytes(f"{run_dir.rstrip('/')}/{MANIFEST}").decode())
 
 
 def latest_run_dir(output: str) -> str | None:

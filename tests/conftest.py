@@ -20,6 +20,20 @@ SAMPLE = ROOT / "sample_catalog"
 TINY_CLIP_JSON = str(DATA / "tiny-clip.json")
 
 
+def tiny_run_argv(catalog, out, run_id: str, text_dir: str, *extra: str, batch_size: int = 8,
+                  command: bool = True) -> list[str]:
+    """The argv of one pipeline run with the tiny random CLIP and text models: the options every run test shares.
+
+    ``command``: start with ``run`` (for ``cli.main``); without it the list is
+    pipeline options (for ``PipelineOptions``). ``extra`` options come last, so
+    they override the shared ones.
+    """
+    return ((["run"] if command else [])
+            + ["--catalog", str(catalog), "--output", str(out), "--run_id", run_id, "--preset", "offline-v1",
+               "--clip_model", TINY_CLIP_JSON, "--clip_weights", "random", "--text_model", str(text_dir),
+               "--device", "cpu", "--batch_size", str(batch_size), "--progress_interval_s", "0", *extra])
+
+
 def run_sample_text_image(out, run_id: str, text_dir: str, *extra: str) -> str:
     """The sample catalog through the pipeline with the tiny CLIP and text models, no audio.
 
@@ -28,10 +42,8 @@ def run_sample_text_image(out, run_id: str, text_dir: str, *extra: str) -> str:
     """
     from pipeline import cli
 
-    argv = ["run", "--catalog", str(SAMPLE / "catalog.parquet"), "--output", str(out), "--run_id", run_id,
-            "--preset", "offline-v1", "--clip_model", TINY_CLIP_JSON, "--clip_weights", "random", "--text_model", text_dir,
-            "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0", "--asr_model", "none", *extra]
-    assert cli.main(argv) == 0
+    assert cli.main(tiny_run_argv(SAMPLE / "catalog.parquet", out, run_id, text_dir, "--asr_model", "none",
+                                  *extra)) == 0
     return os.path.join(str(out), "runs", run_id)
 
 

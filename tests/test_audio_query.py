@@ -10,8 +10,8 @@ import pytest
 from pipeline import cli
 from pipeline.query.encoder import QueryContentError, QueryEncoder, load_run
 from pipeline.query.search import ExactSearcher, open_searcher
+from tests.conftest import tiny_run_argv
 
-TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_catalog")
 TRAIN = os.path.join(SAMPLE, "audio", "sku-0036.ogg")  # the audio-only item: a spoken description
 
@@ -19,11 +19,9 @@ TRAIN = os.path.join(SAMPLE, "audio", "sku-0036.ogg")  # the audio-only item: a 
 @pytest.fixture(scope="module")
 def audio_run(tmp_path_factory, tiny_text_dir, tiny_whisper_dir, tiny_clap_dir):
     out = tmp_path_factory.mktemp("out")
-    argv = ["run", "--catalog", os.path.join(SAMPLE, "catalog.parquet"), "--output", str(out), "--run_id", "audio",
-            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", tiny_text_dir,
-            "--asr_backend", "transformers", "--asr_model", tiny_whisper_dir, "--asr_weights", "random",
-            "--clap_model", tiny_clap_dir, "--clap_weights", "random",
-            "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0"]
+    argv = tiny_run_argv(os.path.join(SAMPLE, "catalog.parquet"), out, "audio", tiny_text_dir,
+                         "--asr_backend", "transformers", "--asr_model", tiny_whisper_dir, "--asr_weights", "random",
+                         "--clap_model", tiny_clap_dir, "--clap_weights", "random")
     assert cli.main(argv) == 0
     return os.path.join(str(out), "runs", "audio")
 

@@ -20,8 +20,8 @@ from pipeline.options import to_run_config
 from schemas.dead_letter import Reason, Stage
 from schemas.embeddings import vectors_of
 from tests import bad_inputs
+from tests.conftest import tiny_run_argv
 
-TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
 
 
 class TriggerTextHandler(TextEmbeddingHandler):
@@ -42,10 +42,7 @@ class TriggerTextHandler(TextEmbeddingHandler):
 
 
 def _argv(catalog, out, run_id, text_dir, *extra):
-    return ["--catalog", catalog, "--output", str(out), "--run_id", run_id,
-            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
-            "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0",
-            *bad_inputs.RUN_OPTIONS, *extra]
+    return tiny_run_argv(catalog, out, run_id, text_dir, *bad_inputs.RUN_OPTIONS, *extra, command=False)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pipeline import console
 from pipeline.console import Parser, UsageError
 from pipeline.progress_bar import TerminalBar, render
 from schemas.embeddings import display_fields
+from schemas.manifest import IncrementalCounts, Manifest
 
 
 def test_quiet_logging_drops_third_party_records_and_keeps_ours():
@@ -94,7 +95,8 @@ def test_display_fields_title_and_snippet():
 def test_summary_counts_read_consistently():
     from pipeline.cli import _incremental_line
 
-    line = _incremental_line({"reused": 0, "encoded": 13, "new": 34, "changed": 0, "deleted": 0, "previous_run": None})
+    line = _incremental_line(IncrementalCounts.from_dict(
+        {"reused": 0, "encoded": 13, "new": 34, "changed": 0, "deleted": 0, "previous_run": None}))
     assert line == ("  incremental: 0 reused + 13 encoded; 34 sent to the encoders (34 new, 0 changed), "
                     "21 of them failed; 0 deleted; previous run: none")
 
@@ -104,9 +106,9 @@ def test_report_names_missing_columns():
 
     manifest = {"catalog": {"path": "/c/*.parquet", "missing_columns": [
         {"message": "no column 'image_uris'; did you mean --image_column image_uri? (image not read)"}]}}
-    page = catalog_html(manifest)
+    page = catalog_html(Manifest.from_dict(manifest))
     assert "/c/*.parquet" in page and "did you mean --image_column image_uri?" in page
-    assert "catalog <code>old.parquet</code>" in catalog_html({"catalog": "old.parquet"})  # older manifests
+    assert "catalog <code>old.parquet</code>" in catalog_html(Manifest.from_dict({"catalog": "old.parquet"}))  # older manifests
 
 
 def test_worker_lines_relayed_by_beam_pass_only_when_they_are_ours():

@@ -25,15 +25,13 @@ from pipeline import cli
 from pipeline.stages import faults
 from pipeline.stages.write import write_table_atomically
 from schemas.embeddings import vectors_of
+from tests.conftest import tiny_run_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CLIP = os.path.join(ROOT, "tests", "data", "tiny-clip.json")
 
 
 def _argv(catalog, out, run_id, text_dir, *extra):
-    return ["run", "--catalog", catalog, "--output", str(out), "--run_id", run_id,
-            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
-            "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0", *extra]
+    return tiny_run_argv(catalog, out, run_id, text_dir, *extra)
 
 
 def _embeddings(out, run_id) -> pa.Table:

@@ -30,8 +30,9 @@ from pipeline.stages.retention import apply_retention, runs_to_delete
 from pipeline.stages.records import bucket_of, join_buckets
 from schemas.catalog import CATALOG_SCHEMA, CatalogItem
 from schemas.embeddings import vectors_of
+from schemas.manifest import Manifest
+from tests.conftest import tiny_run_argv
 
-TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
 
 
 def _jpeg(color, size=(40, 32)) -> bytes:
@@ -52,9 +53,7 @@ def _row(item_id, title, images=None):
 
 def run(catalog, out, run_id, text_dir, *extra):
     """One pipeline run; returns (table sorted by id, manifest, PipelineResult)."""
-    argv = ["--catalog", catalog, "--output", str(out), "--run_id", run_id,
-            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
-            "--device", "cpu", "--batch_size", "4", "--progress_interval_s", "0", *extra]
+    argv = tiny_run_argv(catalog, out, run_id, text_dir, *extra, batch_size=4, command=False)
     options = PipelineOptions(argv)
     config, _ = to_run_config(options.view_as(CatalogIndexOptions))
     p = beam.Pipeline(options=options)
@@ -232,10 +231,10 @@ def test_classify():
 def test_check_compatible():
     meta = {"model_fingerprint": "fp", "layout": [{"space": "clip", "dim": 16, "offset": 0}]}
     manifest = dict(meta, embeddings={"dtype": "float32"})
-    assert check_compatible(manifest, meta, "float32") == ""
-    assert "dtype" in check_compatible(manifest, meta, "float16")
-    assert "fingerprint" in check_compatible(dict(manifest, model_fingerprint="x"), meta, "float32")
-    assert "layout" in check_compatible(dict(manifest, layout=[]), meta, "float32")
+    assert check_compatible(Manifest.from_dict(manifest), meta, "float32") == ""
+    assert "dtype" in check_compatible(Manifest.from_dict(manifest), meta, "float16")
+    assert "fingerprint" in check_compatible(Manifest.from_dict(dict(manifest, model_fingerprint="x")), meta, "float32")
+    assert "layout" in check_compatible(Manifest.from_dict(dict(manifest, layout=[])), meta, "float32")
 
 
 def test_bytes_token_sees_same_size_rewrites_metadata_reads_no_bytes(tmp_path, monkeypatch):
@@ -357,9 +356,7 @@ def _check(ok: bool, got) -> None:
 
 def test_graph_with_a_previous_run_has_three_data_shuffles_none_of_a_vector(nightly, tiny_text_dir):
     """The join by id bucket, the ids-only reuse lookup by file, the shard writes; nothing else moves rows."""
-    argv = ["--catalog", nightly["catalog"], "--output", str(nightly["out"]), "--run_id", "graph-only",
-            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random",
-            "--text_model", tiny_text_dir, "--device", "cpu", "--progress_interval_s", "0"]
+    argv = tiny_run_argv(nightly["catalog"], nightly["out"], "graph-only", tiny_text_dir, command=False)
     options = PipelineOptions(argv)
     config, _ = to_run_config(options.view_as(CatalogIndexOptions))
     p = beam.Pipeline(options=options)

@@ -18,14 +18,13 @@ from pipeline.stages import faults
 from pipeline.index.runs import open_run
 from schemas.catalog import CATALOG_SCHEMA
 from schemas.embeddings import read_metadata, vectors_of
+from tests.conftest import TINY_CLIP_JSON, tiny_run_argv
 
-TINY_CLIP = os.path.join(os.path.dirname(__file__), "data", "tiny-clip.json")
+TINY_CLIP = TINY_CLIP_JSON
 
 
 def run(catalog, out, run_id, text_dir, *extra):
-    argv = ["run", "--catalog", catalog, "--output", str(out), "--run_id", run_id,
-            "--preset", "offline-v1", "--clip_model", TINY_CLIP, "--clip_weights", "random", "--text_model", text_dir,
-            "--device", "cpu", "--batch_size", "8", "--progress_interval_s", "0", *extra]
+    argv = tiny_run_argv(catalog, out, run_id, text_dir, *extra)
     assert cli.main(argv) == 0
     run_dir = os.path.join(str(out), "runs", run_id)
     files = sorted(glob.glob(os.path.join(run_dir, "embeddings", "*.parquet")))

@@ -19,6 +19,7 @@ from pipeline.report.charts import bar_chart, histogram_chart, line_chart
 from pipeline.report.render import index_candidates
 from pipeline.stages.stage_metrics import StageTimer, stage_timings
 from schemas.catalog import CatalogItem
+from schemas.manifest import IndexInfo, Manifest
 
 EVIL = "<script>window.pwned=1</script>&\"'"
 
@@ -103,7 +104,7 @@ def test_every_section_renders_from_a_full_manifest_and_catalog_text_stays_text(
     manifest = _base_manifest(timings=TIMINGS)
     manifest["index"].update(candidates=CANDIDATES, chosen={"name": "HNSW32", "params": {"efSearch": 32},
                                                               "why": "fewest bytes reaching the target"})
-    page = report.render_html(manifest, _data())
+    page = report.render_html(Manifest.from_dict(manifest), _data())
     for heading in ("Where the time went", "Nearest neighbours", "Dead letters", "Modality coverage",
                     "Vector norm check", "Index", "Incremental", "How far changed items"):
         assert heading in page
@@ -120,11 +121,11 @@ def test_every_section_renders_from_a_full_manifest_and_catalog_text_stays_text(
 
 def test_an_old_manifest_without_data_renders_with_not_recorded_notes():
     manifest = _base_manifest()
-    page = report.render_html(manifest)
+    page = report.render_html(Manifest.from_dict(manifest))
     assert "Timings not recorded" in page and "No gallery recorded" in page and "Examples not recorded" in page
     assert "Drift not recorded" in page
     # today's single index becomes one candidate, its recommended nprobe marked
-    candidates, chosen = index_candidates(manifest["index"])
+    candidates, chosen = index_candidates(IndexInfo.from_dict(manifest["index"]))
     assert len(candidates) == 1 and chosen["params"] == {"nprobe": 4}
     assert page.count(">chosen</text>") == 1
     _no_markup_from_catalog(page, 2)  # the catalog path and the model name
@@ -135,7 +136,7 @@ def test_a_flat_index_has_one_exact_point():
     manifest["index"].update(kind="flat", factory="Flat")
     manifest["index"]["recall"].update(recommended_nprobe=None, table=[
         {"nprobe": None, "recall_10_at_10": 1.0, "recall_1_at_1": 1.0, "ms_per_query": 0.1, "single_query_ms_p50": 0.1}])
-    page = report.render_html(manifest, {})
+    page = report.render_html(Manifest.from_dict(manifest), {})
     assert ">exact</text>" in page and page.count(">chosen</text>") == 1
 
 
@@ -269,7 +270,8 @@ def test_gallery_searches_the_runs_own_shards_and_shows_what_the_sample_kept(tmp
     sample = report_sample.smallest([report_sample.sample_item(CatalogItem(i, title=f"title {i}")) for i in ids[:10]], 10)
     jpeg = report_sample.make_thumbnail(Image.new("RGB", (40, 40), (0, 0, 255)))
     thumbs = {i: jpeg for i in ids[:5]}
-    g = report_data.gallery(str(tmp_path), {"shards": shards, "metric": "ip", "recall": {}}, files, sample, thumbs, size=4)
+    index = IndexInfo.from_dict({"shards": shards, "metric": "ip", "recall": {}})
+    g = report_data.gallery(str(tmp_path), index, files, sample, thumbs, size=4)
     assert [e["item_id"] for e in g["items"]] == [s.item_id for s in sample[:4]]
     for entry in g["items"]:
         q = ids.index(entry["item_id"])
@@ -293,8 +295,8 @@ def test_timings_added_after_the_run_rerender_the_report_and_keep_the_manifest_t
 
     run_dir = str(tmp_path)
     manifest = _base_manifest()
-    paths = write_report_files(run_dir, manifest, _data())
-    manifest["files"] = [file_entry(p, run_dir) for p in paths]
+    paths = write_report_files(run_dir, Manifest.from_dict(manifest), _data())
+    manifest["files"] = [file_entry(p, run_dir).to_dict() for p in paths]
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     before = (tmp_path / "report.html").read_text()
     assert "Timings not recorded" in before
@@ -302,7 +304,7 @@ def test_timings_added_after_the_run_rerender_the_report_and_keep_the_manifest_t
     after = (tmp_path / "report.html").read_bytes()
     assert b"Where the time went" in after and b"Timings not recorded" not in after and b"encoders busy" in after
     on_disk = json.loads((tmp_path / MANIFEST).read_text())
-    assert on_disk == updated and on_disk["timings"] == TIMINGS
+    assert on_disk == updated.to_dict() and on_disk["timings"] == TIMINGS
     for entry in on_disk["files"]:
         data = (tmp_path / entry["path"]).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_sample_text_image
+from tests.conftest import run_sample_text_image, tiny_run_argv
 from pipeline import cli
 from pipeline.query.encoder import QueryEncoder, QueryError, load_run
 from pipeline.query.search import ExactSearcher
@@ -155,3 +157,29 @@ def test_fit_fusion_module_is_used_by_the_pipeline(runs, tiny_text_dir, tmp_path
     assert "has changed since it was recorded" in capsys.readouterr().err
     with pytest.raises(QueryError, match="changed"):
         QueryEncoder(load_run(run_dir))
+
+
+def test_fit_fusion_reads_the_catalog_with_the_runs_column_mapping(tmp_path, tiny_text_dir):
+    """A run made with --item_id_column etc. is read by fit-fusion as the pipeline read it."""
+    from pipeline.query.fit_fusion import read_catalog, run_catalog
+
+    rows = pq.read_table(os.path.join(SAMPLE, "catalog.parquet")).to_pylist()[:8]
+    renamed = [{"sku": r["item_id"], "name": r["title"], "blurb": r["description"],
+                "pics": r["image_uris"]} for r in rows]
+    for uri in {u for r in rows for u in r["image_uris"] or []}:  # URIs stay relative to the catalog's folder
+        os.makedirs(tmp_path / os.path.dirname(uri), exist_ok=True)
+        shutil.copy(os.path.join(SAMPLE, uri), tmp_path / uri)
+    catalog = tmp_path / "renamed.parquet"
+    pq.write_table(pa.Table.from_pylist(renamed), catalog)
+    run_dir = os.path.join(tmp_path, "out", "runs", "cols")
+    argv = tiny_run_argv(catalog, tmp_path / "out", "cols", tiny_text_dir, "--asr_model", "none",
+                         "--item_id_column", "sku", "--title_column", "name", "--description_column", "blurb",
+                         "--image_column", "pics")
+    assert cli.main(argv) == 0
+    run = load_run(run_dir)
+    items, counts = run_catalog(run)
+    assert [i.item_id for i in items] == [r["item_id"] for r in rows]
+    assert counts == {"invalid_row": 0, "duplicate_id": 0}
+    assert items[0].title == rows[0]["title"] and len(items[0].image_uris) == len(rows[0]["image_uris"])
+    # the default column names (what fit-fusion used before) find no item id in this catalog
+    assert read_catalog(str(catalog))[1]["invalid_row"] == len(rows)

@@ -15,6 +15,7 @@ from pipeline.query.evaluate import evaluate, read_queries
 from pipeline.query.encoder import QueryEncoder, load_run
 from pipeline.index.runs import Run
 from pipeline.query.search import ExactSearcher, IndexSearcher, open_searcher
+from schemas.manifest import Manifest
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_catalog")
 QUERIES = os.path.join(SAMPLE, "queries.jsonl")
@@ -40,7 +41,7 @@ def _queries(run):
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_flat_index_gives_the_exact_results(runs, metric):
     run = load_run(runs["flat"])
-    assert run.manifest["index"]["kind"] == "flat"
+    assert run.manifest.to_dict()["index"]["kind"] == "flat"
     index = open_searcher(run.run_dir, run.manifest, run.embedding_files, metric)
     exact = ExactSearcher.from_files(run.embedding_files, metric)
     assert isinstance(index, IndexSearcher) and index.nprobe is None
@@ -67,7 +68,7 @@ def test_small_ivfpq_search_is_search_over_its_codes(runs):
     reconstructions with larger norms; bare faiss with this factory gives the same 21/35.
     """
     run = load_run(runs["ivfpq"])
-    info = run.manifest["index"]
+    info = run.manifest.to_dict()["index"]
     assert info["kind"] == "ivfpq" and info["nlist"] == 4 and info["m"] == 4 and info["nbits"] == 3
     exact = ExactSearcher.from_files(run.embedding_files)
     index = open_searcher(run.run_dir, run.manifest, run.embedding_files, "cosine", nprobe=4)  # every list
@@ -98,7 +99,7 @@ def _fakerun_sample_text_image(vectors, metric):
     manifest = {"index": {"metric": metric, "factory": indexing.FLAT_FACTORY, "dim": vectors.shape[1],
                           "recall": {"recommended_nprobe": None}}}
     ids = np.array([f"item-{i}" for i in range(len(vectors))], dtype=object)
-    return Run("mem", manifest, indexing.ShardedIndex([index], metric), {0: ids})
+    return Run("mem", Manifest.from_dict(manifest), indexing.ShardedIndex([index], metric), {0: ids})
 
 
 @pytest.mark.parametrize("index_metric", ["ip", "l2"])

@@ -18,6 +18,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from schemas.manifest import recall_key
+
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 # faiss's k-means warns below 39 training points per centroid; below that the centroids are noise
 MIN_POINTS_PER_CENTROID = 39
@@ -403,7 +405,7 @@ def recall_table(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, k:
             "params": dict(params),
             "query_set": query_set,
             "nprobe": params.get("nprobe"),
-            f"recall_{k}_at_{k}": round(recall_at(found, truth, k), 4),
+            recall_key(k): round(recall_at(found, truth, k), 4),
             "recall_1_at_1": round(one_recall_at_one(found, truth), 4),
             "ms_per_query": round(batch_ms, 4),
             "single_query_ms_p50": round(float(np.median(singles)), 4) if singles else None,
@@ -415,7 +417,7 @@ def recommend_setting(table: list[dict], target: float, k: int = 10, max_query_m
                       ) -> tuple[dict | None, bool]:
     """The fastest setting whose k-recall@k reaches ``target`` on every query set of ``table`` within
     ``max_query_ms`` (batched) (and True), else the most accurate one within the cap, else overall (and False)."""
-    key = f"recall_{k}_at_{k}"
+    key = recall_key(k)
     if not table:
         return None, False
     groups: dict[str, list[dict]] = {}
@@ -437,7 +439,7 @@ def recommend_setting(table: list[dict], target: float, k: int = 10, max_query_m
 
 def recommend_nprobe(table: list[dict], target: float, k: int = 10) -> tuple[int | None, bool]:
     """The smallest nprobe whose k-recall@k reaches ``target`` (and True), else the best one (and False)."""
-    key = f"recall_{k}_at_{k}"
+    key = recall_key(k)
     if not table:
         return None, False
     for row in table:

@@ -18,6 +18,8 @@ import dataclasses
 import faiss
 import numpy as np
 
+from schemas.manifest import Manifest, Quantizer
+
 DEFAULT_TOLERANCE = 0.10  # up to 10% more distortion than at training time is accepted
 DEFAULT_MIN_SAMPLE = 256
 
@@ -137,21 +139,22 @@ class PreviousQuantizer:
     bytes_per_vector: float = 0.0  # its memory per vector (0: not recorded)
 
     @staticmethod
-    def from_manifest(run_dir: str, manifest: dict) -> "PreviousQuantizer | None":
+    def from_manifest(run_dir: str, manifest: Manifest) -> "PreviousQuantizer | None":
         """None when the run built no index (``--index off``)."""
-        index = manifest.get("index") or {}
-        if not index.get("trained"):
+        index = manifest.index
+        if index is None or not index.trained:
             return None
-        recorded = index.get("quantizer") or {}
-        sha = {f["path"]: f.get("sha256") for f in manifest.get("files", [])}.get(index["trained"])
-        run_id = manifest.get("run_id", "")
+        recorded = index.quantizer or Quantizer()
+        entry = manifest.file(index.trained)
+        run_id = manifest.run_id
         return PreviousQuantizer(
-            run_id=run_id, trained_path=f"{run_dir.rstrip('/')}/{index['trained']}", sha256=sha,
-            factory=index.get("factory", ""), metric=index.get("metric", ""), kind=index.get("kind", ""),
-            model_fingerprint=recorded.get("model_fingerprint") or manifest.get("model_fingerprint", ""),
-            baseline_error=recorded.get("baseline_error"), trained_run_id=recorded.get("trained_run_id") or run_id,
-            family=index.get("family", ""), search_params=dict(index.get("search_params") or {}),
-            bytes_per_vector=float(index.get("bytes_per_vector") or 0.0))
+            run_id=run_id, trained_path=f"{run_dir.rstrip('/')}/{index.trained}",
+            sha256=entry.sha256 if entry is not None else None,
+            factory=index.factory, metric=index.metric, kind=index.kind,
+            model_fingerprint=recorded.model_fingerprint or manifest.model_fingerprint,
+            baseline_error=recorded.baseline_error, trained_run_id=recorded.trained_run_id or run_id,
+            family=index.family, search_params=dict(index.search_params or {}),
+            bytes_per_vector=float(index.bytes_per_vector or 0.0))
 
 
 def decide(previous: PreviousQuantizer | None, load_previous, held_out: np.ndarray, *, factory: str, metric: str,
@@ -212,7 +215,7 @@ def held_out_error(index: faiss.Index, held_out: np.ndarray) -> float | None:
 def manifest_block(decision: QuantizerDecision | None, *, setting: str, model_fingerprint: str,
                    previous: PreviousQuantizer | None = None, fresh_error: float | None = None,
                    held_out_vectors: int = 0, run_id: str = "", not_applicable: str = NOT_APPLICABLE) -> dict:
-    """``manifest["index"]["quantizer"]``: the decision and its figures, and what the next run compares with.
+    """``Manifest.index.quantizer`` (as JSON): the decision and its figures, and what the next run compares with.
 
     ``baseline_error`` is the held-out error at *training* time; a reusing run
     carries it forward unchanged, so slow drift over many nights adds up

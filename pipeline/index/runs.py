@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from pipeline.index import indexing
 from pipeline.storage import RunNotFound, open_read, read_bytes, read_manifest, resolve_run_dir
+from schemas.manifest import IndexInfo, Manifest
 
 
 @dataclasses.dataclass
@@ -20,21 +21,21 @@ class Run:
     """A published run's manifest and its index shards, ready to search."""
 
     run_dir: str
-    manifest: dict
+    manifest: Manifest
     index: indexing.ShardedIndex
     item_ids: dict[int, np.ndarray]  # shard -> item ids by row
 
     @property
     def default_params(self) -> dict:
         """The search setting the run recommends (nprobe, k_factor, efSearch: those that apply)."""
-        info = self.manifest["index"]
-        params = info.get("search_params")
-        if params is None:  # a run from before candidate selection recorded only an nprobe
-            params = info.get("recall", {}).get("recommended_params")
-        if params is None:
-            nprobe = info.get("recall", {}).get("recommended_nprobe")
-            params = {"nprobe": nprobe} if nprobe is not None else {}
-        return dict(params)
+        return self.info.recommended_params()
+
+    @property
+    def info(self) -> IndexInfo:
+        """The manifest's index block (a Run always has one)."""
+        if self.manifest.index is None:
+            raise RunNotFound(f"run {self.run_dir} was built without an index (--index off)")
+        return self.manifest.index
 
     @property
     def default_nprobe(self) -> int | None:
@@ -58,7 +59,7 @@ class Run:
         defaults to the manifest's recommended one; ``nprobe``/``params`` override it.
         """
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        dim = self.manifest["index"]["dim"]
+        dim = self.info.dim
         if queries.shape[1] != dim:
             raise ValueError(f"queries have dimension {queries.shape[1]}, the index has {dim}")
         self.index.set_params(self.search_params(nprobe if self.index.ivf else None, params))
@@ -87,11 +88,11 @@ def open_run(path: str) -> Run:
     """Opens the run at ``path`` (a run directory, or an output root whose LATEST is followed)."""
     run_dir = resolve_run_dir(path)
     manifest = read_manifest(run_dir)
-    info = manifest.get("index")
+    info = manifest.index
     if not info:
         raise RunNotFound(f"run {run_dir} was built without an index (--index off)")
     shards, item_ids = [], {}
-    for entry in info["shards"]:
-        shards.append(indexing.from_bytes(read_bytes(f"{run_dir}/{entry['index']}")))
-        item_ids[entry["shard"]] = _read_ids(f"{run_dir}/{entry['ids']}", entry["shard"])
-    return Run(run_dir, manifest, indexing.ShardedIndex(shards, info["metric"]), item_ids)
+    for entry in info.shards:
+        shards.append(indexing.from_bytes(read_bytes(f"{run_dir}/{entry.index}")))
+        item_ids[entry.shard] = _read_ids(f"{run_dir}/{entry.ids}", entry.shard)
+    return Run(run_dir, manifest, indexing.ShardedIndex(shards, info.metric), item_ids)

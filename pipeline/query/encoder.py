@@ -23,6 +23,7 @@ from encoders.media import FetchPolicy, MediaError, fetch_bytes, load_image
 from encoders.specs import ModelSpec, fingerprint, spec_from_description
 from pipeline.storage import read_manifest, resolve_run_dir
 from schemas.embeddings import read_metadata
+from schemas.manifest import Manifest
 
 QUERY_MODALITIES = ("text", "image", "audio")
 
@@ -40,7 +41,7 @@ class RunInfo:
     """A published run: where its files are and how its vectors were made."""
 
     run_dir: str
-    manifest: dict
+    manifest: Manifest
     metadata: dict  # the embeddings files' catalog_index metadata
     embedding_files: tuple[str, ...]
 
@@ -93,7 +94,7 @@ class RunInfo:
 def load_run(path: str) -> RunInfo:
     run_dir = resolve_run_dir(path)
     manifest = read_manifest(run_dir)
-    files = tuple(f"{run_dir}/{f['path']}" for f in manifest["files"] if f["path"].startswith("embeddings/"))
+    files = tuple(f"{run_dir}/{path}" for path in manifest.file_paths("embeddings/"))
     if not files:
         raise QueryError(f"run {run_dir} has no embeddings files (nothing was embedded)")
     return RunInfo(run_dir, manifest, read_metadata(files[0]), files)

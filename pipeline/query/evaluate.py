@@ -91,7 +91,7 @@ def evaluate(run: RunInfo, queries: Sequence[LabelledQuery], searcher, encoder: 
             if j in errors:
                 failed.setdefault(modality, []).append({"line": q.line, "reason": errors[j]})
     return {
-        "run_id": run.manifest["run_id"],
+        "run_id": run.manifest.run_id,
         "searcher": searcher.describe() if hasattr(searcher, "describe") else {"kind": type(searcher).__name__},
         "fusion": run.metadata["fusion"],
         "models": {s: f"{m['name']} [{m['weights_label']}]" for s, m in run.metadata["models"].items()},

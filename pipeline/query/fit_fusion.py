@@ -37,7 +37,8 @@ from pipeline.query import metrics
 from pipeline.query.evaluate import LabelledQuery, read_queries
 from pipeline.query.encoder import QueryEncoder, QueryError, RunInfo, load_run
 from pipeline.storage import match_paths, open_read
-from schemas.catalog import CatalogItem, InvalidRow, validate_row
+from schemas.catalog import CatalogColumns, CatalogItem, InvalidRow, validate_row
+from schemas.manifest import Catalog
 
 _LOG = logging.getLogger("catalog_index.fit_fusion")
 TEMPERATURE = 0.05  # softmax temperature of the training loss (cosines live in [-1, 1])
@@ -52,20 +53,21 @@ class ItemVectors:
     counts: dict[str, int]
 
 
-def _catalog_path(manifest: dict) -> str:
-    catalog = manifest["catalog"]
-    return catalog["path"] if isinstance(catalog, dict) else catalog  # a string before manifest catalog blocks
+def read_catalog(pattern: str, columns: CatalogColumns = CatalogColumns()
+                 ) -> tuple[list[CatalogItem], dict[str, int]]:
+    """Validated items of a catalog (first row wins on duplicate ids), and what was left out.
 
-
-def read_catalog(pattern: str) -> tuple[list[CatalogItem], dict[str, int]]:
-    """Validated items of a catalog (first row wins on duplicate ids), and what was left out."""
+    ``columns``: the physical column names, as the run recorded them
+    (``Manifest.catalog.column_mapping()``), so a run made with
+    ``--item_id_column`` etc. is read as the pipeline read it.
+    """
     items, seen, counts = [], set(), {"invalid_row": 0, "duplicate_id": 0}
     for path in match_paths(pattern):
         with open_read(path) as f:
             rows = pq.read_table(f).to_pylist()
         for n, row in enumerate(rows):
             try:
-                item = validate_row(row, base_uri=posixpath.dirname(path), source=f"{path}#{n}")
+                item = validate_row(row, columns, base_uri=posixpath.dirname(path), source=f"{path}#{n}")
             except InvalidRow:
                 counts["invalid_row"] += 1
                 continue
@@ -75,6 +77,14 @@ def read_catalog(pattern: str) -> tuple[list[CatalogItem], dict[str, int]]:
             seen.add(item.item_id)
             items.append(item)
     return items, counts
+
+
+def run_catalog(run: RunInfo, pattern: str = "") -> tuple[list[CatalogItem], dict[str, int]]:
+    """The run's catalog (or ``pattern``, another snapshot of it) read with the column mapping the run recorded."""
+    catalog = run.manifest.catalog or Catalog()
+    if not (pattern or catalog.path):
+        raise ValueError(f"run {run.run_dir} records no catalog path: give --catalog")
+    return read_catalog(pattern or catalog.path, catalog.column_mapping())
 
 
 def encode_items(run: RunInfo, items: list[CatalogItem], module: attention.FusionAttention,
@@ -225,7 +235,7 @@ def fit(run: RunInfo, pairs: list[LabelledQuery], items: list[CatalogItem], *, h
     test_pairs = [kept[i] for i in np.flatnonzero(test)]
     train_pairs = [kept[i] for i in train_rows]
     report = {
-        "run_id": run.manifest["run_id"],
+        "run_id": run.manifest.run_id,
         "items": len(vectors.ids), "item_counts": vectors.counts,
         "pairs": {"train": len(train_pairs), "held_out": len(test_pairs), "skipped": skipped,
                   "held_out_fraction": holdout, "seed": seed},
@@ -279,7 +289,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     try:
         run = load_run(args.run)
-        items, read_counts = read_catalog(args.catalog or _catalog_path(run.manifest))
+        items, read_counts = run_catalog(run, args.catalog)
         pairs = [q for path in args.queries for q in read_queries(path)]
         if not args.no_titles:
             pairs += title_pairs(items)
@@ -289,7 +299,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(str(e), "catalog-index fit-fusion --help lists the options") from None
     report["catalog_rows_left_out"] = read_counts
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(run.run_dir)), "fusion",
-                                   f"attention-{run.manifest['run_id']}.safetensors")
+                                   f"attention-{run.manifest.run_id}.safetensors")
     attention.save(module, out)
     report["module"] = os.path.abspath(out)
     with open(out + ".report.json", "w") as f:

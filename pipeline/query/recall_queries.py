@@ -38,13 +38,14 @@ def encode_recall_queries(path: str, metadata: dict, run_dir: str, device: str =
     """Reads ``path`` and encodes every query with the run described by ``metadata``."""
     from pipeline.query.evaluate import QueriesFileError, read_queries
     from pipeline.query.encoder import QueryEncoder, QueryError, RunInfo
+    from schemas.manifest import Manifest
 
     try:
         queries = read_queries(path)
     except (QueriesFileError, OSError) as e:
         raise RecallQueriesError(f"--recall_queries {path}: {e}") from None
     try:
-        encoder = QueryEncoder(RunInfo(run_dir, {}, metadata, ()), device)
+        encoder = QueryEncoder(RunInfo(run_dir, Manifest(), metadata, ()), device)
     except QueryError as e:
         raise RecallQueriesError(f"--recall_queries: {e}") from None
     vectors: list[np.ndarray] = []

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.storage import open_read
 from schemas.embeddings import vectors_of
+from schemas.manifest import Manifest
 
 METRICS = ("cosine", "l2")
 
@@ -93,8 +94,7 @@ class IndexSearcher:
         if nprobe is not None and nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
         self.run, self.metric = run, metric
-        info = run.manifest["index"]
-        self.index_metric, self.factory = info["metric"], info["factory"]
+        self.index_metric, self.factory = run.info.metric, run.info.factory
         self.nprobe = (nprobe if nprobe is not None else run.default_nprobe) if run.index.ivf else None
         self.nprobe_ignored = nprobe is not None and not run.index.ivf  # a flat index scans everything
         # the recorded setting (nprobe, k_factor, efSearch) with the caller's nprobe over it
@@ -152,11 +152,11 @@ class ExactRunSearcher(ExactSearcher):
         return f"exact {self.metric}" + (f" ({self.reason})" if self.reason else "")
 
 
-def open_searcher(run_dir: str, manifest: dict, embedding_files: Sequence[str], metric: str = "cosine",
+def open_searcher(run_dir: str, manifest: Manifest, embedding_files: Sequence[str], metric: str = "cosine",
                   exact: bool = False, nprobe: int | None = None):
     """The run's index when it has one (``nprobe`` defaults to the manifest's recommended one), exact
     search over its embeddings otherwise or when ``exact`` is set."""
-    if not exact and manifest.get("index"):
+    if not exact and manifest.index is not None:
         from pipeline.index.runs import open_run
 
         return IndexSearcher(open_run(run_dir), metric, nprobe)

@@ -22,6 +22,7 @@ from pipeline import storage
 from pipeline.index import indexing
 from pipeline.report.sample import SampleItem, Thumbnail, sample_key, smallest
 from schemas.embeddings import vectors_of
+from schemas.manifest import IndexInfo, Manifest
 
 GALLERY_ITEMS = 8
 NEIGHBOURS = 5
@@ -90,14 +91,14 @@ def _data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
-def open_index(run_dir: str, index: dict) -> tuple[indexing.ShardedIndex, dict[int, list[str]]]:
+def open_index(run_dir: str, index: IndexInfo) -> tuple[indexing.ShardedIndex, dict[int, list[str]]]:
     """The run's own index shards (from the index block, before the manifest exists) and ids by shard."""
     shards, ids = [], {}
-    for entry in index["shards"]:
-        shards.append(indexing.from_bytes(storage.read_bytes(f"{run_dir}/{entry['index']}")))
-        ids[entry["shard"]] = _open_parquet(f"{run_dir}/{entry['ids']}").read(columns=["item_id"]).column(
+    for entry in index.shards:
+        shards.append(indexing.from_bytes(storage.read_bytes(f"{run_dir}/{entry.index}")))
+        ids[entry.shard] = _open_parquet(f"{run_dir}/{entry.ids}").read(columns=["item_id"]).column(
             "item_id").to_pylist()
-    return indexing.ShardedIndex(shards, index["metric"]), ids
+    return indexing.ShardedIndex(shards, index.metric), ids
 
 
 def _tile(item_id: str, sample: dict[str, SampleItem], thumbs: dict[str, bytes], rows: dict[str, dict]) -> dict:
@@ -116,10 +117,10 @@ def _tile(item_id: str, sample: dict[str, SampleItem], thumbs: dict[str, bytes],
     return tile
 
 
-def gallery(run_dir: str, index: dict | None, embedding_files: list[str], sample: list[SampleItem],
+def gallery(run_dir: str, index: IndexInfo | None, embedding_files: list[str], sample: list[SampleItem],
             thumbs: dict[str, bytes], size: int = GALLERY_ITEMS, k: int = NEIGHBOURS) -> dict:
     """The first ``size`` embedded sample items and their top-``k`` neighbours from the run's own index."""
-    if not index or not index.get("shards"):
+    if not index or not index.shards:
         return {"items": [], "note": "no index in this run (--index off)"}
     by_id = {s.item_id: s for s in sample}
     embedded = read_rows(embedding_files, set(by_id), [])  # item ids only: the sample may hold dead-lettered items
@@ -128,7 +129,7 @@ def gallery(run_dir: str, index: dict | None, embedding_files: list[str], sample
         return {"items": [], "note": "no embedded items in the report sample"}
     rows = read_rows(embedding_files, {q.item_id for q in queries}, ["vector", "modalities", "transcript"])
     sharded, ids_by_shard = open_index(run_dir, index)
-    nprobe = (index.get("recall") or {}).get("recommended_nprobe")
+    nprobe = index.recall.recommended_nprobe if index.recall else None
     vectors = np.stack([rows[q.item_id]["vector"] for q in queries]).astype(np.float32)
     scores, faiss_ids = sharded.search(vectors, k + 1, nprobe)
     if sharded.metric == "l2":
@@ -177,16 +178,15 @@ def vector_drift(previous_files: list[str], embedding_files: list[str], cap: int
             "histogram": histogram(cos, lo, 1.0, DRIFT_BINS)}
 
 
-def previous_counts(previous_manifest: dict | None) -> dict | None:
+def previous_counts(previous_manifest: Manifest | None) -> dict | None:
     """The previous run's headline counts, for tonight's counts to be set against."""
     if not previous_manifest:
         return None
-    counts = previous_manifest.get("counts", {})
-    inc = counts.get("incremental") or {}
-    return {"run_id": previous_manifest.get("run_id"), "created_at": previous_manifest.get("created_at"),
-            "input_rows": counts.get("input_rows"), "embedded": counts.get("embedded"),
-            "dead_letters": sum((counts.get("dead_letters") or {}).values()), "skipped": counts.get("skipped"),
-            **{k: inc.get(k) for k in ("reused", "encoded", "new", "changed", "deleted")}}
+    counts, inc = previous_manifest.counts, (previous_manifest.counts.incremental if previous_manifest.counts else None)
+    return {"run_id": previous_manifest.run_id or None, "created_at": previous_manifest.created_at,
+            "input_rows": counts.input_rows if counts else None, "embedded": counts.embedded if counts else None,
+            "dead_letters": counts.failed if counts else 0, "skipped": counts.skipped if counts else None,
+            **{k: getattr(inc, k) if inc else None for k in ("reused", "encoded", "new", "changed", "deleted")}}
 
 
 def carried_thumbnails(previous_thumbnails: pa.Table | None, sample: list[SampleItem], fresh: dict[str, bytes],
@@ -206,16 +206,16 @@ def thumbnails_table(sample: list[SampleItem], thumbs: dict[str, bytes], content
     return pa.Table.from_pylist(rows, schema=THUMBNAIL_SCHEMA)
 
 
-def gather(run_dir: str, index: dict | None, embedding_files: list[str], dead_files: list[str],
+def gather(run_dir: str, index: IndexInfo | None, embedding_files: list[str], dead_files: list[str],
            sample: list[SampleItem], fresh_thumbnails: list[Thumbnail], previous_dir: str | None,
-           previous_reusable: bool, previous_manifest: dict | None) -> tuple[dict, pa.Table]:
+           previous_reusable: bool, previous_manifest: Manifest | None) -> tuple[dict, pa.Table]:
     """The report's data (JSON-ready) and the thumbnails table to write beside it."""
     sample = smallest(sample, len(sample))
     fresh = {t.item_id: t.jpeg for t in fresh_thumbnails}
     hashes = {i: r["content_hash"] for i, r in read_rows(embedding_files, {s.item_id for s in sample},
                                                           ["content_hash"]).items()}
-    previous_files = [f"{previous_dir}/{f['path']}" for f in (previous_manifest or {}).get("files", [])
-                      if f["path"].startswith("embeddings/")] if previous_dir else []
+    previous_files = [f"{previous_dir}/{path}" for path in previous_manifest.file_paths("embeddings/")
+                      ] if previous_dir and previous_manifest else []
     previous_thumbs = None
     if previous_dir and storage.exists(f"{previous_dir}/{THUMBNAILS}"):
         previous_thumbs = _open_parquet(f"{previous_dir}/{THUMBNAILS}").read()

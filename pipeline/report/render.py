@@ -8,6 +8,7 @@ data the run did not record says so instead of disappearing.
 from __future__ import annotations
 
 from pipeline.report.charts import PALETTE, bar_chart, esc, fmt, fmt_bytes, histogram_chart, line_chart
+from schemas.manifest import Counts, IndexInfo, Manifest, Recall
 
 STAGE_ORDER = ("read", "incremental", "fetch_decode", "fetch_audio", "encode", "transcribe", "fuse", "write", "index",
                "publish")
@@ -51,42 +52,39 @@ def _not_recorded(what: str) -> str:
     return f"<p class='muted'>{esc(what)}</p>"
 
 
-def catalog_html(manifest: dict) -> str:
+def catalog_html(manifest: Manifest) -> str:
     """The catalog line, and a warning per modality not read because its default column is missing."""
-    catalog = manifest.get("catalog")
-    path = catalog.get("path") if isinstance(catalog, dict) else catalog  # a plain string in older manifests
+    catalog = manifest.catalog
     missing = "".join(f"<p class='bad'>catalog: {esc(m['message'])}</p>"
-                      for m in (catalog.get("missing_columns", []) if isinstance(catalog, dict) else []))
-    return (f"<p class='muted'>catalog <code>{esc(path)}</code>"
-            f" &middot; created {esc(manifest.get('created_at', ''))}</p>" + missing)
+                      for m in (catalog.missing_columns if catalog else []))
+    return (f"<p class='muted'>catalog <code>{esc(catalog.path if catalog else None)}</code>"
+            f" &middot; created {esc(manifest.created_at or '')}</p>" + missing)
 
 
-def _header(manifest: dict) -> str:
-    counts = manifest["counts"]
-    dead = sum(counts["dead_letters"].values())
-    tiles = [("input rows", counts["input_rows"]), ("embedded", counts["embedded"]), ("dead letters", dead),
-             ("skipped", counts["skipped"])]
-    index = manifest.get("index")
+def _header(manifest: Manifest) -> str:
+    counts = manifest.counts or Counts()
+    tiles = [("input rows", counts.input_rows), ("embedded", counts.embedded), ("dead letters", counts.failed),
+             ("skipped", counts.skipped)]
+    index = manifest.index
     if index:
-        tiles.append(("index vectors", index.get("ntotal")))
+        tiles.append(("index vectors", index.ntotal))
     models = []
-    for space, m in manifest.get("models", {}).items():
-        label = m.get("weights_label")
+    for space, m in manifest.models.items():
+        label = m.weights_label
         badge = f"<span class='badge {'real' if label == 'real' else 'random'}'>{esc(label)}</span>"
-        models.append(f"<tr><td class='l'>{esc(space)}</td><td class='l'>{esc(m.get('family'))}</td>"
-                      f"<td class='l'>{esc(m.get('name'))}</td><td class='l'><code>{esc(m.get('weights'))}</code></td>"
+        models.append(f"<tr><td class='l'>{esc(space)}</td><td class='l'>{esc(m.family)}</td>"
+                      f"<td class='l'>{esc(m.name)}</td><td class='l'><code>{esc(m.weights)}</code></td>"
                       f"<td class='l'>{badge}</td></tr>")
-    if "asr" in manifest:
-        asr = manifest["asr"]
-        label = asr.get("weights_label")
-        models.append(f"<tr><td class='l'>speech</td><td class='l'>{esc(asr.get('family'))}</td>"
-                      f"<td class='l'>{esc(asr.get('name'))}</td><td class='l'>language {esc(asr.get('language'))}</td>"
+    if manifest.asr is not None:
+        asr = manifest.asr
+        label = asr.weights_label
+        models.append(f"<tr><td class='l'>speech</td><td class='l'>{esc(asr.family)}</td>"
+                      f"<td class='l'>{esc(asr.name)}</td><td class='l'>language {esc(asr.get('language'))}</td>"
                       f"<td class='l'><span class='badge {'real' if label == 'real' else 'random'}'>{esc(label)}</span>"
                       "</td></tr>")
-    random = any(m.get("weights_label") != "real" for m in manifest.get("models", {}).values())
     warn = ("<p class='bad'>Some models have RANDOM weights: their vectors are not meaningful for search.</p>"
-            if random else "")
-    return (f"<h1>Run {esc(manifest['run_id'])}</h1>" + catalog_html(manifest) +
+            if manifest.random_weights else "")
+    return (f"<h1>Run {esc(manifest.run_id)}</h1>" + catalog_html(manifest) +
             "<div class='tiles'>" + "".join(f"<div class='tile'><b>{esc(fmt(v))}</b><span>{esc(k)}</span></div>"
                                             for k, v in tiles) + "</div>"
             "<h3>Models</h3><table><tr><th class='l'>space</th><th class='l'>family</th><th class='l'>model</th>"
@@ -98,8 +96,8 @@ def _ordered_stages(stages: dict) -> list[str]:
     return known + sorted(s for s in stages if s not in STAGE_ORDER)
 
 
-def _timings(manifest: dict) -> str:
-    t = manifest.get("timings")
+def _timings(manifest: Manifest) -> str:
+    t = manifest.timings
     out = ["<h2>Where the time went</h2>"]
     if not t:
         return "".join(out) + _not_recorded(
@@ -161,8 +159,8 @@ def _gallery(data: dict) -> str:
     return "".join(out)
 
 
-def _dead_letters(manifest: dict, data: dict) -> str:
-    dead = manifest["counts"]["dead_letters"]
+def _dead_letters(manifest: Manifest, data: dict) -> str:
+    dead = (manifest.counts or Counts()).dead_letters
     out = ["<h2>Dead letters</h2>"]
     if not dead:
         return "".join(out) + "<p class='good'>None: every input row was embedded or is a counted skip.</p>"
@@ -181,8 +179,8 @@ def _dead_letters(manifest: dict, data: dict) -> str:
     return "".join(out)
 
 
-def _coverage(manifest: dict) -> str:
-    stats = manifest.get("stats") or {}
+def _coverage(manifest: Manifest) -> str:
+    stats = manifest.stats or {}
     out = ["<h2>Modality coverage</h2>"]
     if not stats:
         return "".join(out) + _not_recorded("No statistics recorded.")
@@ -207,23 +205,23 @@ def _coverage(manifest: dict) -> str:
     return "".join(out)
 
 
-def index_candidates(index: dict) -> tuple[list[dict], dict | None]:
+def index_candidates(index: IndexInfo) -> tuple[list[dict], dict | None]:
     """The index stage's candidates and choice; a manifest without ``candidates`` becomes one candidate."""
-    if index.get("candidates"):
-        return index["candidates"], index.get("chosen")
-    recall = index.get("recall") or {}
-    k = recall.get("k", 10)
-    settings = [{"params": {"nprobe": r["nprobe"]} if r.get("nprobe") else {},
-                 "query_set": "held_out" if recall.get("held_out") else "recall_queries",
-                 "recall_at_10": r.get(f"recall_{k}_at_{k}"), "recall_at_1": r.get("recall_1_at_1"),
-                 "ms_per_query_batch": r.get("ms_per_query"), "ms_single_p50": r.get("single_query_ms_p50")}
-                for r in recall.get("table", [])]
-    chosen_params = {"nprobe": recall["recommended_nprobe"]} if recall.get("recommended_nprobe") else {}
-    candidate = {"name": index.get("factory"), "family": index.get("kind"),
-                 "bytes_per_vector": index.get("bytes_per_vector"), "settings": settings,
-                 "meets_target": recall.get("target_reached"), "fits_budget": True}
+    if index.candidates:
+        return index.candidates, index.chosen
+    recall = index.recall or Recall()
+    k = recall.k
+    settings = [{"params": {"nprobe": r.nprobe} if r.nprobe else {},
+                 "query_set": "held_out" if recall.held_out else "recall_queries",
+                 "recall_at_10": r.recall(k), "recall_at_1": r.recall(1),
+                 "ms_per_query_batch": r.ms_per_query, "ms_single_p50": r.single_query_ms_p50}
+                for r in recall.table]
+    chosen_params = {"nprobe": recall.recommended_nprobe} if recall.recommended_nprobe else {}
+    candidate = {"name": index.factory or None, "family": index.kind or None,
+                 "bytes_per_vector": index.bytes_per_vector, "settings": settings,
+                 "meets_target": recall.target_reached if index.recall else None, "fits_budget": True}
     why = (f"the only candidate; nprobe {chosen_params['nprobe']} is the smallest measured setting reaching the "
-           f"target" if chosen_params else "exact search: " + (index.get("note") or "flat index"))
+           f"target" if chosen_params else "exact search: " + (index.note or "flat index"))
     return [candidate], {"name": candidate["name"], "params": chosen_params, "why": why}
 
 
@@ -242,27 +240,27 @@ def _best(best) -> str:
     return _setting(params if isinstance(params, dict) else {})[1]
 
 
-def _index(manifest: dict) -> str:
-    index = manifest.get("index")
+def _index(manifest: Manifest) -> str:
+    index = manifest.index
     out = ["<h2>Index</h2>"]
     if not index:
         return "".join(out) + _not_recorded("No index in this run (--index off).")
-    recall = index.get("recall") or {}
+    recall = index.recall
     out.append(_table(["factory", "metric", "vectors", "shards", "bytes/vector"],
-                      [[index.get("factory"), index.get("metric"), index.get("ntotal"), len(index.get("shards", [])),
-                        index.get("bytes_per_vector")]], left=2))
-    if index.get("note"):
-        out.append(f"<p class='muted'>{esc(index['note'])}</p>")
-    quantizer = index.get("quantizer")
-    if quantizer and quantizer.get("applicable"):
-        how = f"reused from run {quantizer['reused_from_run_id']}" if quantizer["reused"] else "trained in this run"
-        out.append(f"<p>Quantizer: <b>{esc(how)}</b> ({esc(quantizer['reason'])})</p>")
+                      [[index.factory, index.metric, index.ntotal, len(index.shards), index.bytes_per_vector]],
+                      left=2))
+    if index.note:
+        out.append(f"<p class='muted'>{esc(index.note)}</p>")
+    quantizer = index.quantizer
+    if quantizer and quantizer.applicable:
+        how = f"reused from run {quantizer.reused_from_run_id}" if quantizer.reused else "trained in this run"
+        out.append(f"<p>Quantizer: <b>{esc(how)}</b> ({esc(quantizer.reason)})</p>")
     candidates, chosen = index_candidates(index)
-    target = recall.get("target_recall")
+    target = recall.target_recall if recall else None
     if recall:
-        out.append(f"<p>Recall self-check: {esc(recall.get('queries'))} queries "
-                   f"({'held out from training' if recall.get('held_out') else 'also used in training'}) against "
-                   f"{esc(recall.get('ground_truth'))}.</p>")
+        out.append(f"<p>Recall self-check: {esc(recall.queries)} queries "
+                   f"({'held out from training' if recall.held_out else 'also used in training'}) against "
+                   f"{esc(recall.ground_truth)}.</p>")
     charts = []
     for c in candidates:
         measured = [s for s in c.get("settings") or [] if s.get("recall_at_10") is not None]
@@ -299,32 +297,30 @@ def _index(manifest: dict) -> str:
     if chosen:
         out.append(f"<p>Chosen: <b>{esc(chosen.get('name'))}</b>, {esc(_setting(chosen.get('params') or {})[1])}: "
                    f"{esc(chosen.get('why'))}</p>")
-    table = recall.get("table")
-    if table and not index.get("candidates"):
-        k = recall.get("k", 10)
+    if recall and recall.table and not index.candidates:
+        k = recall.k
         out.append(_table(["nprobe", f"{k}-recall@{k}", "1-recall@1", "ms/query (batch)", "ms single query p50"],
-                          [[r["nprobe"] if r["nprobe"] else "exact", r[f"recall_{k}_at_{k}"], r["recall_1_at_1"],
-                            r["ms_per_query"], r["single_query_ms_p50"]] for r in table]))
+                          [[r.nprobe if r.nprobe else "exact", r.recall(k), r.recall(1),
+                            r.ms_per_query, r.single_query_ms_p50] for r in recall.table]))
     return "".join(out)
 
 
 INCREMENTAL_KEYS = ("reused", "encoded", "new", "changed", "deleted")
 
 
-def _incremental(manifest: dict, data: dict) -> str:
-    inc = manifest["counts"].get("incremental")
+def _incremental(manifest: Manifest, data: dict) -> str:
+    counts = manifest.counts or Counts()
+    inc = counts.incremental
     out = ["<h2>Incremental</h2>"]
     if not inc:
         return "".join(out) + _not_recorded("No incremental counts recorded.")
-    prev_run = inc.get("previous_run")
+    prev_run = inc.previous_run
     out.append("<p>Previous run: " + (f"<b>{esc(prev_run['run_id'])}</b>" + (
         "" if prev_run.get("reusable") else f" <span class='bad'>(not reused: {esc(prev_run.get('not_reusable_because'))})"
-        "</span>") if prev_run else "none (a full run)") + f"; change detection {esc(inc.get('change_detection'))}.</p>")
+        "</span>") if prev_run else "none (a full run)") + f"; change detection {esc(inc.change_detection)}.</p>")
     before = data.get("previous_counts")
-    counts = manifest["counts"]
-    tonight = {"input_rows": counts["input_rows"], "embedded": counts["embedded"],
-               "dead_letters": sum(counts["dead_letters"].values()), "skipped": counts["skipped"],
-               **{k: inc.get(k) for k in INCREMENTAL_KEYS}}
+    tonight = {"input_rows": counts.input_rows, "embedded": counts.embedded, "dead_letters": counts.failed,
+               "skipped": counts.skipped, **{k: getattr(inc, k) for k in INCREMENTAL_KEYS}}
     keys = ("input_rows", "embedded", "dead_letters", "skipped") + INCREMENTAL_KEYS
     if before:
         out.append(bar_chart([(k, [tonight[k], before.get(k)]) for k in keys],
@@ -351,7 +347,7 @@ def _incremental(manifest: dict, data: dict) -> str:
     return "".join(out)
 
 
-def render_html(manifest: dict, data: dict | None = None) -> str:
+def render_html(manifest: Manifest, data: dict | None = None) -> str:
     """The whole page; ``data`` is ``report_data.gather``'s output (None: sections that need it say so)."""
     data = data or {}
     sections = [_header(manifest), _timings(manifest), _gallery(data), _dead_letters(manifest, data),
@@ -359,5 +355,5 @@ def render_html(manifest: dict, data: dict | None = None) -> str:
     error = (f"<section><p class='bad'>Part of this report could not be gathered: {esc(data['error'])}</p></section>"
              if data.get("error") else "")
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>run {esc(manifest['run_id'])}</title><style>{CSS}</style></head><body><main>" + error
+            f"<title>run {esc(manifest.run_id)}</title><style>{CSS}</style></head><body><main>" + error
             + "".join(f"<section>{s}</section>" for s in sections) + "</main></body></html>")

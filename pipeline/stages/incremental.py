@@ -52,6 +52,7 @@ from pipeline.storage import MANIFEST, latest_run_dir, read_manifest
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
 from schemas.embeddings import display_fields
+from schemas.manifest import Manifest
 
 NAMESPACE = "catalog_index.incremental"
 ENCODE, STATUS = "encode", "status"
@@ -146,17 +147,17 @@ def hash_item(item: CatalogItem, model_fingerprint: str, mode: str, policy: Fetc
     return item_content_hash(item, tokens, model_fingerprint, audio)
 
 
-def check_compatible(previous_manifest: dict, metadata: dict, vector_dtype: str) -> str:
+def check_compatible(previous_manifest: Manifest, metadata: dict, vector_dtype: str) -> str:
     """Why the previous run's vectors cannot stand in for this run's ('' when they can).
 
     The content hash already covers models and fusion; this catches what it does
     not (layout, dtype) and states the reason for the manifest.
     """
-    if previous_manifest.get("model_fingerprint") != metadata["model_fingerprint"]:
+    if previous_manifest.model_fingerprint != metadata["model_fingerprint"]:
         return "model or fusion settings changed (model_fingerprint differs)"
-    if previous_manifest.get("layout") != metadata["layout"]:
+    if previous_manifest.layout != metadata["layout"]:
         return "vector layout differs"
-    previous_dtype = (previous_manifest.get("embeddings") or {}).get("dtype")
+    previous_dtype = previous_manifest.embeddings.dtype if previous_manifest.embeddings else None
     if previous_dtype != vector_dtype:
         return f"vector dtype differs ({previous_dtype} -> {vector_dtype})"
     return ""
@@ -195,9 +196,9 @@ def resolve_previous_run(output: str, previous_run: str, run_dir: str, metadata:
         raise ValueError(f"--previous_run {previous_run!r} is not a published run (no {MANIFEST} in it)")
     manifest = read_manifest(directory)
     if directory.rstrip("/") == run_dir.rstrip("/"):
-        return PreviousRun(directory, manifest.get("run_id", ""), False, "it is the run being written")
+        return PreviousRun(directory, manifest.run_id, False, "it is the run being written")
     reason = check_compatible(manifest, metadata, vector_dtype)
-    return PreviousRun(directory, manifest.get("run_id", ""), not reason, reason)
+    return PreviousRun(directory, manifest.run_id, not reason, reason)
 
 
 def resume_pieces(run_dir: str) -> list[str]:
@@ -224,8 +225,7 @@ def resume_pieces(run_dir: str) -> list[str]:
 def previous_embedding_files(previous: PreviousRun) -> list[str]:
     """The embeddings shards the previous run's manifest lists (exactly what was published)."""
 
-    files = read_manifest(previous.run_dir).get("files", [])
-    return [f"{previous.run_dir}/{f['path']}" for f in files if f["path"].startswith("embeddings/")]
+    return [f"{previous.run_dir}/{path}" for path in read_manifest(previous.run_dir).file_paths("embeddings/")]
 
 
 HASH_COLUMNS = ["item_id", "content_hash", "model_fingerprint"]  # what the join needs of a previous row

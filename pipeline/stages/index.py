@@ -42,6 +42,7 @@ from pipeline.stages.stage_metrics import StageTimer
 from pipeline.stages.write import write_table_atomically
 from pipeline.storage import read_bytes, read_manifest, write_bytes_atomically
 from schemas.embeddings import vectors_of
+from schemas.manifest import recall_key
 
 NAMESPACE = "catalog_index.index"
 TRAINED = "trained.faiss"
@@ -139,11 +140,11 @@ class TrainedIndex:
     train_vectors: int
     train_s: float
     path: str
-    quantizer: dict  # manifest["index"]["quantizer"]: trained or reused, why, and the errors measured
+    quantizer: dict  # the manifest's index.quantizer (schemas.manifest.Quantizer as JSON): trained or reused, why
     decide_s: float = 0.0
     recall_queries: np.ndarray | None = None  # the run's own encoded queries (--recall_queries), or None
-    candidates: tuple = ()  # manifest["index"]["candidates"] (pipeline/index/index_select.py)
-    chosen: dict | None = None  # manifest["index"]["chosen"]: name, params, why
+    candidates: tuple = ()  # the manifest's index.candidates (pipeline/index/index_select.py)
+    chosen: dict | None = None  # the manifest's index.chosen: name, params, why
     selection_s: float = 0.0
     index_shards: int = 1  # how many index shards the embeddings files are grouped into
 
@@ -403,7 +404,7 @@ class _CheckRecall(beam.DoFn):
                                                       query_set="recall_queries")
                     table += [r for r in rows if r["query_set"] == "held_out"]
                     rq_table += [r for r in rows if r["query_set"] == "recall_queries"]
-                    key = f"recall_{c.k}_at_{c.k}"
+                    key = recall_key(c.k)
                     if selected and (min(r[key] for r in rows) >= c.target_recall
                                      or max(r["ms_per_query"] for r in rows) > c.max_query_ms):
                         break  # costlier settings of this group add nothing to the choice

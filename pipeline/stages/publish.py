@@ -8,6 +8,7 @@ LATEST never sees a half run.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -21,6 +22,7 @@ from pipeline.stages import faults
 from pipeline.stages.stage_metrics import StageTimer
 from pipeline.stages.write import write_table_atomically
 from pipeline.storage import LATEST, MANIFEST, read_manifest, write_text_atomically
+from schemas.manifest import Accounting, Counts, FileEntry, IndexInfo, Manifest
 
 log = logging.getLogger("pipeline.stages.publish")
 
@@ -63,17 +65,17 @@ def check_counts(counts: dict) -> None:
         )
 
 
-def file_entry(path: str, run_dir: str) -> dict:
+def file_entry(path: str, run_dir: str) -> FileEntry:
     """Path relative to the run, size and sha256 of one output file."""
     digest, size = hashlib.sha256(), 0
     with storage.open_read(path) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
-    return {"path": path[len(run_dir.rstrip("/")) + 1:], "bytes": size, "sha256": digest.hexdigest()}
+    return FileEntry(path=path[len(run_dir.rstrip("/")) + 1:], bytes=size, sha256=digest.hexdigest())
 
 
-def write_report_files(run_dir: str, manifest: dict, data: dict, thumbnails=None) -> list[str]:
+def write_report_files(run_dir: str, manifest: Manifest, data: dict, thumbnails=None) -> list[str]:
     """report/data.json (+ report/thumbnails.parquet) and report.html, each atomically; returns their paths."""
     paths = []
     if thumbnails is not None:
@@ -86,7 +88,7 @@ def write_report_files(run_dir: str, manifest: dict, data: dict, thumbnails=None
     return paths
 
 
-def add_timings(run_dir: str, timings: dict) -> dict:
+def add_timings(run_dir: str, timings: dict) -> Manifest:
     """After the pipeline: the manifest gets ``timings``, report.html is re-rendered with them.
 
     Beam metrics are complete only once the pipeline has finished, after the
@@ -100,17 +102,18 @@ def add_timings(run_dir: str, timings: dict) -> dict:
     data_path = f"{run_dir}/{report_data.DATA}"
     with storage.open_read(data_path) as f:
         data = json.loads(f.read().decode())
-    manifest["timings"] = timings
+    manifest = dataclasses.replace(manifest, timings=timings)
     path = f"{run_dir}/{report.REPORT}"
     write_text_atomically(path, report.render_html(manifest, data))
     entry = file_entry(path, run_dir)
-    manifest["files"] = [entry if f["path"] == entry["path"] else f for f in manifest["files"]]
-    write_text_atomically(f"{run_dir}/{MANIFEST}", json.dumps(manifest, indent=2, ensure_ascii=False))
+    manifest = dataclasses.replace(manifest, files=tuple(entry if f.path == entry.path else f
+                                                         for f in manifest.files or ()))
+    write_text_atomically(f"{run_dir}/{MANIFEST}", manifest.to_json())
     return manifest
 
 
 class _Publish(beam.DoFn):
-    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict, max_failure_fraction: float,
+    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: Manifest, max_failure_fraction: float,
                  incremental_counts=None, previous=None):
         self._output, self._run_dir, self._run_id, self._base = output.rstrip("/"), run_dir, run_id, manifest_base
         self._max_failure_fraction = max_failure_fraction
@@ -118,7 +121,7 @@ class _Publish(beam.DoFn):
         self._previous = previous
         self._timer = StageTimer("publish")
 
-    def _report_data(self, index: dict | None, embedding_files: list, dead_files: list, sample, thumbnails):
+    def _report_data(self, index: IndexInfo | None, embedding_files: list, dead_files: list, sample, thumbnails):
         """The report's gallery, dead-letter examples and drift; a failure here is shown in the report, not fatal."""
         previous, previous_manifest = self._previous, None
         try:
@@ -152,21 +155,21 @@ class _Publish(beam.DoFn):
             paths += index.pop("files")
             if index["ntotal"] != embedded:
                 raise AccountingError(f"{embedded} items embedded but {index['ntotal']} vectors in the index")
-        manifest = dict(self._base, counts=counts, stats=stats,
-                        accounting={"failed_fraction": round(failed_fraction(counts), 6),
-                                    "max_failure_fraction": self._max_failure_fraction},
-                        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        if index is not None:
-            manifest["index"] = index
-        data, thumbnail_table = self._report_data(index, embedding_files, dead_files, sample, thumbnails)
+        manifest = dataclasses.replace(
+            self._base, counts=Counts.from_dict(counts), stats=stats,
+            accounting=Accounting(failed_fraction=round(failed_fraction(counts), 6),
+                                  max_failure_fraction=self._max_failure_fraction),
+            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            index=IndexInfo.from_dict(index) if index is not None else None)
+        data, thumbnail_table = self._report_data(manifest.index, embedding_files, dead_files, sample, thumbnails)
         paths += write_report_files(self._run_dir, manifest, data, thumbnail_table)
-        manifest["report"] = report.REPORT
-        manifest["files"] = [file_entry(path, self._run_dir) for path in paths]
+        manifest = dataclasses.replace(manifest, report=report.REPORT,
+                                       files=tuple(file_entry(path, self._run_dir) for path in paths))
         faults.inject("publish_manifest")
-        write_text_atomically(f"{self._run_dir}/{MANIFEST}", json.dumps(manifest, indent=2, ensure_ascii=False))
+        write_text_atomically(f"{self._run_dir}/{MANIFEST}", manifest.to_json())
         faults.inject("publish_latest")
         write_text_atomically(f"{self._output}/{LATEST}", self._run_id + "\n")
-        return manifest
+        return manifest.to_dict()  # the stage's output stays the JSON dict (typed stage outputs come later)
 
 
 def batch_stats(table) -> dict:
@@ -247,7 +250,7 @@ class Publish(beam.PTransform):
     ``previous`` (incremental.PreviousRun) gives the report last run's counts, vectors (drift of changed items)
     and thumbnails (reused items)."""
 
-    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: dict,
+    def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: Manifest,
                  max_failure_fraction: float = 1.0, incremental_counts=None, previous=None):
         super().__init__()
         self._fn = _Publish(output, run_dir, run_id, manifest_base, max_failure_fraction, incremental_counts,

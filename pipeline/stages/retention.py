@@ -26,7 +26,7 @@ def published_runs(output: str) -> list[tuple[str, str]]:
     for meta in matched:
         run_dir = meta.path[: -len(MANIFEST) - 1]
         try:
-            created = read_manifest(run_dir).get("created_at", "")
+            created = read_manifest(run_dir).created_at or ""
         except Exception:  # noqa: BLE001 - a manifest being replaced right now: leave that run alone
             continue
         runs.append((created, run_dir))
