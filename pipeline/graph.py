@@ -27,6 +27,7 @@ a modality vector:
 from __future__ import annotations
 
 import functools
+import typing
 
 import apache_beam as beam
 
@@ -36,7 +37,7 @@ from pipeline.config import RunConfig
 from pipeline.stages.embed import EmbedBatches
 from pipeline.stages.encode import handler_for
 from pipeline.stages.index import BuildIndex
-from pipeline.stages.publish import Publish, batch_stats
+from pipeline.stages.publish import Publish, PublishInputs, batch_stats
 from pipeline.stages.read import ReadCatalog
 from pipeline.query.recall_queries import encode_recall_queries
 from pipeline.stages.incremental import Incremental, incremental_counts, resolve_previous_run, resume_pieces
@@ -46,6 +47,14 @@ from pipeline.stages.records import join_buckets
 from schemas.dead_letter import DEAD_LETTER_SCHEMA
 from schemas.embeddings import embeddings_schema
 from schemas.manifest import FORMAT_VERSION, Manifest
+
+class JobOutputs(typing.NamedTuple):
+    """What :func:`build` returns (each a PCollection), for callers that add to the job or assert on it."""
+
+    embedding_files: beam.PCollection  # str: the written embeddings shards
+    dead: beam.PCollection  # DeadLetter, from every stage
+    manifest: beam.PCollection  # the published manifest (one dict)
+
 
 def _flatten(p: beam.Pipeline, label: str, pcolls: list) -> beam.PCollection:
     if not pcolls:
@@ -100,7 +109,7 @@ def catalog_rows(pattern: str) -> int:
 
 
 def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = None,
-          num_rows: int | None = None) -> dict:
+          num_rows: int | None = None) -> JobOutputs:
     """Adds the whole job to ``p``; ``model_handlers`` (route or "asr" -> handler) lets tests swap models.
 
     ``num_rows``: the catalog's row count (the launcher has read the footers); it sizes the join's buckets.
@@ -118,23 +127,23 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     # Unchanged items leave here with last run's vector; only new and changed ones go on to be embedded.
     previous = resolve_previous_run(config.write.output, config.incremental.previous_run, run_dir,
                                     metadata, config.write.vector_dtype)
-    incremental = read["items"] | "Incremental" >> Incremental(
+    incremental = read.items | "Incremental" >> Incremental(
         config.incremental, previous, metadata["model_fingerprint"], config.fetch, modalities & {"image", "audio"},
         schema=schema, batch_items=config.items_per_batch, resume=resume_pieces(run_dir), num_buckets=num_buckets)
 
-    embedded = incremental["encode"] | "Embed" >> EmbedBatches(
+    embedded = incremental.encode | "Embed" >> EmbedBatches(
         layout=config.layout(), fusion=config.fusion, model_fingerprint=metadata["model_fingerprint"],
         media_errors=config.media_errors, schema=schema, **embed_settings(config, model_handlers))
 
     # the reused and the encoded batches are written and summarized each where it is made
-    sources = (incremental["reused"], embedded["records"])
+    sources = (incremental.reused, embedded.records)
     embedding_files = sources | "WriteEmbeddings" >> WriteShards(
         f"{run_dir}/embeddings", schema, num_shards=config.write.num_shards,
         rows_per_shard=config.write.rows_per_shard)
     stats = _flatten(p, "AllBatchStats", [src | f"Summarize{name}" >> beam.Map(batch_stats)
                                           for name, src in zip(("Reused", "Encoded"), sources)])
-    encoded = embedded["records"] | "EncodedRows" >> beam.Map(lambda t: t.num_rows)
-    dead = _flatten(p, "AllDeadLetters", [read["dead"], incremental["dead"], embedded["dead"]])
+    encoded = embedded.records | "EncodedRows" >> beam.Map(lambda t: t.num_rows)
+    dead = _flatten(p, "AllDeadLetters", [read.dead, incremental.dead, embedded.dead])
     dead_files = (
         dead
         | "DeadLetterRows" >> beam.Map(lambda d: dead_letters_to_table([d]))
@@ -142,17 +151,16 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
                                             rows_per_shard=config.write.rows_per_shard)
     )
 
-    publish_inputs = {
-        "rows": read["rows"], "records": stats, "dead": dead, "skipped": read["skipped"],
-        "embedding_files": embedding_files, "dead_files": dead_files,
-        "status": incremental["status"], "encoded": encoded,
-        "sample": incremental["sample"], "thumbnails": embedded["thumbnails"],
-    }
+    index = None
     if config.index.enabled:
-        publish_inputs["index"] = embedding_files | "Index" >> BuildIndex(
+        index = embedding_files | "Index" >> BuildIndex(
             config.index, run_dir, layout_dim, previous, metadata["model_fingerprint"],
             recall_queries=encode_recall_queries(config.index.recall_queries, metadata, run_dir)
             if config.index.recall_queries else None)
+    publish_inputs = PublishInputs(
+        rows=read.rows, records=stats, dead=dead, skipped=read.skipped,
+        embedding_files=embedding_files, dead_files=dead_files, status=incremental.status, encoded=encoded,
+        sample=incremental.sample, thumbnails=embedded.thumbnails, index=index)
     manifest = publish_inputs | "Publish" >> Publish(
         config.write.output, run_dir, config.write.run_id, manifest_base(config, metadata),
         max_failure_fraction=config.max_failure_fraction,
@@ -161,4 +169,4 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     # after LATEST points at the new run: only then may older runs go
     output, keep = config.write.output, config.incremental.keep_runs
     _ = manifest | "Retention" >> beam.Map(lambda m: apply_retention(output, keep, run_dir))
-    return {"embedding_files": embedding_files, "dead": dead, "manifest": manifest}
+    return JobOutputs(embedding_files=embedding_files, dead=dead, manifest=manifest)

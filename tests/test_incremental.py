@@ -331,21 +331,21 @@ def test_no_per_item_element_between_read_and_the_encode_batches(tmp_path):
     assert buckets == 3
     with beam.Pipeline() as p:
         read = p | ReadCatalog(ReadConfig(catalog=path), modalities=frozenset({"text"}), num_buckets=buckets)
-        joined = read["items"] | incremental.Incremental(
+        joined = read.items | incremental.Incremental(
             incremental.IncrementalConfig(previous_run="none"), None, "fp", FetchPolicy(), frozenset(),
             schema=embeddings_schema(4), batch_items=256, num_buckets=buckets)
-        sizes = read["items"] | "JoinInput" >> beam.Map(lambda e: (e[1][0], len(e[1][1])))
+        sizes = read.items | "JoinInput" >> beam.Map(lambda e: (e[1][0], len(e[1][1])))
         assert_that(sizes | "Elements" >> beam.combiners.Count.Globally(),
                     lambda n: _check(n[0] <= 4 * buckets, n), label="FewJoinElements")
         assert_that(sizes | beam.Values() | "Items" >> beam.CombineGlobally(sum), equal_to([3001]), label="AllItems")
-        batches = joined["encode"] | beam.Map(len)
+        batches = joined.encode | beam.Map(len)
         assert_that(batches | "MaxBatch" >> beam.CombineGlobally(max), equal_to([256]), label="BatchCap")
         assert_that(batches | "Encoded" >> beam.CombineGlobally(sum), equal_to([3000]), label="Encoded")
         assert_that(batches | "Batches" >> beam.combiners.Count.Globally(),
                     lambda n: _check(n[0] <= 3000 // 256 + buckets, n), label="FewBatches")
-        assert_that(joined["dead"] | beam.Map(lambda d: (d.item_id, d.reason.value)),
+        assert_that(joined.dead | beam.Map(lambda d: (d.item_id, d.reason.value)),
                     equal_to([("item-00007", "duplicate_id")]), label="Duplicate")
-        assert_that(joined["sample"] | "Samples" >> beam.combiners.Count.Globally(),
+        assert_that(joined.sample | "Samples" >> beam.combiners.Count.Globally(),
                     lambda n: _check(1 <= n[0] <= buckets, n), label="AtMostOneSampleListPerBucket")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import time
+import typing
 
 import apache_beam as beam
 import numpy as np
@@ -227,14 +228,22 @@ class _Embed(beam.DoFn):
         return [(pos, 0) for pos in clip_positions], [clip.at(rate) for clip in clips]
 
 
+class EmbedOutputs(typing.NamedTuple):
+    """What the embed stage hands on (each a PCollection)."""
+
+    records: beam.PCollection  # pa.Table of fused rows (embeddings schema), one per batch
+    dead: beam.PCollection  # DeadLetter: items that failed fetch, decode, transcription or encode
+    thumbnails: beam.PCollection  # the report's thumbnails of sample candidates (pipeline/report/sample.py)
+
+
 class EmbedBatches(beam.PTransform):
-    """Batches of CatalogItem -> {records: pa.Table per batch, dead: DeadLetter, thumbnails: the report's}."""
+    """Batches of CatalogItem -> :class:`EmbedOutputs`."""
 
     def __init__(self, **kwargs):
         super().__init__()
         load_attention(kwargs["fusion"], kwargs["routes"], kwargs["layout"])  # fail at launch on a bad module
         self._fn = _Embed(**kwargs)
 
-    def expand(self, batches):
+    def expand(self, batches) -> EmbedOutputs:
         out = batches | "Embed" >> beam.ParDo(self._fn).with_outputs(DEAD, THUMBNAILS, main="records")
-        return {"records": out.records, "dead": out[DEAD], "thumbnails": out[THUMBNAILS]}
+        return EmbedOutputs(records=out.records, dead=out[DEAD], thumbnails=out[THUMBNAILS])

@@ -32,6 +32,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import logging
+import typing
 
 import apache_beam as beam
 import numpy as np
@@ -515,9 +516,18 @@ class _ReadReused(beam.DoFn):
                 yield table
 
 
+class IncrementalOutputs(typing.NamedTuple):
+    """What the join by id bucket hands on (each a PCollection)."""
+
+    encode: beam.PCollection  # list[CatalogItem]: batches of new and changed items, to embed
+    reused: beam.PCollection  # pa.Table: reused rows, read from the shard (or piece) that holds them
+    status: beam.PCollection  # {status: count} per batch: reused / new / changed / deleted (+ resumed)
+    dead: beam.PCollection  # DeadLetter: duplicate ids
+    sample: beam.PCollection  # list[SampleItem]: the report's sample candidates, per bucket
+
+
 class Incremental(beam.PTransform):
-    """Bucketed catalog items (``pipeline.stages.read``) -> {encode: list[CatalogItem] batches, reused: pa.Table
-    batches, status: {status: count} dicts, dead: duplicate-id DeadLetters, sample: lists of SampleItem}.
+    """Bucketed catalog items (``ReadOutputs.items``) -> :class:`IncrementalOutputs`.
 
     The one join by item id of the graph (``JoinByIdBucket``, one element per
     bucket and row group on each side): it carries catalog items (text and
@@ -539,7 +549,7 @@ class Incremental(beam.PTransform):
                             hash_new=config.change_detection == "metadata", media=frozenset(media),
                             batch_items=batch_items)
 
-    def expand(self, bucketed_items):
+    def expand(self, bucketed_items) -> IncrementalOutputs:
         p = bucketed_items.pipeline
         sides = [bucketed_items]
         if self._previous is not None:
@@ -569,8 +579,8 @@ class Incremental(beam.PTransform):
             )
         else:  # nothing can be reused: no second shuffle
             reused = p | "NoReuse" >> beam.Create([])
-        return {"encode": out[ENCODE], "reused": reused, "status": out[STATUS], "dead": out[DEAD],
-                "sample": out[SAMPLE]}
+        return IncrementalOutputs(encode=out[ENCODE], reused=reused, status=out[STATUS], dead=out[DEAD],
+                                  sample=out[SAMPLE])
 
 
 def incremental_counts(statuses: dict, encoded: int, embedded: int, previous: PreviousRun | None,

@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import logging
+import typing
 
 import apache_beam as beam
 
@@ -241,14 +242,29 @@ class SmallestSample(beam.CombineFn):
         return self._smallest(acc[1])
 
 
+class PublishInputs(typing.NamedTuple):
+    """What the publish stage gathers (each a PCollection; it runs once all of them are complete)."""
+
+    rows: beam.PCollection  # int: input rows read, per row group
+    records: beam.PCollection  # dict: :func:`batch_stats` of each batch of embedded rows (reused and encoded)
+    dead: beam.PCollection  # DeadLetter, from every stage
+    skipped: beam.PCollection  # Skip
+    embedding_files: beam.PCollection  # str: the written embeddings shards
+    dead_files: beam.PCollection  # str: the written dead-letter shards
+    status: beam.PCollection  # {status: count} dicts of the join (used with ``incremental_counts``)
+    encoded: beam.PCollection  # int: rows of each batch that went through the encoders
+    sample: beam.PCollection  # list[SampleItem]: each bucket's report sample candidates
+    thumbnails: beam.PCollection  # Thumbnail: from the embed stage
+    index: beam.PCollection | None = None  # one index dict (BuildIndex); None with ``--index off``
+
+
 class Publish(beam.PTransform):
-    """Inputs: rows (input rows read, as ints to add up), records (:func:`batch_stats` of each batch of
-    embedded rows), dead, skipped, embedding_files, dead_files; optional: index (one index dict), and, with
-    ``incremental_counts(statuses, encoded, embedded) -> dict``, ``status`` ({status: count} dicts) and
-    ``encoded`` (row counts of the batches that went through the encoders); for the report, ``sample`` (lists
-    of report_sample.SampleItem, each bucket's candidates from the join) and ``thumbnails`` (report_sample.Thumbnail from the embed stage).
-    ``previous`` (incremental.PreviousRun) gives the report last run's counts, vectors (drift of changed items)
-    and thumbnails (reused items)."""
+    """:class:`PublishInputs` -> the manifest (one dict), after LATEST points at the run.
+
+    With ``incremental_counts(statuses, encoded, embedded) -> dict`` the
+    manifest gets ``counts.incremental``. ``previous`` (incremental.PreviousRun)
+    gives the report last run's counts, vectors (drift of changed items) and
+    thumbnails (reused items)."""
 
     def __init__(self, output: str, run_dir: str, run_id: str, manifest_base: Manifest,
                  max_failure_fraction: float = 1.0, incremental_counts=None, previous=None):
@@ -256,15 +272,19 @@ class Publish(beam.PTransform):
         self._fn = _Publish(output, run_dir, run_id, manifest_base, max_failure_fraction, incremental_counts,
                             previous)
 
-    def expand(self, inputs: dict):
-        p = inputs["rows"].pipeline
+    def _extract_input_pvalues(self, pvalueish):
+        # Beam's default refuses a None leaf; the optional index input is None with --index off
+        return pvalueish, {k: v for k, v in pvalueish._asdict().items() if v is not None}
+
+    def expand(self, inputs: PublishInputs):
+        p = inputs.rows.pipeline
         reasons = (
-            inputs["dead"]
+            inputs.dead
             | "Reasons" >> beam.Map(lambda d: d.reason.value)
             | "CountReasons" >> beam.combiners.Count.PerElement()
         )
         skip_reasons = (
-            inputs["skipped"]
+            inputs.skipped
             | "SkipReasons" >> beam.Map(lambda s: s.reason.value)
             | "CountSkipReasons" >> beam.combiners.Count.PerElement()
         )
@@ -273,28 +293,27 @@ class Publish(beam.PTransform):
             | "Once" >> beam.Create([None])
             | "Publish" >> beam.ParDo(
                 self._fn,
-                beam.pvalue.AsSingleton(inputs["rows"] | "CountRows" >> beam.CombineGlobally(sum)),
-                beam.pvalue.AsSingleton(inputs["records"] | "EmbeddedRows" >> beam.Map(lambda s: s["items"])
+                beam.pvalue.AsSingleton(inputs.rows | "CountRows" >> beam.CombineGlobally(sum)),
+                beam.pvalue.AsSingleton(inputs.records | "EmbeddedRows" >> beam.Map(lambda s: s["items"])
                                         | "CountEmbedded" >> beam.CombineGlobally(sum)),
                 beam.pvalue.AsDict(reasons),
                 beam.pvalue.AsDict(skip_reasons),
-                beam.pvalue.AsList(inputs["embedding_files"]),
-                beam.pvalue.AsList(inputs["dead_files"]),
-                beam.pvalue.AsSingleton(inputs["records"] | "Stats" >> beam.CombineGlobally(RecordStats())),
+                beam.pvalue.AsList(inputs.embedding_files),
+                beam.pvalue.AsList(inputs.dead_files),
+                beam.pvalue.AsSingleton(inputs.records | "Stats" >> beam.CombineGlobally(RecordStats())),
                 **self._optional_inputs(inputs),
             )
         )
 
-    def _optional_inputs(self, inputs: dict) -> dict:
+    def _optional_inputs(self, inputs: PublishInputs) -> dict:
         out = {}
-        if "index" in inputs:
-            out["index"] = beam.pvalue.AsSingleton(inputs["index"])
+        if inputs.index is not None:
+            out["index"] = beam.pvalue.AsSingleton(inputs.index)
         for name, label in (("sample", "ReportSample"), ("thumbnails", "ReportThumbnails")):
-            if name in inputs:
-                combined = inputs[name] | label >> beam.CombineGlobally(SmallestSample())
-                out[name] = beam.pvalue.AsSingleton(combined)
+            combined = getattr(inputs, name) | label >> beam.CombineGlobally(SmallestSample())
+            out[name] = beam.pvalue.AsSingleton(combined)
         if self._fn._incremental_counts is not None:
-            statuses = inputs["status"] | "CountStatuses" >> beam.CombineGlobally(_add_counts)
-            encoded = inputs["encoded"] | "CountEncoded" >> beam.CombineGlobally(sum)
+            statuses = inputs.status | "CountStatuses" >> beam.CombineGlobally(_add_counts)
+            encoded = inputs.encoded | "CountEncoded" >> beam.CombineGlobally(sum)
             out.update(statuses=beam.pvalue.AsSingleton(statuses), encoded=beam.pvalue.AsSingleton(encoded))
         return out

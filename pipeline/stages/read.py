@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import posixpath
 import time
+import typing
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -118,9 +119,17 @@ class _ReadRows(beam.DoFn):
                     yield bucket, (CURRENT, items[start:start + MAX_JOIN_BATCH])
 
 
+class ReadOutputs(typing.NamedTuple):
+    """What the read stage hands on (each a PCollection)."""
+
+    items: beam.PCollection  # (bucket, ("c", [item tuple, ...])): a row group's valid items per join bucket
+    dead: beam.PCollection  # DeadLetter: rows that failed validation
+    skipped: beam.PCollection  # Skip: rows with content only in modalities the run has no model for
+    rows: beam.PCollection  # int: rows read, one per row group
+
+
 class ReadCatalog(beam.PTransform):
-    """pipeline root -> {items: (bucket, ("c", [item tuple, ...])), dead: DeadLetter, skipped: Skip,
-    rows: int per row group}.
+    """pipeline root -> :class:`ReadOutputs`.
 
     ``modalities`` are those the run has models for; an item whose content is
     only in other modalities is a counted skip, not a dead letter. Duplicate
@@ -134,7 +143,7 @@ class ReadCatalog(beam.PTransform):
         self._config, self._interval, self._modalities = config, progress_interval_s, frozenset(modalities)
         self._num_buckets = num_buckets
 
-    def expand(self, pbegin):
+    def expand(self, pbegin) -> ReadOutputs:
         out = (
             pbegin
             | "MatchCatalog" >> fileio.MatchFiles(self._config.catalog, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
@@ -142,4 +151,4 @@ class ReadCatalog(beam.PTransform):
             | "ReadRows" >> beam.ParDo(_ReadRows(self._config, self._modalities, self._interval, self._num_buckets))
             .with_outputs(DEAD, SKIPPED, ROWS, main="items")
         )
-        return {"items": out.items, "dead": out[DEAD], "skipped": out[SKIPPED], "rows": out[ROWS]}
+        return ReadOutputs(items=out.items, dead=out[DEAD], skipped=out[SKIPPED], rows=out[ROWS])
