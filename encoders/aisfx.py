@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from encoders.forward import _autocast, _in_fixed_batches, _pad_rows, _seeded, _to_device
+
 ARCH = "aisfx-cnn9"
 SAMPLE_RATE = 44_100
 N_FFT, HOP, N_MELS = 2048, 1024, 96
@@ -123,8 +125,6 @@ class AisfxModel:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, spec, device: torch.device, precision: str = "fp32"):
-        from encoders.towers import _seeded
-
         if spec.name != ARCH:
             raise ValueError(f"aisfx architecture {spec.name!r} is unknown; known: {ARCH}")
         with _seeded(spec):
@@ -139,8 +139,6 @@ class AisfxModel:
 
     @torch.inference_mode()
     def encode_audio(self, clips: list[np.ndarray], batch_size: int) -> np.ndarray:
-        from encoders.towers import _autocast, _in_fixed_batches, _pad_rows, _to_device
-
         per_clip = [blocks(log_mel(c, self.filters)) for c in clips]
         if not per_clip:
             return np.zeros((0, DIM), np.float32)

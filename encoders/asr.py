@@ -23,19 +23,22 @@ import json
 import math
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from encoders import families
+from encoders.forward import _autocast, load_transformers
 from encoders.specs import PRETRAINED, RANDOM, WeightsLabel, _path_digest
 
-BACKENDS = ("faster_whisper", "transformers", "moonshine")
+ASR_PREFIX = "asr_"  # an AsrSpec's family is this + its backend (encoders.families)
+BACKENDS = tuple(f[len(ASR_PREFIX):] for f in families.names(asr=True))
 COMPUTE_TYPES = ("default", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30
+_LANGUAGE_NAMES = {"en": "English"}  # for error messages
 _LANGUAGE_RE = re.compile(r"^[a-z]{2,3}$")
 
 
@@ -67,10 +70,13 @@ class AsrSpec(WeightsLabel):
             raise ValueError("ASR model must be non-empty (a model directory, hub id or size name)")
         if self.weights not in (PRETRAINED, RANDOM):
             raise ValueError(f"ASR weights must be {PRETRAINED!r} or {RANDOM!r}, got {self.weights!r}")
-        if self.weights == RANDOM and self.backend != "transformers":
-            raise ValueError("random ASR weights exist only for the transformers backend (a config dir)")
-        if self.backend == "moonshine" and self.language not in (None, "en"):
-            raise ValueError(f"the moonshine backend (base-en) transcribes English only, got language {self.language!r}")
+        family = families.get(self.family)
+        if self.weights == RANDOM and family.weights != families.FROM_NAME:
+            random_ok = [b for b in BACKENDS if families.get(ASR_PREFIX + b).weights == families.FROM_NAME]
+            raise ValueError(f"random ASR weights exist only for the {' and '.join(random_ok)} backend (a config dir)")
+        if family.languages and self.language not in (None, *family.languages):
+            known = " / ".join(_LANGUAGE_NAMES.get(code, code) for code in family.languages)
+            raise ValueError(f"the {self.backend} backend transcribes {known} only, got language {self.language!r}")
         if self.language is not None and not _LANGUAGE_RE.match(self.language):
             raise ValueError(f"ASR language must be a Whisper language code such as 'en' or None (auto), "
                              f"got {self.language!r}")
@@ -87,9 +93,14 @@ class AsrSpec(WeightsLabel):
     def name(self) -> str:
         return self.model
 
+    @property
+    def family(self) -> str:
+        """The registry's name for this recognizer (``encoders.families``)."""
+        return ASR_PREFIX + self.backend
+
     def describe(self) -> dict:
         return {
-            "family": f"asr_{self.backend}",
+            "family": self.family,
             "name": self.model,
             "weights": self.weights,
             "weights_label": self.weights_label,
@@ -136,11 +147,11 @@ class SpeechRecognizer(Protocol):
 def spec_from_description(d: dict) -> AsrSpec:
     """The :class:`AsrSpec` that :meth:`AsrSpec.describe` recorded (settings it lacks take their defaults)."""
     family = str(d.get("family", ""))
-    if not family.startswith("asr_"):
+    if not family.startswith(ASR_PREFIX):
         raise ValueError(f"not a speech recognizer description: family {family!r}")
     language = d.get("language")
     optional = {k: d[k] for k in ("max_new_tokens", "no_speech_threshold", "logprob_threshold", "seed") if k in d}
-    return AsrSpec(family[len("asr_"):], d["name"], d.get("weights", PRETRAINED),
+    return AsrSpec(family[len(ASR_PREFIX):], d["name"], d.get("weights", PRETRAINED),
                    None if language in (None, "", "auto") else language, d.get("compute_type", "default"),
                    int(d.get("beam_size", 1)), **optional)
 
@@ -201,7 +212,8 @@ class FasterWhisperAsr:
     batch are encoded and decoded together with ``generate``.
     """
 
-    def __init__(self, spec: AsrSpec, device: torch.device):
+    def __init__(self, spec: AsrSpec, device: torch.device, precision: str = "fp32"):
+        # precision is torch's; CTranslate2's own quantization is spec.compute_type
         from faster_whisper import WhisperModel
         from faster_whisper.tokenizer import Tokenizer
 
@@ -262,8 +274,6 @@ class TransformersWhisperAsr:
     def __init__(self, spec: AsrSpec, device: torch.device, precision: str = "fp32"):
         from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-        from encoders.towers import load_transformers
-
         self.model = load_transformers(spec, device, WhisperForConditionalGeneration)
         try:
             self.extractor = WhisperFeatureExtractor.from_pretrained(spec.model)
@@ -300,8 +310,6 @@ class TransformersWhisperAsr:
 
     @torch.inference_mode()
     def _decode(self, features: torch.Tensor) -> list[_Window]:
-        from encoders.towers import _autocast
-
         with _autocast(self.device, self.precision):
             states = self.model.model.encoder(features.to(self.device)).last_hidden_state
             prompts, langs = self._prompts(states)
@@ -350,21 +358,9 @@ class TransformersWhisperAsr:
         return _join(len(clips), windows, decoded, self.spec)
 
 
-_CACHE: dict[tuple, SpeechRecognizer] = {}
-_LOCK = threading.Lock()
+_CACHE = families._CACHE  # the registry's one cache of loaded models (tests clear it)
 
 
 def load(spec: AsrSpec, device: torch.device, precision: str = "fp32") -> SpeechRecognizer:
-    """The process's one copy of the recognizer on ``device`` (built on first use)."""
-    key = (spec, str(device), precision)
-    with _LOCK:
-        if key not in _CACHE:
-            if spec.backend == "faster_whisper":
-                _CACHE[key] = FasterWhisperAsr(spec, device)
-            elif spec.backend == "moonshine":
-                from encoders.asr_moonshine import MoonshineAsr
-
-                _CACHE[key] = MoonshineAsr(spec, device, precision)
-            else:
-                _CACHE[key] = TransformersWhisperAsr(spec, device, precision)
-        return _CACHE[key]
+    """The process's one copy of the recognizer on ``device`` (built on first use by its family's loader)."""
+    return families.load(spec, device, precision)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from encoders.asr import SAMPLE_RATE, _join, _Window, _windows
+
 FILES = ("encoder_model.ort", "decoder_model_merged.ort", "tokenizer.bin")
 BOS, EOS = 1, 2
 TOKENS_PER_SECOND = 6.5
@@ -86,8 +88,6 @@ class MoonshineAsr:
         self._heads, self._head_dim = int(shapes[self._past[0]][1]), int(shapes[self._past[0]][3])
 
     def _decode(self, samples: np.ndarray):
-        from encoders.asr import SAMPLE_RATE, _Window
-
         seconds = len(samples) / SAMPLE_RATE
         if seconds < 0.1:  # shorter than one encoder frame: nothing to hear
             return _Window("", "en", 1.0, -math.inf)
@@ -122,7 +122,5 @@ class MoonshineAsr:
         return _Window("" if silent else detokenize(tokens, self.vocab), "en", no_speech, mean)
 
     def transcribe(self, clips: list[np.ndarray], batch_size: int):
-        from encoders.asr import _join, _windows
-
         windows = _windows(clips)
         return _join(len(clips), windows, [self._decode(w) for _, w in windows], self.spec)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from encoders import families
+from encoders.efficientnet import class_names
 from encoders.specs import ModelSpec
 
 DEFAULT_TOP_K = 10
@@ -25,6 +27,11 @@ DEFAULT_TOP_K = 10
 def classifier_spec(spec: ModelSpec) -> ModelSpec:
     """The bridge's image classifier as a ``timm_image`` spec."""
     return ModelSpec("timm_image", spec.name, spec.weights, spec.seed)
+
+
+def output_dim(spec: ModelSpec) -> int:
+    """The ``families`` hook: a bridge's vectors live in its text model's space."""
+    return families.output_dim(spec.text)
 
 
 def class_prompt(description: str) -> str:
@@ -51,11 +58,8 @@ class ConseModel:
     """``encode_image`` through the bridge, ``encode_text`` through the bridge's text model: one space."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32"):
-        from encoders import towers
-        from encoders.efficientnet import class_names
-
-        self.classifier = towers.load(classifier_spec(spec), device, precision)
-        self.text = towers.load(spec.text, device, precision)
+        self.classifier = families.load(classifier_spec(spec), device, precision)
+        self.text = families.load(spec.text, device, precision)
         self.top_k = spec.top_k
         self.dim = int(self.text.dim)
         self.image_size = self.classifier.image_size

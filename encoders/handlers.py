@@ -16,14 +16,15 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from encoders import towers
+from encoders import families, towers
 from encoders.device import resolve_device, validate_device_spec
 from encoders.placement import AUTO_MAX_BATCH
 from encoders.preprocess import ImagePreprocess
 from encoders.specs import PRECISIONS, ModelSpec
 from schemas.dead_letter import Reason, Stage
 
-IMAGE_FAMILIES = ("open_clip", "hf_clip", "conse", "timm_image")
+IMAGE_FAMILIES = families.names(modality="image")
+AUDIO_FAMILIES = families.names(modality="audio", asr=False)
 ENCODE_US = "encode_wall_us"  # Distribution metric name (microseconds), namespace catalog_index.encode.<modality>
 _LOG = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class ImageEmbeddingHandler(_EmbeddingHandler):
     modality = "image"
 
     def __init__(self, spec: ModelSpec, **kwargs):
-        if spec.family not in IMAGE_FAMILIES:
+        if not families.get(spec.family).encodes("image"):
             raise ValueError(f"{spec.family} has no image tower; use a model of a family in {IMAGE_FAMILIES}")
         super().__init__(spec, **kwargs)
 
@@ -179,8 +180,8 @@ class ClapAudioHandler(_EmbeddingHandler):
     modality = "audio"
 
     def __init__(self, spec: ModelSpec, **kwargs):
-        if spec.family not in ("hf_clap", "aisfx"):
-            raise ValueError(f"{spec.family} has no audio tower; use an hf_clap or aisfx model")
+        if spec.family not in AUDIO_FAMILIES:  # the registry's sound families (a recognizer takes audio too)
+            raise ValueError(f"{spec.family} has no audio tower; use an {' or '.join(AUDIO_FAMILIES)} model")
         super().__init__(spec, **kwargs)
 
     def _encode(self, model, batch: list) -> np.ndarray:

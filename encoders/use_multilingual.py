@@ -41,6 +41,13 @@ def resources_dir(name: str) -> Path:
     return path
 
 
+def architecture(spec) -> dict:
+    """The ``families`` hook for the fingerprint: the resources' content digest."""
+    from encoders.specs import _path_digest
+
+    return {"dir_sha256": _path_digest(resources_dir(spec.name))}
+
+
 def packaged_use() -> str | None:
     """``use-multilingual-v3`` when the package is installed, else None."""
     try:

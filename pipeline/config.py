@@ -11,11 +11,13 @@ from encoders.audio import AudioPolicy
 from encoders.device import validate_device_spec
 from encoders.fusion import FusionConfig, Layout
 from encoders.media import FetchPolicy
-from encoders.specs import CLIP_FAMILIES, PRECISIONS, TEXT_FAMILIES, ModelSpec, fingerprint
+from encoders import families
+from encoders.specs import PRECISIONS, TEXT_FAMILIES, ModelSpec, fingerprint
 from schemas.catalog import CatalogColumns, MissingColumn
 
-IMAGE_TEXT_FAMILIES = (*CLIP_FAMILIES, "conse")  # models with an image and a text tower in one space
-SOUND_FAMILIES = ("hf_clap", "aisfx")
+IMAGE_TEXT_FAMILIES = families.names(role="clip")  # models with an image and a text tower in one space
+SOUND_FAMILIES = families.names(role="sound")
+IMAGE_SPACE_FAMILIES = families.names(role="image")
 
 MEDIA_ERROR_POLICIES = ("fail_item", "drop_media")
 # A healthy nightly catalog loses well under 1% of rows to broken media and rows;
@@ -123,8 +125,9 @@ class EncodeConfig:
             raise ValueError(f"the clip space needs a family in {IMAGE_TEXT_FAMILIES}, got {self.clip.family!r}")
         if self.text is not None and self.text.family not in TEXT_FAMILIES:
             raise ValueError(f"the text space needs a family in {TEXT_FAMILIES}, got {self.text.family!r}")
-        if self.image is not None and self.image.family != "timm_image":
-            raise ValueError(f"the image space needs family 'timm_image', got {self.image.family!r}")
+        if self.image is not None and self.image.family not in IMAGE_SPACE_FAMILIES:
+            raise ValueError(f"the image space needs family {' or '.join(map(repr, IMAGE_SPACE_FAMILIES))}, "
+                             f"got {self.image.family!r}")
         if self.image is not None and self.clip is not None:
             from encoders.towers import image_preprocess
 
@@ -150,16 +153,16 @@ class EncodeConfig:
     def routes(self) -> tuple[Route, ...]:
         routes = []
         if self.clip is not None:
-            space = "conse" if self.clip.family == "conse" else "clip"  # a bridge is labelled as one
+            space = families.get(self.clip.family).space  # a bridge (conse) is labelled as one
             routes += [Route("text", space, self.clip), Route("image", space, self.clip)]
         if self.image is not None:
-            routes.append(Route("image", "image", self.image))
+            routes.append(Route("image", families.get(self.image.family).space, self.image))
         if self.text is not None:
             routes.append(Route("text", "text", self.text))
         if self.asr is not None:
             routes += [Route("audio", r.space, r.spec, "transcript") for r in routes if r.modality == "text"]
         if self.clap is not None:
-            space = "clap" if self.clap.family == "hf_clap" else "sound"
+            space = families.get(self.clap.family).space  # clap, or sound (aisfx)
             routes.append(Route("audio", space, self.clap, "waveform"))
         return tuple(routes)
 

@@ -7,12 +7,12 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from encoders import presets
+from encoders import families, presets
 from encoders.asr import BACKENDS, COMPUTE_TYPES, AsrSpec, default_backend
 from encoders.audio import AudioPolicy
 from encoders.fusion import FUSION_MODES, FusionConfig
 from encoders.media import DEFAULT_SCHEMES, FetchPolicy
-from encoders.specs import PRETRAINED, ModelSpec
+from encoders.specs import CLIP_FAMILIES, PRETRAINED, ModelSpec
 from pipeline.config import (DEFAULT_MAX_FAILURE_FRACTION, INDEX_METRICS, MEDIA_ERROR_POLICIES, EncodeConfig,
                              REUSE_QUANTIZER, IndexConfig, ReadConfig, RunConfig, WriteConfig, catalog_root)
 from pipeline.config import CHANGE_DETECTION, LATEST, IncrementalConfig
@@ -68,7 +68,7 @@ class CatalogIndexOptions(PipelineOptions):
 
         g = parser.add_argument_group("models")
         g.add_argument("--preset", default="auto", help="auto | default | offline (see README)")
-        g.add_argument("--clip_family", default=None, choices=["open_clip", "hf_clip"])
+        g.add_argument("--clip_family", default=None, choices=list(CLIP_FAMILIES))
         g.add_argument("--clip_model", default=None, help="open_clip model name, or hf_clip hub id / dir; 'none' disables")
         g.add_argument("--clip_weights", default=None, help="open_clip: tag, checkpoint path or 'random'; hf: pretrained|random")
         g.add_argument("--text_model", default=None, help="sentence encoder hub id or dir; 'none' disables")
@@ -217,10 +217,8 @@ def _space_spec(preset_spec: ModelSpec | None, family: str | None, model: str | 
         return dataclasses.replace(preset_spec, family=family or preset_spec.family,
                                    weights=weights or preset_spec.weights)
     family = family or default_family
-    if family == "timm_image" and weights is None:
-        from encoders.efficientnet import PACKAGED_ARCH, packaged_efficientnet
-
-        weights = packaged_efficientnet() if model == PACKAGED_ARCH else None
+    if weights is None and families.get(family).packaged_weights is not None:  # timm_image: EfficientNet-Lite0
+        weights = families.packaged_weights(family, model)
         if weights is None:
             raise ValueError(f"--image_model {model} needs --image_weights (a state-dict file or 'random')")
     # open_clip has no implicit weights: its ModelSpec asks for a tag, a path or 'random'
