@@ -12,6 +12,7 @@ from encoders.device import validate_device_spec
 from encoders.fusion import FusionConfig, Layout
 from encoders.media import FetchPolicy
 from encoders.specs import CLIP_FAMILIES, PRECISIONS, TEXT_FAMILIES, ModelSpec, fingerprint
+from pipeline.index.defaults import DEFAULT_NPROBES, REUSE_SETTINGS
 from schemas.catalog import CatalogColumns, MissingColumn
 
 IMAGE_TEXT_FAMILIES = (*CLIP_FAMILIES, "conse")  # models with an image and a text tower in one space
@@ -61,6 +62,7 @@ def catalog_root(catalog: str) -> str:
         return head.rstrip("/") or "/"
     return head.rsplit("/", 1)[0] if "/" in head else "."
 IMAGE_DECODERS = ("cpu", "gpu")
+VECTOR_DTYPES = ("float32", "float16")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -185,8 +187,8 @@ class WriteConfig:
             raise ValueError(f"run id {self.run_id!r} must match {_RUN_ID_RE.pattern}")
         if self.num_shards < 0 or self.rows_per_shard < 1:
             raise ValueError(f"num_shards must be >= 0 and rows_per_shard >= 1, got {self.num_shards}, {self.rows_per_shard}")
-        if self.vector_dtype not in ("float32", "float16"):
-            raise ValueError(f"vector dtype {self.vector_dtype!r} is not one of float32, float16")
+        if self.vector_dtype not in VECTOR_DTYPES:
+            raise ValueError(f"vector dtype {self.vector_dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
 
     @property
     def run_dir(self) -> str:
@@ -194,8 +196,7 @@ class WriteConfig:
 
 
 INDEX_METRICS = ("ip", "l2")
-REUSE_QUANTIZER = ("auto", "never")  # same values as pipeline.index.quantizer_reuse.REUSE_SETTINGS
-DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+REUSE_QUANTIZER = REUSE_SETTINGS
 
 
 @dataclasses.dataclass(frozen=True)
