@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from encoders.digest import file_sha256
+
 FAMILIES = {
     "open_clip": "open_clip model: image and text towers (name = open_clip model config)",
     "hf_clip": "transformers CLIPModel / ChineseCLIPModel / SiglipModel (name = hub id or local dir)",
@@ -111,11 +113,8 @@ def spec_from_description(d: dict) -> ModelSpec:
 
 @functools.lru_cache(maxsize=64)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """file_sha256, cached while the file's size and mtime stay (weights are hashed once per process)."""
+    return file_sha256(path)
 
 
 def _path_digest(path: Path) -> str:
