@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from encoders.digest import sha256_hex
 from encoders.fusion import ANCHOR_MODALITY, FusionConfig, Layout
 
 FORMAT = "catalog-index-attention/1"
@@ -139,16 +140,15 @@ def save(module: FusionAttention, path: str) -> None:
 
 def load(path: str, expected_sha256: str = "") -> FusionAttention:
     """Reads a module saved by :func:`save` from any Beam filesystem; checks its sha256 when given."""
-    import hashlib
-
     from apache_beam.io.filesystems import FileSystems
     from safetensors.torch import load as load_tensors
 
     with FileSystems.open(path, compression_type="uncompressed") as f:
         data = f.read()
-    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+    actual = sha256_hex(data)
+    if expected_sha256 and actual != expected_sha256:
         raise ValueError(f"fusion module {path} has changed since it was recorded "
-                         f"(sha256 {hashlib.sha256(data).hexdigest()[:12]}..., expected {expected_sha256[:12]}...)")
+                         f"(sha256 {actual[:12]}..., expected {expected_sha256[:12]}...)")
     (header_len,) = struct.unpack("<Q", data[:8])
     meta = json.loads(data[8: 8 + header_len]).get("__metadata__") or {}
     if meta.get("format") != FORMAT:

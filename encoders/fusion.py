@@ -36,11 +36,12 @@ Three modes, all producing a unit float32 vector laid out by :class:`Layout`:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from encoders.digest import file_sha256
 
 MODALITIES = ("text", "image", "audio")
 FUSION_MODES = ("mean", "concat", "attention")
@@ -133,17 +134,6 @@ def _weights(pairs: Mapping[str, float], allowed: Sequence[str] | None, what: st
             raise ValueError(f"{what} weight for {name!r} must be a finite number >= 0, got {weight}")
         out.append((name, float(weight)))
     return tuple(sorted(out))
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file on any Beam filesystem (local, gs://, ...)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    digest = hashlib.sha256()
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

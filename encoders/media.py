@@ -8,7 +8,6 @@ the caller can turn it into a row instead of a crash.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.client
 import io
 import ipaddress
@@ -24,6 +23,7 @@ from typing import Callable
 
 from PIL import Image, UnidentifiedImageError
 
+from encoders.digest import sha256_hex
 from schemas.dead_letter import Reason
 
 # Magic numbers of formats PIL decodes; bytes that start like one of these but
@@ -443,4 +443,4 @@ def load_image(uri: str, policy: FetchPolicy, preprocess) -> tuple:
     """
     data = fetch_bytes(uri, policy)
     pixels = decode_for_tower(data, preprocess, policy.max_image_pixels)
-    return preprocess.normalize(pixels[None])[0], hashlib.sha256(data).hexdigest()
+    return preprocess.normalize(pixels[None])[0], sha256_hex(data)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from encoders import families
+from encoders.digest import file_sha256
 
 FAMILIES = {f: families.get(f).description for f in families.names(asr=False)}  # a ModelSpec's families
 CLIP_FAMILIES = tuple(f for f in families.names(role="clip") if not families.get(f).bridge)  # joint image-text
@@ -105,11 +106,8 @@ def spec_from_description(d: dict) -> ModelSpec:
 
 @functools.lru_cache(maxsize=64)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """file_sha256, cached while the file's size and mtime stay (weights are hashed once per process)."""
+    return file_sha256(path)
 
 
 def _path_digest(path: Path) -> str:

@@ -166,15 +166,13 @@ def prepare(argv: list[str]):
                     epilog=BEAM_NOTE)
     CatalogIndexOptions._add_argparse_args(parser)
     console.add_verbosity_args(parser)
-    args, _ = parser.parse_known_args(argv)  # --help exits here, listing the options; bad values raise
-    if not args.catalog:
-        raise UsageError("--catalog is required", "--catalog takes a Parquet path or glob (local, gs://, s3://)")
+    parser.parse_known_args(argv)  # --help exits here, listing the options; bad values raise
     _check_flags(argv)
     options = PipelineOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
     try:
         config, note = to_run_config(options)
-    except ValueError as e:
+    except ValueError as e:  # the config dataclasses validate every value, --catalog's presence included
         raise UsageError(str(e), "catalog-index run --help lists the options and their values") from None
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)
@@ -254,9 +252,11 @@ def _record_timings(run_dir: str, result, wall_s: float) -> Manifest:
 
 
 def _run_arg(parser: argparse.ArgumentParser) -> None:
+    from pipeline.query.search import METRICS
+
     parser.add_argument("--run", required=True, help="a run folder OUT/runs/<id>, or OUT (follows LATEST)")
     parser.add_argument("--device", default="cpu", help="device for the query encoders: cpu | cuda | cuda:N")
-    parser.add_argument("--metric", default="cosine", choices=["cosine", "l2"],
+    parser.add_argument("--metric", default="cosine", choices=list(METRICS),
                         help="cosine: inner product, highest first; l2: squared distance, lowest first")
     parser.add_argument("--exact", action="store_true",
                         help="exact search over the embeddings Parquet even if the run has an index")
@@ -266,8 +266,13 @@ def _run_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_nprobe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.nprobe is not None and args.nprobe < 1:
-        parser.error(f"--nprobe must be >= 1, got {args.nprobe}")
+    """Before any run is loaded: the searcher's own check, as a usage error naming the flag."""
+    from pipeline.query.search import check_nprobe
+
+    try:
+        check_nprobe(args.nprobe)
+    except ValueError as e:
+        parser.error(f"--{e}")
 
 
 def _searcher(info, args):

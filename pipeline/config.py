@@ -13,6 +13,7 @@ from encoders.fusion import FusionConfig, Layout
 from encoders.media import FetchPolicy
 from encoders import families
 from encoders.specs import PRECISIONS, TEXT_FAMILIES, ModelSpec, fingerprint
+from pipeline.index.defaults import DEFAULT_NPROBES, REUSE_SETTINGS
 from schemas.catalog import CatalogColumns, MissingColumn
 
 IMAGE_TEXT_FAMILIES = families.names(role="clip")  # models with an image and a text tower in one space
@@ -63,6 +64,7 @@ def catalog_root(catalog: str) -> str:
         return head.rstrip("/") or "/"
     return head.rsplit("/", 1)[0] if "/" in head else "."
 IMAGE_DECODERS = ("cpu", "gpu")
+VECTOR_DTYPES = ("float32", "float16")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -188,8 +190,8 @@ class WriteConfig:
             raise ValueError(f"run id {self.run_id!r} must match {_RUN_ID_RE.pattern}")
         if self.num_shards < 0 or self.rows_per_shard < 1:
             raise ValueError(f"num_shards must be >= 0 and rows_per_shard >= 1, got {self.num_shards}, {self.rows_per_shard}")
-        if self.vector_dtype not in ("float32", "float16"):
-            raise ValueError(f"vector dtype {self.vector_dtype!r} is not one of float32, float16")
+        if self.vector_dtype not in VECTOR_DTYPES:
+            raise ValueError(f"vector dtype {self.vector_dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
 
     @property
     def run_dir(self) -> str:
@@ -197,8 +199,7 @@ class WriteConfig:
 
 
 INDEX_METRICS = ("ip", "l2")
-REUSE_QUANTIZER = ("auto", "never")  # same values as pipeline.index.quantizer_reuse.REUSE_SETTINGS
-DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+REUSE_QUANTIZER = REUSE_SETTINGS
 
 
 @dataclasses.dataclass(frozen=True)

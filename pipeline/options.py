@@ -11,14 +11,12 @@ from encoders import families, presets
 from encoders.asr import BACKENDS, COMPUTE_TYPES, AsrSpec, default_backend
 from encoders.audio import AudioPolicy
 from encoders.fusion import FUSION_MODES, FusionConfig
-from encoders.media import DEFAULT_SCHEMES, FetchPolicy
-from encoders.specs import CLIP_FAMILIES, PRETRAINED, ModelSpec
-from pipeline.config import (DEFAULT_MAX_FAILURE_FRACTION, INDEX_METRICS, MEDIA_ERROR_POLICIES, EncodeConfig,
-                             REUSE_QUANTIZER, IndexConfig, ReadConfig, RunConfig, WriteConfig, catalog_root)
-from pipeline.config import CHANGE_DETECTION, LATEST, IncrementalConfig
+from encoders.media import FetchPolicy
+from encoders.specs import CLIP_FAMILIES, PRECISIONS, PRETRAINED, RANDOM, ModelSpec
+from pipeline.config import (CHANGE_DETECTION, IMAGE_DECODERS, INDEX_METRICS, LATEST, MEDIA_ERROR_POLICIES, NONE,
+                             REUSE_QUANTIZER, VECTOR_DTYPES, EncodeConfig, IncrementalConfig, IndexConfig, ReadConfig,
+                             RunConfig, WriteConfig, catalog_root)
 from schemas.catalog import CatalogColumns
-
-NONE = "none"
 
 
 def _weights(text: str) -> tuple[tuple[str, float], ...]:
@@ -44,27 +42,112 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
 
+def field_default(cls: type, name: str):
+    """The default of dataclass ``cls``'s field ``name``: the one place an option's default is written."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise ValueError(f"{cls.__name__}.{name} has no default")
+    raise ValueError(f"{cls.__name__} has no field {name!r}")
+
+
+def _joined(values: tuple[str, ...]) -> str:
+    return ",".join(values)
+
+
+def _auto_if_none(value):
+    return "auto" if value is None else value
+
+
+def _on_off(enabled: bool) -> str:
+    return "on" if enabled else "off"
+
+
+# option dest -> (config dataclass, field[, field default -> option default]): each option's default is
+# read from its dataclass (tests/test_options.py walks the parser against this table)
+OPTION_FIELDS: dict[str, tuple] = {
+    "run_id": (WriteConfig, "run_id"), "num_shards": (WriteConfig, "num_shards"),
+    "rows_per_shard": (WriteConfig, "rows_per_shard"), "vector_dtype": (WriteConfig, "vector_dtype"),
+    "item_id_column": (CatalogColumns, "item_id"), "title_column": (CatalogColumns, "title"),
+    "description_column": (CatalogColumns, "description"), "image_column": (CatalogColumns, "image_uris"),
+    "audio_column": (CatalogColumns, "audio_uri"), "passthrough_columns": (CatalogColumns, "passthrough", _joined),
+    "max_text_chars": (ReadConfig, "max_text_chars"),
+    "device": (EncodeConfig, "device"), "precision": (EncodeConfig, "precision"),
+    "batch_size": (EncodeConfig, "batch_size"), "model_copies_per_gpu": (EncodeConfig, "model_copies_per_gpu"),
+    "image_decode": (EncodeConfig, "image_decode"),
+    "decode_threads": (RunConfig, "decode_threads"), "items_per_batch": (RunConfig, "items_per_batch"),
+    "asr_language": (AsrSpec, "language", _auto_if_none), "asr_compute_type": (AsrSpec, "compute_type"),
+    "asr_beam_size": (AsrSpec, "beam_size"),
+    "max_audio_seconds": (AudioPolicy, "max_seconds"), "silence_dbfs": (AudioPolicy, "silence_dbfs"),
+    "max_media_bytes": (FetchPolicy, "max_bytes"), "fetch_timeout_s": (FetchPolicy, "timeout_s"),
+    "max_image_pixels": (FetchPolicy, "max_image_pixels"), "allow_http": (FetchPolicy, "allow_http"),
+    "allowed_media_schemes": (FetchPolicy, "allowed_schemes", _joined),
+    "allowed_media_roots": (FetchPolicy, "allowed_roots", _joined),
+    "allowed_hosts": (FetchPolicy, "allowed_hosts", _joined),
+    "allow_private_hosts": (FetchPolicy, "allow_private_hosts"),
+    "media_errors": (RunConfig, "media_errors"), "max_failure_fraction": (RunConfig, "max_failure_fraction"),
+    "space_weights": (FusionConfig, "space_weights"),
+    "fusion_mode": (FusionConfig, "mode"), "fusion_module": (FusionConfig, "attention_module"),
+    "index": (IndexConfig, "enabled", _on_off), "index_factory": (IndexConfig, "factory"),
+    "index_nlist": (IndexConfig, "nlist"), "index_m": (IndexConfig, "m"), "index_nbits": (IndexConfig, "nbits"),
+    "index_opq": (IndexConfig, "opq"), "index_metric": (IndexConfig, "metric"),
+    "index_memory_gb": (IndexConfig, "memory_gb"), "index_train_size": (IndexConfig, "train_size"),
+    "index_queries": (IndexConfig, "num_queries"), "target_recall": (IndexConfig, "target_recall"),
+    "max_query_ms": (IndexConfig, "max_query_ms"), "recall_queries": (IndexConfig, "recall_queries"),
+    "merge_index": (IndexConfig, "merge"), "index_shard_vectors": (IndexConfig, "shard_vectors"),
+    "reuse_quantizer": (IndexConfig, "reuse_quantizer"),
+    "quantizer_drift_tolerance": (IndexConfig, "quantizer_drift_tolerance"),
+    "previous_run": (IncrementalConfig, "previous_run"), "change_detection": (IncrementalConfig, "change_detection"),
+    "keep_runs": (IncrementalConfig, "keep_runs"),
+    "progress_interval_s": (RunConfig, "progress_interval_s"),
+}
+
+
+def option_default(dest: str):
+    """The default of option ``dest``, from its config dataclass field (OPTION_FIELDS)."""
+    cls, name, *convert = OPTION_FIELDS[dest]
+    value = field_default(cls, name)
+    return convert[0](value) if convert else value
+
+
+def _add(group, flag: str, **kwargs) -> None:
+    """``add_argument`` with the default read from the option's config field."""
+    default = option_default(flag.lstrip("-"))
+    if kwargs.get("action") == "store_true":
+        if default is not False:
+            raise ValueError(f"{flag} is a store_true flag, but its config default is {default!r}")
+    else:
+        kwargs["default"] = default
+    group.add_argument(flag, **kwargs)
+
+
 class CatalogIndexOptions(PipelineOptions):
-    """Options of ``catalog-index run``; every other flag goes to Beam (runner, workers...)."""
+    """Options of ``catalog-index run``; every other flag goes to Beam (runner, workers...).
+
+    Defaults are not written here: :func:`_add` reads each from its config dataclass.
+    """
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("input and output")
         g.add_argument("--catalog", help="catalog Parquet path or glob (local, gs://, s3://...)")
         g.add_argument("--output", default="./out", help="output root; the run goes to OUTPUT/runs/<run_id>/")
-        g.add_argument("--run_id", default="", help="run id (default: UTC time + random suffix)")
-        g.add_argument("--num_shards", type=int, default=0, help="embeddings shards (0: from --rows_per_shard)")
-        g.add_argument("--rows_per_shard", type=int, default=200_000)
-        g.add_argument("--vector_dtype", default="float32", choices=["float32", "float16"])
+        _add(g, "--run_id", help="run id (default: UTC time + random suffix)")
+        _add(g, "--num_shards", type=int, help="embeddings shards (0: from --rows_per_shard)")
+        _add(g, "--rows_per_shard", type=int)
+        _add(g, "--vector_dtype", choices=list(VECTOR_DTYPES))
 
         g = parser.add_argument_group("catalog columns")
-        g.add_argument("--item_id_column", default="item_id")
-        g.add_argument("--title_column", default="title")
-        g.add_argument("--description_column", default="description")
-        g.add_argument("--image_column", default="image_uris", help="one URI or a list of URIs per row")
-        g.add_argument("--audio_column", default="audio_uri")
-        g.add_argument("--passthrough_columns", default="", help="comma-separated columns copied to `attributes`")
-        g.add_argument("--max_text_chars", type=int, default=10_000)
+        _add(g, "--item_id_column")
+        _add(g, "--title_column")
+        _add(g, "--description_column")
+        _add(g, "--image_column", help="one URI or a list of URIs per row")
+        _add(g, "--audio_column")
+        _add(g, "--passthrough_columns", help="comma-separated columns copied to `attributes`")
+        _add(g, "--max_text_chars", type=int)
 
         g = parser.add_argument_group("models")
         g.add_argument("--preset", default="auto", help="auto | default | offline (see README)")
@@ -72,122 +155,115 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--clip_model", default=None, help="open_clip model name, or hf_clip hub id / dir; 'none' disables")
         g.add_argument("--clip_weights", default=None, help="open_clip: tag, checkpoint path or 'random'; hf: pretrained|random")
         g.add_argument("--text_model", default=None, help="sentence encoder hub id or dir; 'none' disables")
-        g.add_argument("--text_weights", default=None, choices=["pretrained", "random"])
+        g.add_argument("--text_weights", default=None, choices=[PRETRAINED, RANDOM])
         g.add_argument("--image_model", default=None,
                        help="timm ImageNet classifier for an image space of its own (e.g. tf_efficientnet_lite0); "
                             "'none' disables")
         g.add_argument("--image_weights", default=None, help="its state-dict file, or 'random'")
-        g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (CUDA absent is an error)")
-        g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on CUDA")
-        g.add_argument("--batch_size", type=int, default=32, help="rows per forward pass; 0: from free GPU memory")
+        _add(g, "--device", help="auto | cpu | cuda | cuda:N (CUDA absent is an error)")
+        _add(g, "--precision", choices=list(PRECISIONS), help="autocast on CUDA")
+        _add(g, "--batch_size", type=int, help="rows per forward pass; 0: from free GPU memory")
 
         g = parser.add_argument_group("scale-out (GPU workers)")
-        g.add_argument("--model_copies_per_gpu", type=int, default=0,
-                       help="0: each worker process loads its own copy on its own GPU; N: N copies per GPU shared "
-                            "by all processes of a machine (Beam's shared model servers)")
-        g.add_argument("--image_decode", default="cpu", choices=["cpu", "gpu"],
-                       help="cpu: PIL on fetch threads; gpu: nvJPEG batches on the model's GPU, PIL fallback per item")
-        g.add_argument("--decode_threads", type=int, default=8, help="fetch+decode threads per worker process")
-        g.add_argument("--items_per_batch", type=int, default=256,
-                       help="catalog items per element from the join to the write; each batch is fetched, decoded, "
-                            "encoded (in --batch_size sub-batches) and fused inside one worker")
+        _add(g, "--model_copies_per_gpu", type=int,
+             help="0: each worker process loads its own copy on its own GPU; N: N copies per GPU shared "
+                  "by all processes of a machine (Beam's shared model servers)")
+        _add(g, "--image_decode", choices=list(IMAGE_DECODERS),
+             help="cpu: PIL on fetch threads; gpu: nvJPEG batches on the model's GPU, PIL fallback per item")
+        _add(g, "--decode_threads", type=int, help="fetch+decode threads per worker process")
+        _add(g, "--items_per_batch", type=int,
+             help="catalog items per element from the join to the write; each batch is fetched, decoded, "
+                  "encoded (in --batch_size sub-batches) and fused inside one worker")
 
         g = parser.add_argument_group("audio")
         g.add_argument("--asr_backend", default="auto", choices=["auto", *BACKENDS],
                        help="speech recognition: auto = transformers on CUDA, faster_whisper on CPU")
         g.add_argument("--asr_model", default=None,
                        help="Whisper model dir / hub id / faster-whisper size; 'none' disables speech recognition")
-        g.add_argument("--asr_weights", default=None, choices=["pretrained", "random"])
-        g.add_argument("--asr_language", default="auto", help="auto (detect per clip) or a code such as en, zh")
-        g.add_argument("--asr_compute_type", default="default", choices=list(COMPUTE_TYPES),
-                       help="faster_whisper quantization (default: int8 on CPU, float16 on CUDA)")
-        g.add_argument("--asr_beam_size", type=int, default=1)
+        g.add_argument("--asr_weights", default=None, choices=[PRETRAINED, RANDOM])
+        _add(g, "--asr_language", help="auto (detect per clip) or a code such as en, zh")
+        _add(g, "--asr_compute_type", choices=list(COMPUTE_TYPES),
+             help="faster_whisper quantization (default: int8 on CPU, float16 on CUDA)")
+        _add(g, "--asr_beam_size", type=int)
         g.add_argument("--clap_model", default=None, help="CLAP model (hf_clap) hub id or dir; 'none' disables "
                        "the sound space (the offline preset's aisfx too)")
-        g.add_argument("--clap_weights", default=None, choices=["pretrained", "random"])
-        g.add_argument("--max_audio_seconds", type=float, default=AudioPolicy.max_seconds,
-                       help="longer clips are dead-lettered (audio_too_long)")
-        g.add_argument("--silence_dbfs", type=float, default=AudioPolicy.silence_dbfs,
-                       help="clips whose RMS level stays below this are dead-lettered (silent_audio)")
+        g.add_argument("--clap_weights", default=None, choices=[PRETRAINED, RANDOM])
+        _add(g, "--max_audio_seconds", type=float, help="longer clips are dead-lettered (audio_too_long)")
+        _add(g, "--silence_dbfs", type=float,
+             help="clips whose RMS level stays below this are dead-lettered (silent_audio)")
 
         g = parser.add_argument_group("media")
-        g.add_argument("--max_media_bytes", type=int, default=FetchPolicy.max_bytes)
-        g.add_argument("--fetch_timeout_s", type=float, default=FetchPolicy.timeout_s)
-        g.add_argument("--max_image_pixels", type=int, default=FetchPolicy.max_image_pixels)
-        g.add_argument("--allow_http", action="store_true", help="allow http(s) media URIs")
-        g.add_argument("--allowed_media_schemes", default=",".join(DEFAULT_SCHEMES),
-                       help="comma-separated schemes read through Beam filesystems ('file' = local paths)")
-        g.add_argument("--allowed_media_roots", default="",
-                       help="comma-separated roots that media must lie under (local folders, gs://bucket/prefix); "
-                            "default: the catalog's own folder tree")
-        g.add_argument("--allowed_hosts", default="",
-                       help="comma-separated http(s) hosts (.example.com: its subdomains); default: any public host")
-        g.add_argument("--allow_private_hosts", action="store_true",
-                       help="allow http(s) to loopback, private and link-local addresses (never metadata endpoints)")
-        g.add_argument("--media_errors", default="fail_item", choices=list(MEDIA_ERROR_POLICIES),
-                       help="fail_item: an item with broken media is dead-lettered; drop_media: embed what is left")
+        _add(g, "--max_media_bytes", type=int)
+        _add(g, "--fetch_timeout_s", type=float)
+        _add(g, "--max_image_pixels", type=int)
+        _add(g, "--allow_http", action="store_true", help="allow http(s) media URIs")
+        _add(g, "--allowed_media_schemes",
+             help="comma-separated schemes read through Beam filesystems ('file' = local paths)")
+        _add(g, "--allowed_media_roots",
+             help="comma-separated roots that media must lie under (local folders, gs://bucket/prefix); "
+                  "default: the catalog's own folder tree")
+        _add(g, "--allowed_hosts",
+             help="comma-separated http(s) hosts (.example.com: its subdomains); default: any public host")
+        _add(g, "--allow_private_hosts", action="store_true",
+             help="allow http(s) to loopback, private and link-local addresses (never metadata endpoints)")
+        _add(g, "--media_errors", choices=list(MEDIA_ERROR_POLICIES),
+             help="fail_item: an item with broken media is dead-lettered; drop_media: embed what is left")
 
         g = parser.add_argument_group("reliability")
-        g.add_argument("--max_failure_fraction", type=float, default=DEFAULT_MAX_FAILURE_FRACTION,
-                       help="publish nothing and exit non-zero if more than this fraction of input rows "
-                            "are dead-lettered")
+        _add(g, "--max_failure_fraction", type=float,
+             help="publish nothing and exit non-zero if more than this fraction of input rows are dead-lettered")
 
         g = parser.add_argument_group("fusion")
+        # empty: FusionConfig's weights; named modalities override theirs (to_run_config)
         g.add_argument("--modality_weights", type=_weights, default=(), help="e.g. text=1,image=1")
-        g.add_argument("--space_weights", type=_weights, default=(), help="e.g. clip=1,text=1")
-        g.add_argument("--fusion_mode", default="mean", choices=list(FUSION_MODES),
-                       help="mean: weighted average per space; concat: one block per (space, modality); "
-                            "attention: per-item weights (agreement rule, or --fusion_module)")
-        g.add_argument("--fusion_module", default="",
-                       help="attention module saved by `catalog-index fit-fusion` (safetensors); needs "
-                            "--fusion_mode attention")
+        _add(g, "--space_weights", type=_weights, help="e.g. clip=1,text=1")
+        _add(g, "--fusion_mode", choices=list(FUSION_MODES),
+             help="mean: weighted average per space; concat: one block per (space, modality); "
+                  "attention: per-item weights (agreement rule, or --fusion_module)")
+        _add(g, "--fusion_module",
+             help="attention module saved by `catalog-index fit-fusion` (safetensors); needs --fusion_mode attention")
 
         g = parser.add_argument_group("index (FAISS; chosen by measured recall within the memory budget unless given)")
-        g.add_argument("--index", default="on", choices=["on", "off"], help="build index shards after embedding")
-        g.add_argument("--index_factory", default="", help="faiss factory string, e.g. OPQ32,IVF1024,PQ32x8")
-        g.add_argument("--index_nlist", type=int, default=0, help="IVF lists (0: automatic)")
-        g.add_argument("--index_m", type=int, default=0, help="PQ sub-quantizers (0: from the memory budget)")
-        g.add_argument("--index_nbits", type=int, default=0, help="bits per PQ code (0: automatic)")
-        g.add_argument("--index_opq", action="store_true", help="add an OPQ rotation before IVF-PQ")
-        g.add_argument("--index_metric", default="ip", choices=list(INDEX_METRICS), help="inner product or L2")
-        g.add_argument("--index_memory_gb", type=float, default=IndexConfig.memory_gb,
-                       help="memory budget of the whole index")
-        g.add_argument("--index_train_size", type=int, default=IndexConfig.train_size, help="vectors to train on")
-        g.add_argument("--index_queries", type=int, default=IndexConfig.num_queries,
-                       help="held-out queries of the recall self-check")
-        g.add_argument("--target_recall", type=float, default=IndexConfig.target_recall,
-                       help="10-recall@10 the chosen index must reach at its recommended search setting")
-        g.add_argument("--max_query_ms", type=float, default=IndexConfig.max_query_ms,
-                       help="batched ms per query the recommended search setting may cost")
-        g.add_argument("--recall_queries", default="",
-                       help="JSON-lines queries in eval's format (modality, query, relevant), encoded with the "
-                            "run's models: the recall self-check and the index choice also measure them")
-        g.add_argument("--merge_index", action="store_true", help="also write index/merged.faiss")
-        g.add_argument("--index_shard_vectors", type=int, default=IndexConfig.shard_vectors,
-                       help="vectors per index shard: embeddings files are grouped into ceil(N / this) index "
-                            "shards (at most one per file), each holding the trained quantizer once")
-        g.add_argument("--reuse_quantizer", default=IndexConfig.reuse_quantizer, choices=list(REUSE_QUANTIZER),
-                       help="auto: reuse the previous run's trained IVF-PQ when the model is unchanged and the "
-                            "held-out quantization error has not drifted; never: always train")
-        g.add_argument("--quantizer_drift_tolerance", type=float, default=IndexConfig.quantizer_drift_tolerance,
-                       help="reuse while the error is at most (1 + this) x the error at training time")
+        _add(g, "--index", choices=["on", "off"], help="build index shards after embedding")
+        _add(g, "--index_factory", help="faiss factory string, e.g. OPQ32,IVF1024,PQ32x8")
+        _add(g, "--index_nlist", type=int, help="IVF lists (0: automatic)")
+        _add(g, "--index_m", type=int, help="PQ sub-quantizers (0: from the memory budget)")
+        _add(g, "--index_nbits", type=int, help="bits per PQ code (0: automatic)")
+        _add(g, "--index_opq", action="store_true", help="add an OPQ rotation before IVF-PQ")
+        _add(g, "--index_metric", choices=list(INDEX_METRICS), help="inner product or L2")
+        _add(g, "--index_memory_gb", type=float, help="memory budget of the whole index")
+        _add(g, "--index_train_size", type=int, help="vectors to train on")
+        _add(g, "--index_queries", type=int, help="held-out queries of the recall self-check")
+        _add(g, "--target_recall", type=float,
+             help="10-recall@10 the chosen index must reach at its recommended search setting")
+        _add(g, "--max_query_ms", type=float, help="batched ms per query the recommended search setting may cost")
+        _add(g, "--recall_queries",
+             help="JSON-lines queries in eval's format (modality, query, relevant), encoded with the "
+                  "run's models: the recall self-check and the index choice also measure them")
+        _add(g, "--merge_index", action="store_true", help="also write index/merged.faiss")
+        _add(g, "--index_shard_vectors", type=int,
+             help="vectors per index shard: embeddings files are grouped into ceil(N / this) index "
+                  "shards (at most one per file), each holding the trained quantizer once")
+        _add(g, "--reuse_quantizer", choices=list(REUSE_QUANTIZER),
+             help="auto: reuse the previous run's trained IVF-PQ when the model is unchanged and the "
+                  "held-out quantization error has not drifted; never: always train")
+        _add(g, "--quantizer_drift_tolerance", type=float,
+             help="reuse while the error is at most (1 + this) x the error at training time")
 
         g = parser.add_argument_group("incremental runs")
-        g.add_argument("--previous_run", default=LATEST,
-                       help="reuse vectors of unchanged items from this run: 'latest' (the run OUTPUT/LATEST "
-                            "points to), a run directory, or 'none' (encode everything)")
-        g.add_argument("--change_detection", default="bytes", choices=list(CHANGE_DETECTION),
-                       help="media change token: bytes (sha256, exact) or metadata (size + mtime, reads no bytes)")
-        g.add_argument("--keep_runs", type=int, default=5,
-                       help="published runs kept after this one is published (0 keeps all)")
+        _add(g, "--previous_run",
+             help=f"reuse vectors of unchanged items from this run: '{LATEST}' (the run OUTPUT/LATEST "
+                  f"points to), a run directory, or '{NONE}' (encode everything)")
+        _add(g, "--change_detection", choices=list(CHANGE_DETECTION),
+             help="media change token: bytes (sha256, exact) or metadata (size + mtime, reads no bytes)")
+        _add(g, "--keep_runs", type=int, help="published runs kept after this one is published (0 keeps all)")
 
         g = parser.add_argument_group("progress")
-        g.add_argument("--progress_interval_s", type=float, default=10.0, help="0 disables progress lines")
+        _add(g, "--progress_interval_s", type=float, help="0 disables progress lines")
 
 
 # option dest -> CatalogColumns field, to know which columns were named on the command line
-_COLUMN_OPTIONS = {"item_id_column": "item_id", "title_column": "title", "description_column": "description",
-                   "image_column": "image_uris", "audio_column": "audio_uri", "passthrough_columns": "passthrough"}
+_COLUMN_OPTIONS = {dest: spec[1] for dest, spec in OPTION_FIELDS.items() if spec[0] is CatalogColumns}
 
 
 def given_column_fields(argv: list[str]) -> frozenset[str]:
@@ -266,7 +342,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
     columns = CatalogColumns(
         item_id=o.item_id_column, title=o.title_column, description=o.description_column,
         image_uris=o.image_column, audio_uri=o.audio_column,
-        passthrough=tuple(c.strip() for c in o.passthrough_columns.split(",") if c.strip()),
+        passthrough=_csv(o.passthrough_columns),
     )
     fusion_kwargs = {"mode": o.fusion_mode, "attention_module": o.fusion_module}
     if o.modality_weights:

@@ -142,3 +142,56 @@ def test_given_column_fields_tells_named_columns_from_defaults():
     assert given_column_fields(["--catalog", "x", "--batch_size", "4"]) == frozenset()
     assert given_column_fields(["--image_column", "image_uri", "--passthrough_columns=price,lang",
                                 "--title_column", "title"]) == {"image_uris", "passthrough", "title"}
+
+
+# options whose defaults are the command's own (no config field holds them), and why
+_CLI_ONLY = {
+    "catalog": "required", "output": "WriteConfig.output has no default", "preset": "resolved by encoders.presets",
+    "modality_weights": "empty: FusionConfig's weights, named ones override",
+    "asr_backend": "auto: picked by device at launch",
+    **{name: "None: the preset's model" for name in (
+        "clip_family", "clip_model", "clip_weights", "text_model", "text_weights", "image_model", "image_weights",
+        "asr_model", "asr_weights", "clap_model", "clap_weights")},
+}
+
+
+def test_every_argparse_default_is_its_config_field_default():
+    import argparse
+    import dataclasses
+
+    from pipeline.options import OPTION_FIELDS, field_default
+
+    parser = argparse.ArgumentParser()
+    CatalogIndexOptions._add_argparse_args(parser)
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(actions) == set(OPTION_FIELDS) | set(_CLI_ONLY), "an option is neither mapped to a field nor CLI-only"
+    assert not set(OPTION_FIELDS) & set(_CLI_ONLY)
+    for dest, (cls, name, *convert) in OPTION_FIELDS.items():
+        assert name in {f.name for f in dataclasses.fields(cls)}, (dest, cls, name)
+        default = field_default(cls, name)
+        assert actions[dest].default == (convert[0](default) if convert else default), dest
+        if actions[dest].choices is not None:
+            assert actions[dest].default in actions[dest].choices, dest
+    # and the values reach the config unchanged: a run with no flags is the dataclasses' defaults
+    cfg = to_run_config(PipelineOptions(["--catalog", "c.parquet", "--preset", "offline-v1"]))[0]
+    from pipeline.config import IncrementalConfig, IndexConfig
+
+    assert cfg.index == IndexConfig() and cfg.incremental == IncrementalConfig()
+    assert cfg.read.columns == type(cfg.read.columns)() and cfg.fusion == type(cfg.fusion)()
+    assert cfg.audio == type(cfg.audio)()
+    assert (cfg.write.rows_per_shard, cfg.encode.batch_size, cfg.decode_threads) == (
+        field_default(type(cfg.write), "rows_per_shard"), field_default(type(cfg.encode), "batch_size"),
+        field_default(type(cfg), "decode_threads"))
+
+
+def test_a_restated_default_would_be_caught(monkeypatch):
+    """The table is the one place: change a dataclass default and the option follows it."""
+    import argparse
+
+    from pipeline import options
+    from pipeline.config import IndexConfig
+
+    monkeypatch.setitem(options.OPTION_FIELDS, "index_memory_gb", (IndexConfig, "train_size"))
+    parser = argparse.ArgumentParser()
+    CatalogIndexOptions._add_argparse_args(parser)
+    assert parser.parse_args([]).index_memory_gb == IndexConfig().train_size

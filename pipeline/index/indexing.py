@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline.index.defaults import DEFAULT_NPROBES
 from schemas.manifest import recall_key
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
@@ -28,7 +29,6 @@ MIN_NBITS, MAX_NBITS = 4, 8
 ROW_BITS = 40
 MAX_SHARD = (1 << (63 - ROW_BITS)) - 1
 FLAT_FACTORY = "IDMap,Flat"
-DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 IDS_SCHEMA = pa.schema([pa.field("faiss_id", pa.int64(), nullable=False),
                         pa.field("item_id", pa.string(), nullable=False)])
 

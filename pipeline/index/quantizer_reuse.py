@@ -18,6 +18,7 @@ import dataclasses
 import faiss
 import numpy as np
 
+from pipeline.index.defaults import REUSE_SETTINGS
 from schemas.manifest import Manifest, Quantizer
 
 DEFAULT_TOLERANCE = 0.10  # up to 10% more distortion than at training time is accepted
@@ -115,7 +116,6 @@ def should_reuse_quantizer(
 
 # --------------------------------------------------------------------------- what the index stage records and reads
 
-REUSE_SETTINGS = ("auto", "never")
 # the index families whose trained quantizer a later run may reuse (the IVF ones; see pipeline/index/index_select.py)
 REUSABLE_FAMILIES = ("ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 NOT_APPLICABLE = "exact flat index: no quantizer to train or reuse"

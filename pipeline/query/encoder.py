@@ -18,14 +18,14 @@ from encoders import towers
 from encoders.attention import load_attention
 from encoders.audio import AudioPolicy
 from encoders.device import resolve_device
-from encoders.fusion import FusionConfig, FusionError, Layout, fuse
+from encoders.fusion import MODALITIES, FusionConfig, FusionError, Layout, fuse
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, load_image
 from encoders.specs import ModelSpec, fingerprint, spec_from_description
 from pipeline.storage import read_manifest, resolve_run_dir
 from schemas.embeddings import read_metadata
 from schemas.manifest import Manifest
 
-QUERY_MODALITIES = ("text", "image", "audio")
+QUERY_MODALITIES = MODALITIES  # a query is any modality an item can have
 
 
 class QueryError(ValueError):

@@ -17,6 +17,12 @@ from schemas.manifest import Manifest
 METRICS = ("cosine", "l2")
 
 
+def check_nprobe(nprobe: int | None) -> None:
+    """The one check of a caller's nprobe (None: the manifest's recommended one); the CLI calls it too."""
+    if nprobe is not None and nprobe < 1:
+        raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+
+
 _Searcher = TypeVar("_Searcher", bound="ExactSearcher")
 
 
@@ -91,8 +97,7 @@ class IndexSearcher:
     def __init__(self, run, metric: str = "cosine", nprobe: int | None = None):
         if metric not in METRICS:
             raise ValueError(f"metric {metric!r} is not one of {METRICS}")
-        if nprobe is not None and nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        check_nprobe(nprobe)
         self.run, self.metric = run, metric
         self.index_metric, self.factory = run.info.metric, run.info.factory
         self.nprobe = (nprobe if nprobe is not None else run.default_nprobe) if run.index.ivf else None

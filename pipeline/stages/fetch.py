@@ -15,7 +15,6 @@ decoded media (thumbnails) goes there.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from typing import Sequence
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from encoders.handlers import ImageBytes
 from encoders import media
+from encoders.digest import sha256_hex
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, probe_image, resolve_uri
 from encoders.preprocess import ImagePreprocess
 from schemas.catalog import CatalogItem
@@ -46,14 +46,14 @@ def decode_for_tower(data: bytes, preprocess: ImagePreprocess, max_pixels: int) 
 def load_image_u8(uri: str, policy: FetchPolicy, preprocess: ImagePreprocess) -> tuple[np.ndarray, str]:
     """One image URI -> (uint8 [S, S, 3] pixels, sha256 of its bytes); raises MediaError."""
     data = fetch_bytes(uri, policy)
-    return decode_for_tower(data, preprocess, policy.max_image_pixels), hashlib.sha256(data).hexdigest()
+    return decode_for_tower(data, preprocess, policy.max_image_pixels), sha256_hex(data)
 
 
 def load_image_bytes(uri: str, policy: FetchPolicy) -> tuple[ImageBytes, str]:
     """One image URI -> (its bytes, header checked but not decoded; sha256); raises MediaError."""
     data = fetch_bytes(uri, policy)
     probe_image(data, policy.max_image_pixels)
-    return ImageBytes(uri, data), hashlib.sha256(data).hexdigest()
+    return ImageBytes(uri, data), sha256_hex(data)
 
 
 def failure_stage(error: MediaError) -> Stage:

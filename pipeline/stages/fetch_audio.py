@@ -6,11 +6,11 @@ libsndfile and soxr release the GIL while they decode and resample.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Sequence
 
 from encoders.audio import AudioClip, AudioPolicy, decode_audio
+from encoders.digest import sha256_hex
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
@@ -22,7 +22,7 @@ DECODE_REASONS = (Reason.DECODE_FAILED, Reason.UNSUPPORTED_FORMAT, Reason.AUDIO_
 def load_audio(uri: str, fetch: FetchPolicy, audio: AudioPolicy, rates: tuple[int, ...]) -> tuple[AudioClip, str]:
     """One audio URI -> (decoded clip, sha256 of its bytes); raises MediaError."""
     data = fetch_bytes(uri, fetch)
-    return decode_audio(data, rates, audio), hashlib.sha256(data).hexdigest()
+    return decode_audio(data, rates, audio), sha256_hex(data)
 
 
 def audio_failure_stage(error: MediaError) -> Stage:

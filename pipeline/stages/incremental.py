@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import hashlib
 import logging
 import typing
 
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from encoders.digest import sha256_hex
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
 from pipeline.config import CHANGE_DETECTION, LATEST, NONE, IncrementalConfig
 from pipeline.report import sample as report_sample
@@ -113,7 +113,7 @@ def media_token(uri: str, mode: str, policy: FetchPolicy = FetchPolicy()) -> str
         if len(matched) == 1 and matched[0].last_updated_in_seconds:
             meta = matched[0]
             return f"meta:{meta.size_in_bytes}:{meta.last_updated_in_seconds!r}"
-    return hashlib.sha256(fetch_bytes(uri, policy)).hexdigest()
+    return sha256_hex(fetch_bytes(uri, policy))
 
 
 def item_content_hash(item: CatalogItem, tokens: list[str], model_fingerprint: str,

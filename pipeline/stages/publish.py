@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import typing
 
 import apache_beam as beam
 
+from encoders.digest import stream_digest
 from pipeline import storage
 from pipeline.report import data as report_data, sample as report_sample, stats as report
 from pipeline.stages import faults
@@ -68,12 +68,9 @@ def check_counts(counts: dict) -> None:
 
 def file_entry(path: str, run_dir: str) -> FileEntry:
     """Path relative to the run, size and sha256 of one output file."""
-    digest, size = hashlib.sha256(), 0
     with storage.open_read(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return FileEntry(path=path[len(run_dir.rstrip("/")) + 1:], bytes=size, sha256=digest.hexdigest())
+        sha256, size = stream_digest(f)
+    return FileEntry(path=path[len(run_dir.rstrip("/")) + 1:], bytes=size, sha256=sha256)
 
 
 def write_report_files(run_dir: str, manifest: Manifest, data: dict, thumbnails=None) -> list[str]:
