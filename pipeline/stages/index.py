@@ -150,7 +150,10 @@ def read_sample(sample: KeySample, dim: int) -> VectorSample:
     """The second phase: each file holding chosen rows is read once, for those rows only.
 
     A file whose ids no longer hash to the recorded keys (rewritten between the
-    two phases) is an error, not a silently different sample.
+    two phases) is an error, not a silently different sample. The files are read
+    one after another by the one worker that trains (the vector column whole, then
+    the rows taken): measured cheaper than carrying vectors through Beam up to 1M
+    vectors; far larger catalogs would want this phase spread over the files.
     """
     vectors = np.zeros((len(sample.keys), dim), np.float32)
     item_ids: list[str] = [""] * len(sample.keys)
