@@ -208,3 +208,12 @@ def test_pq_probe_skips_a_far_candidate_only_when_a_costlier_family_fits():
     # nothing costlier fits: never skipped, whatever the probe would say
     only_pq = [c for c in roomy if c.family in ("ivf_pq", "ivf_pq_opq")]
     assert index_select._pq_probe_says_skip(pq, {}, only_pq, dim, "ip", train, sets, 0.999, K, print) is None
+
+
+@pytest.mark.parametrize("nlist, top", [(4, 4), (512, 512), (1000, 1000), (2048, 2048)])
+def test_the_nprobe_ladder_can_scan_every_list(nlist, top):
+    ladder = index_select.nprobe_ladder(nlist)
+    assert ladder[0] == 1 and ladder[-1] == top and ladder == sorted(set(ladder))
+    assert set(indexing.DEFAULT_NPROBES) & set(range(nlist + 1)) <= set(ladder)
+    cand = index_select.Candidate(f"IVF{nlist},PQ8x8np", "ivf_pq", 16, 0, True, nlist=nlist)
+    assert index_select.settings_ladder(cand)[0][-1] == {"nprobe": top}

@@ -189,6 +189,14 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", s
     return cands, note
 
 
+def nprobe_ladder(nlist: int) -> list[int]:
+    """The default nprobes, continued by doubling up to every list: a group stops at the target or the latency
+    cap, so a tight budget's PQ codes may scan as many lists as the cap allows (autofaiss tunes to it too)."""
+    top = max(indexing.DEFAULT_NPROBES)
+    more = [top << i for i in range(1, max(nlist.bit_length(), 1)) if top << i < nlist]
+    return sorted({min(p, nlist) for p in (*indexing.DEFAULT_NPROBES, *more, nlist)})
+
+
 def settings_ladder(candidate: Candidate) -> list[list[dict]]:
     """Search settings to try, as groups: within a group, cost grows, so a group stops once one setting
     reaches the target (or the latency cap)."""
@@ -196,7 +204,7 @@ def settings_ladder(candidate: Candidate) -> list[list[dict]]:
         return [[{"efSearch": ef} for ef in EF_SEARCH]]
     if not candidate.ivf:
         return [[{}]]
-    nprobes = sorted({min(p, candidate.nlist) for p in indexing.DEFAULT_NPROBES})
+    nprobes = nprobe_ladder(candidate.nlist)
     if candidate.family == "ivf_pq_refine":
         return [[{"nprobe": p, "k_factor": kf} for p in nprobes] for kf in K_FACTORS]
     return [[{"nprobe": p} for p in nprobes]]

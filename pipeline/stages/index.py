@@ -3,7 +3,8 @@
 The stage reads only the written embeddings files, so it can also index an
 existing run. Its graph:
 
-    embeddings files -> sample rows (smallest id hashes, per file, then a combiner) -> train once
+    embeddings files -> sample positions (ids only: smallest id hashes, per file, then a combiner)
+                     -> train once (reads the chosen rows' vectors, each file once)
                      -> per index shard (a contiguous run of files, ceil(N / shard_vectors) shards at most one per
                         file): add to a copy of the trained index (side input) -> shard + ids
                      -> recall self-check over all shards (+ optional merged index) -> index info
@@ -26,9 +27,11 @@ import hashlib
 import logging
 import re
 import time
+from typing import Sequence
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -83,9 +86,58 @@ def sample_keys(item_ids: list[str]) -> np.ndarray:
                      for i in item_ids], dtype=np.int64)
 
 
+def read_ids(path: str) -> list[str]:
+    """Only the ``item_id`` column of an embeddings file: what the sample's first phase needs."""
+    with FileSystems.open(path) as f:
+        return pq.read_table(f, columns=["item_id"]).column("item_id").to_pylist()
+
+
+def read_rows(path: str, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(item ids, vectors) of the given rows of an embeddings file, in the order given."""
+    with FileSystems.open(path) as f:
+        table = pq.read_table(f, columns=["item_id", "vector"])
+    table = table.take(pa.array(rows, pa.int64()))
+    return table.column("item_id").to_pylist(), vectors_of(table)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySample:
+    """The rows with the smallest keys seen so far, as (file, row) positions and no vectors, ascending by key.
+
+    The sample's first phase: tens of bytes per row travel through the combiner and
+    the side input instead of a vector each; the chosen rows' vectors are read once,
+    by ``read_sample``, where the index is trained.
+    """
+
+    keys: np.ndarray  # int64, ascending
+    file_of: np.ndarray  # int32: index into ``paths``
+    rows: np.ndarray  # int64: the row in its file
+    paths: tuple[str, ...]  # every file seen, so len(paths) files (one index shard each at most)
+    seen: int  # rows seen
+
+    @property
+    def files(self) -> int:
+        return len(self.paths)
+
+    @staticmethod
+    def of_file(path: str, item_ids: list[str], size: int) -> "KeySample":
+        keys = sample_keys(item_ids)
+        order = np.argsort(keys, kind="stable")[:size]
+        return KeySample(keys[order], np.zeros(len(order), np.int32), order.astype(np.int64), (path,), len(keys))
+
+    @staticmethod
+    def merge(samples: Sequence["KeySample"], size: int) -> "KeySample":
+        offsets = np.cumsum([0] + [len(s.paths) for s in samples])
+        keys = np.concatenate([s.keys for s in samples])
+        order = np.argsort(keys, kind="stable")[:size]  # ties (repeated ids) keep their arrival order
+        file_of = np.concatenate([s.file_of + off for s, off in zip(samples, offsets)]).astype(np.int32)
+        return KeySample(keys[order], file_of[order], np.concatenate([s.rows for s in samples])[order],
+                         tuple(p for s in samples for p in s.paths), sum(s.seen for s in samples))
+
+
 @dataclasses.dataclass(frozen=True)
 class VectorSample:
-    """The rows with the smallest keys seen so far, and how many rows were seen."""
+    """The sample's rows, ascending by key: item ids and vectors (phase two, read where they are trained on)."""
 
     keys: np.ndarray
     item_ids: tuple[str, ...]
@@ -93,11 +145,27 @@ class VectorSample:
     seen: int
     files: int = 1  # embeddings files seen: one index shard each, for the memory preflight
 
-    @staticmethod
-    def of(keys: np.ndarray, item_ids, vectors: np.ndarray, seen: int, size: int, files: int = 1
-           ) -> "VectorSample":
-        order = np.argsort(keys, kind="stable")[:size]
-        return VectorSample(keys[order], tuple(item_ids[i] for i in order), vectors[order], seen, files)
+
+def read_sample(sample: KeySample, dim: int) -> VectorSample:
+    """The second phase: each file holding chosen rows is read once, for those rows only.
+
+    A file whose ids no longer hash to the recorded keys (rewritten between the
+    two phases) is an error, not a silently different sample. The files are read
+    one after another by the one worker that trains (the vector column whole, then
+    the rows taken): 4.5x cheaper than carrying vectors through Beam on 200k x 384
+    (bench/bench_index_sample.py); far larger catalogs would want it spread over the files.
+    """
+    vectors = np.zeros((len(sample.keys), dim), np.float32)
+    item_ids: list[str] = [""] * len(sample.keys)
+    for f in np.unique(sample.file_of):
+        at = np.flatnonzero(sample.file_of == f)
+        ids, vecs = read_rows(sample.paths[f], sample.rows[at])
+        if not np.array_equal(sample_keys(ids), sample.keys[at]):
+            raise ValueError(f"{sample.paths[f]} changed while the index sample was read: its rows' ids differ")
+        vectors[at] = vecs
+        for row, item in zip(at, ids):
+            item_ids[row] = item
+    return VectorSample(sample.keys, tuple(item_ids), vectors, sample.seen, sample.files)
 
 
 class SmallestKeys(beam.CombineFn):
@@ -109,7 +177,7 @@ class SmallestKeys(beam.CombineFn):
     def create_accumulator(self):
         return None
 
-    def add_input(self, acc, sample: VectorSample):
+    def add_input(self, acc, sample: KeySample):
         return self.merge_accumulators([acc, sample])
 
     def merge_accumulators(self, accs):
@@ -118,10 +186,7 @@ class SmallestKeys(beam.CombineFn):
             return None
         if len(accs) == 1:
             return accs[0]
-        ids = [i for a in accs for i in a.item_ids]
-        return VectorSample.of(np.concatenate([a.keys for a in accs]), ids,
-                               np.concatenate([a.vectors for a in accs]), sum(a.seen for a in accs), self._size,
-                               sum(a.files for a in accs))
+        return KeySample.merge(accs, self._size)
 
     def extract_output(self, acc):
         return acc
@@ -190,12 +255,13 @@ def split_sample(sample: VectorSample | None, config: IndexConfig, dim: int
 
 
 class _SampleFile(beam.DoFn):
+    """An embeddings file -> the positions of its rows with the smallest keys (its ids read, not its vectors)."""
+
     def __init__(self, size: int):
         self._size = size
 
     def process(self, path: str):
-        item_ids, vectors = read_shard(path)
-        yield VectorSample.of(sample_keys(item_ids), item_ids, vectors, len(item_ids), self._size)
+        yield KeySample.of_file(path, read_ids(path), self._size)
 
 
 def _load_trained(previous: PreviousQuantizer):
@@ -225,8 +291,13 @@ class _Train(beam.DoFn):
         c = self._config
         return not (c.factory or c.nlist or c.m or c.nbits or c.opq)
 
-    def process(self, _, sample: VectorSample | None):
+    def process(self, _, keys: KeySample | None):
         c = self._config
+        start = time.perf_counter()
+        sample = read_sample(keys, self._dim) if keys is not None else None
+        if sample is not None:
+            log.info("index: sample of %d rows read from %d file(s) in %.1f s", len(sample.keys),
+                     len(np.unique(keys.file_of)), time.perf_counter() - start)
         train, queries, query_ids, held_out, total = split_sample(sample, c, self._dim)
         index_shards = indexing.index_shard_count(total, sample.files if sample is not None else 1, c.shard_vectors)
         rq = self._recall_queries

@@ -1,0 +1,93 @@
+"""The index stage's training sample, gathered in two phases: positions (ids only) through Beam, then the rows.
+
+The sample must be exactly the rows whose id hashes are smallest, as a
+single pass over every file would pick them, and each file must be read for
+its ids once and for its vectors only where they are used (sample, fill).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import IndexConfig
+from pipeline.stages import index as stage
+from test_index_stage import DIM, SHARDS, _write_shards
+
+
+def _brute_force_sample(files: list[str], size: int) -> tuple[list[str], np.ndarray]:
+    """Every file read whole, every row's key, the ``size`` smallest over all of them."""
+    ids, vecs = [], []
+    for path in files:
+        i, v = stage.read_shard(path)
+        ids += i
+        vecs.append(v)
+    order = np.argsort(stage.sample_keys(ids), kind="stable")[:size]
+    return [ids[r] for r in order], np.concatenate(vecs)[order]
+
+
+def _files(tmp_path, n: int = 3000, seed: int = 4) -> list[str]:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    directory = str(tmp_path / "embeddings")
+    _write_shards(x, directory)
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory))
+
+
+@pytest.mark.parametrize("size", [5, 700, 2500, 10_000])  # within a file, over files, over all rows
+def test_two_phase_sample_is_the_rows_with_the_smallest_keys(tmp_path, size):
+    files = _files(tmp_path)
+    out = str(tmp_path / "sample.json")
+    with beam.Pipeline() as p:
+        (p | beam.Create(files) | beam.ParDo(stage._SampleFile(size)) | beam.CombineGlobally(stage.SmallestKeys(size))
+         | beam.Map(lambda s: open(out, "w").write(json.dumps(
+             {"keys": s.keys.tolist(), "file_of": s.file_of.tolist(), "rows": s.rows.tolist(),
+              "paths": list(s.paths), "seen": s.seen}))))
+    with open(out) as f:
+        raw = json.load(f)
+    keys = stage.KeySample(np.array(raw["keys"], np.int64), np.array(raw["file_of"], np.int32),
+                           np.array(raw["rows"], np.int64), tuple(raw["paths"]), raw["seen"])
+    assert keys.seen == 3000 and keys.files == SHARDS
+    assert np.all(np.diff(keys.keys) >= 0)
+    sample = stage.read_sample(keys, DIM)
+    want_ids, want_vectors = _brute_force_sample(files, size)
+    assert list(sample.item_ids) == want_ids
+    np.testing.assert_array_equal(sample.vectors, want_vectors)
+    assert sample.seen == 3000 and sample.files == SHARDS
+
+
+def test_a_file_rewritten_between_the_phases_is_an_error(tmp_path):
+    files = _files(tmp_path)
+    keys = stage.KeySample.merge([stage.KeySample.of_file(f, stage.read_ids(f), 100) for f in files], 100)
+    table = pq.read_table(files[0])
+    pq.write_table(table.slice(1), files[0])  # every row moves up by one
+    with pytest.raises(ValueError, match="changed while the index sample was read"):
+        stage.read_sample(keys, DIM)
+
+
+def test_build_reads_ids_once_and_vectors_once_for_the_sample_and_once_to_fill(tmp_path, monkeypatch):
+    files = _files(tmp_path, n=1200)
+    reads: Counter = Counter()
+    real = pq.read_table
+
+    def counting(source, columns=None, **kw):
+        reads[(getattr(source, "name", str(source)).rsplit("/", 1)[-1], tuple(columns or ()))] += 1
+        return real(source, columns=columns, **kw)
+
+    monkeypatch.setattr(stage.pq, "read_table", counting)
+    config = IndexConfig(factory="IVF8,Flat", train_size=600, num_queries=50, memory_gb=1.0)
+    out = str(tmp_path / "info.json")
+    with beam.Pipeline() as p:
+        (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
+         | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
+    with open(out) as f:
+        assert json.load(f)["ntotal"] == 1200
+    for path in files:
+        name = os.path.basename(path)
+        assert reads[(name, ("item_id",))] == 1
+        assert reads[(name, ("item_id", "vector"))] == 2  # the sample's rows, then the index shard's
+    assert sum(reads.values()) == 3 * SHARDS
