@@ -88,6 +88,10 @@ class CatalogIndexOptions(PipelineOptions):
         g.add_argument("--image_decode", default="cpu", choices=["cpu", "gpu"],
                        help="cpu: PIL on fetch threads; gpu: nvJPEG batches on the model's GPU, PIL fallback per item")
         g.add_argument("--decode_threads", type=int, default=8, help="fetch+decode threads per worker process")
+        g.add_argument("--torch_threads", type=int, default=0,
+                       help="torch intra-op threads per worker process on a CPU device (0: torch's default, one per "
+                            "core); 1 suits a small model on a shared machine, where idle threads spin; no effect "
+                            "on GPU workers")
         g.add_argument("--items_per_batch", type=int, default=256,
                        help="catalog items per element from the join to the write; each batch is fetched, decoded, "
                             "encoded (in --batch_size sub-batches) and fused inside one worker")
@@ -300,6 +304,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
         decode_threads=o.decode_threads,
+        torch_threads=o.torch_threads,
         items_per_batch=o.items_per_batch,
         incremental=IncrementalConfig(previous_run=o.previous_run, change_detection=o.change_detection,
                                       keep_runs=o.keep_runs),
