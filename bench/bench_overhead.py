@@ -126,6 +126,9 @@ def bare_loop(catalog: Path, clip_json: str, images: bool, batch: int = 256) -> 
     return done
 
 
+TORCH_THREADS = [1]  # the pipeline's --torch_threads: main() sets it to what the loop in this process uses
+
+
 def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_size: int = 64) -> int:
     from pipeline import cli
     from pipeline.storage import read_manifest
@@ -133,7 +136,8 @@ def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_si
     argv = ["run", "--catalog", str(catalog), "--output", str(out), "--run_id", run_id,
             "--clip_model", clip_json, "--clip_weights", "random", "--text_model", "none", "--asr_model", "none",
             "--device", "cpu", "--batch_size", str(batch_size), "--progress_interval_s", "0",
-            "--previous_run", "none", "--index", "off", "--keep_runs", "0"]
+            "--previous_run", "none", "--index", "off", "--keep_runs", "0",
+            "--torch_threads", str(TORCH_THREADS[0])]
     assert cli.main(argv) == 0
     return read_manifest(str(out / "runs" / run_id)).counts.embedded
 
@@ -217,14 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=["image", "text-only"], default=["image", "text-only"],
                         help="measure only these (with --no_write: a rerun with more repeats)")
     parser.add_argument("--no_write", action="store_true", help="print only, leave docs/BENCHMARKS.md alone")
-    parser.add_argument("--torch_threads", type=int, default=1)
+    parser.add_argument("--torch_threads", type=int, default=1,
+                        help="torch intra-op threads for the loop, the model alone and the pipeline's "
+                             "--torch_threads (0: torch's default, one per core)")
     parser.add_argument("--rss_child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--work", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import torch
 
-    # a near-free model gains nothing from intra-op threads; on a shared 2-core machine they only spin
-    torch.set_num_threads(args.torch_threads)
+    # a near-free model gains nothing from intra-op threads; on a shared 2-core machine they only spin.
+    # The same setting for both sides: this process (loop, model alone) and the pipeline's --torch_threads.
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    TORCH_THREADS[0] = args.torch_threads
     if args.rss_child:
         rss_child(args.rss_child, Path(args.work))
         return 0
@@ -240,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         f"`python bench/bench_overhead.py --items {n} --repeats {args.repeats} --rss_items "
         f"{' '.join(map(str, sorted(args.rss_items)))}`",
         "",
-        f"Machine: {os.cpu_count()} cores (shared), torch {torch.__version__}, {args.torch_threads} intra-op "
-        f"thread(s). Model: `tests/data/tiny-clip.json` "
+        f"Machine: {os.cpu_count()} cores (shared), torch {torch.__version__}, {torch.get_num_threads()} intra-op "
+        f"thread(s) for both sides (`--torch_threads {args.torch_threads}`: the loop's process and the pipeline's "
+        "option of the same name). Model: `tests/data/tiny-clip.json` "
         "(random weights, near-free), text + image tower, `--batch_size 64`, `--device cpu`. Runner: in-memory "
         "DirectRunner, one process, `--index off` (the index stage is per run, not per item), `--previous_run none`. "
         f"Catalog: {n} synthetic items, title + description (8-25 words), and for the image variant one JPEG "

@@ -153,3 +153,33 @@ def test_model_copies_per_gpu_share_one_copy_through_beams_model_server(tiny_cli
                                   local.encode_text(["red mug", "blue bag"], 8))
     image = ImageEmbeddingHandler(tiny_clip_spec, device="cpu", copies_per_gpu=1, batch_size=8)
     assert image.apply(image.worker_model(), np.zeros((3, 3, 32, 32), np.float32))[0].shape == (16,)
+
+
+def test_torch_threads_are_capped_on_cpu_workers_only(monkeypatch):
+    from pipeline.stages.embed import set_cpu_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert not set_cpu_torch_threads(0, "cpu")  # 0: torch's default stays
+        assert torch.get_num_threads() == before
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert not set_cpu_torch_threads(1, "auto")  # a GPU worker is left alone
+        assert not set_cpu_torch_threads(1, "cuda:0")
+        assert torch.get_num_threads() == before
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert set_cpu_torch_threads(1, "auto") and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_threads_option_reaches_the_config_and_is_validated():
+    import dataclasses
+
+    from pipeline.options import CatalogIndexOptions, to_run_config
+
+    options = CatalogIndexOptions(["--catalog", "c.parquet", "--output", "out", "--clip_model", "ViT-B-32",
+                                   "--clip_weights", "random", "--text_model", "none", "--torch_threads", "1"])
+    config, _ = to_run_config(options)
+    assert config.torch_threads == 1
+    with pytest.raises(ValueError, match="torch_threads"):
+        dataclasses.replace(config, torch_threads=-1)

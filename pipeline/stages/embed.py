@@ -52,23 +52,43 @@ from schemas.embeddings import records_to_table
 DEAD, THUMBNAILS = "dead", "thumbnails"
 
 
+def set_cpu_torch_threads(threads: int, device: str) -> bool:
+    """Caps torch's intra-op threads in this process when its models run on the CPU; True if it did.
+
+    On a shared CPU worker torch's pool (one thread per core) spin-waits after
+    every small op, CPU burnt without work: measured on 2 cores with the tiny
+    CLIP, a text-only item cost 10-25% more CPU with the default 2 threads
+    than with 1 (docs/BENCHMARKS.md). ``threads`` 0 keeps torch's default; a
+    GPU worker is left alone (its host threads only launch kernels).
+    """
+    import torch
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if threads <= 0 or not on_cpu:
+        return False
+    torch.set_num_threads(threads)
+    return True
+
+
 class _Embed(beam.DoFn):
     def __init__(self, routes: tuple[Route, ...], handlers: dict, asr_handler, preprocess: ImagePreprocess | None,
                  fetch: FetchPolicy, audio: AudioPolicy, audio_rates: tuple[int, ...], clap_rates: dict,
                  decode_images: bool,
                  layout: Layout, fusion: FusionConfig, model_fingerprint: str, media_errors: str,
-                 schema: pa.Schema, device: str, threads: int, progress_interval_s: float):
+                 schema: pa.Schema, device: str, threads: int, progress_interval_s: float, torch_threads: int = 0):
         self._routes, self._handlers, self._asr_handler = routes, handlers, asr_handler
         self._preprocess, self._fetch, self._audio, self._rates = preprocess, fetch, audio, audio_rates
         self._decode_images, self._clap_rates = decode_images, dict(clap_rates)
         self._layout, self._fusion, self._fp, self._media_errors = layout, fusion, model_fingerprint, media_errors
         self._schema, self._device, self._threads, self._interval = schema, device, threads, progress_interval_s
+        self._torch_threads = torch_threads
         self._has_images = any(r.modality == "image" for r in routes)
         self._pending: collections.deque = collections.deque()
         self._pool = None
 
     def setup(self):
         check_worker_gpu(self._device)  # an old NVIDIA driver fails here, naming both versions
+        set_cpu_torch_threads(self._torch_threads, self._device)
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="fetch")
         self._models = {}
         for handler in [*self._handlers.values(), *([self._asr_handler] if self._asr_handler else [])]:
