@@ -69,26 +69,27 @@ class RunInfo:
         d = self.metadata.get("asr")
         if not d:
             raise QueryError("this run routes audio through speech recognition but records no recognizer")
-        try:
-            spec = spec_from_description(d)
-        except (KeyError, ValueError) as e:
-            raise QueryError(f"the run's speech recognizer cannot be rebuilt: {e}") from None
-        if asr_fingerprint(spec) != d["fingerprint"]:
-            raise QueryError(f"the speech recognizer {d['name']} is not the one this run used (fingerprint "
-                             f"{asr_fingerprint(spec)} != {d['fingerprint']}): its files or settings changed")
-        return spec
+        return _rebuilt(d, spec_from_description, asr_fingerprint, "the run's speech recognizer",
+                        f"the speech recognizer {d['name']}", "its files or settings changed")
 
     def spec(self, space: str) -> ModelSpec:
         """The space's model spec, rebuilt from the metadata and checked against its fingerprint."""
         d = self.metadata["models"][space]
-        try:
-            spec = spec_from_description(d)
-        except (KeyError, ValueError) as e:
-            raise QueryError(f"the {space} model cannot be rebuilt from the run's metadata: {e}") from None
-        if fingerprint(spec) != d["fingerprint"]:
-            raise QueryError(f"the {space} model {d['name']} is not the one this run used (fingerprint "
-                             f"{fingerprint(spec)} != {d['fingerprint']}): its files changed since the run")
-        return spec
+        return _rebuilt(d, spec_from_description, fingerprint, f"the {space} model",
+                        f"the {space} model {d['name']}", "its files changed since the run",
+                        source=" from the run's metadata")
+
+
+def _rebuilt(d: dict, rebuild, fingerprint_of, what: str, named: str, why: str, source: str = ""):
+    """A model spec rebuilt from its recorded description, refused when its fingerprint differs."""
+    try:
+        spec = rebuild(d)
+    except (KeyError, ValueError) as e:
+        raise QueryError(f"{what} cannot be rebuilt{source}: {e}") from None
+    if fingerprint_of(spec) != d["fingerprint"]:
+        raise QueryError(f"{named} is not the one this run used (fingerprint "
+                         f"{fingerprint_of(spec)} != {d['fingerprint']}): {why}")
+    return spec
 
 
 def load_run(path: str) -> RunInfo:

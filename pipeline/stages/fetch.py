@@ -56,6 +56,22 @@ def load_image_bytes(uri: str, policy: FetchPolicy) -> tuple[ImageBytes, str]:
     return ImageBytes(uri, data), sha256_hex(data)
 
 
+def timed_load(load, *args):
+    """``(load(*args) or the MediaError it became, this thread's CPU seconds)``, for a fetch thread pool.
+
+    Any other exception is a ``decode_failed`` MediaError too: a bug in one
+    decode must not fail the batch it belongs to.
+    """
+    started = time.thread_time()
+    try:
+        out = load(*args)
+    except MediaError as e:
+        out = e
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        out = MediaError(Reason.DECODE_FAILED, f"{type(e).__name__}: {e}")
+    return out, time.thread_time() - started
+
+
 def failure_stage(error: MediaError) -> Stage:
     """FETCH or DECODE for a media error, from where it was raised or else from its reason."""
     return getattr(error, "stage", None) or (
@@ -83,17 +99,9 @@ class ImageFetcher:
         self._policy, self._preprocess, self._decode = policy, preprocess, decode
 
     def _one(self, uri: str):
-        started = time.thread_time()
-        try:
-            if not self._decode:
-                out = load_image_bytes(uri, self._policy)
-            else:
-                out = load_image_u8(uri, self._policy, self._preprocess)
-        except MediaError as e:
-            out = e
-        except Exception as e:  # noqa: BLE001 - a bug in one decode must not fail the batch
-            out = MediaError(Reason.DECODE_FAILED, f"{type(e).__name__}: {e}")
-        return out, time.thread_time() - started
+        if not self._decode:
+            return timed_load(load_image_bytes, uri, self._policy)
+        return timed_load(load_image_u8, uri, self._policy, self._preprocess)
 
     def submit(self, pool, items: Sequence[CatalogItem]):
         jobs = image_jobs(items)

@@ -6,12 +6,12 @@ libsndfile and soxr release the GIL while they decode and resample.
 """
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 from encoders.audio import AudioClip, AudioPolicy, decode_audio
 from encoders.digest import sha256_hex
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
+from pipeline.stages.fetch import timed_load
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
@@ -38,14 +38,7 @@ class AudioFetcher:
         self._fetch, self._audio, self._rates = fetch, audio, tuple(sorted(set(rates)))
 
     def _one(self, uri: str):
-        started = time.thread_time()
-        try:
-            out = load_audio(uri, self._fetch, self._audio, self._rates)
-        except MediaError as e:
-            out = e
-        except Exception as e:  # noqa: BLE001 - a bug in one decode must not fail the batch
-            out = MediaError(Reason.DECODE_FAILED, f"{type(e).__name__}: {e}")
-        return out, time.thread_time() - started
+        return timed_load(load_audio, uri, self._fetch, self._audio, self._rates)
 
     def submit(self, pool, items: Sequence[CatalogItem]):
         jobs = [(pos, resolve_uri(item.audio_uri, item.base_uri)) for pos, item in enumerate(items) if item.audio_uri]
