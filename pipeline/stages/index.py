@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from encoders.digest import sha256_hex
 from pipeline.index import index_select, indexing, quantizer_reuse
 from pipeline.config import IndexConfig
 from pipeline.stages.incremental import PreviousRun
@@ -267,7 +268,7 @@ class _SampleFile(beam.DoFn):
 def _load_trained(previous: PreviousQuantizer):
     """The previous run's trained index, refused if its bytes are not the ones its manifest lists."""
     data = read_bytes(previous.trained_path)
-    if previous.sha256 and hashlib.sha256(data).hexdigest() != previous.sha256:
+    if previous.sha256 and sha256_hex(data) != previous.sha256:
         raise ValueError(f"{previous.trained_path} does not match the sha256 in its run's manifest")
     return indexing.from_bytes(data)
 
