@@ -14,7 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from pipeline.report import data as report_data, sample as report_sample, stats as report
-from pipeline.stages.publish import SmallestSample
+from pipeline.stages.publish import RunSummary, SmallestSample
 from pipeline.report.charts import bar_chart, histogram_chart, line_chart
 from pipeline.report.render import index_candidates
 from pipeline.stages.stage_metrics import StageTimer, stage_timings
@@ -187,6 +187,26 @@ def test_the_sample_is_the_smallest_hashes_whatever_the_order_or_partition():
     parts = [combine.add_inputs(combine.create_accumulator(), items[k::3]) for k in range(3)]
     picked = combine.extract_output(combine.merge_accumulators(parts))
     assert [s.item_id for s in picked] == expected and picked[0].title == f"t {expected[0]}"
+
+
+def test_run_summary_adds_each_part_whatever_the_partition():
+    items = [report_sample.sample_item(CatalogItem(f"id{i:03d}", title="t")) for i in range(30)]
+    tagged = ([("rows", 10)] * 5 + [("embedded", 9)] * 5 + [("encoded", 4), ("encoded", 5)]
+              + [("dead", "fetch_failed"), ("dead", "decode_failed"), ("dead", "fetch_failed")]
+              + [("skipped", "duplicate_id")] + [("statuses", {"new": 3, "changed": 1}), ("statuses", {"new": 2})]
+              + [("embedding_files", f"e{i}") for i in range(3)] + [("dead_files", "d0")]
+              + [("sample", items[k:k + 6]) for k in range(0, 30, 6)])
+    combine = RunSummary()
+    whole = combine.extract_output(combine.add_inputs(combine.create_accumulator(), tagged))
+    parts = [combine.add_inputs(combine.create_accumulator(), tagged[k::4]) for k in range(4)]
+    merged = combine.extract_output(combine.merge_accumulators(parts))
+    for summary in (whole, merged):
+        assert (summary["rows"], summary["embedded"], summary["encoded"]) == (50, 45, 9)
+        assert summary["dead"] == {"fetch_failed": 2, "decode_failed": 1} and summary["skipped"] == {"duplicate_id": 1}
+        assert summary["statuses"] == {"new": 5, "changed": 1}
+        assert sorted(summary["embedding_files"]) == ["e0", "e1", "e2"] and summary["dead_files"] == ["d0"]
+        assert [s.item_id for s in summary["sample"]] == [s.item_id for s in report_sample.smallest(items, 30)]
+        assert summary["thumbnails"] == [] and summary["stats"] == report.finish_stats(report.empty_stats())
 
 
 def _shard(path, ids, vectors, hashes):

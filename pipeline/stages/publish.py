@@ -132,21 +132,22 @@ class _Publish(beam.DoFn):
             log.warning("report data could not be gathered: %s: %s", type(e).__name__, e)
             return {"error": f"{type(e).__name__}: {e}"}, None
 
-    def process(self, *args, **kwargs):
+    def process(self, _, summary: dict, index: dict | None = None):
         with self._timer.batch(1):  # the report's gathering is most of this stage's time
-            manifest = self._publish(*args, **kwargs)
+            manifest = self._publish(summary, index)
         yield manifest
 
-    def _publish(self, _, input_rows: int, embedded: int, dead: dict, skipped: dict, embedding_files: list,
-                 dead_files: list, stats: dict, index: dict | None = None, statuses: dict | None = None,
-                 encoded: int | None = None, sample: list | None = None, thumbnails: list | None = None) -> dict:
+    def _publish(self, summary: dict, index: dict | None) -> dict:
+        input_rows, embedded = summary["rows"], summary["embedded"]
+        dead, skipped = summary["dead"], summary["skipped"]
         counts = {"input_rows": input_rows, "embedded": embedded, "dead_letters": dict(sorted(dead.items())),
                   "skipped": sum(skipped.values()), "skipped_by_reason": dict(sorted(skipped.items()))}
         check_counts(counts)
         check_failure_fraction(counts, self._max_failure_fraction)
         if self._incremental_counts is not None:
             # reused / encoded / new / changed / deleted; raises if reused + encoded != embedded
-            counts["incremental"] = self._incremental_counts(statuses, encoded, embedded)
+            counts["incremental"] = self._incremental_counts(summary["statuses"], summary["encoded"], embedded)
+        embedding_files, dead_files = summary["embedding_files"], summary["dead_files"]
         paths = sorted(embedding_files) + sorted(dead_files)
         if index is not None:
             index = dict(index)
@@ -154,12 +155,13 @@ class _Publish(beam.DoFn):
             if index["ntotal"] != embedded:
                 raise AccountingError(f"{embedded} items embedded but {index['ntotal']} vectors in the index")
         manifest = dataclasses.replace(
-            self._base, counts=Counts.from_dict(counts), stats=stats,
+            self._base, counts=Counts.from_dict(counts), stats=summary["stats"],
             accounting=Accounting(failed_fraction=round(failed_fraction(counts), 6),
                                   max_failure_fraction=self._max_failure_fraction),
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             index=IndexInfo.from_dict(index) if index is not None else None)
-        data, thumbnail_table = self._report_data(manifest.index, embedding_files, dead_files, sample, thumbnails)
+        data, thumbnail_table = self._report_data(manifest.index, embedding_files, dead_files, summary["sample"],
+                                                  summary["thumbnails"])
         paths += write_report_files(self._run_dir, manifest, data, thumbnail_table)
         manifest = dataclasses.replace(manifest, report=report.REPORT,
                                        files=tuple(file_entry(path, self._run_dir) for path in paths))
@@ -189,14 +191,6 @@ class RecordStats(beam.CombineFn):
 
     def extract_output(self, acc):
         return report.finish_stats(acc)
-
-
-def _add_counts(dicts) -> dict:
-    total: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            total[k] = total.get(k, 0) + v
-    return total
 
 
 class SmallestSample(beam.CombineFn):
@@ -239,6 +233,71 @@ class SmallestSample(beam.CombineFn):
         return self._smallest(acc[1])
 
 
+class _Sum(beam.CombineFn):
+    def create_accumulator(self):
+        return 0
+
+    def add_input(self, acc, n):
+        return acc + n
+
+    def merge_accumulators(self, accs):
+        return sum(accs)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class _CountKeys(beam.CombineFn):
+    """``{key: count}`` of keys (a reason code), or of ``{key: count}`` dicts (the join's statuses)."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, key):
+        for k, n in (key.items() if isinstance(key, dict) else ((key, 1),)):
+            acc[k] = acc.get(k, 0) + n
+        return acc
+
+    def merge_accumulators(self, accs):
+        total: dict = {}
+        for acc in accs:
+            self.add_input(total, acc)
+        return total
+
+    def extract_output(self, acc):
+        return acc
+
+
+class RunSummary(beam.CombineFn):
+    """What publish needs from the whole run, from ``(part, value)`` pairs, each part by its own combiner.
+
+    One combine instead of one per count keeps the graph small: Beam's cost
+    per run grows with its number of transforms, and a catalog item costs no
+    element here (the inputs are per batch, per shard or per failure)."""
+
+    def __init__(self):
+        self._parts = {"rows": _Sum(), "embedded": _Sum(), "encoded": _Sum(), "dead": _CountKeys(),
+                       "skipped": _CountKeys(), "statuses": _CountKeys(),
+                       "embedding_files": beam.combiners.ToListCombineFn(),
+                       "dead_files": beam.combiners.ToListCombineFn(), "stats": RecordStats(),
+                       "sample": SmallestSample(), "thumbnails": SmallestSample()}
+
+    def create_accumulator(self):
+        return {name: part.create_accumulator() for name, part in self._parts.items()}
+
+    def add_input(self, acc, tagged):
+        name, value = tagged
+        acc[name] = self._parts[name].add_input(acc[name], value)
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return {name: part.merge_accumulators([acc[name] for acc in accs]) for name, part in self._parts.items()}
+
+    def extract_output(self, acc):
+        return {name: part.extract_output(acc[name]) for name, part in self._parts.items()}
+
+
 class PublishInputs(typing.NamedTuple):
     """What the publish stage gathers (each a PCollection; it runs once all of them are complete)."""
 
@@ -275,42 +334,23 @@ class Publish(beam.PTransform):
 
     def expand(self, inputs: PublishInputs):
         p = inputs.rows.pipeline
-        reasons = (
-            inputs.dead
-            | "Reasons" >> beam.Map(lambda d: d.reason.value)
-            | "CountReasons" >> beam.combiners.Count.PerElement()
-        )
-        skip_reasons = (
-            inputs.skipped
-            | "SkipReasons" >> beam.Map(lambda s: s.reason.value)
-            | "CountSkipReasons" >> beam.combiners.Count.PerElement()
-        )
+        # every input tagged for the one summary combiner: one Beam combine per run, not one per count
+        tagged = [
+            inputs.rows | "TagRows" >> beam.Map(lambda n: ("rows", n)),
+            inputs.records | "TagRecords" >> beam.FlatMap(lambda s: (("embedded", s["items"]), ("stats", s))),
+            inputs.dead | "TagDead" >> beam.Map(lambda d: ("dead", d.reason.value)),
+            inputs.skipped | "TagSkipped" >> beam.Map(lambda s: ("skipped", s.reason.value)),
+            inputs.embedding_files | "TagEmbeddingFiles" >> beam.Map(lambda f: ("embedding_files", f)),
+            inputs.dead_files | "TagDeadFiles" >> beam.Map(lambda f: ("dead_files", f)),
+            inputs.status | "TagStatuses" >> beam.Map(lambda d: ("statuses", d)),
+            inputs.encoded | "TagEncoded" >> beam.Map(lambda n: ("encoded", n)),
+            inputs.sample | "TagSample" >> beam.Map(lambda s: ("sample", s)),
+            inputs.thumbnails | "TagThumbnails" >> beam.Map(lambda t: ("thumbnails", t)),
+        ]
+        summary = tagged | "Inputs" >> beam.Flatten() | "Summarize" >> beam.CombineGlobally(RunSummary())
+        side = {"index": beam.pvalue.AsSingleton(inputs.index)} if inputs.index is not None else {}
         return (
             p
             | "Once" >> beam.Create([None])
-            | "Publish" >> beam.ParDo(
-                self._fn,
-                beam.pvalue.AsSingleton(inputs.rows | "CountRows" >> beam.CombineGlobally(sum)),
-                beam.pvalue.AsSingleton(inputs.records | "EmbeddedRows" >> beam.Map(lambda s: s["items"])
-                                        | "CountEmbedded" >> beam.CombineGlobally(sum)),
-                beam.pvalue.AsDict(reasons),
-                beam.pvalue.AsDict(skip_reasons),
-                beam.pvalue.AsList(inputs.embedding_files),
-                beam.pvalue.AsList(inputs.dead_files),
-                beam.pvalue.AsSingleton(inputs.records | "Stats" >> beam.CombineGlobally(RecordStats())),
-                **self._optional_inputs(inputs),
-            )
+            | "Publish" >> beam.ParDo(self._fn, beam.pvalue.AsSingleton(summary), **side)
         )
-
-    def _optional_inputs(self, inputs: PublishInputs) -> dict:
-        out = {}
-        if inputs.index is not None:
-            out["index"] = beam.pvalue.AsSingleton(inputs.index)
-        for name, label in (("sample", "ReportSample"), ("thumbnails", "ReportThumbnails")):
-            combined = getattr(inputs, name) | label >> beam.CombineGlobally(SmallestSample())
-            out[name] = beam.pvalue.AsSingleton(combined)
-        if self._fn._incremental_counts is not None:
-            statuses = inputs.status | "CountStatuses" >> beam.CombineGlobally(_add_counts)
-            encoded = inputs.encoded | "CountEncoded" >> beam.CombineGlobally(sum)
-            out.update(statuses=beam.pvalue.AsSingleton(statuses), encoded=beam.pvalue.AsSingleton(encoded))
-        return out

@@ -169,6 +169,25 @@ def remove_pieces(pieces: str) -> None:
         logging.getLogger(__name__).warning("could not remove %s: %s", pieces, e)
 
 
+class _NumShards(beam.CombineFn):
+    """Pieces -> the number of shards: ``fixed``, or enough for ``per_shard`` rows each (one combine, no maps)."""
+
+    def __init__(self, fixed: int, per_shard: int):
+        self._fixed, self._per_shard = fixed, per_shard
+
+    def create_accumulator(self):
+        return 0
+
+    def add_input(self, rows, piece):
+        return rows + len(piece[1])
+
+    def merge_accumulators(self, accs):
+        return sum(accs)
+
+    def extract_output(self, rows):
+        return self._fixed or max(1, math.ceil(rows / self._per_shard))
+
+
 class WriteShards(beam.PTransform):
     """Batches of rows (``pa.Table`` in ``schema``) -> ``directory/prefix-SSSSS-of-NNNNN.parquet``; outputs the paths.
 
@@ -195,12 +214,7 @@ class WriteShards(beam.PTransform):
         refs = [src | f"WritePieces{i or ''}" >> beam.FlatMap(
             lambda t: [p for p in [write_piece(t, pieces_dir)] if p]) for i, src in enumerate(sources)]
         pieces = refs[0] if len(refs) == 1 else tuple(refs) | "AllPieces" >> beam.Flatten()
-        num_shards = (
-            pieces
-            | "Rows" >> beam.Map(lambda piece: len(piece[1]))
-            | "Count" >> beam.CombineGlobally(sum)
-            | "NumShards" >> beam.Map(lambda n: fixed or max(1, math.ceil(n / per_shard)))
-        )
+        num_shards = pieces | "NumShards" >> beam.CombineGlobally(_NumShards(fixed, per_shard))
         shards = beam.pvalue.AsSingleton(num_shards)
         written = (
             pieces
