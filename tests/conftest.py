@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+
+# pytest loads this file as module ``conftest``; tests import it as ``tests.conftest``: one module object
+# for both names, so the guard's and the helpers' state below is shared
+sys.modules.setdefault("tests.conftest", sys.modules[__name__])
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -143,24 +148,20 @@ def tiny_hf_clip_dirs(tmp_path_factory) -> dict[str, str]:
     return dirs
 
 
-_TMP_ENV = "CATALOG_INDEX_TEST_TMP"  # this session's pytest temporary root, for helpers that are not fixtures
+_TMP_ROOT: list[Path] = []  # this session's pytest temporary root, for helpers that are not fixtures
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_tmp(tmp_path_factory):
-    """Publishes the session's temporary root to :func:`tiny_whisper_path` (called by tiny_run_argv).
-
-    An environment variable, not a module global: tests import this file as
-    ``tests.conftest`` while pytest loads it as ``conftest``, two module objects.
-    """
-    os.environ[_TMP_ENV] = str(tmp_path_factory.getbasetemp())
+    """Gives :func:`tiny_whisper_path` (called by tiny_run_argv, not a fixture) the session's temporary root."""
+    _TMP_ROOT.append(tmp_path_factory.getbasetemp())
     yield
-    os.environ.pop(_TMP_ENV, None)
+    _TMP_ROOT.clear()
 
 
 def tiny_whisper_path() -> str:
     """The session's tiny Whisper directory, built on first use (see :func:`tiny_whisper_dir`)."""
-    dest = Path(os.environ[_TMP_ENV]) / "tiny-whisper"
+    dest = _TMP_ROOT[0] / "tiny-whisper"
     if not (dest / "tokenizer.json").is_file():
         _build_tiny_whisper(dest)
     return str(dest)

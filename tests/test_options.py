@@ -8,6 +8,7 @@ def _config(*flags, preset="offline-v1"):
     return to_run_config(PipelineOptions(["--catalog", "c.parquet", "--preset", preset, *flags]))[0]
 
 
+@pytest.mark.real_weights  # the preset's slots are filled only where the weight packages are installed
 def test_offline_preset_uses_packaged_real_weights_for_every_modality():
     cfg = _config(preset="offline")
     if cfg.encode.image is None or cfg.encode.clap is None:
