@@ -172,6 +172,11 @@ def test_search_command_says_which_searcher(runs, capsys):
     assert "--nprobe ignored" in capsys.readouterr().out.splitlines()[0]
     assert cli.main(["search", "--run", runs["ivfpq"], "--text", q, "--nprobe", "0"]) == 2  # usage error
     assert "--nprobe must be >= 1" in capsys.readouterr().err
+    assert cli.main(["search", "--run", runs["flat"], "--text", q, "-k", "0"]) == 2  # the searchers' own rule
+    assert "-k must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        open_searcher(runs["flat"], load_run(runs["flat"]).manifest, load_run(runs["flat"]).embedding_files).search(
+            np.zeros((1, 48), np.float32), 0)
 
 
 def test_eval_reports_which_searcher(runs, tmp_path, capsys):
