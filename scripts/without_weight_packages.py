@@ -9,7 +9,8 @@ workers, inherit it), hides the prepared aisfx weights with an empty
 
     .venv/bin/python scripts/without_weight_packages.py -m pytest -q -m "not slow and not real_weights"
 
-Nothing in the environment changes; the view lives in a temporary folder.
+``--also timm,faster_whisper`` hides more import names (libraries of the
+optional extras), to see what else a command needs. Nothing in the environment changes; the view lives in a temporary folder.
 """
 from __future__ import annotations
 
@@ -31,20 +32,20 @@ sys.path[:] = [{view!r} if p == {real!r} else p for p in sys.path]
 """
 
 
-def _hidden(name: str) -> bool:
-    """A package's folder, module or ``*.dist-info`` of one of HIDDEN."""
+def _hidden(name: str, hidden: tuple[str, ...]) -> bool:
+    """A package's folder, module or ``*.dist-info`` of one of ``hidden``."""
     stem = re.split(r"[-.]", name, maxsplit=1)[0]
-    return stem in HIDDEN
+    return stem.lower() in hidden
 
 
-def build_view(site_packages: Path, work: Path) -> tuple[Path, list[str]]:
+def build_view(site_packages: Path, work: Path, hidden: tuple[str, ...] = HIDDEN) -> tuple[Path, list[str]]:
     """(the folder to put first on PYTHONPATH, the entries left out)."""
     view, boot = work / "site-packages", work / "boot"
     view.mkdir()
     boot.mkdir()
     left_out = []
     for entry in sorted(site_packages.iterdir()):
-        if _hidden(entry.name):
+        if _hidden(entry.name, hidden):
             left_out.append(entry.name)
         else:
             (view / entry.name).symlink_to(entry)
@@ -53,9 +54,12 @@ def build_view(site_packages: Path, work: Path) -> tuple[Path, list[str]]:
 
 
 def main(argv: list[str]) -> int:
+    hidden = HIDDEN
+    if argv[:1] == ["--also"]:
+        hidden, argv = HIDDEN + tuple(n.strip().lower() for n in argv[1].split(",") if n.strip()), argv[2:]
     site_packages = Path(site.getsitepackages()[0])
     with tempfile.TemporaryDirectory(prefix="without-weights-") as tmp:
-        boot, left_out = build_view(site_packages, Path(tmp))
+        boot, left_out = build_view(site_packages, Path(tmp), hidden)
         weights = Path(tmp) / "no-weights"
         weights.mkdir()
         print(f"hidden from {site_packages}: {', '.join(left_out) or 'nothing'}; CATALOG_INDEX_WEIGHTS={weights}",
