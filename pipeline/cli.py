@@ -275,6 +275,16 @@ def _check_nprobe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--{e}")
 
 
+def _check_k(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Before any run is loaded: the searcher's own check, as a usage error naming the flag."""
+    from pipeline.query.search import check_k
+
+    try:
+        check_k(args.k)
+    except ValueError as e:
+        parser.error(f"-{e}")
+
+
 def _searcher(info, args):
     from pipeline.query.search import open_searcher
 
@@ -315,8 +325,7 @@ def search(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = parser.parse_args(argv)
     _check_nprobe(parser, args)
-    if args.k < 1:
-        parser.error(f"-k must be >= 1, got {args.k}")
+    _check_k(parser, args)
     modality, content = next((m, getattr(args, m)) for m in ("text", "image", "audio") if getattr(args, m))
     try:
         info = load_run(args.run)

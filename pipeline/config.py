@@ -8,11 +8,11 @@ import time
 
 from encoders.asr import AsrSpec, asr_fingerprint
 from encoders.audio import AudioPolicy
-from encoders.device import validate_device_spec
+from encoders.device import validate_placement
 from encoders.fusion import FusionConfig, Layout
 from encoders.media import FetchPolicy
 from encoders import families
-from encoders.specs import PRECISIONS, TEXT_FAMILIES, ModelSpec, fingerprint
+from encoders.specs import TEXT_FAMILIES, ModelSpec, fingerprint
 from pipeline.index.defaults import DEFAULT_NPROBES, REUSE_SETTINGS
 from schemas.catalog import CatalogColumns, MissingColumn
 
@@ -63,7 +63,6 @@ def catalog_root(catalog: str) -> str:
     if head.endswith("/"):
         return head.rstrip("/") or "/"
     return head.rsplit("/", 1)[0] if "/" in head else "."
-IMAGE_DECODERS = ("cpu", "gpu")
 VECTOR_DTYPES = ("float32", "float16")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -136,20 +135,9 @@ class EncodeConfig:
             if image_preprocess(self.image) != image_preprocess(self.clip):
                 raise ValueError(f"the image model {self.image.name} and the clip model {self.clip.name} need "
                                  "different image preprocessing; one run decodes each image once, for one of them")
-        validate_device_spec(self.device)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        if not 0 <= self.batch_size <= 4096:
-            raise ValueError(f"batch_size must be in 1..4096, or 0 for auto, got {self.batch_size}")
-        if not 0 <= self.model_copies_per_gpu <= 16:
-            raise ValueError(f"model_copies_per_gpu must be in 0..16 (0: one per process), got {self.model_copies_per_gpu}")
-        if self.image_decode not in IMAGE_DECODERS:
-            raise ValueError(f"image_decode {self.image_decode!r} is not one of {IMAGE_DECODERS}")
+        validate_placement(self.device, self.precision, self.batch_size, self.model_copies_per_gpu, self.image_decode)
         if self.image_decode == "gpu" and self.device == "cpu":
             raise ValueError("image_decode 'gpu' needs a CUDA device, but device is 'cpu'")
-        if self.image_decode == "gpu" and self.model_copies_per_gpu:
-            raise ValueError("image_decode 'gpu' cannot be combined with model_copies_per_gpu: shared model servers "
-                             "take inputs by pickling, so decoded images would cross host memory")
 
     @property
     def routes(self) -> tuple[Route, ...]:

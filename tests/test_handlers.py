@@ -40,6 +40,13 @@ def test_handler_validation_and_batching_kwargs(tiny_text_spec):
         TextEmbeddingHandler(tiny_text_spec, device="tpu")
     with pytest.raises(ValueError, match="precision"):
         TextEmbeddingHandler(tiny_text_spec, precision="int4")
+    # the run config's rules (encoders.device.validate_placement), for a handler built without a config
+    with pytest.raises(ValueError, match=r"batch_size must be in 1\.\.4096, or 0 for auto, got -1"):
+        TextEmbeddingHandler(tiny_text_spec, batch_size=-1)
+    with pytest.raises(ValueError, match=r"batch_size must be in 1\.\.4096"):
+        TextEmbeddingHandler(tiny_text_spec, batch_size=5000)
+    with pytest.raises(ValueError, match=r"model_copies_per_gpu must be in 0\.\.16"):
+        TextEmbeddingHandler(tiny_text_spec, copies_per_gpu=17)
     with pytest.raises(ValueError, match="no image tower"):
         ImageEmbeddingHandler(tiny_text_spec)
 

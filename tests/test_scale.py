@@ -152,7 +152,7 @@ def test_model_copies_are_counted_on_the_worker(tiny_clip_spec):
 def _config(*flags):
     from pipeline.options import to_run_config
 
-    return to_run_config(PipelineOptions(["--catalog", "gs://shop-bucket/catalog/*.parquet", "--preset", "offline",
+    return to_run_config(PipelineOptions(["--catalog", "gs://shop-bucket/catalog/*.parquet", "--preset", "offline-v1",
                                           *flags]))[0]
 
 

@@ -1,16 +1,7 @@
 """The committed tiny WordPiece tokenizer is what its script builds, and it keeps texts apart."""
 from __future__ import annotations
 
-import importlib.util
-
-from tests.conftest import DATA, TINY_WORDPIECE
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("make_tiny_tokenizer", DATA / "make_tiny_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import TINY_WORDPIECE, _tokenizers_script as _script
 
 
 def test_committed_files_are_the_scripts_output():

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.index.defaults import DEFAULT_NPROBES
-from schemas.manifest import recall_key
+from schemas.manifest import IndexParamFields, recall_key
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 # faiss's k-means warns below 39 training points per centroid; below that the centroids are noise
@@ -38,21 +38,12 @@ class IndexParamsError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexParams:
-    """What kind of index to build, and why (``note``)."""
+class IndexParams(IndexParamFields):
+    """What kind of index to build, and why (``note``): factory, metric, dim, kind, then the rest.
 
-    factory: str
-    metric: str
-    dim: int
-    kind: str  # "ivfpq" (any IVF factory), "hnsw" or "flat"
-    nlist: int = 0
-    m: int = 0
-    nbits: int = 0
-    opq: bool = False
-    bytes_per_vector: float = 0.0
-    estimated_bytes: int = 0
-    note: str = ""
-    family: str = ""  # pipeline.index.index_select.FAMILIES; "" for a user factory string
+    The fields are the manifest's (``schemas.manifest.IndexParamFields``), so
+    ``to_json`` is the parameters part of the manifest's ``index`` as it is.
+    """
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

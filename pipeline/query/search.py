@@ -23,6 +23,18 @@ def check_nprobe(nprobe: int | None) -> None:
         raise ValueError(f"nprobe must be >= 1, got {nprobe}")
 
 
+def check_k(k: int) -> None:
+    """The one check of how many results a caller asks for; the CLI calls it too."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
+def check_metric(metric: str) -> None:
+    """The one check of a searcher's metric."""
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {METRICS}")
+
+
 _Searcher = TypeVar("_Searcher", bound="ExactSearcher")
 
 
@@ -36,8 +48,7 @@ class ExactSearcher:
     """
 
     def __init__(self, ids: Sequence[str], vectors: np.ndarray, metric: str = "cosine"):
-        if metric not in METRICS:
-            raise ValueError(f"metric {metric!r} is not one of {METRICS}")
+        check_metric(metric)
         vectors = np.ascontiguousarray(vectors, np.float32)
         if vectors.ndim != 2 or len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for vectors of shape {vectors.shape}")
@@ -62,8 +73,7 @@ class ExactSearcher:
         queries = np.atleast_2d(np.asarray(queries, np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have dim {queries.shape[1]}, the items {self.dim}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        check_k(k)
         k = min(k, len(self.ids))
         ip = queries @ self.vectors.T
         if self.metric == "cosine":
@@ -95,8 +105,7 @@ class IndexSearcher:
     """
 
     def __init__(self, run, metric: str = "cosine", nprobe: int | None = None):
-        if metric not in METRICS:
-            raise ValueError(f"metric {metric!r} is not one of {METRICS}")
+        check_metric(metric)
         check_nprobe(nprobe)
         self.run, self.metric = run, metric
         self.index_metric, self.factory = run.info.metric, run.info.factory
@@ -131,8 +140,7 @@ class IndexSearcher:
         return f"index {self.factory} ({self.index_metric}{probe}){conv}"
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        check_k(k)
         scores, ids = self.run.search(queries, k, params=self.params)
         found = np.isfinite(scores)
         # Run.search gives inner products (ip) or negative squared distances (l2); convert to the metric
