@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from encoders import families, placement
+from encoders import families, placement, text_context
 from encoders.forward import (  # noqa: F401 - padded_rows, CPU_ROW_QUANTUM: part of this module's surface
     CPU_ROW_QUANTUM,
     _as_tensor,
@@ -101,6 +101,26 @@ class OpenClipModel(_AutoBatch):
         self.dim = int(open_clip.get_model_config(name)["embed_dim"])
         size = self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        self.short_text = self._short_text_forward()
+
+    def _short_text_forward(self) -> text_context.ShortTextForward | None:
+        """The forward over each text's own length bucket, where it provably equals the full one."""
+        import logging
+
+        log = logging.getLogger(__name__)
+        short, why = text_context.for_model(self.model)
+        if short is None:
+            log.info("%s: full %s-token text forward (%s)", type(self.model).__name__,
+                     getattr(self.model, "context_length", "?"), why)
+            return None
+        # once per load: the full forward is the reference; texts of every bucket, pooled at EOT
+        probe = ["", "a", "red leather shoe " * 4, "water bottle, steel " * 8, "lorem ipsum " * 60]
+        diff = short.check(self.model, self.tokenizer(probe).to(self.device))
+        if diff > text_context.TOLERANCE:
+            log.warning("%s: short text forward differs from the full one by %.3g (> %g); using the full one",
+                        type(self.model).__name__, diff, text_context.TOLERANCE)
+            return None
+        return short
 
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray | torch.Tensor, batch_size: int) -> np.ndarray:
@@ -116,15 +136,36 @@ class OpenClipModel(_AutoBatch):
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
-        tokens = self.tokenizer(texts)  # fixed context length already
+        """Unit vectors of ``texts``; each text runs at its own length bucket (``encoders.text_context``)."""
+        tokens = self.tokenizer(texts)  # one call for the batch, padded to the full context
         batch_size = self._batch("text", batch_size)
+        if self.short_text is None or not texts:
+            return self.encode_tokens_full(tokens, batch_size)
+        lengths = self.short_text.row_lengths(tokens)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for length in np.unique(lengths):
+            members = np.flatnonzero(lengths == length)
+            group = tokens[torch.from_numpy(members)]
+
+            def run(start, stop, rows):  # called in this iteration only (_in_fixed_batches below)
+                batch = _to_device(_pad_rows(group[start:stop], rows), self.device)  # noqa: B023
+                with _autocast(self.device, self.precision):
+                    # normalized here as open_clip's encode_text(normalize=True) does: the same bits as before
+                    return torch.nn.functional.normalize(self.short_text(batch, int(length)), dim=-1)  # noqa: B023
+
+            out[members] = _in_fixed_batches(len(members), batch_size, self.device, run)
+        return out
+
+    @torch.inference_mode()
+    def encode_tokens_full(self, tokens: torch.Tensor, batch_size: int) -> np.ndarray:
+        """open_clip's own ``encode_text`` over the full context: the reference the short forward matches."""
 
         def run(start, stop, rows):
             batch = _to_device(_pad_rows(tokens[start:stop], rows), self.device)
             with _autocast(self.device, self.precision):
                 return self.model.encode_text(batch, normalize=True)
 
-        return _in_fixed_batches(len(texts), batch_size, self.device, run)
+        return _in_fixed_batches(len(tokens), batch_size, self.device, run)
 
 
 class HfClipModel(_AutoBatch):
