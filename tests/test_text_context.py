@@ -1,0 +1,127 @@
+"""The open_clip text tower over each text's own length bucket equals open_clip's full-context encode_text.
+
+Tolerance: max |short - full| <= text_context.TOLERANCE (1e-6) over the
+components of the fp32 unit vectors; on CPU the two are measured bit-identical
+(the assertions below check the bound, and bit equality where it is the
+pipeline's guarantee: batch invariance).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from encoders import text_context, towers
+from encoders.specs import ModelSpec
+
+CPU = torch.device("cpu")
+# mixed lengths in one sub-batch: empty, short, every bucket, and one truncated at the full 77 tokens
+TEXTS = ["", "red mug", "Stainless steel water bottle. Keeps drinks cold for 24 hours, leak-proof lid.",
+         "红色陶瓷杯 with a handle", "leather shoe " * 12, "wooden desk lamp " * 14, "lorem ipsum " * 200, "x"]
+
+
+def _full(model: towers.OpenClipModel, texts: list[str], batch_size: int = 8) -> np.ndarray:
+    return model.encode_tokens_full(model.tokenizer(texts), batch_size)
+
+
+def _variant(tmp_path, **text_cfg) -> ModelSpec:
+    """The tiny CLIP config with text_cfg overrides (and ``custom_text`` for a CustomTextCLIP).
+
+    Named after its overrides: open_clip registers a config once per name and process.
+    """
+    from tests.conftest import TINY_CLIP_JSON
+
+    config = json.loads(open(TINY_CLIP_JSON).read())
+    custom = text_cfg.pop("custom_text", False)
+    config["text_cfg"].update(text_cfg)
+    if custom:
+        config["custom_text"] = True
+    name = "tiny-clip-" + "-".join(f"{k}-{v}" for k, v in sorted(text_cfg.items())) + ("-custom" if custom else "")
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return ModelSpec("open_clip", str(path), "random")
+
+
+def test_length_buckets():
+    assert text_context.length_buckets(77) == (16, 32, 48, 64, 77)
+    assert text_context.length_buckets(64) == (16, 32, 48, 64)
+    assert text_context.length_buckets(10) == (10,)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        text_context.length_buckets(0)
+
+
+def test_row_lengths_reach_the_pooled_token(tiny_clip_spec):
+    model = towers.load(tiny_clip_spec, CPU)
+    short = model.short_text
+    assert short is not None and short.buckets == (16, 32, 48, 64, 77)
+    tokens = torch.zeros((5, 77), dtype=torch.long)
+    eot = int(model.tokenizer.eot_token_id)
+    for row, eot_at in enumerate((1, 15, 16, 63, 76)):  # empty text: SOT, EOT; the bucket edges; the full context
+        tokens[row, 0], tokens[row, 1:eot_at], tokens[row, eot_at] = model.tokenizer.sot_token_id, 320, eot
+    assert short.row_lengths(tokens).tolist() == [16, 16, 32, 64, 77]
+    real = short.row_lengths(model.tokenizer(TEXTS))
+    assert real[0] == 16 and real[6] == 77 and set(real) <= set(short.buckets)
+
+
+def test_short_forward_equals_open_clip_encode_text(tiny_clip_spec):
+    model = towers.load(tiny_clip_spec, CPU)
+    assert model.short_text is not None
+    for batch_size in (3, 8, 32):  # sub-batches that split and pad the length groups differently
+        short, full = model.encode_text(TEXTS, batch_size), _full(model, TEXTS, batch_size)
+        assert short.shape == full.shape == (len(TEXTS), model.dim) and short.dtype == np.float32
+        assert float(np.abs(short - full).max()) <= text_context.TOLERANCE
+    # and against open_clip's own call, tokens straight from its tokenizer
+    with torch.inference_mode():
+        reference = model.model.encode_text(model.tokenizer(TEXTS), normalize=True).numpy()
+    assert float(np.abs(model.encode_text(TEXTS, 8) - reference).max()) <= text_context.TOLERANCE
+
+
+def test_a_texts_vector_does_not_depend_on_its_batch_mates(tiny_clip_spec):
+    model = towers.load(tiny_clip_spec, CPU)
+    whole = model.encode_text(TEXTS, 4)
+    alone = np.concatenate([model.encode_text([t], 4) for t in TEXTS])
+    assert np.array_equal(whole, alone)
+    assert np.array_equal(whole, model.encode_text(TEXTS[::-1], 4)[::-1])
+
+
+def test_no_texts(tiny_clip_spec):
+    model = towers.load(tiny_clip_spec, CPU)
+    assert model.encode_text([], 8).shape[0] == 0
+
+
+@pytest.mark.parametrize("overrides", [{"pool_type": "eos", "eos_id": 49407}, {"pool_type": "first"},
+                                       {"custom_text": True}],
+                         ids=["eos-pool", "first-pool", "custom-text-clip"])
+def test_other_provable_towers_run_short(tmp_path, overrides):
+    model = towers.OpenClipModel(_variant(tmp_path, **overrides), CPU)
+    assert model.short_text is not None
+    assert float(np.abs(model.encode_text(TEXTS, 8) - _full(model, TEXTS)).max()) <= text_context.TOLERANCE
+
+
+@pytest.mark.parametrize("overrides, why", [
+    ({"no_causal_mask": True}, "no causal mask"),
+    ({"pool_type": "last"}, "pools 'last'"),
+    ({"embed_cls": True, "custom_text": True}, "CLS token"),
+    ({"no_causal_mask": True, "custom_text": True}, "no causal mask"),
+], ids=["bidirectional", "last-pool", "cls-token", "bidirectional-custom-text"])
+def test_unprovable_towers_keep_the_full_forward(tmp_path, overrides, why):
+    model = towers.OpenClipModel(_variant(tmp_path, **overrides), CPU)
+    assert model.short_text is None
+    assert why in text_context.for_model(model.model)[1]
+    assert np.array_equal(model.encode_text(TEXTS, 8), _full(model, TEXTS))
+
+
+def test_a_failed_load_check_falls_back_to_the_full_forward(tiny_clip_spec, monkeypatch, caplog):
+    monkeypatch.setattr(text_context, "TOLERANCE", -1.0)  # any difference, even 0, is too much
+    model = towers.OpenClipModel(tiny_clip_spec, CPU)
+    assert model.short_text is None and "using the full one" in caplog.text
+    assert np.array_equal(model.encode_text(TEXTS, 8), _full(model, TEXTS))
+
+
+@pytest.mark.slow
+def test_vit_b_32_text_tower_short_equals_full():
+    """The real-size ViT-B-32 text tower (12 layers, 512 wide; random weights: no CLIP weights exist offline)."""
+    model = towers.OpenClipModel(ModelSpec("open_clip", "ViT-B-32", "random"), CPU)
+    assert model.short_text is not None
+    short, full = model.encode_text(TEXTS, 8), _full(model, TEXTS)
+    assert float(np.abs(short - full).max()) <= text_context.TOLERANCE
