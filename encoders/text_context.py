@@ -61,8 +61,8 @@ class ShortTextForward:
         """Per row, the position the tower pools (what the forward must reach), as open_clip picks it."""
         if self.pool_type == "argmax":  # EOT: the highest id of the default tokenizer's vocabulary
             return tokens.argmax(dim=-1)
-        if self.pool_type == "eos":
-            return (tokens == self.eos_id).int().argmax(dim=-1)
+        if self.pool_type == "eos":  # for_model only builds it with an eos id
+            return tokens.eq(int(self.eos_id or 0)).int().argmax(dim=-1)
         return torch.zeros(tokens.shape[0], dtype=torch.long)  # "first"
 
     def row_lengths(self, tokens: torch.Tensor) -> np.ndarray:
