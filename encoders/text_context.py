@@ -8,12 +8,12 @@ Running the first ``L`` positions (the token and positional embeddings and
 the causal mask sliced to ``L``), with ``L`` past the pooled position, gives
 the same vector up to float rounding (measured: ``TOLERANCE``).
 
-``L`` is the text's own length bucket (:func:`length_buckets`: 16, 32, 48,
-64, 77 for a 77-token context), never its batch-mates': a text's forward
+``L`` is the text's own length bucket (:func:`length_buckets`: on CUDA 16,
+32, 48, 64, 77 for a 77-token context, 5 forward shapes per row count; on
+CPU multiples of 8, 10 shapes), never its batch-mates': a text's forward
 shape depends on the text alone, so its vector does not depend on which
 items shared its batch and reruns stay bit-identical however the runner
-batches (``encoders.forward``). There are ``len(length_buckets(context))``
-forward shapes per row count (5 for CLIP's 77).
+batches (``encoders.forward``).
 
 Where equality cannot be shown from the model's structure (no causal mask,
 an appended CLS token, a pad mask, "last"/"none" pooling, a text tower that
@@ -21,6 +21,11 @@ is not open_clip's own transformer, an unknown block type) :func:`for_model`
 returns ``None`` with the reason and the caller keeps the full forward;
 and a model that passes the structural check is also checked numerically
 against its full forward once at load (:meth:`ShortTextForward.check`).
+
+Text towers that mask their padding (transformers CLIP, Chinese-CLIP, CLAP)
+need no slicing: each text is padded only to its bucket (:func:`bucket_groups`,
+:func:`padded`), and the masked columns dropped change no real token's
+attention. SigLIP's (no mask, last-token pooling) keeps its full length.
 """
 from __future__ import annotations
 
@@ -30,11 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 
-BUCKET_STEP = 16
+BUCKET_STEP = 16  # on CUDA: every bucket present in a sub-batch is a forward of --batch_size rows
+CPU_BUCKET_STEP = 8  # on CPU rows are padded to a multiple of 8 only, so finer lengths cost little
 # max |short - full| over the components of the unit vectors, fp32 on CPU; measured far below it
 # (tests/test_text_context.py, bench/bench_text_context.py): ~1e-7 for the tiny config and ViT-B-32
 TOLERANCE = 1e-6
 _POOLED_AT_TOKEN = ("argmax", "eos", "first")  # pool types that read one position from the ids
+
+
+def bucket_step(device: torch.device) -> int:
+    """The bucket step for ``device``: finer on CPU (measured: bench/bench_text_context.py), coarser on CUDA."""
+    return CPU_BUCKET_STEP if device.type == "cpu" else BUCKET_STEP
 
 
 def length_buckets(context_length: int, step: int = BUCKET_STEP) -> tuple[int, ...]:
@@ -133,3 +144,22 @@ def for_model(model: Any, step: int = BUCKET_STEP) -> tuple[ShortTextForward | N
     if tuple(mask.shape) != (context, context) or not torch.equal(torch.isneginf(mask).cpu(), causal):
         return None, "the attention mask is not the causal mask of the positional table"
     return ShortTextForward(tower, pool_type, eos_id, length_buckets(context, step)), ""
+
+
+# ---- padding trimmed to each text's bucket, for towers that mask their padding (transformers CLIP, CLAP) ----
+
+def bucket_groups(lengths: list[int], buckets: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Row indices per forward length: each row at the smallest bucket that holds all its tokens."""
+    sizes = np.asarray(buckets)
+    at = sizes[np.searchsorted(sizes, np.asarray(lengths, dtype=np.int64), side="left")]
+    return {int(b): np.flatnonzero(at == b) for b in np.unique(at)}
+
+
+def padded(rows: list[list[int]], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` padded with ``pad_id`` to ``length`` columns, and their attention mask (1 on real tokens)."""
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+    return ids, mask

@@ -5,6 +5,7 @@ components of the fp32 unit vectors; on CPU the two are measured bit-identical
 (the assertions below check the bound, and bit equality where it is the
 pipeline's guarantee: batch invariance).
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -43,7 +44,9 @@ def _variant(tmp_path, **text_cfg) -> ModelSpec:
 
 
 def test_length_buckets():
-    assert text_context.length_buckets(77) == (16, 32, 48, 64, 77)
+    assert text_context.length_buckets(77) == (16, 32, 48, 64, 77)  # CUDA's: 5 shapes
+    assert text_context.length_buckets(77, text_context.bucket_step(CPU)) == (8, 16, 24, 32, 40, 48, 56, 64, 72, 77)
+    assert text_context.bucket_step(torch.device("cuda")) == 16
     assert text_context.length_buckets(64) == (16, 32, 48, 64)
     assert text_context.length_buckets(10) == (10,)
     with pytest.raises(ValueError, match="must be >= 1"):
@@ -53,14 +56,16 @@ def test_length_buckets():
 def test_row_lengths_reach_the_pooled_token(tiny_clip_spec):
     model = towers.load(tiny_clip_spec, CPU)
     short = model.short_text
-    assert short is not None and short.buckets == (16, 32, 48, 64, 77)
-    tokens = torch.zeros((5, 77), dtype=torch.long)
+    assert short is not None and short.buckets == text_context.length_buckets(77, 8)  # CPU's buckets
+    tokens = torch.zeros((6, 77), dtype=torch.long)
     eot = int(model.tokenizer.eot_token_id)
-    for row, eot_at in enumerate((1, 15, 16, 63, 76)):  # empty text: SOT, EOT; the bucket edges; the full context
+    for row, eot_at in enumerate((1, 7, 8, 63, 71, 76)):  # empty text: SOT, EOT; bucket edges; the full context
         tokens[row, 0], tokens[row, 1:eot_at], tokens[row, eot_at] = model.tokenizer.sot_token_id, 320, eot
-    assert short.row_lengths(tokens).tolist() == [16, 16, 32, 64, 77]
+    assert short.row_lengths(tokens).tolist() == [8, 8, 16, 64, 72, 77]
+    coarse = dataclasses.replace(short, buckets=text_context.length_buckets(77, 16))
+    assert coarse.row_lengths(tokens).tolist() == [16, 16, 16, 64, 77, 77]
     real = short.row_lengths(model.tokenizer(TEXTS))
-    assert real[0] == 16 and real[6] == 77 and set(real) <= set(short.buckets)
+    assert real[0] == 8 and real[6] == 77 and set(real) <= set(short.buckets)
 
 
 def test_short_forward_equals_open_clip_encode_text(tiny_clip_spec):
@@ -125,3 +130,38 @@ def test_vit_b_32_text_tower_short_equals_full():
     assert model.short_text is not None
     short, full = model.encode_text(TEXTS, 8), _full(model, TEXTS)
     assert float(np.abs(short - full).max()) <= text_context.TOLERANCE
+
+
+# ---- transformers towers that mask their padding: padding trimmed to each text's bucket ----
+
+def _padded_to_max_length(model, texts: list[str], max_length: int, mask: bool = True) -> np.ndarray:
+    """The reference: every text padded to ``max_length`` (as before), one forward."""
+    enc = model.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    kwargs = {"input_ids": enc["input_ids"], **({"attention_mask": enc["attention_mask"]} if mask else {})}
+    with torch.inference_mode():
+        out = towers._features(model.model.get_text_features(**kwargs)).float()
+    return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+def test_bucket_groups_and_padding():
+    groups = text_context.bucket_groups([2, 16, 17, 77, 1], (16, 32, 48, 64, 77))
+    assert {k: v.tolist() for k, v in groups.items()} == {16: [0, 1, 4], 32: [2], 77: [3]}
+    ids, mask = text_context.padded([[5, 6], [7]], 4, pad_id=1)
+    assert ids.tolist() == [[5, 6, 1, 1], [7, 1, 1, 1]] and mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("kind", ["clip", "chinese_clip", "siglip"])
+def test_transformers_clip_text_equals_max_length_padding(tiny_hf_clip_dirs, kind):
+    model = towers.HfClipModel(ModelSpec("hf_clip", tiny_hf_clip_dirs[kind], "pretrained"), CPU)
+    reference = _padded_to_max_length(model, TEXTS, model.max_length, mask=kind != "siglip")
+    for batch_size in (3, 8):
+        assert float(np.abs(model.encode_text(TEXTS, batch_size) - reference).max()) <= text_context.TOLERANCE
+
+
+def test_clap_text_equals_max_length_padding(tiny_clap_dir):
+    model = towers.HfClapModel(ModelSpec("hf_clap", tiny_clap_dir, "random"), CPU)
+    max_length = min(int(model.model.config.text_config.max_position_embeddings) - 2, 77)
+    reference = _padded_to_max_length(model, TEXTS, max_length)
+    assert float(np.abs(model.encode_text(TEXTS, 4) - reference).max()) <= text_context.TOLERANCE
+    alone = np.concatenate([model.encode_text([t], 4) for t in TEXTS])
+    assert np.array_equal(model.encode_text(TEXTS, 4), alone)
