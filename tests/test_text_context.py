@@ -1,9 +1,9 @@
 """The open_clip text tower over each text's own length bucket equals open_clip's full-context encode_text.
 
 Tolerance: max |short - full| <= text_context.TOLERANCE (1e-6) over the
-components of the fp32 unit vectors; on CPU the two are measured bit-identical
-(the assertions below check the bound, and bit equality where it is the
-pipeline's guarantee: batch invariance).
+components of the fp32 unit vectors (measured on CPU: up to 3.1e-7, the
+16-multiple lengths bit-identical); bit equality is asserted where it is the
+pipeline's guarantee: batch invariance.
 """
 import dataclasses
 import json
