@@ -155,7 +155,7 @@ class OpenClipModel(_AutoBatch):
             def run(start, stop, rows):  # called in this iteration only (_in_fixed_batches below)
                 batch = _to_device(_pad_rows(group[start:stop], rows), self.device)  # noqa: B023
                 with _autocast(self.device, self.precision):
-                    # normalized here as open_clip's encode_text(normalize=True) does: the same bits as before
+                    # normalized as open_clip's encode_text(normalize=True) is, then again like it below
                     return torch.nn.functional.normalize(self.short_text(batch, int(length)), dim=-1)  # noqa: B023
 
             out[members] = _in_fixed_batches(len(members), batch_size, self.device, run)
