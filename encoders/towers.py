@@ -3,7 +3,7 @@
 Each returns float32, L2-normalized rows. Forward passes have fixed shapes
 (``encoders.forward``: on CUDA exactly ``batch_size`` rows, on CPU a multiple
 of ``CPU_ROW_QUANTUM`` rows; measured, and checked by the integration test),
-and text is padded to a length bucket that depends only on the text itself.
+and text runs at a length bucket that depends only on the text itself (``encoders.text_context``).
 So an item's vector does not depend on which items shared its batch, and
 reruns are bit-identical however the runner batches.
 
@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from encoders import families, placement
+from encoders import clip_tokenizer, families, placement, text_context
 from encoders.forward import (  # noqa: F401 - padded_rows, CPU_ROW_QUANTUM: part of this module's surface
     CPU_ROW_QUANTUM,
     _as_tensor,
@@ -96,11 +96,32 @@ class OpenClipModel(_AutoBatch):
             # weights_only: a checkpoint is tensors, never code to unpickle
             self.model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True)
         self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(name)
+        # open_clip's tokenizer, or for its default one the same ids at a fifth of the CPU (clip_tokenizer)
+        self.tokenizer = clip_tokenizer.fast(open_clip.get_tokenizer(name))
         self.device, self.precision = device, precision
         self.dim = int(open_clip.get_model_config(name)["embed_dim"])
         size = self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        self.short_text = self._short_text_forward()
+
+    def _short_text_forward(self) -> text_context.ShortTextForward | None:
+        """The forward over each text's own length bucket, where it provably equals the full one."""
+        import logging
+
+        log = logging.getLogger(__name__)
+        short, why = text_context.for_model(self.model, text_context.bucket_step(self.device))
+        if short is None:
+            log.info("%s: full %s-token text forward (%s)", type(self.model).__name__,
+                     getattr(self.model, "context_length", "?"), why)
+            return None
+        # once per load: the full forward is the reference; texts of every bucket, pooled at EOT
+        probe = ["", "a", "red leather shoe " * 4, "water bottle, steel " * 8, "lorem ipsum " * 60]
+        diff = short.check(self.model, self.tokenizer(probe).to(self.device))
+        if diff > text_context.TOLERANCE:
+            log.warning("%s: short text forward differs from the full one by %.3g (> %g); using the full one",
+                        type(self.model).__name__, diff, text_context.TOLERANCE)
+            return None
+        return short
 
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray | torch.Tensor, batch_size: int) -> np.ndarray:
@@ -116,15 +137,40 @@ class OpenClipModel(_AutoBatch):
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
-        tokens = self.tokenizer(texts)  # fixed context length already
-        batch_size = self._batch("text", batch_size)
+        """Unit vectors of ``texts``; each text runs at its own length bucket (``encoders.text_context``)."""
+        tokens = self.tokenizer(texts)  # one call for the batch, padded to the full context
+        return self.encode_tokens(tokens, self._batch("text", batch_size))
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor, batch_size: int) -> np.ndarray:
+        """Unit vectors of tokenized texts [N, context], grouped by length bucket (the full forward without one)."""
+        if self.short_text is None or not len(tokens):
+            return self.encode_tokens_full(tokens, batch_size)
+        lengths = self.short_text.row_lengths(tokens)
+        out = np.zeros((len(tokens), self.dim), np.float32)
+        for length in np.unique(lengths):
+            members = np.flatnonzero(lengths == length)
+            group = tokens[torch.from_numpy(members)]
+
+            def run(start, stop, rows):  # called in this iteration only (_in_fixed_batches below)
+                batch = _to_device(_pad_rows(group[start:stop], rows), self.device)  # noqa: B023
+                with _autocast(self.device, self.precision):
+                    # normalized as open_clip's encode_text(normalize=True) is, then again like it below
+                    return torch.nn.functional.normalize(self.short_text(batch, int(length)), dim=-1)  # noqa: B023
+
+            out[members] = _in_fixed_batches(len(members), batch_size, self.device, run)
+        return out
+
+    @torch.inference_mode()
+    def encode_tokens_full(self, tokens: torch.Tensor, batch_size: int) -> np.ndarray:
+        """open_clip's own ``encode_text`` over the full context: the reference the short forward matches."""
 
         def run(start, stop, rows):
             batch = _to_device(_pad_rows(tokens[start:stop], rows), self.device)
             with _autocast(self.device, self.precision):
                 return self.model.encode_text(batch, normalize=True)
 
-        return _in_fixed_batches(len(texts), batch_size, self.device, run)
+        return _in_fixed_batches(len(tokens), batch_size, self.device, run)
 
 
 class HfClipModel(_AutoBatch):
@@ -139,7 +185,10 @@ class HfClipModel(_AutoBatch):
         self.max_length = min(int(text_cfg.max_position_embeddings), 77)
         self.device, self.precision = device, precision
         self.dim = int(getattr(self.model.config, "projection_dim", 0) or text_cfg.hidden_size)
+        # SigLIP's text tower takes no mask and pools the last position: it runs the full padded length.
+        # CLIP (causal) and Chinese-CLIP (BERT) mask their padding: each text runs at its length bucket.
         self._wants_mask = "siglip" not in type(self.model).__name__.lower()
+        self.buckets = text_context.length_buckets(self.max_length, text_context.bucket_step(device))
         self.image_size = int(self.model.config.vision_config.image_size)
 
     @torch.inference_mode()
@@ -156,19 +205,18 @@ class HfClipModel(_AutoBatch):
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
+        batch_size = self._batch("text", batch_size)
+        if self._wants_mask:
+            return _encode_masked_text(self, texts, batch_size, self.max_length, self.buckets)
         enc = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         pad_id = self.tokenizer.pad_token_id or 0
-        batch_size = self._batch("text", batch_size)
 
-        def run(start, stop, rows):
+        def run(start, stop, rows):  # SigLIP: no mask, the full padded length
             ids = _pad_rows(enc["input_ids"][start:stop], rows, pad_id).to(self.device)
-            kwargs = {"input_ids": ids}
-            if self._wants_mask and "attention_mask" in enc:
-                kwargs["attention_mask"] = _pad_rows(enc["attention_mask"][start:stop], rows, 0).to(self.device)
             with _autocast(self.device, self.precision):
-                return _features(self.model.get_text_features(**kwargs))
+                return _features(self.model.get_text_features(input_ids=ids))
 
         return _in_fixed_batches(len(texts), batch_size, self.device, run)
 
@@ -260,17 +308,36 @@ class HfClapModel:
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """RoBERTa masks its padding (and numbers positions from the ids): each text runs at its length bucket."""
         max_length = min(int(self.model.config.text_config.max_position_embeddings) - 2, 77)
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-        pad_id = self.tokenizer.pad_token_id or 0
+        buckets = text_context.length_buckets(max_length, text_context.bucket_step(self.device))
+        return _encode_masked_text(self, texts, batch_size, max_length, buckets)
 
-        def run(start, stop, rows):
-            kwargs = {"input_ids": _pad_rows(enc["input_ids"][start:stop], rows, pad_id).to(self.device),
-                      "attention_mask": _pad_rows(enc["attention_mask"][start:stop], rows, 0).to(self.device)}
-            with _autocast(self.device, self.precision):
-                return _features(self.model.get_text_features(**kwargs))
 
-        return _in_fixed_batches(len(texts), batch_size, self.device, run)
+def _encode_masked_text(model, texts: list[str], batch_size: int, max_length: int,
+                        buckets: tuple[int, ...]) -> np.ndarray:
+    """A transformers text tower that masks its padding, each text padded only to its own length bucket.
+
+    The padding's keys are masked, so trimming padding columns changes no real token's attention (as
+    padding to ``max_length`` did, within float rounding: tests/test_text_context.py); a text's bucket
+    depends on the text alone, so its vector does not depend on its batch-mates.
+    """
+    if not texts:
+        return np.zeros((0, 0), np.float32)
+    ids = model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    pad_id = model.tokenizer.pad_token_id or 0
+    out = np.zeros((len(texts), model.dim), np.float32)
+    for length, members in text_context.bucket_groups([len(row) for row in ids], buckets).items():
+        x, mask = text_context.padded([ids[i] for i in members], length, pad_id)
+
+        def run(start, stop, rows):  # called in this iteration only (_in_fixed_batches below)
+            kwargs = {"input_ids": _pad_rows(x[start:stop], rows, pad_id).to(model.device),  # noqa: B023
+                      "attention_mask": _pad_rows(mask[start:stop], rows, 0).to(model.device)}  # noqa: B023
+            with _autocast(model.device, model.precision):
+                return _features(model.model.get_text_features(**kwargs))
+
+        out[members] = _in_fixed_batches(len(members), batch_size, model.device, run)
+    return out
 
 
 # the registry's one cache of loaded models (shared with encoders.asr; tests and benches clear it)

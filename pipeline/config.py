@@ -309,4 +309,7 @@ class RunConfig:
             "image_decode": self.encode.image_decode,
             # cpu: JPEGs much larger than the tower's input are decoded at 1/2..1/8 scale (PIL draft) first
             "image_decode_scaling": "jpeg_draft" if self.encode.image_decode == "cpu" else "full",
+            # open_clip's causal text towers run each text over its own length bucket, not the full 77-token
+            # context: within encoders.text_context.TOLERANCE of the full forward (measured bit-identical on CPU)
+            "text_context": "length_buckets",
         }

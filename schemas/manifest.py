@@ -434,7 +434,7 @@ class Manifest(Part):
     """manifest.json of one run (see the module docstring for the rules)."""
 
     OPTIONAL = frozenset({"asr", "index", "report", "timings", "counts", "stats", "accounting", "created_at",
-                          "files", "catalog", "embeddings", "dead_letter"})
+                          "files", "catalog", "embeddings", "dead_letter", "text_context"})
 
     format_version: int = FORMAT_VERSION
     run_id: str = ""
@@ -450,6 +450,7 @@ class Manifest(Part):
     model_fingerprint: str = ""
     image_decode: str = "cpu"
     image_decode_scaling: str = ""
+    text_context: str | None = None  # "length_buckets" (encoders.text_context); absent: the full context
     counts: Counts | None = None
     stats: dict[str, Any] | None = None  # pipeline.report.stats.finish_stats()
     accounting: Accounting | None = None

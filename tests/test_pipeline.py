@@ -128,6 +128,7 @@ def test_schema_and_metadata(sample_run, tiny_text_dir):
     assert set(table.column("model_fingerprint").to_pylist()) == {meta["model_fingerprint"]}
     assert manifest["models"] == meta["models"]
     assert (manifest["image_decode"], manifest["image_decode_scaling"]) == ("cpu", "jpeg_draft")
+    assert manifest["text_context"] == meta["text_context"] == "length_buckets"
     assert all(os.path.exists(os.path.join(os.path.dirname(os.path.dirname(files[0])), f["path"]))
                for f in manifest["files"])
 
