@@ -42,6 +42,11 @@ HNSW_M = 32
 EF_SEARCH = (16, 32, 64, 128, 256, 512)
 K_FACTORS = (1, 2, 4, 8, 16, 32)
 SINGLE_QUERIES = 20
+# a setting is first measured on this many queries per set, and on all of them only when that estimate of
+# 10-recall@10 is within CONFIDENCE_Z standard errors of the target: at 250 queries and a recall near 0.95, one
+# standard error is about 0.005, so a setting 0.015 clear of the target is decided on a quarter of the queries
+QUERY_STEP = 250
+CONFIDENCE_Z = 3.0
 CODEBOOK_POINTS_PER_CENTROID = 64
 # PQ codebook training is one k-means per sub-quantizer: past 64 of them it dominates a CPU build (faiss-cpu
 # without AVX2 here: PQ128x8 took 105 s on 10k vectors); more accuracy comes from SQ8 or refinement instead
@@ -61,6 +66,11 @@ PROBE_MARGIN = 0.10  # a probe ceiling this far below the target skips the full 
 # budget nlist is halved until they do, leaving the bytes to the codes
 MAX_FIXED_SHARE = 0.20
 MIN_NLIST = 16
+# a tight budget's PQ sizing (size_pq): OPQ's M in steps of 8 (8-byte aligned codes, as faiss's usual shapes), at
+# least 4 dimensions per sub-quantizer, lists shrunk in steps of 64 when that frees the bytes for a larger M
+PQ_M_STEP = 8
+MIN_SUB_DIMS = 4
+NLIST_STEP = 64
 FAMILIES = ("flat", "flat_fp16", "hnsw", "ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 # the families whose trained quantizer a later run may reuse: the IVF ones (flat and HNSW train nothing)
 REUSABLE_FAMILIES = REUSABLE
@@ -78,6 +88,7 @@ class Candidate:
     nlist: int = 0
     m: int = 0
     nbits: int = 0
+    d_out: int = 0  # the PQ's dimension (OPQ's output); 0: the vectors' own
     skipped_reason: str | None = None
 
     @property
@@ -127,6 +138,80 @@ def _pq_m(dim: int, max_code_bytes: float, min_dims: int = 4) -> int:
     return max(fitting) if fitting else 0
 
 
+@dataclasses.dataclass(frozen=True)
+class PQShape:
+    """An IVF-PQ layout sized to the budget: lists, sub-quantizers, bits, and OPQ's output dimension."""
+
+    nlist: int
+    m: int
+    nbits: int
+    d_out: int  # the PQ's (and the centroids') dimension: OPQ's output, or ``dim`` without OPQ
+
+    def factory(self, dim: int, opq: bool) -> str:
+        rotation = (f"OPQ{self.m}," if self.d_out == dim else f"OPQ{self.m}_{self.d_out},") if opq else ""
+        return f"{rotation}IVF{self.nlist},PQ{self.m}x{self.nbits}np"
+
+
+def pq_fixed_bytes(dim: int, shape: PQShape, opq: bool) -> int:
+    """One index shard's fixed part: the centroids (in the rotated space), every list's size in the file,
+    the codebooks, and the OPQ matrix (``d_out`` x ``dim``)."""
+    coarse = 4 * shape.nlist * shape.d_out + 8 * shape.nlist
+    books = 4 * (1 << shape.nbits) * shape.d_out
+    return coarse + books + (4 * dim * shape.d_out if opq else 0)
+
+
+def _pq_bytes(n: int, dim: int, shape: PQShape, opq: bool, shards: int) -> tuple[int, int]:
+    """(bytes per vector: code + 8-byte id, total for ``n`` vectors in ``shards`` index shards)."""
+    per_vector = math.ceil(shape.m * shape.nbits / 8) + 8
+    return per_vector, n * per_vector + shards * pq_fixed_bytes(dim, shape, opq)
+
+
+def _d_outs(dim: int, m: int) -> list[int]:
+    """OPQ output dimensions for ``m`` sub-quantizers, in the order tried: the multiples of ``m`` nearest
+    ``dim``, the one above first (autofaiss's OPQ64_448 at 384-d pads likewise), then the one below
+    (dropping the rotation's least-variance directions), at least MIN_SUB_DIMS dimensions per sub-quantizer."""
+    above, below = -(-dim // m) * m, dim // m * m
+    return [d for d in dict.fromkeys((above, below)) if d // m >= MIN_SUB_DIMS]
+
+
+def size_pq(n: int, dim: int, budget: float, shards: int, nlist: int, min_nlist: int, nbits: int, opq: bool,
+            max_m: int, reshape: bool | None = None) -> PQShape | None:
+    """The largest PQ that fits ``budget``: the most sub-quantizers (``nbits``-bit codes), then the most lists.
+
+    M divides ``dim`` (at least MIN_SUB_DIMS dimensions each) unless ``reshape``
+    (default: ``opq``): then M is a multiple of PQ_M_STEP and OPQ's output
+    dimension a multiple of M near ``dim`` (``_d_outs``). ``nlist`` may shrink from
+    the given one down to ``min_nlist`` (faiss's 4*sqrt(N) lower end) to free bytes
+    for codes, in steps of NLIST_STEP. None when no M fits.
+    """
+    reshape = opq if reshape is None else reshape and opq
+    if reshape:
+        ms = [m for m in range(max_m, 0, -1) if m % PQ_M_STEP == 0 or m < PQ_M_STEP]
+    else:
+        ms = [m for m in range(min(max_m, dim // MIN_SUB_DIMS), 0, -1) if dim % m == 0]
+    for m in ms:
+        for d_out in (_d_outs(dim, m) if reshape else [dim]):
+            if not d_out:
+                continue
+            shape = PQShape(nlist, m, nbits, d_out)
+            per_vector, total = _pq_bytes(n, dim, shape, opq, shards)
+            if total <= budget:
+                return shape
+            # the most lists (>= min_nlist) that leave room for this code
+            room = (budget - n * per_vector) / shards - pq_fixed_bytes(dim, PQShape(0, m, nbits, d_out), opq)
+            fit = int(room // (4 * d_out + 8)) // NLIST_STEP * NLIST_STEP
+            if fit >= max(min_nlist, 1) and fit < nlist:
+                return PQShape(fit, m, nbits, d_out)
+    return None
+
+
+def min_nlist(n: int, nlist: int) -> int:
+    """The fewest lists a tight budget may shrink ``nlist`` to: faiss's 4*sqrt(N) below 1M vectors (rounded
+    up to NLIST_STEP), never below MIN_NLIST, and ``nlist`` itself when that is already fewer."""
+    lower = -(-math.ceil(4 * math.sqrt(max(n, 1))) // NLIST_STEP) * NLIST_STEP if n < 1_000_000 else nlist
+    return min(nlist, max(lower, MIN_NLIST))
+
+
 def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", shards: int = 1
          ) -> tuple[list[Candidate], str]:
     """Every candidate family sized to ``n`` vectors of ``dim`` in ``shards`` index shards, memory estimated,
@@ -157,21 +242,27 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", s
         out.append((f"IVF{nlist},SQ8", "ivf_sq8", dim + id_bytes, coarse + 8 * dim, {"nlist": nlist}))
         out.append((f"IVF{nlist},SQfp16", "ivf_fp16", 2 * dim + id_bytes, coarse, {"nlist": nlist}))
         if nbits >= 4:
-            codebooks = 4 * (1 << nbits) * dim
-            # the largest PQ that fits the budget (after the coarse quantizer and codebooks); narrower codes over
-            # more sub-quantizers were measured and lose: on 200k MiniLM at 100 B/vector, PQ96x6 reached 0.789
-            # (OPQ 0.793) against OPQ64 with PQ64x8's 0.818, at 4x the scan time (docs/BENCHMARKS.md)
-            room = (budget - shards * (coarse + codebooks + 4 * dim * dim)) / max(n, 1) - id_bytes
-            m, code_nbits = _pq_m(dim, room * 8 / nbits), nbits
-            if m:
-                code = math.ceil(m * code_nbits / 8)
-                books = 4 * (1 << code_nbits) * dim
-                out.append((f"IVF{nlist},PQ{m}x{code_nbits}np", "ivf_pq", code + id_bytes, coarse + books,
-                            {"nlist": nlist, "m": m, "nbits": code_nbits}))
-                out.append((f"OPQ{m},IVF{nlist},PQ{m}x{code_nbits}np", "ivf_pq_opq", code + id_bytes,
-                            coarse + books + 4 * dim * dim, {"nlist": nlist, "m": m, "nbits": code_nbits}))
+            # IVF-PQ sized to the budget: while SQ8 fits, the costlier families reach higher recall for less
+            # training, so PQ keeps today's shape (at most MAX_PQ_M sub-quantizers over the chosen lists); when
+            # nothing but PQ fits, the whole budget goes to the codes (size_pq: the largest M, OPQ's output
+            # dimension a multiple of it, lists shrunk within faiss's guidance when that frees the bytes).
+            # Narrower codes over more sub-quantizers were measured and lose: on 200k MiniLM at 100 B/vector,
+            # PQ96x6 reached 0.789 (OPQ 0.793) against OPQ64 with PQ64x8's 0.818, at 4x the scan time
+            sq8_fits = n * (dim + id_bytes) + shards * (coarse + 8 * dim) <= budget
+            max_m = MAX_PQ_M if sq8_fits else dim
+            low = nlist if sq8_fits else min_nlist(n, nlist)
+            for family, opq in (("ivf_pq", False), ("ivf_pq_opq", True)):
+                shape = size_pq(n, dim, budget, shards, nlist, low, nbits, opq, max_m, reshape=not sq8_fits)
+                if shape is None and not sq8_fits:  # nothing fits: today's shape, recorded as over the budget
+                    shape = size_pq(n, dim, math.inf, shards, nlist, nlist, nbits, opq, MAX_PQ_M, reshape=False)
+                if shape is None:
+                    continue
+                out.append((shape.factory(dim, opq), family, _pq_bytes(n, dim, shape, opq, shards)[0],
+                            pq_fixed_bytes(dim, shape, opq),
+                            {"nlist": shape.nlist, "m": shape.m, "nbits": shape.nbits, "d_out": shape.d_out}))
             # refinement: a coarse PQ (8 dimensions per code) finds k * k_factor candidates, a finer copy reranks
-            m_base = _pq_m(dim, dim / 8 * 8 / nbits, min_dims=8) or m
+            codebooks = 4 * (1 << nbits) * dim
+            m_base = _pq_m(dim, dim / 8 * 8 / nbits, min_dims=8) or _pq_m(dim, math.inf)
             if m_base:
                 code = math.ceil(m_base * nbits / 8)
                 for refine, size in (("Refine(SQ8)", dim), ("Refine(SQfp16)", 2 * dim), ("RFlat", 4 * dim)):
@@ -212,19 +303,48 @@ def settings_ladder(candidate: Candidate) -> list[list[dict]]:
 
 @dataclasses.dataclass
 class QuerySet:
-    """Queries and their exact top-k over the measured rows (ids are row numbers of the database)."""
+    """Queries and their exact top-k over the measured rows (ids are row numbers of the database).
+
+    ``truth`` may be left out and ``database`` given instead: the exact top-k is then
+    computed on first use, for as many leading queries as a measurement asks
+    (``head``), so a setting decided on the first QUERY_STEP queries never pays for
+    the rest's ground truth.
+    """
 
     name: str  # "held_out" | "recall_queries"
     queries: np.ndarray
-    truth: np.ndarray
+    truth: np.ndarray | None = None
+    database: np.ndarray | None = None
+    metric: str = "ip"
+    k: int = 10
+
+    def exact_ids(self, q: int) -> np.ndarray:
+        """The exact top-k ids of the first ``q`` queries (computed once per query, on demand)."""
+        known = 0 if self.truth is None else len(self.truth)
+        if known < q:
+            if self.database is None:
+                raise ValueError(f"query set {self.name!r} has ground truth for {known} queries, {q} asked")
+            rows = np.arange(len(self.database), dtype=np.int64)
+            more = indexing.exact_topk(self.database, rows, self.queries[known:q], self.k, self.metric)[1]
+            self.truth = more if self.truth is None else np.concatenate([self.truth, more])
+        assert self.truth is not None
+        return self.truth[:q]
+
+    def head(self, q: int) -> "QuerySet":
+        """The first ``q`` queries (all of them when there are no more), their truth computed now."""
+        if q >= len(self.queries):
+            return self
+        return QuerySet(self.name, self.queries[:q], self.exact_ids(q), metric=self.metric, k=self.k)
 
 
 def measure(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict, k: int,
             single_queries: int = SINGLE_QUERIES) -> list[dict]:
-    """One setting's recall and latency on every query set (rows of the manifest's ``settings``)."""
+    """One setting's recall and latency on every query set (rows of the manifest's ``settings``), with how many
+    queries it was measured on and the standard error of its 10-recall@10 (per-query recalls' spread)."""
     rows = []
     for qs in sets:
         index.set_params(params)
+        truth = qs.exact_ids(len(qs.queries))
         start = time.perf_counter()
         _, found = index.search(qs.queries, k)
         batch_ms = (time.perf_counter() - start) * 1000 / max(len(qs.queries), 1)
@@ -233,11 +353,37 @@ def measure(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict
             start = time.perf_counter()
             index.search(q[None, :], k)
             singles.append((time.perf_counter() - start) * 1000)
+        per_query = _per_query_recall(found, truth, k)
+        se = float(per_query.std(ddof=1) / math.sqrt(len(per_query))) if len(per_query) > 1 else math.inf
         rows.append({"params": dict(params), "query_set": qs.name,
-                     "recall_at_10": round(indexing.recall_at(found, qs.truth, k), 4),
-                     "recall_at_1": round(indexing.one_recall_at_one(found, qs.truth), 4),
+                     "recall_at_10": round(float(per_query.mean()) if len(per_query) else 0.0, 4),
+                     "recall_at_1": round(indexing.one_recall_at_one(found, truth), 4),
+                     "queries": len(qs.queries), "recall_se": round(se, 4) if math.isfinite(se) else None,
                      "ms_per_query_batch": round(batch_ms, 4),
                      "ms_single_p50": round(float(np.median(singles)), 4) if singles else None})
+    return rows
+
+
+def _per_query_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """Each query's share of its true top-k found in its returned top-k (indexing.recall_at's terms)."""
+    out = np.zeros(len(found))
+    for i, (got, want) in enumerate(zip(found[:, :k], truth[:, :k])):
+        want = want[want >= 0]
+        out[i] = len(np.intersect1d(got[got >= 0], want)) / len(want) if len(want) else 0.0
+    return out
+
+
+def measure_staged(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict, k: int, target: float,
+                   step: int = 0) -> list[dict]:
+    """``measure`` on the first ``step`` (QUERY_STEP) queries of each set, then on all of them only when some
+    set's estimate is within CONFIDENCE_Z standard errors of ``target`` (too close to call either way)."""
+    step = step or QUERY_STEP
+    if all(len(qs.queries) <= step for qs in sets):
+        return measure(index, sets, params, k)
+    rows = measure(index, [qs.head(step) for qs in sets], params, k)
+    if any(r["recall_se"] is None or abs(r["recall_at_10"] - target) <= CONFIDENCE_Z * r["recall_se"]
+           for r in rows):
+        rows = measure(index, sets, params, k)
     return rows
 
 
@@ -374,7 +520,7 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         scale = _scale(cand, n, len(train))
         for group in settings_ladder(cand):
             for params in group:
-                rows = measure(sharded, sets, params, k)
+                rows = measure_staged(sharded, sets, params, k, target)
                 entry["settings"] += rows
                 recall = min(r["recall_at_10"] for r in rows)
                 ms = max(r["ms_per_query_batch"] for r in rows) * scale

@@ -380,14 +380,11 @@ class _Train(beam.DoFn):
 
     def _query_sets(self, train: np.ndarray, queries: np.ndarray, rq: np.ndarray | None
                     ) -> list[index_select.QuerySet]:
-        """Queries and their exact top-k among the training rows (the database the candidates are measured on)."""
+        """Queries over the training rows (the database the candidates are measured on); their exact top-k is
+        computed as the selection asks for it (index_select.QuerySet)."""
         k, metric = self._config.k, self._config.metric
-        rows = np.arange(len(train), dtype=np.int64)
-        sets = []
-        for name, q in (("held_out", queries), ("recall_queries", rq)):
-            if q is not None and len(q):
-                sets.append(index_select.QuerySet(name, q, indexing.exact_topk(train, rows, q, k, metric)[1]))
-        return sets
+        return [index_select.QuerySet(name, q, database=train, metric=metric, k=k)
+                for name, q in (("held_out", queries), ("recall_queries", rq)) if q is not None and len(q)]
 
 
 class _FillShard(beam.DoFn):
