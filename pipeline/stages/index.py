@@ -115,6 +115,7 @@ class KeySample:
     rows: np.ndarray  # int64: the row in its file
     paths: tuple[str, ...]  # every file seen, so len(paths) files (one index shard each at most)
     seen: int  # rows seen
+    seconds: float = 0.0  # reading and hashing the ids, summed over files
 
     @property
     def files(self) -> int:
@@ -133,7 +134,8 @@ class KeySample:
         order = np.argsort(keys, kind="stable")[:size]  # ties (repeated ids) keep their arrival order
         file_of = np.concatenate([s.file_of + off for s, off in zip(samples, offsets)]).astype(np.int32)
         return KeySample(keys[order], file_of[order], np.concatenate([s.rows for s in samples])[order],
-                         tuple(p for s in samples for p in s.paths), sum(s.seen for s in samples))
+                         tuple(p for s in samples for p in s.paths), sum(s.seen for s in samples),
+                         sum(s.seconds for s in samples))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +215,8 @@ class TrainedIndex:
     chosen: dict | None = None  # the manifest's index.chosen: name, params, why
     selection_s: float = 0.0
     index_shards: int = 1  # how many index shards the embeddings files are grouped into
+    sample_read_s: float = 0.0  # the sample's second phase: its rows' vectors read
+    sample_ids_s: float = 0.0  # the sample's first phase: ids read and hashed, summed over files
 
     def index_shard_of(self, path: str) -> int:
         """The index shard embeddings file ``path`` is filled into."""
@@ -240,6 +244,8 @@ class ShardResult:
     add_s: float
     truth_s: float = 0.0  # the exact top-k: self-check work, done here where the shard's vectors are in memory
     files: tuple[str, ...] = ()  # the embeddings files whose rows it holds, in row order
+    read_s: float = 0.0  # reading its embeddings files
+    write_s: float = 0.0  # writing the shard and its ids
 
 
 def split_sample(sample: VectorSample | None, config: IndexConfig, dim: int
@@ -262,7 +268,9 @@ class _SampleFile(beam.DoFn):
         self._size = size
 
     def process(self, path: str):
-        yield KeySample.of_file(path, read_ids(path), self._size)
+        start = time.perf_counter()
+        sample = KeySample.of_file(path, read_ids(path), self._size)
+        yield dataclasses.replace(sample, seconds=time.perf_counter() - start)
 
 
 def _load_trained(previous: PreviousQuantizer):
@@ -296,6 +304,7 @@ class _Train(beam.DoFn):
         c = self._config
         start = time.perf_counter()
         sample = read_sample(keys, self._dim) if keys is not None else None
+        sample_read_s = time.perf_counter() - start
         if sample is not None:
             log.info("index: sample of %d rows read from %d file(s) in %.1f s", len(sample.keys),
                      len(np.unique(keys.file_of)), time.perf_counter() - start)
@@ -376,7 +385,8 @@ class _Train(beam.DoFn):
             log.info("index: trained %s on %d of %d vectors in %.1f s", params.factory, trained_on, total, train_s)
         yield TrainedIndex(params, data, query_ids, queries, held_out, total, trained_on, train_s, path,
                            quantizer, decide_s, rq, tuple(selection.candidates) if selection else (), chosen,
-                           selection.seconds if selection else 0.0, index_shards)
+                           selection.seconds if selection else 0.0, index_shards, sample_read_s,
+                           keys.seconds if keys is not None else 0.0)
 
     def _query_sets(self, train: np.ndarray, queries: np.ndarray, rq: np.ndarray | None
                     ) -> list[index_select.QuerySet]:
@@ -397,17 +407,21 @@ class _FillShard(beam.DoFn):
 
     def process(self, group: tuple[int, list[str]], trained: TrainedIndex):
         shard, paths = group[0], sorted(group[1], key=shard_number)
+        start = time.perf_counter()
         parts = [read_shard(path) for path in paths]
         item_ids = [i for ids, _ in parts for i in ids]
         vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
         del parts
+        read_s = time.perf_counter() - start
         start = time.perf_counter()
         with self._timer.batch(len(item_ids)):
             index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
         add_s = time.perf_counter() - start
+        start = time.perf_counter()
         index_path, ids_path = index_shard_paths(self._dir, shard)
         write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))
         write_bytes_atomically(index_path, indexing.to_bytes(index))
+        write_s = time.perf_counter() - start
         start = time.perf_counter()
         scores, exact = indexing.exact_topk(vectors, ids, trained.all_queries, self._k + 1, trained.params.metric)
         truth_s = time.perf_counter() - start
@@ -416,7 +430,7 @@ class _FillShard(beam.DoFn):
         own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
         self._vectors.inc(len(ids))
         yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s,
-                          tuple(paths))
+                          tuple(paths), read_s, write_s)
 
 
 def self_check_settings(params: indexing.IndexParams, config: IndexConfig, selected: bool) -> list[list[dict]]:
@@ -510,6 +524,11 @@ class _CheckRecall(beam.DoFn):
                          "selection_seconds": round(trained.selection_s, 3)},
             "quantizer": trained.quantizer,
             "add_seconds": round(sum(s.add_s for s in shards), 3),
+            # the build's other phases (summed over shards): where the time goes besides training and adds
+            "phase_seconds": {"sample_ids": round(trained.sample_ids_s, 3),
+                              "sample_read": round(trained.sample_read_s, 3),
+                              "fill_read": round(sum(s.read_s for s in shards), 3),
+                              "fill_write": round(sum(s.write_s for s in shards), 3)},
             "self_check_seconds": round(self_check_s, 3),
             # the self-check's exact ground truth, computed per shard in the fill step (summed over shards)
             "ground_truth_seconds": round(sum(s.truth_s for s in shards), 3),
