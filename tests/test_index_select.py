@@ -58,8 +58,8 @@ def test_a_tight_budget_keeps_the_fixed_part_a_small_share_and_counts_it_per_ind
         books = 4 * (1 << c.nbits) * c.d_out
         assert fixed == shards * (4 * c.nlist * c.d_out + 8 * c.nlist + books + 4 * dim * c.d_out)
         assert c.fits_budget and shards * (4 * dim + 8) * c.nlist <= index_select.MAX_FIXED_SHARE * 100 * n
-    # 50,000 training vectors: 1024 lists; the bytes the 64 sub-quantizers leave go to 16 more (OPQ80_320)
-    assert (pq_one.m, pq_one.nbits) == (80, 8) and pq_one.memory_bytes <= 100 * n
+    # 50,000 training vectors: 1024 lists; the bytes 64 sub-quantizers would leave go to 8 more (OPQ72_360)
+    assert (pq_one.m, pq_one.nbits, pq_one.d_out) == (72, 8, 360) and pq_one.memory_bytes <= 100 * n
 
 
 def test_a_tight_budget_spends_the_whole_budget_on_the_codes():
