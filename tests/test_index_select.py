@@ -292,3 +292,28 @@ def test_the_nprobe_ladder_can_scan_every_list(nlist, top):
     assert set(indexing.DEFAULT_NPROBES) & set(range(nlist + 1)) <= set(ladder)
     cand = index_select.Candidate(f"IVF{nlist},PQ8x8np", "ivf_pq", 16, 0, True, nlist=nlist)
     assert index_select.settings_ladder(cand)[0][-1] == {"nprobe": top}
+
+
+def test_settings_are_measured_on_a_quarter_of_the_queries_unless_too_close_to_call(data):
+    train, queries, truth = data  # 400 queries
+    cand = next(c for c in index_select.plan(len(train), 32, len(train), 1.0)[0] if c.family == "ivf_sq8")
+    centroids = index_select._trained_quantizer(cand.nlist, 32, "ip", train)
+    empty = index_select.train_candidate(cand, 32, "ip", train, centroids)
+    sharded = indexing.ShardedIndex([indexing.fill_shard(empty, train, 0)[0]], "ip")
+    lazy = index_select.QuerySet("held_out", queries, database=train, metric="ip", k=K)
+    (row,) = index_select.measure_staged(sharded, [lazy], {"nprobe": 4}, K, target=0.0, step=100)
+    assert row["queries"] == 100 and row["confident"] and row["recall_se"] > 0
+    assert lazy.truth is not None and len(lazy.truth) == 100  # ground truth only for the queries measured
+    assert indexing.recall_at(lazy.truth, truth[:100], K) > 0.99
+    (close,) = index_select.measure_staged(sharded, [lazy], {"nprobe": 4}, K, target=row["recall_at_10"], step=100)
+    assert not close["confident"]
+    (full,) = index_select.measure_staged(sharded, [lazy], {"nprobe": 4}, K, target=row["recall_at_10"], full=True)
+    assert full["queries"] == 400 and full["confident"] and len(lazy.truth) == 400
+    # a selection decides on confident rows only: the winner's best setting is one
+    sel = index_select.select(200_000, 32, train, [index_select.QuerySet("held_out", queries, database=train)],
+                              metric="ip", memory_gb=1.0, target=0.95, max_query_ms=50, families=("ivf_sq8",))
+    (entry,) = sel.candidates
+    assert {r["queries"] for r in entry["settings"]} <= {index_select.QUERY_STEP, len(queries)}
+    assert all(r["confident"] for r in entry["settings"] if r["params"] == entry["best_setting"])
+    assert entry["meets_target"] and min(r["recall_at_10"] for r in entry["settings"]
+                                         if r["params"] == entry["best_setting"]) >= 0.95

@@ -42,9 +42,9 @@ HNSW_M = 32
 EF_SEARCH = (16, 32, 64, 128, 256, 512)
 K_FACTORS = (1, 2, 4, 8, 16, 32)
 SINGLE_QUERIES = 20
-# a setting is first measured on this many queries per set, and on all of them only when that estimate of
-# 10-recall@10 is within CONFIDENCE_Z standard errors of the target: at 250 queries and a recall near 0.95, one
-# standard error is about 0.005, so a setting 0.015 clear of the target is decided on a quarter of the queries
+# a setting is measured on this many queries per set; an estimate of 10-recall@10 within CONFIDENCE_Z standard
+# errors of the target decides nothing (the ladder goes on; measure_staged): at 250 queries and a recall near
+# 0.95 one standard error is about 0.005, so a setting 0.015 clear of the target is decided on a quarter of them
 QUERY_STEP = 250
 CONFIDENCE_Z = 3.0
 CODEBOOK_POINTS_PER_CENTROID = 64
@@ -377,17 +377,43 @@ def _per_query_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarra
 
 
 def measure_staged(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict, k: int, target: float,
-                   step: int = 0) -> list[dict]:
-    """``measure`` on the first ``step`` (QUERY_STEP) queries of each set, then on all of them only when some
-    set's estimate is within CONFIDENCE_Z standard errors of ``target`` (too close to call either way)."""
+                   step: int = 0, full: bool = False) -> list[dict]:
+    """``measure`` on the first ``step`` (QUERY_STEP) queries of each set (all of them when ``full``).
+
+    Each row says whether it is ``confident``: measured on every query, or clear of
+    ``target`` by more than CONFIDENCE_Z standard errors. The ladder goes on past an
+    unconfident setting (a costlier one decides), and re-measures one on every query
+    only when no confident setting decides the candidate (``select``).
+    """
     step = step or QUERY_STEP
-    if all(len(qs.queries) <= step for qs in sets):
-        return measure(index, sets, params, k)
+    if full or all(len(qs.queries) <= step for qs in sets):
+        return [{**r, "confident": True} for r in measure(index, sets, params, k)]
     rows = measure(index, [qs.head(step) for qs in sets], params, k)
-    if any(r["recall_se"] is None or abs(r["recall_at_10"] - target) <= CONFIDENCE_Z * r["recall_se"]
-           for r in rows):
-        rows = measure(index, sets, params, k)
-    return rows
+    return [{**r, "confident": r["recall_se"] is not None
+             and abs(r["recall_at_10"] - target) > CONFIDENCE_Z * r["recall_se"]} for r in rows]
+
+
+def _ladder(index: indexing.ShardedIndex, cand: Candidate, sets: Sequence[QuerySet], k: int, target: float,
+            max_query_ms: float, scale: float) -> list[dict]:
+    """Every measured row of ``cand``'s settings ladder: a group stops at a setting that confidently meets the
+    target, or at the latency cap; if no setting confidently meets it within the cap, the unconfident ones
+    within the cap are measured again on every query."""
+    rows_all: list[dict] = []
+    for group in settings_ladder(cand):
+        for params in group:
+            rows = measure_staged(index, sets, params, k, target)
+            rows_all += rows
+            recall = min(r["recall_at_10"] for r in rows)
+            ms = max(r["ms_per_query_batch"] for r in rows) * scale
+            if (recall >= target and all(r["confident"] for r in rows)) or ms > max_query_ms:
+                break  # costlier settings of this group: no better choice, or over the cap
+    if _best_setting(rows_all, target, max_query_ms, scale)[1]:
+        return rows_all
+    unsure = [r["params"] for r in rows_all if not r["confident"] and r["ms_per_query_batch"] * scale <= max_query_ms]
+    for params in [p for i, p in enumerate(unsure) if p not in unsure[:i]]:
+        rows_all = [r for r in rows_all if r["params"] != params] + measure_staged(index, sets, params, k, target,
+                                                                                full=True)
+    return rows_all
 
 
 def _scale(candidate: Candidate, n: int, n_db: int) -> float:
@@ -453,8 +479,8 @@ class Selection:
 
 
 def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) -> tuple[dict | None, bool]:
-    """(the cheapest setting reaching ``target`` on every query set within the latency cap, True), else
-    (the most accurate setting within the cap, False); latency is the batched one scaled to the catalog."""
+    """(the cheapest setting confidently reaching ``target`` on every query set within the latency cap, True),
+    else (the most accurate setting within the cap, False); latency is the batched one scaled to the catalog."""
     by_params: dict[str, list[dict]] = {}
     for r in rows:
         by_params.setdefault(repr(sorted(r["params"].items())), []).append(r)
@@ -463,7 +489,7 @@ def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) 
         recall = min(r["recall_at_10"] for r in group)
         ms = max(r["ms_per_query_batch"] for r in group) * scale
         within = ms <= max_ms
-        meets = within and recall >= target
+        meets = within and recall >= target and all(r.get("confident", True) for r in group)
         key = (meets, within, -ms if meets else recall, -ms)
         if best_key is None or key > best_key:
             best, best_key = group[0]["params"], key
@@ -522,14 +548,7 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         filled, _ = indexing.fill_shard(empty, train, 0)
         sharded = indexing.ShardedIndex([filled], metric)
         scale = _scale(cand, n, len(train))
-        for group in settings_ladder(cand):
-            for params in group:
-                rows = measure_staged(sharded, sets, params, k, target)
-                entry["settings"] += rows
-                recall = min(r["recall_at_10"] for r in rows)
-                ms = max(r["ms_per_query_batch"] for r in rows) * scale
-                if recall >= target or ms > max_query_ms:
-                    break  # costlier settings of this group: no better choice, or over the cap
+        entry["settings"] = _ladder(sharded, cand, sets, k, target, max_query_ms, scale)
         best, meets = _best_setting(entry["settings"], target, max_query_ms, scale)
         entry.update(best_setting=best, meets_target=meets, latency_scale=round(scale, 3),
                      measure_seconds=round(time.perf_counter() - t0, 3))  # fill, ladder, ground truth as asked
