@@ -69,7 +69,10 @@ def test_a_file_rewritten_between_the_phases_is_an_error(tmp_path):
         stage.read_sample(keys, DIM)
 
 
-def test_build_reads_ids_once_and_vectors_once_for_the_sample_and_once_to_fill(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shard_vectors, vector_reads", [(1_000_000, 1), (300, 2)])
+def test_build_reads_ids_once_and_vectors_once_or_twice(tmp_path, monkeypatch, shard_vectors, vector_reads):
+    """One index shard: the train step fills it from the files its sample read took whole (each file's vectors
+    read once); several: each fill worker reads its own files again."""
     files = _files(tmp_path, n=1200)
     reads: Counter = Counter()
     real = pq.read_table
@@ -79,15 +82,18 @@ def test_build_reads_ids_once_and_vectors_once_for_the_sample_and_once_to_fill(t
         return real(source, columns=columns, **kw)
 
     monkeypatch.setattr(stage.pq, "read_table", counting)
-    config = IndexConfig(factory="IVF8,Flat", train_size=600, num_queries=50, memory_gb=1.0)
+    config = IndexConfig(factory="IVF8,Flat", train_size=600, num_queries=50, memory_gb=1.0,
+                         shard_vectors=shard_vectors)
     out = str(tmp_path / "info.json")
     with beam.Pipeline() as p:
         (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
          | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
     with open(out) as f:
-        assert json.load(f)["ntotal"] == 1200
+        info = json.load(f)
+    assert info["ntotal"] == 1200 and len(info["shards"]) == (1 if vector_reads == 1 else SHARDS)
+    assert sum(s["count"] for s in info["shards"]) == 1200
     for path in files:
         name = os.path.basename(path)
         assert reads[(name, ("item_id",))] == 1
-        assert reads[(name, ("item_id", "vector"))] == 2  # the sample's rows, then the index shard's
-    assert sum(reads.values()) == 3 * SHARDS
+        assert reads[(name, ("item_id", "vector"))] == vector_reads  # the sample's rows (and the index shard's)
+    assert sum(reads.values()) == (1 + vector_reads) * SHARDS

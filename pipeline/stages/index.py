@@ -9,6 +9,10 @@ existing run. Its graph:
                         file): add to a copy of the trained index (side input) -> shard + ids
                      -> recall self-check over all shards (+ optional merged index) -> index info
 
+A catalog of one index shard (up to ``--index_shard_vectors`` vectors) is filled
+by the train step itself, from the files its sample read took whole: every
+file is then read once (ids, then rows), as a bare faiss script reads it.
+
 Every index shard file carries the trained fixed part (coarse centroids,
 codebooks, OPQ) again, so a catalog that fits one shard is one: the memory
 budget then pays for that part once.
@@ -51,6 +55,7 @@ from schemas.manifest import recall_key
 NAMESPACE = "catalog_index.index"
 TRAINED = "trained.faiss"
 MERGED = "merged.faiss"
+FILLED = "filled"  # the train step's output of the index shard it filled itself (a catalog of one index shard)
 _PART_RE = re.compile(r"part-(\d+)-of-(\d+)\.parquet$")
 log = logging.getLogger("pipeline.stages.index")
 
@@ -149,7 +154,8 @@ class VectorSample:
     files: int = 1  # embeddings files seen: one index shard each, for the memory preflight
 
 
-def read_sample(sample: KeySample, dim: int) -> VectorSample:
+def read_sample(sample: KeySample, dim: int, whole: dict[str, tuple[list[str], np.ndarray]] | None = None
+                ) -> VectorSample:
     """The second phase: each file holding chosen rows is read once, for those rows only.
 
     A file whose ids no longer hash to the recorded keys (rewritten between the
@@ -157,12 +163,19 @@ def read_sample(sample: KeySample, dim: int) -> VectorSample:
     one after another by the one worker that trains (the vector column whole, then
     the rows taken): 4.5x cheaper than carrying vectors through Beam on 200k x 384
     (bench/bench_index_sample.py); far larger catalogs would want it spread over the files.
+    Given ``whole``, every file seen is read and kept there whole, (item ids, vectors)
+    by path: the train step then fills a single index shard without reading them again.
     """
     vectors = np.zeros((len(sample.keys), dim), np.float32)
     item_ids: list[str] = [""] * len(sample.keys)
-    for f in np.unique(sample.file_of):
+    for f in (range(len(sample.paths)) if whole is not None else np.unique(sample.file_of)):
         at = np.flatnonzero(sample.file_of == f)
-        ids, vecs = read_rows(sample.paths[f], sample.rows[at])
+        if whole is not None:
+            whole[sample.paths[f]] = read_shard(sample.paths[f])
+            all_ids, all_vecs = whole[sample.paths[f]]
+            ids, vecs = [all_ids[r] for r in sample.rows[at]], all_vecs[sample.rows[at]]
+        else:
+            ids, vecs = read_rows(sample.paths[f], sample.rows[at])
         if not np.array_equal(sample_keys(ids), sample.keys[at]):
             raise ValueError(f"{sample.paths[f]} changed while the index sample was read: its rows' ids differ")
         vectors[at] = vecs
@@ -217,6 +230,7 @@ class TrainedIndex:
     index_shards: int = 1  # how many index shards the embeddings files are grouped into
     sample_read_s: float = 0.0  # the sample's second phase: its rows' vectors read
     sample_ids_s: float = 0.0  # the sample's first phase: ids read and hashed, summed over files
+    filled: bool = False  # the one index shard was filled by the train step, from the files it read whole
 
     def index_shard_of(self, path: str) -> int:
         """The index shard embeddings file ``path`` is filled into."""
@@ -300,10 +314,19 @@ class _Train(beam.DoFn):
         c = self._config
         return not (c.factory or c.nlist or c.m or c.nbits or c.opq)
 
+    def setup(self):
+        self._vectors = Metrics.counter(NAMESPACE, "vectors_added")
+        self._timer = StageTimer("index")
+
     def process(self, _, keys: KeySample | None):
         c = self._config
         start = time.perf_counter()
-        sample = read_sample(keys, self._dim) if keys is not None else None
+        # one index shard: the sample's read takes every file whole anyway (each holds sample rows), so this
+        # step keeps them and fills the shard itself, and no file is read twice (the vectors, at most
+        # --index_shard_vectors of them, are held here through the selection)
+        one_shard = keys is not None and indexing.index_shard_count(keys.seen, keys.files, c.shard_vectors) == 1
+        whole: dict[str, tuple[list[str], np.ndarray]] | None = {} if one_shard else None
+        sample = read_sample(keys, self._dim, whole) if keys is not None else None
         sample_read_s = time.perf_counter() - start
         if sample is not None:
             log.info("index: sample of %d rows read from %d file(s) in %.1f s", len(sample.keys),
@@ -383,10 +406,16 @@ class _Train(beam.DoFn):
             not_applicable=f"{params.family or params.kind} index: no trained quantizer to reuse")
         if reused is None:
             log.info("index: trained %s on %d of %d vectors in %.1f s", params.factory, trained_on, total, train_s)
-        yield TrainedIndex(params, data, query_ids, queries, held_out, total, trained_on, train_s, path,
-                           quantizer, decide_s, rq, tuple(selection.candidates) if selection else (), chosen,
-                           selection.seconds if selection else 0.0, index_shards, sample_read_s,
-                           keys.seconds if keys is not None else 0.0)
+        trained = TrainedIndex(params, data, query_ids, queries, held_out, total, trained_on, train_s, path,
+                               quantizer, decide_s, rq, tuple(selection.candidates) if selection else (), chosen,
+                               selection.seconds if selection else 0.0, index_shards, sample_read_s,
+                               keys.seconds if keys is not None else 0.0, filled=whole is not None)
+        yield trained
+        if whole is not None:
+            paths = sorted(whole, key=shard_number)
+            result = fill_index_shard(0, paths, [whole.pop(p) for p in paths], trained, self._dir, c.k, self._timer)
+            self._vectors.inc(result.count)
+            yield beam.pvalue.TaggedOutput(FILLED, result)
 
     def _query_sets(self, train: np.ndarray, queries: np.ndarray, rq: np.ndarray | None
                     ) -> list[index_select.QuerySet]:
@@ -395,6 +424,32 @@ class _Train(beam.DoFn):
         k, metric = self._config.k, self._config.metric
         return [index_select.QuerySet(name, q, database=train, metric=metric, k=k)
                 for name, q in (("held_out", queries), ("recall_queries", rq)) if q is not None and len(q)]
+
+
+def fill_index_shard(shard: int, paths: Sequence[str], parts: Sequence[tuple[list[str], np.ndarray]],
+                     trained: TrainedIndex, index_dir: str, k: int, timer: StageTimer, read_s: float = 0.0
+                     ) -> ShardResult:
+    """One index shard from its files' rows (``parts``, in ``paths`` order): a copy of the trained index
+    filled, written (ids, then the index), and its exact top-k for the recall queries."""
+    item_ids = [i for ids, _ in parts for i in ids]
+    vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
+    start = time.perf_counter()
+    with timer.batch(len(item_ids)):
+        index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
+    add_s = time.perf_counter() - start
+    start = time.perf_counter()
+    index_path, ids_path = index_shard_paths(index_dir, shard)
+    write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))
+    write_bytes_atomically(index_path, indexing.to_bytes(index))
+    write_s = time.perf_counter() - start
+    start = time.perf_counter()
+    scores, exact = indexing.exact_topk(vectors, ids, trained.all_queries, k + 1, trained.params.metric)
+    truth_s = time.perf_counter() - start
+    row_of = {item: row for row, item in enumerate(item_ids)}
+    own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
+    own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
+    return ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s,
+                       tuple(paths), read_s, write_s)
 
 
 class _FillShard(beam.DoFn):
@@ -409,28 +464,10 @@ class _FillShard(beam.DoFn):
         shard, paths = group[0], sorted(group[1], key=shard_number)
         start = time.perf_counter()
         parts = [read_shard(path) for path in paths]
-        item_ids = [i for ids, _ in parts for i in ids]
-        vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
-        del parts
-        read_s = time.perf_counter() - start
-        start = time.perf_counter()
-        with self._timer.batch(len(item_ids)):
-            index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
-        add_s = time.perf_counter() - start
-        start = time.perf_counter()
-        index_path, ids_path = index_shard_paths(self._dir, shard)
-        write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))
-        write_bytes_atomically(index_path, indexing.to_bytes(index))
-        write_s = time.perf_counter() - start
-        start = time.perf_counter()
-        scores, exact = indexing.exact_topk(vectors, ids, trained.all_queries, self._k + 1, trained.params.metric)
-        truth_s = time.perf_counter() - start
-        row_of = {item: row for row, item in enumerate(item_ids)}
-        own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
-        own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
-        self._vectors.inc(len(ids))
-        yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s,
-                          tuple(paths), read_s, write_s)
+        result = fill_index_shard(shard, paths, parts, trained, self._dir, self._k, self._timer,
+                                  time.perf_counter() - start)
+        self._vectors.inc(result.count)
+        yield result
 
 
 def self_check_settings(params: indexing.IndexParams, config: IndexConfig, selected: bool) -> list[list[dict]]:
@@ -590,20 +627,22 @@ class BuildIndex(beam.PTransform):
             | "SampleFiles" >> beam.ParDo(_SampleFile(size))
             | "Sample" >> beam.CombineGlobally(SmallestKeys(size))
         )
-        trained = (
+        outputs = (
             p
             | "Once" >> beam.Create([None])
             | "Train" >> beam.ParDo(_Train(c, self._index_dir, self._dim, self._previous, self._unavailable, self._fp,
                                            self._run_dir.rpartition("/")[2], self._recall_queries),
-                                    beam.pvalue.AsSingleton(sample))
+                                    beam.pvalue.AsSingleton(sample)).with_outputs(FILLED, main="trained")
         )
-        trained_side = beam.pvalue.AsSingleton(trained)
-        shards = (
-            embedding_files
-            | "IndexShardOf" >> beam.Map(lambda path, t: (t.index_shard_of(path), path), trained_side)
+        trained_side = beam.pvalue.AsSingleton(outputs.trained)
+        filled = (
+            embedding_files  # the files of index shards the train step did not fill (several shards)
+            | "IndexShardOf" >> beam.FlatMap(lambda path, t: [] if t.filled else [(t.index_shard_of(path), path)],
+                                             trained_side)
             | "GroupFiles" >> beam.GroupByKey()  # also spreads the index shards over workers
             | "FillShards" >> beam.ParDo(_FillShard(self._index_dir, c.k), trained_side)
         )
+        shards = (filled, outputs[FILLED]) | "AllShards" >> beam.Flatten()
         return (
             p
             | "OnceMore" >> beam.Create([None])
