@@ -341,13 +341,16 @@ class QuerySet:
 
 
 def measure(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict, k: int,
-            single_queries: int = SINGLE_QUERIES) -> list[dict]:
+            single_queries: int = SINGLE_QUERIES, db_ids: np.ndarray | None = None) -> list[dict]:
     """One setting's recall and latency on every query set (rows of the manifest's ``settings``), with how many
-    queries it was measured on and the standard error of its 10-recall@10 (per-query recalls' spread)."""
+    queries it was measured on and the standard error of its 10-recall@10 (per-query recalls' spread).
+    ``db_ids``: the faiss id of each database row, when the index holds them under other ids than row numbers."""
     rows = []
     for qs in sets:
         index.set_params(params)
         truth = qs.exact_ids(len(qs.queries))
+        if db_ids is not None:
+            truth = np.where(truth >= 0, db_ids[np.maximum(truth, 0)], -1)
         start = time.perf_counter()
         _, found = index.search(qs.queries, k)
         batch_ms = (time.perf_counter() - start) * 1000 / max(len(qs.queries), 1)
@@ -377,7 +380,7 @@ def _per_query_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarra
 
 
 def measure_staged(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict, k: int, target: float,
-                   step: int = 0, full: bool = False) -> list[dict]:
+                   step: int = 0, full: bool = False, db_ids: np.ndarray | None = None) -> list[dict]:
     """``measure`` on the first ``step`` (QUERY_STEP) queries of each set (all of them when ``full``).
 
     Each row says whether it is ``confident``: measured on every query, or clear of
@@ -387,21 +390,21 @@ def measure_staged(index: indexing.ShardedIndex, sets: Sequence[QuerySet], param
     """
     step = step or QUERY_STEP
     if full or all(len(qs.queries) <= step for qs in sets):
-        return [{**r, "confident": True} for r in measure(index, sets, params, k)]
-    rows = measure(index, [qs.head(step) for qs in sets], params, k)
+        return [{**r, "confident": True} for r in measure(index, sets, params, k, db_ids=db_ids)]
+    rows = measure(index, [qs.head(step) for qs in sets], params, k, db_ids=db_ids)
     return [{**r, "confident": r["recall_se"] is not None
              and abs(r["recall_at_10"] - target) > CONFIDENCE_Z * r["recall_se"]} for r in rows]
 
 
 def _ladder(index: indexing.ShardedIndex, cand: Candidate, sets: Sequence[QuerySet], k: int, target: float,
-            max_query_ms: float, scale: float) -> list[dict]:
+            max_query_ms: float, scale: float, db_ids: np.ndarray) -> list[dict]:
     """Every measured row of ``cand``'s settings ladder: a group stops at a setting that confidently meets the
     target, or at the latency cap; if no setting confidently meets it within the cap, the unconfident ones
     within the cap are measured again on every query."""
     rows_all: list[dict] = []
     for group in settings_ladder(cand):
         for params in group:
-            rows = measure_staged(index, sets, params, k, target)
+            rows = measure_staged(index, sets, params, k, target, db_ids=db_ids)
             rows_all += rows
             recall = min(r["recall_at_10"] for r in rows)
             ms = max(r["ms_per_query_batch"] for r in rows) * scale
@@ -412,7 +415,7 @@ def _ladder(index: indexing.ShardedIndex, cand: Candidate, sets: Sequence[QueryS
     unsure = [r["params"] for r in rows_all if not r["confident"] and r["ms_per_query_batch"] * scale <= max_query_ms]
     for params in [p for i, p in enumerate(unsure) if p not in unsure[:i]]:
         rows_all = [r for r in rows_all if r["params"] != params] + measure_staged(index, sets, params, k, target,
-                                                                                full=True)
+                                                                                full=True, db_ids=db_ids)
     return rows_all
 
 
@@ -476,6 +479,9 @@ class Selection:
     index: faiss.Index
     seconds: float  # the whole selection: every candidate's training and measurement
     train_seconds: float  # the winner's own training (shared coarse quantizer included when it is IVF)
+    # the winner as measured: its trained index holding the training rows under ``train_ids`` (an index shard
+    # holding them may start from it and add only the other rows)
+    filled: faiss.Index | None = None
 
 
 def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) -> tuple[dict | None, bool]:
@@ -498,14 +504,17 @@ def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) 
 
 def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, metric: str, memory_gb: float,
            target: float, max_query_ms: float, k: int = 10, families: Sequence[str] | None = None,
-           shards: int = 1, log: Callable[[str], None] = lambda _: None) -> Selection:
+           shards: int = 1, log: Callable[[str], None] = lambda _: None,
+           train_ids: np.ndarray | None = None) -> Selection:
     """Trains and measures candidates in memory order; returns the cheapest that meets the target.
 
     ``sets`` hold the queries and their exact top-k among ``train``'s rows (the
     measured database). With no candidate meeting the target, the most accurate
     fitting one within the latency cap wins, and ``chosen["why"]`` says so.
     ``shards`` is how many index shards the winner is filled into (the memory
-    preflight counts each shard's fixed part).
+    preflight counts each shard's fixed part). ``train_ids`` (default: row numbers)
+    are the ids the measured indexes hold ``train``'s rows under: the winner's
+    filled index comes back as ``Selection.filled``.
     """
     start = time.perf_counter()
     plan_rows, note = plan(n, dim, len(train), memory_gb, metric, shards)
@@ -516,6 +525,8 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
     ivf_train = train[:n_train_ivf]
     harder = "recall_queries" if any(s.name == "recall_queries" for s in sets) else "held_out"
     centroids, coarse_s = None, 0.0
+    ids = np.arange(len(train), dtype=np.int64) if train_ids is None else np.asarray(train_ids, np.int64)
+    kept: dict[str, faiss.Index] = {}  # filled indexes of the candidates that may still be chosen
     results: list[tuple[Candidate, dict[str, Any], bytes | None]] = []  # (candidate, entry, empty trained index)
     winner: tuple[Candidate, dict[str, Any], bytes, float] | None = None
     for cand in plan_rows:
@@ -545,10 +556,11 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         empty = indexing.to_bytes(index)
         entry["train_seconds"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
-        filled, _ = indexing.fill_shard(empty, train, 0)
+        filled = indexing.from_bytes(empty)
+        filled.add_with_ids(train, ids)
         sharded = indexing.ShardedIndex([filled], metric)
         scale = _scale(cand, n, len(train))
-        entry["settings"] = _ladder(sharded, cand, sets, k, target, max_query_ms, scale)
+        entry["settings"] = _ladder(sharded, cand, sets, k, target, max_query_ms, scale, ids)
         best, meets = _best_setting(entry["settings"], target, max_query_ms, scale)
         entry.update(best_setting=best, meets_target=meets, latency_scale=round(scale, 3),
                      measure_seconds=round(time.perf_counter() - t0, 3))  # fill, ladder, ground truth as asked
@@ -557,6 +569,9 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
             f"(best setting {best}, trained in {entry['train_seconds']:.1f} s)")
         if meets and (winner is None or _cheaper(entry, winner[1], scale, winner[3])):
             winner = (cand, entry, empty, scale)
+        kept[cand.name] = filled
+        best_so_far = max((e for _, e, b in results if b is not None), key=_best_recall)["name"]
+        kept = {name: f for name, f in kept.items() if name in (best_so_far, winner[0].name if winner else None)}
     why, fallback = "", None
     if winner is None:  # nobody meets the target: the most accurate measured candidate within the cap
         measured = [(c, e, b) for c, e, b in results if b is not None]
@@ -582,7 +597,7 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
               "meets_target": entry["meets_target"], "query_set": harder}
     train_s = entry["train_seconds"] + (coarse_s if cand.ivf else 0.0)  # its own training + the shared centroids
     return Selection([e for _, e, _ in results], chosen, cand.params(metric, dim, note),
-                     indexing.from_bytes(empty), time.perf_counter() - start, train_s)
+                     indexing.from_bytes(empty), time.perf_counter() - start, train_s, kept.get(cand.name))
 
 
 def _pq_probe_says_skip(cand: Candidate, entry: dict, plan_rows: Sequence[Candidate], dim: int, metric: str,

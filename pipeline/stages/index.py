@@ -34,6 +34,7 @@ import time
 from typing import Sequence
 
 import apache_beam as beam
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -260,6 +261,7 @@ class ShardResult:
     files: tuple[str, ...] = ()  # the embeddings files whose rows it holds, in row order
     read_s: float = 0.0  # reading its embeddings files
     write_s: float = 0.0  # writing the shard and its ids
+    from_selection: int = 0  # rows it held already: the selection's measured winner it started from
 
 
 def split_sample(sample: VectorSample | None, config: IndexConfig, dim: int
@@ -293,6 +295,15 @@ def _load_trained(previous: PreviousQuantizer):
     if previous.sha256 and sha256_hex(data) != previous.sha256:
         raise ValueError(f"{previous.trained_path} does not match the sha256 in its run's manifest")
     return indexing.from_bytes(data)
+
+
+def _rows_in_shard(keys: KeySample, whole: dict[str, tuple[list[str], np.ndarray]], held_out: bool,
+                   num_queries: int) -> np.ndarray:
+    """The training rows' positions in the one index shard (its files in shard order, rows in file order)."""
+    paths = sorted(whole, key=shard_number)
+    offset = dict(zip(paths, np.cumsum([0] + [len(whole[p][0]) for p in paths])))
+    rows = np.array([offset[keys.paths[f]] for f in keys.file_of], np.int64) + keys.rows
+    return rows[num_queries:] if held_out else rows
 
 
 class _Train(beam.DoFn):
@@ -338,6 +349,7 @@ class _Train(beam.DoFn):
         unseen = queries if held_out else np.zeros((0, self._dim), np.float32)
         select = self._automatic() and index_select.choose_nlist(total, len(train))[0] > 0
         decision, reused, decide_s, selection, chosen = None, None, 0.0, None, None
+        held: np.ndarray | None = None  # the training rows' positions in the one index shard filled here
         if select or not self._automatic():
             params = None if select else indexing.choose_params(
                 total, self._dim, len(train), metric=c.metric, memory_gb=c.memory_gb, factory=c.factory,
@@ -378,10 +390,13 @@ class _Train(beam.DoFn):
         if reused is not None:
             index, trained_on, fresh = reused, 0, decision.sample_error
         elif params is None:
+            # one shard filled here: the measured winner already holds the training rows, under their shard ids
+            held = _rows_in_shard(keys, whole, held_out, c.num_queries) if whole is not None and keys else None
             selection = index_select.select(
                 total, self._dim, train, self._query_sets(train, queries, rq), metric=c.metric,
                 memory_gb=c.memory_gb, target=c.target_recall, max_query_ms=c.max_query_ms, k=c.k,
-                shards=index_shards, log=log.info)
+                shards=index_shards, log=log.info,
+                train_ids=None if held is None else indexing.make_ids(0, total)[held])
             index, params, chosen = selection.index, selection.params, selection.chosen
             trained_on = min(len(train), index_select.MAX_POINTS_PER_LIST * max(params.nlist, 1))
             fresh = None
@@ -413,7 +428,9 @@ class _Train(beam.DoFn):
         yield trained
         if whole is not None:
             paths = sorted(whole, key=shard_number)
-            result = fill_index_shard(0, paths, [whole.pop(p) for p in paths], trained, self._dir, c.k, self._timer)
+            prefilled = (selection.filled, held) if selection is not None and selection.filled is not None else None
+            result = fill_index_shard(0, paths, [whole.pop(p) for p in paths], trained, self._dir, c.k, self._timer,
+                                      prefilled=prefilled)
             self._vectors.inc(result.count)
             yield beam.pvalue.TaggedOutput(FILLED, result)
 
@@ -427,15 +444,20 @@ class _Train(beam.DoFn):
 
 
 def fill_index_shard(shard: int, paths: Sequence[str], parts: Sequence[tuple[list[str], np.ndarray]],
-                     trained: TrainedIndex, index_dir: str, k: int, timer: StageTimer, read_s: float = 0.0
-                     ) -> ShardResult:
+                     trained: TrainedIndex, index_dir: str, k: int, timer: StageTimer, read_s: float = 0.0,
+                     prefilled: tuple[faiss.Index, np.ndarray] | None = None) -> ShardResult:
     """One index shard from its files' rows (``parts``, in ``paths`` order): a copy of the trained index
-    filled, written (ids, then the index), and its exact top-k for the recall queries."""
+    filled, written (ids, then the index), and its exact top-k for the recall queries. ``prefilled``: the
+    selection's measured index and the rows it already holds (under their ids); only the others are added."""
     item_ids = [i for ids, _ in parts for i in ids]
     vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
     start = time.perf_counter()
     with timer.batch(len(item_ids)):
-        index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
+        if prefilled is None:
+            index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
+        else:
+            index = prefilled[0]
+            ids = indexing.add_rest(index, vectors, shard, prefilled[1])
     add_s = time.perf_counter() - start
     start = time.perf_counter()
     index_path, ids_path = index_shard_paths(index_dir, shard)
@@ -449,7 +471,7 @@ def fill_index_shard(shard: int, paths: Sequence[str], parts: Sequence[tuple[lis
     own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
     own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
     return ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s,
-                       tuple(paths), read_s, write_s)
+                       tuple(paths), read_s, write_s, 0 if prefilled is None else len(prefilled[1]))
 
 
 class _FillShard(beam.DoFn):
@@ -561,6 +583,8 @@ class _CheckRecall(beam.DoFn):
                          "selection_seconds": round(trained.selection_s, 3)},
             "quantizer": trained.quantizer,
             "add_seconds": round(sum(s.add_s for s in shards), 3),
+            # rows the shards held before their adds: the selection's winner, measured on the training rows
+            "rows_from_selection": sum(s.from_selection for s in shards),
             # the build's other phases (summed over shards): where the time goes besides training and adds
             "phase_seconds": {"sample_ids": round(trained.sample_ids_s, 3),
                               "sample_read": round(trained.sample_read_s, 3),
