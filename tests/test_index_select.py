@@ -317,3 +317,22 @@ def test_settings_are_measured_on_a_quarter_of_the_queries_unless_too_close_to_c
     assert all(r["confident"] for r in entry["settings"] if r["params"] == entry["best_setting"])
     assert entry["meets_target"] and min(r["recall_at_10"] for r in entry["settings"]
                                          if r["params"] == entry["best_setting"]) >= 0.95
+
+
+def test_the_opq_rotation_trains_with_the_capped_settings(monkeypatch):
+    """The rotation is trained on at most CODEBOOK_POINTS_PER_CENTROID x 256 points for OPQ_NITER iterations
+    (faiss's defaults are 65,536 points and 50 iterations), whether or not the coarse centroids are shared."""
+    seen = []
+    real = indexing.faiss.VectorTransform.train
+
+    def spy(self, x):
+        opq = indexing.faiss.downcast_VectorTransform(self)
+        seen.append((opq.niter, opq.max_train_points))
+        return real(self, x)
+
+    monkeypatch.setattr(indexing.faiss.VectorTransform, "train", spy)
+    x = clustered(2600, 16, clusters=16, noise=0.3, seed=3)
+    (cand,) = [c for c in index_select.plan(len(x), 16, len(x), 1.0)[0] if c.family == "ivf_pq_opq"]
+    centroids = index_select._trained_quantizer(cand.nlist, 16, "ip", x)
+    index_select.train_candidate(cand, 16, "ip", x, centroids)
+    assert seen == [(index_select.OPQ_NITER, index_select.CODEBOOK_POINTS_PER_CENTROID * 256)]

@@ -438,6 +438,8 @@ def train_candidate(candidate: Candidate, dim: int, metric: str, train: np.ndarr
     """An empty trained index of ``candidate``; IVF candidates start from the shared ``centroids``."""
     index = indexing.new_index(candidate.name, dim, metric)
     ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:  # before any training: the OPQ rotation below is trained with these caps too
+        _cap_codebook_training(index, ivf)
     if ivf is not None and centroids is not None:
         base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
         if isinstance(base, faiss.IndexPreTransform):  # OPQ: train the rotation, then rotate the centroids
@@ -446,8 +448,6 @@ def train_candidate(candidate: Candidate, dim: int, metric: str, train: np.ndarr
             ivf.quantizer.add(transform.apply(centroids))
         else:
             ivf.quantizer.add(centroids)
-    if ivf is not None:
-        _cap_codebook_training(index, ivf)
     if not index.is_trained:
         index.train(train)
     return index
