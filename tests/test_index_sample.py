@@ -129,3 +129,19 @@ def test_one_shard_starts_from_the_selections_measured_index_and_equals_a_fresh_
         held = np.concatenate([indexing.faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
                                for i in range(ivf.nlist)])
         np.testing.assert_array_equal(np.sort(held), ids)
+
+
+def test_the_bundle_based_runner_sees_one_trained_index(tmp_path):
+    """The shard the train step fills travels inside its one output: with a second (tagged) output, the
+    bundle-based DirectRunner put both into the trained index's singleton side input."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    files = _files(tmp_path, n=400)
+    out = str(tmp_path / "info.json")
+    config = IndexConfig(train_size=300, num_queries=20, memory_gb=1.0)
+    with beam.Pipeline(options=PipelineOptions(["--runner=BundleBasedDirectRunner"])) as p:
+        (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
+         | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
+    with open(out) as f:
+        info = json.load(f)
+    assert info["ntotal"] == 400 and len(info["shards"]) == 1

@@ -56,7 +56,6 @@ from schemas.manifest import recall_key
 NAMESPACE = "catalog_index.index"
 TRAINED = "trained.faiss"
 MERGED = "merged.faiss"
-FILLED = "filled"  # the train step's output of the index shard it filled itself (a catalog of one index shard)
 _PART_RE = re.compile(r"part-(\d+)-of-(\d+)\.parquet$")
 log = logging.getLogger("pipeline.stages.index")
 
@@ -232,6 +231,8 @@ class TrainedIndex:
     sample_read_s: float = 0.0  # the sample's second phase: its rows' vectors read
     sample_ids_s: float = 0.0  # the sample's first phase: ids read and hashed, summed over files
     filled: bool = False  # the one index shard was filled by the train step, from the files it read whole
+    shard: "ShardResult | None" = None  # that shard (a field, not a second output: the bundle-based DirectRunner
+                                         # mixed a tagged output of this side-input step into its main output)
 
     def index_shard_of(self, path: str) -> int:
         """The index shard embeddings file ``path`` is filled into."""
@@ -425,14 +426,14 @@ class _Train(beam.DoFn):
                                quantizer, decide_s, rq, tuple(selection.candidates) if selection else (), chosen,
                                selection.seconds if selection else 0.0, index_shards, sample_read_s,
                                keys.seconds if keys is not None else 0.0, filled=whole is not None)
-        yield trained
         if whole is not None:
             paths = sorted(whole, key=shard_number)
             prefilled = (selection.filled, held) if selection is not None and selection.filled is not None else None
             result = fill_index_shard(0, paths, [whole.pop(p) for p in paths], trained, self._dir, c.k, self._timer,
                                       prefilled=prefilled)
             self._vectors.inc(result.count)
-            yield beam.pvalue.TaggedOutput(FILLED, result)
+            trained = dataclasses.replace(trained, shard=result)
+        yield trained
 
     def _query_sets(self, train: np.ndarray, queries: np.ndarray, rq: np.ndarray | None
                     ) -> list[index_select.QuerySet]:
@@ -651,14 +652,14 @@ class BuildIndex(beam.PTransform):
             | "SampleFiles" >> beam.ParDo(_SampleFile(size))
             | "Sample" >> beam.CombineGlobally(SmallestKeys(size))
         )
-        outputs = (
+        trained = (
             p
             | "Once" >> beam.Create([None])
             | "Train" >> beam.ParDo(_Train(c, self._index_dir, self._dim, self._previous, self._unavailable, self._fp,
                                            self._run_dir.rpartition("/")[2], self._recall_queries),
-                                    beam.pvalue.AsSingleton(sample)).with_outputs(FILLED, main="trained")
+                                    beam.pvalue.AsSingleton(sample))
         )
-        trained_side = beam.pvalue.AsSingleton(outputs.trained)
+        trained_side = beam.pvalue.AsSingleton(trained)
         filled = (
             embedding_files  # the files of index shards the train step did not fill (several shards)
             | "IndexShardOf" >> beam.FlatMap(lambda path, t: [] if t.filled else [(t.index_shard_of(path), path)],
@@ -666,7 +667,8 @@ class BuildIndex(beam.PTransform):
             | "GroupFiles" >> beam.GroupByKey()  # also spreads the index shards over workers
             | "FillShards" >> beam.ParDo(_FillShard(self._index_dir, c.k), trained_side)
         )
-        shards = (filled, outputs[FILLED]) | "AllShards" >> beam.Flatten()
+        by_train = trained | "FilledByTrain" >> beam.FlatMap(lambda t: [t.shard] if t.shard is not None else [])
+        shards = (filled, by_train) | "AllShards" >> beam.Flatten()
         return (
             p
             | "OnceMore" >> beam.Create([None])
