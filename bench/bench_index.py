@@ -127,7 +127,16 @@ def worker_pipeline(run_dir: str, dim: int, train_size: int, queries: int, memor
                                                                         "train_seconds", "best_setting",
                                                                         "meets_target")}
                                                      | {"best": _best_row(c)} for c in info["candidates"]],
-            "recall": info["recall"], "external": recommended, "ladder": ladder}
+            "recall": info["recall"], "external": recommended, "ladder": ladder,
+            "phase_seconds": info.get("phase_seconds", {}),
+            "candidate_seconds": {c["name"]: _timings(c) for c in info["candidates"]
+                                  if c.get("train_seconds") or c.get("probe")}}
+
+
+def _timings(c: dict) -> dict:
+    """Where a measured candidate's selection time went (coarse quantizer, training, fill + ladder, probe)."""
+    return {"coarse": c.get("coarse_seconds"), "train": c.get("train_seconds"), "measure": c.get("measure_seconds"),
+            "probe": (c.get("probe") or {}).get("seconds")}
 
 
 def _best_row(c: dict) -> dict | None:
@@ -145,6 +154,7 @@ def worker_bare(run_dir: str, factory: str, metric: str, train_size: int) -> dic
     tables = [pq.read_table(f, columns=["item_id", "vector"]) for f in files]
     vecs = [t.column("vector").combine_chunks().values.to_numpy().reshape(len(t), -1) for t in tables]
     xb = np.concatenate(vecs)
+    read_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     sample = xb[rng.choice(len(xb), min(len(xb), train_size), replace=False)]
     t0 = time.perf_counter()
@@ -160,7 +170,7 @@ def worker_bare(run_dir: str, factory: str, metric: str, train_size: int) -> dic
         part.add_with_ids(v, (np.int64(shard) << 40) | np.arange(len(v), dtype=np.int64))
         faiss.write_index(part, f"{run_dir}/bare/shard-{shard:05d}.faiss")
     add_s = time.perf_counter() - t0
-    return {"wall_s": time.perf_counter() - start, "train_s": train_s, "add_s": add_s}
+    return {"wall_s": time.perf_counter() - start, "train_s": train_s, "add_s": add_s, "read_s": read_s}
 
 
 def run_worker(*args: str, python: str = sys.executable, script: str = __file__) -> dict:
@@ -202,7 +212,11 @@ def bench_dataset(name: str, vectors: np.ndarray, queries: np.ndarray, workdir: 
                           f"{base}/truth.npy")
         print(f"  {label}: pipeline {pipe['factory']} wall {pipe['wall_s']:.1f} s", flush=True)
         bare = run_worker("bare", run_dir, pipe["factory"], "ip", str(pipe["train_vectors"]))
-        print(f"  {label}: bare wall {bare['wall_s']:.1f} s", flush=True)
+        print(f"  {label}: bare wall {bare['wall_s']:.1f} s (read {bare['read_s']:.1f}, train {bare['train_s']:.1f}, "
+              f"add + write {bare['add_s']:.1f})", flush=True)
+        print(f"  {label}: pipeline phases {pipe['phase_seconds']}, selection {pipe['selection_s']:.1f} s: "
+              f"{pipe['candidate_seconds']}, train {pipe['train_s']:.1f}, add {pipe['add_s']:.1f}, "
+              f"self-check {pipe['self_check_s']:.1f}", flush=True)
         auto = None
         if afvenv:
             afdir = f"{run_dir}/autofaiss"

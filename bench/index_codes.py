@@ -22,7 +22,7 @@ from bench._report import report  # noqa: E402
 from bench.index_data import minilm_vectors  # noqa: E402
 
 HEADING = "Index codes under a tight budget: PQ shapes, one index shard, 200k MiniLM (issue 12)"
-NPROBES = (32, 64, 128, 256, 512)
+NPROBES = (32, 64, 128, 256, 512, 1024, 2048)
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:

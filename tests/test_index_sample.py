@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import IndexConfig
+from pipeline.index import indexing
 from pipeline.stages import index as stage
 from test_index_stage import DIM, SHARDS, _write_shards
 
@@ -69,7 +70,10 @@ def test_a_file_rewritten_between_the_phases_is_an_error(tmp_path):
         stage.read_sample(keys, DIM)
 
 
-def test_build_reads_ids_once_and_vectors_once_for_the_sample_and_once_to_fill(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shard_vectors, vector_reads", [(1_000_000, 1), (300, 2)])
+def test_build_reads_ids_once_and_vectors_once_or_twice(tmp_path, monkeypatch, shard_vectors, vector_reads):
+    """One index shard: the train step fills it from the files its sample read took whole (each file's vectors
+    read once); several: each fill worker reads its own files again."""
     files = _files(tmp_path, n=1200)
     reads: Counter = Counter()
     real = pq.read_table
@@ -79,15 +83,65 @@ def test_build_reads_ids_once_and_vectors_once_for_the_sample_and_once_to_fill(t
         return real(source, columns=columns, **kw)
 
     monkeypatch.setattr(stage.pq, "read_table", counting)
-    config = IndexConfig(factory="IVF8,Flat", train_size=600, num_queries=50, memory_gb=1.0)
+    config = IndexConfig(factory="IVF8,Flat", train_size=600, num_queries=50, memory_gb=1.0,
+                         shard_vectors=shard_vectors)
     out = str(tmp_path / "info.json")
     with beam.Pipeline() as p:
         (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
          | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
     with open(out) as f:
-        assert json.load(f)["ntotal"] == 1200
+        info = json.load(f)
+    assert info["ntotal"] == 1200 and len(info["shards"]) == (1 if vector_reads == 1 else SHARDS)
+    assert sum(s["count"] for s in info["shards"]) == 1200
     for path in files:
         name = os.path.basename(path)
         assert reads[(name, ("item_id",))] == 1
-        assert reads[(name, ("item_id", "vector"))] == 2  # the sample's rows, then the index shard's
-    assert sum(reads.values()) == 3 * SHARDS
+        assert reads[(name, ("item_id", "vector"))] == vector_reads  # the sample's rows (and the index shard's)
+    assert sum(reads.values()) == (1 + vector_reads) * SHARDS
+
+
+def test_one_shard_starts_from_the_selections_measured_index_and_equals_a_fresh_fill(tmp_path):
+    """The single index shard is the selection's winner (holding the training rows under their shard ids) plus
+    every other row: the same ids, lists and codes as the trained index filled from scratch."""
+    files = _files(tmp_path, n=3000)
+    config = IndexConfig(train_size=1200, num_queries=100, memory_gb=1.0, target_recall=0.9)
+    out = str(tmp_path / "info.json")
+    with beam.Pipeline() as p:
+        (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
+         | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
+    with open(out) as f:
+        info = json.load(f)
+    assert info["candidates"] and len(info["shards"]) == 1 and info["ntotal"] == 3000
+    assert info["rows_from_selection"] == info["training"]["vectors"] == 1200  # the held-out 100 added after
+    shard = indexing.from_bytes(open(tmp_path / info["shards"][0]["index"], "rb").read())
+    trained = open(tmp_path / info["trained"], "rb").read()
+    vectors = np.concatenate([stage.read_shard(f)[1] for f in files])
+    fresh, ids = indexing.fill_shard(trained, vectors, 0)
+    queries = vectors[:50] + 0.01
+    for index in (shard, fresh):
+        indexing.apply_search_params(index, {"nprobe": 1 << 20} if indexing.is_ivf(index) else {})
+    got, want = shard.search(queries, 10), fresh.search(queries, 10)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)  # same codes, every list scanned
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got[1], want[1])]) > 0.99
+    ivf = indexing.faiss.try_extract_index_ivf(shard)
+    if ivf is not None:  # every row once, under its shard id
+        lists = ivf.invlists
+        held = np.concatenate([indexing.faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                               for i in range(ivf.nlist)])
+        np.testing.assert_array_equal(np.sort(held), ids)
+
+
+def test_the_bundle_based_runner_sees_one_trained_index(tmp_path):
+    """The shard the train step fills travels inside its one output: with a second (tagged) output, the
+    bundle-based DirectRunner put both into the trained index's singleton side input."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    files = _files(tmp_path, n=400)
+    out = str(tmp_path / "info.json")
+    config = IndexConfig(train_size=300, num_queries=20, memory_gb=1.0)
+    with beam.Pipeline(options=PipelineOptions(["--runner=BundleBasedDirectRunner"])) as p:
+        (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
+         | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
+    with open(out) as f:
+        info = json.load(f)
+    assert info["ntotal"] == 400 and len(info["shards"]) == 1

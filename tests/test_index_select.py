@@ -55,10 +55,85 @@ def test_a_tight_budget_keeps_the_fixed_part_a_small_share_and_counts_it_per_ind
     for cands, shards in ((one, 1), (four, 4)):
         c = next(c for c in cands if c.family == "ivf_pq_opq")
         fixed = c.memory_bytes - n * c.bytes_per_vector
-        books = 4 * (1 << c.nbits) * dim
-        assert fixed == shards * (4 * c.nlist * dim + 8 * c.nlist + books + 4 * dim * dim)
+        books = 4 * (1 << c.nbits) * c.d_out
+        assert fixed == shards * (4 * c.nlist * c.d_out + 8 * c.nlist + books + 4 * dim * c.d_out)
         assert c.fits_budget and shards * (4 * dim + 8) * c.nlist <= index_select.MAX_FIXED_SHARE * 100 * n
-    assert (pq_one.m, pq_one.nbits) == (64, 8) and pq_one.memory_bytes <= 100 * n
+    # 50,000 training vectors: 1024 lists; the bytes 64 sub-quantizers would leave go to 8 more (OPQ72_360)
+    assert (pq_one.m, pq_one.nbits, pq_one.d_out) == (72, 8, 360) and pq_one.memory_bytes <= 100 * n
+
+
+def test_a_tight_budget_spends_the_whole_budget_on_the_codes():
+    """200k x 384 at 100 B/vector: IVF2048's centroids cost 15.7 B/vector, the rotation ~3; OPQ72 to 360
+    dimensions is the largest code that fits, plain PQ keeps a divisor of 384."""
+    n, dim = 200_000, 384
+    cands = {c.family: c for c in index_select.plan(n, dim, 100_000, memory_gb=100 * n / (1 << 30))[0]}
+    opq, pq = cands["ivf_pq_opq"], cands["ivf_pq"]
+    assert opq.name == "OPQ72_360,IVF2048,PQ72x8np" and opq.fits_budget and opq.memory_bytes <= 100 * n
+    assert pq.name == "IVF2048,PQ64x8np" and pq.fits_budget
+    params = opq.params("ip", dim)
+    assert params.factory == opq.name and params.opq and (params.m, params.nlist) == (72, 2048)
+
+
+@pytest.mark.parametrize("dim", [32, 100, 384, 512, 768])
+@pytest.mark.parametrize("n", [20_000, 200_000, 1_000_000])
+@pytest.mark.parametrize("per_vector", [24, 40, 64, 100, 160])
+def test_pq_sizing_fits_divides_and_leaves_no_larger_code(dim, n, per_vector):
+    budget = per_vector * n
+    n_train = min(n, 100_000)
+    cands, _ = index_select.plan(n, dim, n_train, memory_gb=budget / (1 << 30))
+    sq8_fits = any(c.family == "ivf_sq8" and c.fits_budget for c in cands)
+    base_nlist = next(c.nlist for c in cands if c.family == "ivf_sq8")
+    for c in cands:
+        if c.family not in ("ivf_pq", "ivf_pq_opq"):
+            continue
+        opq = c.family == "ivf_pq_opq"
+        assert c.d_out % c.m == 0 and c.d_out // c.m >= index_select.MIN_SUB_DIMS  # faiss's PQ: M divides d_out
+        assert opq or (c.d_out == dim and dim % c.m == 0)
+        assert c.nlist <= base_nlist and c.nlist >= index_select.min_nlist(n, base_nlist)
+        expected = (f"OPQ{c.m}{'' if c.d_out == dim else f'_{c.d_out}'}," if opq else "") + \
+            f"IVF{c.nlist},PQ{c.m}x{c.nbits}np"
+        assert c.name == expected
+        if not c.fits_budget:
+            continue
+        assert c.memory_bytes <= budget
+        if sq8_fits:  # a roomy budget keeps today's shape: at most MAX_PQ_M sub-quantizers over today's lists
+            assert c.m <= index_select.MAX_PQ_M and c.nlist == base_nlist
+            continue
+        # no larger M fits anywhere in the allowed lists
+        step = index_select.PQ_M_STEP if opq and c.m >= index_select.PQ_M_STEP else 1
+        for m in range(c.m + step, dim + 1, step):
+            if not opq and (dim % m or dim // m < index_select.MIN_SUB_DIMS):
+                continue
+            for d_out in (index_select._d_outs(dim, m) if opq else [dim]):
+                shape = index_select.PQShape(index_select.min_nlist(n, base_nlist), m, c.nbits, d_out)
+                assert index_select._pq_bytes(n, dim, shape, opq, 1)[1] > budget, (c.name, m, d_out)
+
+
+def test_pq_sizing_falls_back_to_todays_shapes_when_nothing_larger_fits():
+    n, dim = 200_000, 384
+    roomy = {c.family: c.name for c in index_select.plan(n, dim, 100_000, memory_gb=4.0)[0]}
+    assert roomy["ivf_pq"] == "IVF2048,PQ64x8np" and roomy["ivf_pq_opq"] == "OPQ64,IVF2048,PQ64x8np"
+    # 50 B/vector: the centroids' 20% share halves the lists to 1024, below 4*sqrt(N), so they stay; the rotation's
+    # bytes leave OPQ the 24 sub-quantizers of before, plain PQ (no rotation to store) gets 32
+    tight = {c.family: c for c in index_select.plan(n, dim, 100_000, memory_gb=50 * n / (1 << 30))[0]}
+    assert tight["ivf_pq_opq"].name == "OPQ24,IVF1024,PQ24x8np" and tight["ivf_pq_opq"].fits_budget
+    assert tight["ivf_pq"].name == "IVF1024,PQ32x8np" and tight["ivf_pq"].fits_budget
+    # nothing fits at all: today's shapes, recorded as over the budget (the run then says no candidate fits)
+    none = {c.family: c for c in index_select.plan(n, dim, 100_000, memory_gb=5 * n / (1 << 30))[0]}
+    assert not none["ivf_pq"].fits_budget and none["ivf_pq"].m == 64
+    assert "over the memory budget" in none["ivf_pq_opq"].skipped_reason
+
+
+def test_a_smaller_nlist_frees_bytes_for_a_larger_code():
+    """Where the next M fits only with fewer lists (still >= 4*sqrt(N)), the lists shrink in steps of NLIST_STEP."""
+    n, dim = 200_000, 384
+    shape = index_select.size_pq(n, dim, 100 * n, 1, 2048, index_select.min_nlist(n, 2048), 8, True, dim)
+    assert shape == index_select.PQShape(2048, 72, 8, 360)
+    budget = index_select._pq_bytes(n, dim, index_select.PQShape(1856, 80, 8, 400), True, 1)[1]
+    shape = index_select.size_pq(n, dim, budget, 1, 2048, index_select.min_nlist(n, 2048), 8, True, dim)
+    assert shape is not None and shape.m == 80 and shape.nlist % index_select.NLIST_STEP == 0
+    assert index_select.min_nlist(n, 2048) <= shape.nlist < 2048
+    assert index_select._pq_bytes(n, dim, shape, True, 1)[1] <= budget
 
 
 def test_the_cheapest_candidate_that_meets_the_target_wins(data):
@@ -217,3 +292,47 @@ def test_the_nprobe_ladder_can_scan_every_list(nlist, top):
     assert set(indexing.DEFAULT_NPROBES) & set(range(nlist + 1)) <= set(ladder)
     cand = index_select.Candidate(f"IVF{nlist},PQ8x8np", "ivf_pq", 16, 0, True, nlist=nlist)
     assert index_select.settings_ladder(cand)[0][-1] == {"nprobe": top}
+
+
+def test_settings_are_measured_on_a_quarter_of_the_queries_unless_too_close_to_call(data):
+    train, queries, truth = data  # 400 queries
+    cand = next(c for c in index_select.plan(len(train), 32, len(train), 1.0)[0] if c.family == "ivf_sq8")
+    centroids = index_select._trained_quantizer(cand.nlist, 32, "ip", train)
+    empty = index_select.train_candidate(cand, 32, "ip", train, centroids)
+    sharded = indexing.ShardedIndex([indexing.fill_shard(empty, train, 0)[0]], "ip")
+    lazy = index_select.QuerySet("held_out", queries, database=train, metric="ip", k=K)
+    (row,) = index_select.measure_staged(sharded, [lazy], {"nprobe": 4}, K, target=0.0, step=100)
+    assert row["queries"] == 100 and row["confident"] and row["recall_se"] > 0
+    assert lazy.truth is not None and len(lazy.truth) == 100  # ground truth only for the queries measured
+    assert indexing.recall_at(lazy.truth, truth[:100], K) > 0.99
+    (close,) = index_select.measure_staged(sharded, [lazy], {"nprobe": 4}, K, target=row["recall_at_10"], step=100)
+    assert not close["confident"]
+    (full,) = index_select.measure_staged(sharded, [lazy], {"nprobe": 4}, K, target=row["recall_at_10"], full=True)
+    assert full["queries"] == 400 and full["confident"] and len(lazy.truth) == 400
+    # a selection decides on confident rows only: the winner's best setting is one
+    sel = index_select.select(200_000, 32, train, [index_select.QuerySet("held_out", queries, database=train)],
+                              metric="ip", memory_gb=1.0, target=0.95, max_query_ms=50, families=("ivf_sq8",))
+    (entry,) = sel.candidates
+    assert {r["queries"] for r in entry["settings"]} <= {index_select.QUERY_STEP, len(queries)}
+    assert all(r["confident"] for r in entry["settings"] if r["params"] == entry["best_setting"])
+    assert entry["meets_target"] and min(r["recall_at_10"] for r in entry["settings"]
+                                         if r["params"] == entry["best_setting"]) >= 0.95
+
+
+def test_the_opq_rotation_trains_with_the_capped_settings(monkeypatch):
+    """The rotation is trained on at most CODEBOOK_POINTS_PER_CENTROID x 256 points for OPQ_NITER iterations
+    (faiss's defaults are 65,536 points and 50 iterations), whether or not the coarse centroids are shared."""
+    seen = []
+    real = indexing.faiss.VectorTransform.train
+
+    def spy(self, x):
+        opq = indexing.faiss.downcast_VectorTransform(self)
+        seen.append((opq.niter, opq.max_train_points))
+        return real(self, x)
+
+    monkeypatch.setattr(indexing.faiss.VectorTransform, "train", spy)
+    x = clustered(2600, 16, clusters=16, noise=0.3, seed=3)
+    (cand,) = [c for c in index_select.plan(len(x), 16, len(x), 1.0)[0] if c.family == "ivf_pq_opq"]
+    centroids = index_select._trained_quantizer(cand.nlist, 16, "ip", x)
+    index_select.train_candidate(cand, 16, "ip", x, centroids)
+    assert seen == [(index_select.OPQ_NITER, index_select.CODEBOOK_POINTS_PER_CENTROID * 256)]

@@ -42,6 +42,11 @@ HNSW_M = 32
 EF_SEARCH = (16, 32, 64, 128, 256, 512)
 K_FACTORS = (1, 2, 4, 8, 16, 32)
 SINGLE_QUERIES = 20
+# a setting is measured on this many queries per set; an estimate of 10-recall@10 within CONFIDENCE_Z standard
+# errors of the target decides nothing (the ladder goes on; measure_staged): at 250 queries and a recall near
+# 0.95 one standard error is about 0.005, so a setting 0.015 clear of the target is decided on a quarter of them
+QUERY_STEP = 250
+CONFIDENCE_Z = 3.0
 CODEBOOK_POINTS_PER_CENTROID = 64
 # PQ codebook training is one k-means per sub-quantizer: past 64 of them it dominates a CPU build (faiss-cpu
 # without AVX2 here: PQ128x8 took 105 s on 10k vectors); more accuracy comes from SQ8 or refinement instead
@@ -61,6 +66,12 @@ PROBE_MARGIN = 0.10  # a probe ceiling this far below the target skips the full 
 # budget nlist is halved until they do, leaving the bytes to the codes
 MAX_FIXED_SHARE = 0.20
 MIN_NLIST = 16
+# a tight budget's PQ sizing (size_pq): OPQ's M in steps of 8 (8-byte aligned codes, as faiss's usual shapes), at
+# least 4 dimensions per sub-quantizer, lists shrunk in steps of 64 when that frees the bytes for a larger M
+PQ_M_STEP = 8
+MIN_SUB_DIMS = 4
+NLIST_STEP = 64
+MAX_DROPPED = 1 / 8  # the share of dimensions an OPQ rotation below the input dimension may drop
 FAMILIES = ("flat", "flat_fp16", "hnsw", "ivf_sq8", "ivf_fp16", "ivf_pq", "ivf_pq_opq", "ivf_pq_refine")
 # the families whose trained quantizer a later run may reuse: the IVF ones (flat and HNSW train nothing)
 REUSABLE_FAMILIES = REUSABLE
@@ -78,6 +89,7 @@ class Candidate:
     nlist: int = 0
     m: int = 0
     nbits: int = 0
+    d_out: int = 0  # the PQ's dimension (OPQ's output); 0: the vectors' own
     skipped_reason: str | None = None
 
     @property
@@ -127,6 +139,82 @@ def _pq_m(dim: int, max_code_bytes: float, min_dims: int = 4) -> int:
     return max(fitting) if fitting else 0
 
 
+@dataclasses.dataclass(frozen=True)
+class PQShape:
+    """An IVF-PQ layout sized to the budget: lists, sub-quantizers, bits, and OPQ's output dimension."""
+
+    nlist: int
+    m: int
+    nbits: int
+    d_out: int  # the PQ's (and the centroids') dimension: OPQ's output, or ``dim`` without OPQ
+
+    def factory(self, dim: int, opq: bool) -> str:
+        rotation = (f"OPQ{self.m}," if self.d_out == dim else f"OPQ{self.m}_{self.d_out},") if opq else ""
+        return f"{rotation}IVF{self.nlist},PQ{self.m}x{self.nbits}np"
+
+
+def pq_fixed_bytes(dim: int, shape: PQShape, opq: bool) -> int:
+    """One index shard's fixed part: the centroids (in the rotated space), every list's size in the file,
+    the codebooks, and the OPQ matrix (``d_out`` x ``dim``)."""
+    coarse = 4 * shape.nlist * shape.d_out + 8 * shape.nlist
+    books = 4 * (1 << shape.nbits) * shape.d_out
+    return coarse + books + (4 * dim * shape.d_out if opq else 0)
+
+
+def _pq_bytes(n: int, dim: int, shape: PQShape, opq: bool, shards: int) -> tuple[int, int]:
+    """(bytes per vector: code + 8-byte id, total for ``n`` vectors in ``shards`` index shards)."""
+    per_vector = math.ceil(shape.m * shape.nbits / 8) + 8
+    return per_vector, n * per_vector + shards * pq_fixed_bytes(dim, shape, opq)
+
+
+def _d_outs(dim: int, m: int) -> list[int]:
+    """OPQ output dimensions for ``m`` sub-quantizers, in the order tried, at least MIN_SUB_DIMS dimensions per
+    sub-quantizer: the multiple of ``m`` just below ``dim`` (dropping the rotation's least-variance directions,
+    at most MAX_DROPPED of them), then the one above. Measured on 200k MiniLM (docs/BENCHMARKS.md): OPQ72_360
+    gains 0.014 over OPQ64 at 100 B/vector, while padding above ``dim`` buys nothing (OPQ64_448 = OPQ64)."""
+    above, below = -(-dim // m) * m, dim // m * m
+    tried = ([below] if below >= dim * (1 - MAX_DROPPED) else []) + [above]
+    return [d for d in dict.fromkeys(tried) if d // m >= MIN_SUB_DIMS]
+
+
+def size_pq(n: int, dim: int, budget: float, shards: int, nlist: int, min_nlist: int, nbits: int, opq: bool,
+            max_m: int, reshape: bool | None = None) -> PQShape | None:
+    """The largest PQ that fits ``budget``: the most sub-quantizers (``nbits``-bit codes), then the most lists.
+
+    M divides ``dim`` (at least MIN_SUB_DIMS dimensions each) unless ``reshape``
+    (default: ``opq``): then M is a multiple of PQ_M_STEP and OPQ's output
+    dimension a multiple of M near ``dim`` (``_d_outs``). ``nlist`` may shrink from
+    the given one down to ``min_nlist`` (faiss's 4*sqrt(N) lower end) to free bytes
+    for codes, in steps of NLIST_STEP. None when no M fits.
+    """
+    reshape = opq if reshape is None else reshape and opq
+    if reshape:
+        ms = [m for m in range(max_m, 0, -1) if m % PQ_M_STEP == 0 or m < PQ_M_STEP]
+    else:
+        ms = [m for m in range(min(max_m, dim // MIN_SUB_DIMS), 0, -1) if dim % m == 0]
+    for m in ms:
+        for d_out in (_d_outs(dim, m) if reshape else [dim]):
+            if not d_out:
+                continue
+            shape = PQShape(nlist, m, nbits, d_out)
+            per_vector, total = _pq_bytes(n, dim, shape, opq, shards)
+            if total <= budget:
+                return shape
+            # the most lists (>= min_nlist) that leave room for this code
+            room = (budget - n * per_vector) / shards - pq_fixed_bytes(dim, PQShape(0, m, nbits, d_out), opq)
+            fit = int(room // (4 * d_out + 8)) // NLIST_STEP * NLIST_STEP
+            if fit >= max(min_nlist, 1) and fit < nlist:
+                return PQShape(fit, m, nbits, d_out)
+    return None
+
+
+def min_nlist(n: int, nlist: int) -> int:
+    """The fewest lists a tight budget may shrink ``nlist`` to: faiss's 4*sqrt(N) below 1M vectors (rounded
+    up to NLIST_STEP), never below MIN_NLIST, and ``nlist`` itself when that is already fewer."""
+    lower = -(-math.ceil(4 * math.sqrt(max(n, 1))) // NLIST_STEP) * NLIST_STEP if n < 1_000_000 else nlist
+    return min(nlist, max(lower, MIN_NLIST))
+
+
 def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", shards: int = 1
          ) -> tuple[list[Candidate], str]:
     """Every candidate family sized to ``n`` vectors of ``dim`` in ``shards`` index shards, memory estimated,
@@ -157,21 +245,27 @@ def plan(n: int, dim: int, n_train: int, memory_gb: float, metric: str = "ip", s
         out.append((f"IVF{nlist},SQ8", "ivf_sq8", dim + id_bytes, coarse + 8 * dim, {"nlist": nlist}))
         out.append((f"IVF{nlist},SQfp16", "ivf_fp16", 2 * dim + id_bytes, coarse, {"nlist": nlist}))
         if nbits >= 4:
-            codebooks = 4 * (1 << nbits) * dim
-            # the largest PQ that fits the budget (after the coarse quantizer and codebooks); narrower codes over
-            # more sub-quantizers were measured and lose: on 200k MiniLM at 100 B/vector, PQ96x6 reached 0.789
-            # (OPQ 0.793) against OPQ64 with PQ64x8's 0.818, at 4x the scan time (docs/BENCHMARKS.md)
-            room = (budget - shards * (coarse + codebooks + 4 * dim * dim)) / max(n, 1) - id_bytes
-            m, code_nbits = _pq_m(dim, room * 8 / nbits), nbits
-            if m:
-                code = math.ceil(m * code_nbits / 8)
-                books = 4 * (1 << code_nbits) * dim
-                out.append((f"IVF{nlist},PQ{m}x{code_nbits}np", "ivf_pq", code + id_bytes, coarse + books,
-                            {"nlist": nlist, "m": m, "nbits": code_nbits}))
-                out.append((f"OPQ{m},IVF{nlist},PQ{m}x{code_nbits}np", "ivf_pq_opq", code + id_bytes,
-                            coarse + books + 4 * dim * dim, {"nlist": nlist, "m": m, "nbits": code_nbits}))
+            # IVF-PQ sized to the budget: while SQ8 fits, the costlier families reach higher recall for less
+            # training, so PQ keeps today's shape (at most MAX_PQ_M sub-quantizers over the chosen lists); when
+            # nothing but PQ fits, the whole budget goes to the codes (size_pq: the largest M, OPQ's output
+            # dimension a multiple of it, lists shrunk within faiss's guidance when that frees the bytes).
+            # Narrower codes over more sub-quantizers were measured and lose: on 200k MiniLM at 100 B/vector,
+            # PQ96x6 reached 0.789 (OPQ 0.793) against OPQ64 with PQ64x8's 0.818, at 4x the scan time
+            sq8_fits = n * (dim + id_bytes) + shards * (coarse + 8 * dim) <= budget
+            max_m = MAX_PQ_M if sq8_fits else dim
+            low = nlist if sq8_fits else min_nlist(n, nlist)
+            for family, opq in (("ivf_pq", False), ("ivf_pq_opq", True)):
+                shape = size_pq(n, dim, budget, shards, nlist, low, nbits, opq, max_m, reshape=not sq8_fits)
+                if shape is None and not sq8_fits:  # nothing fits: today's shape, recorded as over the budget
+                    shape = size_pq(n, dim, math.inf, shards, nlist, nlist, nbits, opq, MAX_PQ_M, reshape=False)
+                if shape is None:
+                    continue
+                out.append((shape.factory(dim, opq), family, _pq_bytes(n, dim, shape, opq, shards)[0],
+                            pq_fixed_bytes(dim, shape, opq),
+                            {"nlist": shape.nlist, "m": shape.m, "nbits": shape.nbits, "d_out": shape.d_out}))
             # refinement: a coarse PQ (8 dimensions per code) finds k * k_factor candidates, a finer copy reranks
-            m_base = _pq_m(dim, dim / 8 * 8 / nbits, min_dims=8) or m
+            codebooks = 4 * (1 << nbits) * dim
+            m_base = _pq_m(dim, dim / 8 * 8 / nbits, min_dims=8) or _pq_m(dim, math.inf)
             if m_base:
                 code = math.ceil(m_base * nbits / 8)
                 for refine, size in (("Refine(SQ8)", dim), ("Refine(SQfp16)", 2 * dim), ("RFlat", 4 * dim)):
@@ -212,19 +306,51 @@ def settings_ladder(candidate: Candidate) -> list[list[dict]]:
 
 @dataclasses.dataclass
 class QuerySet:
-    """Queries and their exact top-k over the measured rows (ids are row numbers of the database)."""
+    """Queries and their exact top-k over the measured rows (ids are row numbers of the database).
+
+    ``truth`` may be left out and ``database`` given instead: the exact top-k is then
+    computed on first use, for as many leading queries as a measurement asks
+    (``head``), so a setting decided on the first QUERY_STEP queries never pays for
+    the rest's ground truth.
+    """
 
     name: str  # "held_out" | "recall_queries"
     queries: np.ndarray
-    truth: np.ndarray
+    truth: np.ndarray | None = None
+    database: np.ndarray | None = None
+    metric: str = "ip"
+    k: int = 10
+
+    def exact_ids(self, q: int) -> np.ndarray:
+        """The exact top-k ids of the first ``q`` queries (computed once per query, on demand)."""
+        known = 0 if self.truth is None else len(self.truth)
+        if known < q:
+            if self.database is None:
+                raise ValueError(f"query set {self.name!r} has ground truth for {known} queries, {q} asked")
+            rows = np.arange(len(self.database), dtype=np.int64)
+            more = indexing.exact_topk(self.database, rows, self.queries[known:q], self.k, self.metric)[1]
+            self.truth = more if self.truth is None else np.concatenate([self.truth, more])
+        assert self.truth is not None
+        return self.truth[:q]
+
+    def head(self, q: int) -> "QuerySet":
+        """The first ``q`` queries (all of them when there are no more), their truth computed now."""
+        if q >= len(self.queries):
+            return self
+        return QuerySet(self.name, self.queries[:q], self.exact_ids(q), metric=self.metric, k=self.k)
 
 
 def measure(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict, k: int,
-            single_queries: int = SINGLE_QUERIES) -> list[dict]:
-    """One setting's recall and latency on every query set (rows of the manifest's ``settings``)."""
+            single_queries: int = SINGLE_QUERIES, db_ids: np.ndarray | None = None) -> list[dict]:
+    """One setting's recall and latency on every query set (rows of the manifest's ``settings``), with how many
+    queries it was measured on and the standard error of its 10-recall@10 (per-query recalls' spread).
+    ``db_ids``: the faiss id of each database row, when the index holds them under other ids than row numbers."""
     rows = []
     for qs in sets:
         index.set_params(params)
+        truth = qs.exact_ids(len(qs.queries))
+        if db_ids is not None:
+            truth = np.where(truth >= 0, db_ids[np.maximum(truth, 0)], -1)
         start = time.perf_counter()
         _, found = index.search(qs.queries, k)
         batch_ms = (time.perf_counter() - start) * 1000 / max(len(qs.queries), 1)
@@ -233,12 +359,64 @@ def measure(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict
             start = time.perf_counter()
             index.search(q[None, :], k)
             singles.append((time.perf_counter() - start) * 1000)
+        per_query = _per_query_recall(found, truth, k)
+        se = float(per_query.std(ddof=1) / math.sqrt(len(per_query))) if len(per_query) > 1 else math.inf
         rows.append({"params": dict(params), "query_set": qs.name,
-                     "recall_at_10": round(indexing.recall_at(found, qs.truth, k), 4),
-                     "recall_at_1": round(indexing.one_recall_at_one(found, qs.truth), 4),
+                     "recall_at_10": round(float(per_query.mean()) if len(per_query) else 0.0, 4),
+                     "recall_at_1": round(indexing.one_recall_at_one(found, truth), 4),
+                     "queries": len(qs.queries), "recall_se": round(se, 4) if math.isfinite(se) else None,
                      "ms_per_query_batch": round(batch_ms, 4),
                      "ms_single_p50": round(float(np.median(singles)), 4) if singles else None})
     return rows
+
+
+def _per_query_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """Each query's share of its true top-k found in its returned top-k (indexing.recall_at's terms)."""
+    out = np.zeros(len(found))
+    for i, (got, want) in enumerate(zip(found[:, :k], truth[:, :k])):
+        want = want[want >= 0]
+        out[i] = len(np.intersect1d(got[got >= 0], want)) / len(want) if len(want) else 0.0
+    return out
+
+
+def measure_staged(index: indexing.ShardedIndex, sets: Sequence[QuerySet], params: dict, k: int, target: float,
+                   step: int = 0, full: bool = False, db_ids: np.ndarray | None = None) -> list[dict]:
+    """``measure`` on the first ``step`` (QUERY_STEP) queries of each set (all of them when ``full``).
+
+    Each row says whether it is ``confident``: measured on every query, or clear of
+    ``target`` by more than CONFIDENCE_Z standard errors. The ladder goes on past an
+    unconfident setting (a costlier one decides), and re-measures one on every query
+    only when no confident setting decides the candidate (``select``).
+    """
+    step = step or QUERY_STEP
+    if full or all(len(qs.queries) <= step for qs in sets):
+        return [{**r, "confident": True} for r in measure(index, sets, params, k, db_ids=db_ids)]
+    rows = measure(index, [qs.head(step) for qs in sets], params, k, db_ids=db_ids)
+    return [{**r, "confident": r["recall_se"] is not None
+             and abs(r["recall_at_10"] - target) > CONFIDENCE_Z * r["recall_se"]} for r in rows]
+
+
+def _ladder(index: indexing.ShardedIndex, cand: Candidate, sets: Sequence[QuerySet], k: int, target: float,
+            max_query_ms: float, scale: float, db_ids: np.ndarray) -> list[dict]:
+    """Every measured row of ``cand``'s settings ladder: a group stops at a setting that confidently meets the
+    target, or at the latency cap; if no setting confidently meets it within the cap, the unconfident ones
+    within the cap are measured again on every query."""
+    rows_all: list[dict] = []
+    for group in settings_ladder(cand):
+        for params in group:
+            rows = measure_staged(index, sets, params, k, target, db_ids=db_ids)
+            rows_all += rows
+            recall = min(r["recall_at_10"] for r in rows)
+            ms = max(r["ms_per_query_batch"] for r in rows) * scale
+            if (recall >= target and all(r["confident"] for r in rows)) or ms > max_query_ms:
+                break  # costlier settings of this group: no better choice, or over the cap
+    if _best_setting(rows_all, target, max_query_ms, scale)[1]:
+        return rows_all
+    unsure = [r["params"] for r in rows_all if not r["confident"] and r["ms_per_query_batch"] * scale <= max_query_ms]
+    for params in [p for i, p in enumerate(unsure) if p not in unsure[:i]]:
+        rows_all = [r for r in rows_all if r["params"] != params] + measure_staged(index, sets, params, k, target,
+                                                                                full=True, db_ids=db_ids)
+    return rows_all
 
 
 def _scale(candidate: Candidate, n: int, n_db: int) -> float:
@@ -260,6 +438,8 @@ def train_candidate(candidate: Candidate, dim: int, metric: str, train: np.ndarr
     """An empty trained index of ``candidate``; IVF candidates start from the shared ``centroids``."""
     index = indexing.new_index(candidate.name, dim, metric)
     ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:  # before any training: the OPQ rotation below is trained with these caps too
+        _cap_codebook_training(index, ivf)
     if ivf is not None and centroids is not None:
         base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
         if isinstance(base, faiss.IndexPreTransform):  # OPQ: train the rotation, then rotate the centroids
@@ -268,8 +448,6 @@ def train_candidate(candidate: Candidate, dim: int, metric: str, train: np.ndarr
             ivf.quantizer.add(transform.apply(centroids))
         else:
             ivf.quantizer.add(centroids)
-    if ivf is not None:
-        _cap_codebook_training(index, ivf)
     if not index.is_trained:
         index.train(train)
     return index
@@ -301,11 +479,14 @@ class Selection:
     index: faiss.Index
     seconds: float  # the whole selection: every candidate's training and measurement
     train_seconds: float  # the winner's own training (shared coarse quantizer included when it is IVF)
+    # the winner as measured: its trained index holding the training rows under ``train_ids`` (an index shard
+    # holding them may start from it and add only the other rows)
+    filled: faiss.Index | None = None
 
 
 def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) -> tuple[dict | None, bool]:
-    """(the cheapest setting reaching ``target`` on every query set within the latency cap, True), else
-    (the most accurate setting within the cap, False); latency is the batched one scaled to the catalog."""
+    """(the cheapest setting confidently reaching ``target`` on every query set within the latency cap, True),
+    else (the most accurate setting within the cap, False); latency is the batched one scaled to the catalog."""
     by_params: dict[str, list[dict]] = {}
     for r in rows:
         by_params.setdefault(repr(sorted(r["params"].items())), []).append(r)
@@ -314,7 +495,7 @@ def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) 
         recall = min(r["recall_at_10"] for r in group)
         ms = max(r["ms_per_query_batch"] for r in group) * scale
         within = ms <= max_ms
-        meets = within and recall >= target
+        meets = within and recall >= target and all(r.get("confident", True) for r in group)
         key = (meets, within, -ms if meets else recall, -ms)
         if best_key is None or key > best_key:
             best, best_key = group[0]["params"], key
@@ -323,14 +504,17 @@ def _best_setting(rows: list[dict], target: float, max_ms: float, scale: float) 
 
 def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, metric: str, memory_gb: float,
            target: float, max_query_ms: float, k: int = 10, families: Sequence[str] | None = None,
-           shards: int = 1, log: Callable[[str], None] = lambda _: None) -> Selection:
+           shards: int = 1, log: Callable[[str], None] = lambda _: None,
+           train_ids: np.ndarray | None = None) -> Selection:
     """Trains and measures candidates in memory order; returns the cheapest that meets the target.
 
     ``sets`` hold the queries and their exact top-k among ``train``'s rows (the
     measured database). With no candidate meeting the target, the most accurate
     fitting one within the latency cap wins, and ``chosen["why"]`` says so.
     ``shards`` is how many index shards the winner is filled into (the memory
-    preflight counts each shard's fixed part).
+    preflight counts each shard's fixed part). ``train_ids`` (default: row numbers)
+    are the ids the measured indexes hold ``train``'s rows under: the winner's
+    filled index comes back as ``Selection.filled``.
     """
     start = time.perf_counter()
     plan_rows, note = plan(n, dim, len(train), memory_gb, metric, shards)
@@ -341,6 +525,8 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
     ivf_train = train[:n_train_ivf]
     harder = "recall_queries" if any(s.name == "recall_queries" for s in sets) else "held_out"
     centroids, coarse_s = None, 0.0
+    ids = np.arange(len(train), dtype=np.int64) if train_ids is None else np.asarray(train_ids, np.int64)
+    kept: dict[str, faiss.Index] = {}  # filled indexes of the candidates that may still be chosen
     results: list[tuple[Candidate, dict[str, Any], bytes | None]] = []  # (candidate, entry, empty trained index)
     winner: tuple[Candidate, dict[str, Any], bytes, float] | None = None
     for cand in plan_rows:
@@ -369,24 +555,23 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         index = train_candidate(cand, dim, metric, ivf_train if cand.ivf else train, centroids)
         empty = indexing.to_bytes(index)
         entry["train_seconds"] = round(time.perf_counter() - t0, 3)
-        filled, _ = indexing.fill_shard(empty, train, 0)
+        t0 = time.perf_counter()
+        filled = indexing.from_bytes(empty)
+        filled.add_with_ids(train, ids)
         sharded = indexing.ShardedIndex([filled], metric)
         scale = _scale(cand, n, len(train))
-        for group in settings_ladder(cand):
-            for params in group:
-                rows = measure(sharded, sets, params, k)
-                entry["settings"] += rows
-                recall = min(r["recall_at_10"] for r in rows)
-                ms = max(r["ms_per_query_batch"] for r in rows) * scale
-                if recall >= target or ms > max_query_ms:
-                    break  # costlier settings of this group: no better choice, or over the cap
+        entry["settings"] = _ladder(sharded, cand, sets, k, target, max_query_ms, scale, ids)
         best, meets = _best_setting(entry["settings"], target, max_query_ms, scale)
-        entry.update(best_setting=best, meets_target=meets, latency_scale=round(scale, 3))
+        entry.update(best_setting=best, meets_target=meets, latency_scale=round(scale, 3),
+                     measure_seconds=round(time.perf_counter() - t0, 3))  # fill, ladder, ground truth as asked
         results[-1] = (cand, entry, empty)
         log(f"index: candidate {cand.name}: {'meets' if meets else 'misses'} the target "
             f"(best setting {best}, trained in {entry['train_seconds']:.1f} s)")
         if meets and (winner is None or _cheaper(entry, winner[1], scale, winner[3])):
             winner = (cand, entry, empty, scale)
+        kept[cand.name] = filled
+        best_so_far = max((e for _, e, b in results if b is not None), key=_best_recall)["name"]
+        kept = {name: f for name, f in kept.items() if name in (best_so_far, winner[0].name if winner else None)}
     why, fallback = "", None
     if winner is None:  # nobody meets the target: the most accurate measured candidate within the cap
         measured = [(c, e, b) for c, e, b in results if b is not None]
@@ -412,7 +597,7 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
               "meets_target": entry["meets_target"], "query_set": harder}
     train_s = entry["train_seconds"] + (coarse_s if cand.ivf else 0.0)  # its own training + the shared centroids
     return Selection([e for _, e, _ in results], chosen, cand.params(metric, dim, note),
-                     indexing.from_bytes(empty), time.perf_counter() - start, train_s)
+                     indexing.from_bytes(empty), time.perf_counter() - start, train_s, kept.get(cand.name))
 
 
 def _pq_probe_says_skip(cand: Candidate, entry: dict, plan_rows: Sequence[Candidate], dim: int, metric: str,

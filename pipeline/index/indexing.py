@@ -209,6 +209,17 @@ def fill_shard(trained: faiss.Index | bytes, vectors: np.ndarray, shard: int) ->
     return index, ids
 
 
+def add_rest(index: faiss.Index, vectors: np.ndarray, shard: int, held: np.ndarray) -> np.ndarray:
+    """Completes a shard: ``index`` already holds rows ``held`` of ``vectors`` under their ids (the selection's
+    measured copy); every other row is added under ``make_ids(shard, len(vectors))``. Returns every row's id."""
+    ids = make_ids(shard, len(vectors))
+    rest = np.ones(len(vectors), bool)
+    rest[np.asarray(held, np.int64)] = False
+    if rest.any():
+        index.add_with_ids(np.ascontiguousarray(vectors[rest], dtype=np.float32), ids[rest])
+    return ids
+
+
 def index_shard_count(n: int, files: int, shard_vectors: int) -> int:
     """How many index shards ``n`` vectors in ``files`` embeddings files are filled into: one per
     ``shard_vectors`` vectors, at most one per file, at least one.

@@ -9,6 +9,10 @@ existing run. Its graph:
                         file): add to a copy of the trained index (side input) -> shard + ids
                      -> recall self-check over all shards (+ optional merged index) -> index info
 
+A catalog of one index shard (up to ``--index_shard_vectors`` vectors) is filled
+by the train step itself, from the files its sample read took whole: every
+file is then read once (ids, then rows), as a bare faiss script reads it.
+
 Every index shard file carries the trained fixed part (coarse centroids,
 codebooks, OPQ) again, so a catalog that fits one shard is one: the memory
 budget then pays for that part once.
@@ -30,6 +34,7 @@ import time
 from typing import Sequence
 
 import apache_beam as beam
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -115,6 +120,7 @@ class KeySample:
     rows: np.ndarray  # int64: the row in its file
     paths: tuple[str, ...]  # every file seen, so len(paths) files (one index shard each at most)
     seen: int  # rows seen
+    seconds: float = 0.0  # reading and hashing the ids, summed over files
 
     @property
     def files(self) -> int:
@@ -133,7 +139,8 @@ class KeySample:
         order = np.argsort(keys, kind="stable")[:size]  # ties (repeated ids) keep their arrival order
         file_of = np.concatenate([s.file_of + off for s, off in zip(samples, offsets)]).astype(np.int32)
         return KeySample(keys[order], file_of[order], np.concatenate([s.rows for s in samples])[order],
-                         tuple(p for s in samples for p in s.paths), sum(s.seen for s in samples))
+                         tuple(p for s in samples for p in s.paths), sum(s.seen for s in samples),
+                         sum(s.seconds for s in samples))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +154,8 @@ class VectorSample:
     files: int = 1  # embeddings files seen: one index shard each, for the memory preflight
 
 
-def read_sample(sample: KeySample, dim: int) -> VectorSample:
+def read_sample(sample: KeySample, dim: int, whole: dict[str, tuple[list[str], np.ndarray]] | None = None
+                ) -> VectorSample:
     """The second phase: each file holding chosen rows is read once, for those rows only.
 
     A file whose ids no longer hash to the recorded keys (rewritten between the
@@ -155,12 +163,19 @@ def read_sample(sample: KeySample, dim: int) -> VectorSample:
     one after another by the one worker that trains (the vector column whole, then
     the rows taken): 4.5x cheaper than carrying vectors through Beam on 200k x 384
     (bench/bench_index_sample.py); far larger catalogs would want it spread over the files.
+    Given ``whole``, every file seen is read and kept there whole, (item ids, vectors)
+    by path: the train step then fills a single index shard without reading them again.
     """
     vectors = np.zeros((len(sample.keys), dim), np.float32)
     item_ids: list[str] = [""] * len(sample.keys)
-    for f in np.unique(sample.file_of):
+    for f in (range(len(sample.paths)) if whole is not None else np.unique(sample.file_of)):
         at = np.flatnonzero(sample.file_of == f)
-        ids, vecs = read_rows(sample.paths[f], sample.rows[at])
+        if whole is not None:
+            whole[sample.paths[f]] = read_shard(sample.paths[f])
+            all_ids, all_vecs = whole[sample.paths[f]]
+            ids, vecs = [all_ids[r] for r in sample.rows[at]], all_vecs[sample.rows[at]]
+        else:
+            ids, vecs = read_rows(sample.paths[f], sample.rows[at])
         if not np.array_equal(sample_keys(ids), sample.keys[at]):
             raise ValueError(f"{sample.paths[f]} changed while the index sample was read: its rows' ids differ")
         vectors[at] = vecs
@@ -213,6 +228,11 @@ class TrainedIndex:
     chosen: dict | None = None  # the manifest's index.chosen: name, params, why
     selection_s: float = 0.0
     index_shards: int = 1  # how many index shards the embeddings files are grouped into
+    sample_read_s: float = 0.0  # the sample's second phase: its rows' vectors read
+    sample_ids_s: float = 0.0  # the sample's first phase: ids read and hashed, summed over files
+    filled: bool = False  # the one index shard was filled by the train step, from the files it read whole
+    shard: "ShardResult | None" = None  # that shard (a field, not a second output: the bundle-based DirectRunner
+                                         # mixed a tagged output of this side-input step into its main output)
 
     def index_shard_of(self, path: str) -> int:
         """The index shard embeddings file ``path`` is filled into."""
@@ -240,6 +260,9 @@ class ShardResult:
     add_s: float
     truth_s: float = 0.0  # the exact top-k: self-check work, done here where the shard's vectors are in memory
     files: tuple[str, ...] = ()  # the embeddings files whose rows it holds, in row order
+    read_s: float = 0.0  # reading its embeddings files
+    write_s: float = 0.0  # writing the shard and its ids
+    from_selection: int = 0  # rows it held already: the selection's measured winner it started from
 
 
 def split_sample(sample: VectorSample | None, config: IndexConfig, dim: int
@@ -262,7 +285,9 @@ class _SampleFile(beam.DoFn):
         self._size = size
 
     def process(self, path: str):
-        yield KeySample.of_file(path, read_ids(path), self._size)
+        start = time.perf_counter()
+        sample = KeySample.of_file(path, read_ids(path), self._size)
+        yield dataclasses.replace(sample, seconds=time.perf_counter() - start)
 
 
 def _load_trained(previous: PreviousQuantizer):
@@ -271,6 +296,15 @@ def _load_trained(previous: PreviousQuantizer):
     if previous.sha256 and sha256_hex(data) != previous.sha256:
         raise ValueError(f"{previous.trained_path} does not match the sha256 in its run's manifest")
     return indexing.from_bytes(data)
+
+
+def _rows_in_shard(keys: KeySample, whole: dict[str, tuple[list[str], np.ndarray]], held_out: bool,
+                   num_queries: int) -> np.ndarray:
+    """The training rows' positions in the one index shard (its files in shard order, rows in file order)."""
+    paths = sorted(whole, key=shard_number)
+    offset = dict(zip(paths, np.cumsum([0] + [len(whole[p][0]) for p in paths])))
+    rows = np.array([offset[keys.paths[f]] for f in keys.file_of], np.int64) + keys.rows
+    return rows[num_queries:] if held_out else rows
 
 
 class _Train(beam.DoFn):
@@ -292,10 +326,20 @@ class _Train(beam.DoFn):
         c = self._config
         return not (c.factory or c.nlist or c.m or c.nbits or c.opq)
 
+    def setup(self):
+        self._vectors = Metrics.counter(NAMESPACE, "vectors_added")
+        self._timer = StageTimer("index")
+
     def process(self, _, keys: KeySample | None):
         c = self._config
         start = time.perf_counter()
-        sample = read_sample(keys, self._dim) if keys is not None else None
+        # one index shard: the sample's read takes every file whole anyway (each holds sample rows), so this
+        # step keeps them and fills the shard itself, and no file is read twice (the vectors, at most
+        # --index_shard_vectors of them, are held here through the selection)
+        one_shard = keys is not None and indexing.index_shard_count(keys.seen, keys.files, c.shard_vectors) == 1
+        whole: dict[str, tuple[list[str], np.ndarray]] | None = {} if one_shard else None
+        sample = read_sample(keys, self._dim, whole) if keys is not None else None
+        sample_read_s = time.perf_counter() - start
         if sample is not None:
             log.info("index: sample of %d rows read from %d file(s) in %.1f s", len(sample.keys),
                      len(np.unique(keys.file_of)), time.perf_counter() - start)
@@ -306,6 +350,7 @@ class _Train(beam.DoFn):
         unseen = queries if held_out else np.zeros((0, self._dim), np.float32)
         select = self._automatic() and index_select.choose_nlist(total, len(train))[0] > 0
         decision, reused, decide_s, selection, chosen = None, None, 0.0, None, None
+        held: np.ndarray | None = None  # the training rows' positions in the one index shard filled here
         if select or not self._automatic():
             params = None if select else indexing.choose_params(
                 total, self._dim, len(train), metric=c.metric, memory_gb=c.memory_gb, factory=c.factory,
@@ -346,10 +391,13 @@ class _Train(beam.DoFn):
         if reused is not None:
             index, trained_on, fresh = reused, 0, decision.sample_error
         elif params is None:
+            # one shard filled here: the measured winner already holds the training rows, under their shard ids
+            held = _rows_in_shard(keys, whole, held_out, c.num_queries) if whole is not None and keys else None
             selection = index_select.select(
                 total, self._dim, train, self._query_sets(train, queries, rq), metric=c.metric,
                 memory_gb=c.memory_gb, target=c.target_recall, max_query_ms=c.max_query_ms, k=c.k,
-                shards=index_shards, log=log.info)
+                shards=index_shards, log=log.info,
+                train_ids=None if held is None else indexing.make_ids(0, total)[held])
             index, params, chosen = selection.index, selection.params, selection.chosen
             trained_on = min(len(train), index_select.MAX_POINTS_PER_LIST * max(params.nlist, 1))
             fresh = None
@@ -374,20 +422,57 @@ class _Train(beam.DoFn):
             not_applicable=f"{params.family or params.kind} index: no trained quantizer to reuse")
         if reused is None:
             log.info("index: trained %s on %d of %d vectors in %.1f s", params.factory, trained_on, total, train_s)
-        yield TrainedIndex(params, data, query_ids, queries, held_out, total, trained_on, train_s, path,
-                           quantizer, decide_s, rq, tuple(selection.candidates) if selection else (), chosen,
-                           selection.seconds if selection else 0.0, index_shards)
+        trained = TrainedIndex(params, data, query_ids, queries, held_out, total, trained_on, train_s, path,
+                               quantizer, decide_s, rq, tuple(selection.candidates) if selection else (), chosen,
+                               selection.seconds if selection else 0.0, index_shards, sample_read_s,
+                               keys.seconds if keys is not None else 0.0, filled=whole is not None)
+        if whole is not None:
+            paths = sorted(whole, key=shard_number)
+            prefilled = (selection.filled, held) if selection is not None and selection.filled is not None else None
+            result = fill_index_shard(0, paths, [whole.pop(p) for p in paths], trained, self._dir, c.k, self._timer,
+                                      prefilled=prefilled)
+            self._vectors.inc(result.count)
+            trained = dataclasses.replace(trained, shard=result)
+        yield trained
 
     def _query_sets(self, train: np.ndarray, queries: np.ndarray, rq: np.ndarray | None
                     ) -> list[index_select.QuerySet]:
-        """Queries and their exact top-k among the training rows (the database the candidates are measured on)."""
+        """Queries over the training rows (the database the candidates are measured on); their exact top-k is
+        computed as the selection asks for it (index_select.QuerySet)."""
         k, metric = self._config.k, self._config.metric
-        rows = np.arange(len(train), dtype=np.int64)
-        sets = []
-        for name, q in (("held_out", queries), ("recall_queries", rq)):
-            if q is not None and len(q):
-                sets.append(index_select.QuerySet(name, q, indexing.exact_topk(train, rows, q, k, metric)[1]))
-        return sets
+        return [index_select.QuerySet(name, q, database=train, metric=metric, k=k)
+                for name, q in (("held_out", queries), ("recall_queries", rq)) if q is not None and len(q)]
+
+
+def fill_index_shard(shard: int, paths: Sequence[str], parts: Sequence[tuple[list[str], np.ndarray]],
+                     trained: TrainedIndex, index_dir: str, k: int, timer: StageTimer, read_s: float = 0.0,
+                     prefilled: tuple[faiss.Index, np.ndarray] | None = None) -> ShardResult:
+    """One index shard from its files' rows (``parts``, in ``paths`` order): a copy of the trained index
+    filled, written (ids, then the index), and its exact top-k for the recall queries. ``prefilled``: the
+    selection's measured index and the rows it already holds (under their ids); only the others are added."""
+    item_ids = [i for ids, _ in parts for i in ids]
+    vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
+    start = time.perf_counter()
+    with timer.batch(len(item_ids)):
+        if prefilled is None:
+            index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
+        else:
+            index = prefilled[0]
+            ids = indexing.add_rest(index, vectors, shard, prefilled[1])
+    add_s = time.perf_counter() - start
+    start = time.perf_counter()
+    index_path, ids_path = index_shard_paths(index_dir, shard)
+    write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))
+    write_bytes_atomically(index_path, indexing.to_bytes(index))
+    write_s = time.perf_counter() - start
+    start = time.perf_counter()
+    scores, exact = indexing.exact_topk(vectors, ids, trained.all_queries, k + 1, trained.params.metric)
+    truth_s = time.perf_counter() - start
+    row_of = {item: row for row, item in enumerate(item_ids)}
+    own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
+    own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
+    return ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s,
+                       tuple(paths), read_s, write_s, 0 if prefilled is None else len(prefilled[1]))
 
 
 class _FillShard(beam.DoFn):
@@ -400,26 +485,12 @@ class _FillShard(beam.DoFn):
 
     def process(self, group: tuple[int, list[str]], trained: TrainedIndex):
         shard, paths = group[0], sorted(group[1], key=shard_number)
+        start = time.perf_counter()
         parts = [read_shard(path) for path in paths]
-        item_ids = [i for ids, _ in parts for i in ids]
-        vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
-        del parts
-        start = time.perf_counter()
-        with self._timer.batch(len(item_ids)):
-            index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
-        add_s = time.perf_counter() - start
-        index_path, ids_path = index_shard_paths(self._dir, shard)
-        write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))
-        write_bytes_atomically(index_path, indexing.to_bytes(index))
-        start = time.perf_counter()
-        scores, exact = indexing.exact_topk(vectors, ids, trained.all_queries, self._k + 1, trained.params.metric)
-        truth_s = time.perf_counter() - start
-        row_of = {item: row for row, item in enumerate(item_ids)}
-        own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
-        own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
-        self._vectors.inc(len(ids))
-        yield ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s,
-                          tuple(paths))
+        result = fill_index_shard(shard, paths, parts, trained, self._dir, self._k, self._timer,
+                                  time.perf_counter() - start)
+        self._vectors.inc(result.count)
+        yield result
 
 
 def self_check_settings(params: indexing.IndexParams, config: IndexConfig, selected: bool) -> list[list[dict]]:
@@ -513,6 +584,13 @@ class _CheckRecall(beam.DoFn):
                          "selection_seconds": round(trained.selection_s, 3)},
             "quantizer": trained.quantizer,
             "add_seconds": round(sum(s.add_s for s in shards), 3),
+            # rows the shards held before their adds: the selection's winner, measured on the training rows
+            "rows_from_selection": sum(s.from_selection for s in shards),
+            # the build's other phases (summed over shards): where the time goes besides training and adds
+            "phase_seconds": {"sample_ids": round(trained.sample_ids_s, 3),
+                              "sample_read": round(trained.sample_read_s, 3),
+                              "fill_read": round(sum(s.read_s for s in shards), 3),
+                              "fill_write": round(sum(s.write_s for s in shards), 3)},
             "self_check_seconds": round(self_check_s, 3),
             # the self-check's exact ground truth, computed per shard in the fill step (summed over shards)
             "ground_truth_seconds": round(sum(s.truth_s for s in shards), 3),
@@ -582,12 +660,15 @@ class BuildIndex(beam.PTransform):
                                     beam.pvalue.AsSingleton(sample))
         )
         trained_side = beam.pvalue.AsSingleton(trained)
-        shards = (
-            embedding_files
-            | "IndexShardOf" >> beam.Map(lambda path, t: (t.index_shard_of(path), path), trained_side)
+        filled = (
+            embedding_files  # the files of index shards the train step did not fill (several shards)
+            | "IndexShardOf" >> beam.FlatMap(lambda path, t: [] if t.filled else [(t.index_shard_of(path), path)],
+                                             trained_side)
             | "GroupFiles" >> beam.GroupByKey()  # also spreads the index shards over workers
             | "FillShards" >> beam.ParDo(_FillShard(self._index_dir, c.k), trained_side)
         )
+        by_train = trained | "FilledByTrain" >> beam.FlatMap(lambda t: [t.shard] if t.shard is not None else [])
+        shards = (filled, by_train) | "AllShards" >> beam.Flatten()
         return (
             p
             | "OnceMore" >> beam.Create([None])
