@@ -237,3 +237,10 @@ def test_fetcher_decodes_local_chunks_and_remote_images_one_job_each(tmp_path, p
         data = (tmp_path / f"{k}.jpg").read_bytes()
         assert np.array_equal(pixels, decode_for_tower(data, PRE)) and digest == hashlib.sha256(data).hexdigest()
     assert cpu > 0
+
+
+@pytest.mark.parametrize("threads,cores,expected", [(8, 2, 1), (8, 1, 1), (8, 8, 7), (2, 8, 2), (1, 16, 1), (8, 64, 8)])
+def test_local_decode_threads_leave_a_core_to_the_dofns_thread(threads, cores, expected):
+    from pipeline.stages.fetch import local_decode_threads
+
+    assert local_decode_threads(threads, cores) == expected

@@ -6,13 +6,14 @@ pool (reads wait on I/O; PIL releases the GIL while it decodes and resizes),
 and each image comes back as uint8 ``[S, S, 3]`` pixels ready for one
 vectorized normalize over the batch, or as the :class:`MediaError` it hit.
 
-Local files (and cached media) are CPU work: they are split into at most one
-chunk per usable core, each decoded one image after another by one thread, so
-no more threads decode than there are cores and the pool's hand-offs are per
-chunk, not per image (on 2 cores, one job per image on 8 threads cost ~0.3
-CPU-ms more per image: docs/BENCHMARKS.md). Remote media (gs://, s3://,
-http) wait on the network, so each remote image is its own job, up to
-``--decode_threads`` at a time.
+Local files (and cached media) are CPU work: they are split into one chunk per
+core that the DoFn's own thread leaves free (:func:`local_decode_threads`),
+each decoded one image after another by one thread, so the decoding threads
+never oversubscribe the cores and the pool's hand-offs are per chunk, not per
+image (on 2 cores, one job per image on 8 threads cost ~0.4 CPU-ms more per
+image item: docs/BENCHMARKS.md). Remote media (gs://, s3://, http) wait on the
+network, so each remote image is its own job, up to ``--decode_threads`` at a
+time.
 With ``decode=False`` (``--image_decode gpu``) the threads only read bytes and
 check headers; the image handler decodes the batch on the GPU (nvJPEG).
 
@@ -107,6 +108,20 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def local_decode_threads(decode_threads: int, cores: int | None = None) -> int:
+    """Threads that decode a batch's local images: the cores left beside the DoFn's own thread, at least 1.
+
+    The DoFn's thread runs Beam, fusion and the model (or feeds the GPU) while
+    the next batch decodes; one more decoding thread than the cores left
+    oversubscribes them. Measured on 2 cores (docs/BENCHMARKS.md): 1 decoding
+    thread cost ~10% less CPU per image item than 2 and lost ~7% of the
+    items/s; decoding in the DoFn's own thread cost the same CPU as 1 and was
+    slower. Never more than ``--decode_threads``.
+    """
+    cores = usable_cores() if cores is None else cores
+    return max(1, min(decode_threads, cores - 1))
 
 
 def is_local(uri: str) -> bool:
