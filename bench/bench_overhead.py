@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         "check before fusion (fusion itself "
         "runs over the batch: `encoders.fusion.fuse_batch`, see its own section), the content hash (sha256 of "
         "the image bytes and of the item), "
-        "Arrow conversion, pieces and shard assembly, the report's statistics, and the decode threads' "
-        "switching on 2 cores. For comparison, the issue measured the graph before this change at 3.6-4.5 "
+        "Arrow conversion, pieces and shard assembly, the report's statistics and thumbnails, and the GIL "
+        "hand-offs between the decoding thread and the DoFn's thread. For comparison, the issue measured the graph before this change at 3.6-4.5 "
         "CPU-ms per image item (~280-420 items/s) and 0.79 CPU-ms per text-only item on this machine "
         "(not re-measured side by side here).",
         "",

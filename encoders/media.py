@@ -162,14 +162,61 @@ def _local_path(uri: str) -> str:
     return uri[len("file:"):] if uri.lower().startswith("file:") else uri
 
 
+def _c_realpath() -> Callable[[bytes], bytes | None] | None:
+    """The C library's realpath(3) as ``f(path) -> resolved path or None``; None where there is none."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)  # the process's own symbols: libc on Linux and macOS, nothing to find
+        resolve, free = libc.realpath, libc.free
+    except (OSError, AttributeError, ImportError):  # Windows, or a libc without realpath
+        return None
+    resolve.restype, resolve.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+    free.restype, free.argtypes = None, [ctypes.c_void_p]
+
+    def call(path: bytes) -> bytes | None:
+        out = resolve(path, None)  # ctypes releases the GIL once for the whole walk
+        if not out:
+            return None
+        try:
+            return ctypes.string_at(out)
+        finally:
+            free(out)
+
+    return call
+
+
+_C_REALPATH = _c_realpath()
+
+
+def real_path(path: str) -> str:
+    """``os.path.realpath(path)``, resolved by one C call when the path exists.
+
+    Python's realpath makes one ``lstat`` per path component, and each call
+    releases and retakes the GIL: on a fetch thread racing the thread that
+    runs the model, those hand-offs cost more CPU than the lstats themselves
+    (docs/BENCHMARKS.md, issue 11). realpath(3) walks the same components in
+    one call. Wherever it fails (a missing file, a symlink loop, a NUL byte),
+    ``os.path.realpath`` answers, so the result is the same in every case.
+    """
+    if _C_REALPATH is not None and "\0" not in path:
+        try:
+            resolved = _C_REALPATH(os.fsencode(path))
+        except (UnicodeError, ValueError):
+            resolved = None
+        if resolved is not None:
+            return os.fsdecode(resolved)
+    return os.path.realpath(path)
+
+
 def _confine_local(uri: str, policy: FetchPolicy) -> str:
     """The real path of a local URI, if it lies under an allowed local root."""
-    path = os.path.realpath(_local_path(uri))  # resolves '..' and every symlink
+    path = real_path(_local_path(uri))  # resolves '..' and every symlink
     roots = [r for r in policy.allowed_roots if not _scheme(r) or _scheme(r) == "file"]
     if not policy.allowed_roots:
         return path
     for root in roots:
-        real_root = os.path.realpath(_local_path(root))
+        real_root = real_path(_local_path(root))
         if path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep):
             return path
     raise MediaError(Reason.FORBIDDEN_URI, f"{uri} resolves to {path}, outside the allowed media roots "

@@ -241,3 +241,41 @@ def test_plain_paths_and_file_uris_have_no_foreign_scheme(tmp_path):
     assert fetch_bytes(resolve_uri("./x:1.jpg", str(tmp_path)), policy) == b"ok"
     assert fetch_bytes("file:" + str(tmp_path / "x:1.jpg"), policy) == b"ok"
     assert fetch_bytes("file://" + str(tmp_path / "x:1.jpg"), policy) == b"ok"
+
+
+@pytest.fixture(params=["libc", "python"])
+def resolver(request, monkeypatch):
+    """real_path through realpath(3), and through its os.path.realpath fallback."""
+    from encoders import media
+
+    if request.param == "python":
+        monkeypatch.setattr(media, "_C_REALPATH", None)
+    elif media._C_REALPATH is None:
+        pytest.skip("no realpath(3) in this C library")
+    return media.real_path
+
+
+def test_real_path_is_os_path_realpath_in_every_case(tree, resolver, monkeypatch):
+    root, outside, _ = tree
+    os.symlink(root / "loop-a", root / "loop-b")
+    os.symlink(root / "loop-b", root / "loop-a")
+    os.symlink(outside, root / "out-dir")
+    monkeypatch.chdir(root / "sub")
+    cases = [str(root / "sub" / "ok.bin"), str(root / "link.jpg"), str(root / "inner-link.bin"),
+             str(root / "out-dir" / "secret.txt"), str(root / "out-dir" / ".." / "sub" / "ok.bin"),
+             str(root / "sub" / ".." / ".." / "outside" / "secret.txt"), str(root / "missing" / "x.jpg"),
+             str(root / "loop-a"), str(root / "loop-a" / "x.jpg"), "ok.bin", "../link.jpg", ".", "/",
+             str(root / "sub" / "ok.bin") + "/", str(root) + "//sub/./ok.bin", "caf\u00e9/\udcff.jpg"]
+    for path in cases:
+        assert resolver(path) == os.path.realpath(path), path
+    with pytest.raises(ValueError):  # a NUL byte is not cut off silently: the path is refused as before
+        resolver(str(root / "sub" / "ok.bin") + "\0../../outside/secret.txt")
+
+
+def test_policy_holds_with_either_resolver(tree, resolver):
+    root, outside, policy = tree
+    assert fetch_bytes(str(root / "inner-link.bin"), policy) == b"fine"
+    for rel in ("sub/../../outside/secret.txt", "link.jpg", "../outside/secret.txt"):
+        assert _reason(os.path.join(str(root), rel), policy) is Reason.FORBIDDEN_URI
+    assert _reason(str(outside / "secret.txt"), policy) is Reason.FORBIDDEN_URI
+    assert _reason(str(root / "missing.jpg"), policy) is Reason.MISSING_MEDIA

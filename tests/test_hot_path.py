@@ -1,6 +1,7 @@
 """Issue 11's hot path in plain functions: reduced-scale decode, batch normalize, shard pieces, driver check."""
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -183,3 +184,63 @@ def test_torch_threads_option_reaches_the_config_and_is_validated():
     assert config.torch_threads == 1
     with pytest.raises(ValueError, match="torch_threads"):
         dataclasses.replace(config, torch_threads=-1)
+
+
+@pytest.mark.parametrize("n,count", [(0, 2), (1, 2), (5, 2), (7, 3), (4, 8), (9, 1)])
+def test_local_images_are_cut_into_at_most_one_chunk_per_thread(n, count):
+    from pipeline.stages.fetch import chunks
+
+    got = chunks(list(range(n)), count)
+    assert [k for c in got for k in c] == list(range(n))  # every job once, in order
+    assert len(got) == min(n, count) and all(got)
+    assert max(map(len, got), default=0) - min(map(len, got), default=0) <= 1
+
+
+class _Pool:
+    """Records what the fetcher submits; runs each job at once."""
+
+    def __init__(self):
+        self.jobs: list[list[str]] = []
+
+    def submit(self, fn, uris):
+        import concurrent.futures
+
+        self.jobs.append(list(uris))
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_result(fn(uris))
+        return future
+
+
+def test_fetcher_decodes_local_chunks_and_remote_images_one_job_each(tmp_path, photos):
+    from encoders.media import FetchPolicy, MediaError
+    from pipeline.stages.fetch import ImageFetcher
+    from schemas.catalog import CatalogItem
+    from schemas.dead_letter import Reason
+
+    for k in range(5):
+        (tmp_path / f"{k}.jpg").write_bytes(_jpeg(photos[k], 300))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    items = [CatalogItem("a", title="t", image_uris=("0.jpg", "1.jpg"), base_uri=str(tmp_path)),
+             CatalogItem("b", title="t", image_uris=("gs://bucket/x.jpg", "bad.jpg", "2.jpg"), base_uri=str(tmp_path)),
+             CatalogItem("c", title="t", image_uris=("3.jpg", "gs://other/y.jpg", "4.jpg"), base_uri=str(tmp_path))]
+    policy = FetchPolicy(allowed_schemes=("file",), allowed_roots=(str(tmp_path),))
+    pool = _Pool()
+    results, cpu = ImageFetcher.collect(ImageFetcher(policy, PRE, local_threads=2).submit(pool, items))
+    # 6 local images in 2 chunks of 3 (the bad one among them), each remote image its own job
+    assert [len(j) for j in pool.jobs] == [3, 3, 1, 1] and pool.jobs[2] == ["gs://bucket/x.jpg"]
+    assert [(job.item, job.index) for job, _ in results] == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    reasons = [out.reason if isinstance(out, MediaError) else None for _, out in results]
+    assert reasons == [None, None, Reason.FORBIDDEN_URI, Reason.DECODE_FAILED, None, None, Reason.FORBIDDEN_URI, None]
+    decoded = [out for _, out in results if not isinstance(out, MediaError)]
+    assert len(decoded) == 5
+    for k, (pixels, digest) in enumerate(decoded):  # the same decode and digest as one image at a time
+        data = (tmp_path / f"{k}.jpg").read_bytes()
+        assert np.array_equal(pixels, decode_for_tower(data, PRE)) and digest == hashlib.sha256(data).hexdigest()
+    assert cpu > 0
+
+
+@pytest.mark.parametrize("threads,cores,expected", [(8, 2, 1), (8, 1, 1), (8, 8, 7), (2, 8, 2), (1, 16, 1), (8, 64, 8)])
+def test_local_decode_threads_leave_a_core_to_the_dofns_thread(threads, cores, expected):
+    from pipeline.stages.fetch import local_decode_threads
+
+    assert local_decode_threads(threads, cores) == expected

@@ -39,7 +39,7 @@ from pipeline.report import sample as report_sample
 from pipeline.stages import faults, progress
 from pipeline.config import Route
 from pipeline.stages.encode import RouteEncoder
-from pipeline.stages.fetch import NAMESPACE as FETCH_NAMESPACE, ImageFetcher, failure_stage
+from pipeline.stages.fetch import NAMESPACE as FETCH_NAMESPACE, ImageFetcher, failure_stage, local_decode_threads
 from pipeline.stages.fetch_audio import NAMESPACE as AUDIO_NAMESPACE, AudioFetcher, audio_failure_stage
 from pipeline.stages.fuse import NAMESPACE as FUSE_NAMESPACE, ItemFuser
 from pipeline.stages.records import ItemFailure, MediaDigest
@@ -98,7 +98,9 @@ class _Embed(beam.DoFn):
         self._transcriber = Transcriber(self._asr_handler) if self._asr_handler is not None else None
         self._fuser = ItemFuser(self._routes, self._layout, self._fusion, self._fp, self._media_errors,
                                 attention=load_attention(self._fusion, self._routes, self._layout))
-        self._images = ImageFetcher(self._fetch, self._preprocess, self._decode_images) if self._has_images else None
+        # local media is CPU work: it decodes on the cores this thread leaves free (remote media: all threads)
+        self._images = ImageFetcher(self._fetch, self._preprocess, self._decode_images,
+                                    local_threads=local_decode_threads(self._threads)) if self._has_images else None
         self._clips = AudioFetcher(self._fetch, self._audio, self._rates) if self._rates else None
         self._timers = {s: StageTimer(s) for s in ("fetch_decode", "encode", "transcribe", "fuse")}
         self._counters = {

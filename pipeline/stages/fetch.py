@@ -5,6 +5,15 @@ batch of items: every image URI of the batch is read and decoded on a thread
 pool (reads wait on I/O; PIL releases the GIL while it decodes and resizes),
 and each image comes back as uint8 ``[S, S, 3]`` pixels ready for one
 vectorized normalize over the batch, or as the :class:`MediaError` it hit.
+
+Local files (and cached media) are CPU work: they are split into one chunk per
+core that the DoFn's own thread leaves free (:func:`local_decode_threads`),
+each decoded one image after another by one thread, so the decoding threads
+never oversubscribe the cores and the pool's hand-offs are per chunk, not per
+image (on 2 cores, one job per image on 8 threads cost ~0.4 CPU-ms more per
+image item: docs/BENCHMARKS.md). Remote media (gs://, s3://, http) wait on the
+network, so each remote image is its own job, up to ``--decode_threads`` at a
+time.
 With ``decode=False`` (``--image_decode gpu``) the threads only read bytes and
 check headers; the image handler decodes the batch on the GPU (nvJPEG).
 
@@ -15,6 +24,7 @@ decoded media (thumbnails) goes there.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Sequence
 
@@ -23,7 +33,7 @@ import numpy as np
 from encoders.handlers import ImageBytes
 from encoders import media
 from encoders.digest import sha256_hex
-from encoders.media import FetchPolicy, MediaError, fetch_bytes, probe_image, resolve_uri
+from encoders.media import FetchPolicy, MediaError, fetch_bytes, probe_image, resolve_uri, uri_scheme
 from encoders.preprocess import ImagePreprocess
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
@@ -92,28 +102,83 @@ def image_jobs(items: Sequence[CatalogItem]) -> list[ImageJob]:
             for pos, item in enumerate(items) for i, uri in enumerate(item.image_uris)]
 
 
-class ImageFetcher:
-    """Runs a batch's image jobs on ``pool``; ``submit`` returns at once, ``collect`` waits."""
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
-    def __init__(self, policy: FetchPolicy, preprocess: ImagePreprocess | None, decode: bool = True):
+
+def local_decode_threads(decode_threads: int, cores: int | None = None) -> int:
+    """Threads that decode a batch's local images: the cores left beside the DoFn's own thread, at least 1.
+
+    The DoFn's thread runs Beam, fusion and the model (or feeds the GPU) while
+    the next batch decodes; one more decoding thread than the cores left
+    oversubscribes them. Measured on 2 cores (docs/BENCHMARKS.md): 1 decoding
+    thread cost ~10% less CPU per image item than 2 and lost ~7% of the
+    items/s; decoding in the DoFn's own thread cost the same CPU as 1 and was
+    slower. Never more than ``--decode_threads``.
+    """
+    cores = usable_cores() if cores is None else cores
+    return max(1, min(decode_threads, cores - 1))
+
+
+def is_local(uri: str) -> bool:
+    """A local path or file: URI: reading it is CPU work, not a wait on the network."""
+    return uri_scheme(uri) in ("", "file")
+
+
+def chunks(jobs: Sequence[int], count: int) -> list[list[int]]:
+    """``jobs`` cut into at most ``count`` contiguous chunks of near-equal size, none empty."""
+    count = max(1, min(count, len(jobs)))
+    size, extra = divmod(len(jobs), count)
+    out, start = [], 0
+    for k in range(count):
+        end = start + size + (1 if k < extra else 0)
+        out.append(list(jobs[start:end]))
+        start = end
+    return [c for c in out if c]
+
+
+class ImageFetcher:
+    """Runs a batch's image jobs on ``pool``; ``submit`` returns at once, ``collect`` waits.
+
+    ``local_threads``: how many chunks a batch's local images are cut into (at
+    most that many pool threads decode them at once); 0 means the usable
+    cores. Remote images are one job each, as many at a time as the pool has
+    threads (``--decode_threads``).
+    """
+
+    def __init__(self, policy: FetchPolicy, preprocess: ImagePreprocess | None, decode: bool = True,
+                 local_threads: int = 0):
         self._policy, self._preprocess, self._decode = policy, preprocess, decode
+        self._local_threads = local_threads if local_threads > 0 else usable_cores()
 
     def _one(self, uri: str):
         if not self._decode:
             return timed_load(load_image_bytes, uri, self._policy)
         return timed_load(load_image_u8, uri, self._policy, self._preprocess)
 
+    def _chunk(self, uris: list[str]) -> list[tuple[object, float]]:
+        return [self._one(uri) for uri in uris]
+
     def submit(self, pool, items: Sequence[CatalogItem]):
         jobs = image_jobs(items)
-        return jobs, [pool.submit(self._one, job.uri) for job in jobs]
+        local = [k for k, job in enumerate(jobs) if is_local(job.uri)]
+        remote = [k for k, job in enumerate(jobs) if not is_local(job.uri)]
+        groups = chunks(local, self._local_threads) + [[k] for k in remote]
+        return jobs, [(group, pool.submit(self._chunk, [jobs[k].uri for k in group])) for group in groups]
 
     @staticmethod
     def collect(submitted) -> tuple[list[tuple[ImageJob, object]], float]:
-        """[(job, (pixels | ImageBytes, sha256) or MediaError)], and the threads' CPU seconds."""
-        jobs, futures = submitted
-        results, cpu = [], 0.0
-        for job, future in zip(jobs, futures):
-            out, seconds = future.result()
-            results.append((job, out))
-            cpu += seconds
-        return results, cpu
+        """[(job, (pixels | ImageBytes, sha256) or MediaError)] in the batch's job order, and the threads'
+        CPU seconds."""
+        jobs, groups = submitted
+        found: list[object] = [None] * len(jobs)
+        cpu = 0.0
+        for group, future in groups:
+            for k, (out, seconds) in zip(group, future.result()):
+                found[k] = out
+                cpu += seconds
+        return list(zip(jobs, found)), cpu
