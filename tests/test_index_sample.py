@@ -39,6 +39,18 @@ def _files(tmp_path, n: int = 3000, seed: int = 4) -> list[str]:
     return sorted(os.path.join(directory, f) for f in os.listdir(directory))
 
 
+def _build(tmp_path, files: list[str], config: IndexConfig, *runner: str) -> dict:
+    """BuildIndex over ``files`` in a pipeline of its own; the index dict it emits."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    out = str(tmp_path / "info.json")
+    with beam.Pipeline(options=PipelineOptions(list(runner))) as p:
+        (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
+         | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
+    with open(out) as f:
+        return json.load(f)
+
+
 @pytest.mark.parametrize("size", [5, 700, 2500, 10_000])  # within a file, over files, over all rows
 def test_two_phase_sample_is_the_rows_with_the_smallest_keys(tmp_path, size):
     files = _files(tmp_path)
@@ -85,12 +97,7 @@ def test_build_reads_ids_once_and_vectors_once_or_twice(tmp_path, monkeypatch, s
     monkeypatch.setattr(stage.pq, "read_table", counting)
     config = IndexConfig(factory="IVF8,Flat", train_size=600, num_queries=50, memory_gb=1.0,
                          shard_vectors=shard_vectors)
-    out = str(tmp_path / "info.json")
-    with beam.Pipeline() as p:
-        (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
-         | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
-    with open(out) as f:
-        info = json.load(f)
+    info = _build(tmp_path, files, config)
     assert info["ntotal"] == 1200 and len(info["shards"]) == (1 if vector_reads == 1 else SHARDS)
     assert sum(s["count"] for s in info["shards"]) == 1200
     for path in files:
@@ -105,12 +112,7 @@ def test_one_shard_starts_from_the_selections_measured_index_and_equals_a_fresh_
     every other row: the same ids, lists and codes as the trained index filled from scratch."""
     files = _files(tmp_path, n=3000)
     config = IndexConfig(train_size=1200, num_queries=100, memory_gb=1.0, target_recall=0.9)
-    out = str(tmp_path / "info.json")
-    with beam.Pipeline() as p:
-        (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
-         | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
-    with open(out) as f:
-        info = json.load(f)
+    info = _build(tmp_path, files, config)
     assert info["candidates"] and len(info["shards"]) == 1 and info["ntotal"] == 3000
     assert info["rows_from_selection"] == info["training"]["vectors"] == 1200  # the held-out 100 added after
     shard = indexing.from_bytes(open(tmp_path / info["shards"][0]["index"], "rb").read())
@@ -134,14 +136,7 @@ def test_one_shard_starts_from_the_selections_measured_index_and_equals_a_fresh_
 def test_the_bundle_based_runner_sees_one_trained_index(tmp_path):
     """The shard the train step fills travels inside its one output: with a second (tagged) output, the
     bundle-based DirectRunner put both into the trained index's singleton side input."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     files = _files(tmp_path, n=400)
-    out = str(tmp_path / "info.json")
     config = IndexConfig(train_size=300, num_queries=20, memory_gb=1.0)
-    with beam.Pipeline(options=PipelineOptions(["--runner=BundleBasedDirectRunner"])) as p:
-        (p | beam.Create(files) | stage.BuildIndex(config, str(tmp_path), DIM)
-         | beam.Map(lambda info: open(out, "w").write(json.dumps(info))))
-    with open(out) as f:
-        info = json.load(f)
+    info = _build(tmp_path, files, config, "--runner=BundleBasedDirectRunner")
     assert info["ntotal"] == 400 and len(info["shards"]) == 1
