@@ -233,6 +233,8 @@ def run(argv: list[str]) -> int:
         if found is None:
             raise
         raise UsageError(found[1], _WORKER_ERRORS[found[0]]) from None
+    finally:
+        progress.stop()  # in-process workers' progress lines end with the run, not with the process
     manifest = _record_timings(config.write.run_dir, result, wall_s)
     print(summary(config, manifest), flush=True)
     return 0

@@ -286,3 +286,11 @@ def _no_real_weights_loaded(request):
     loaded = _GUARD.pop(request.node.nodeid, None)
     if loaded:
         pytest.fail(f"loaded real weights without the real_weights marker: {loaded}", pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A pipeline built by a test (not through the command) leaves its progress reporter running: end it
+    before pytest closes the streams it logs to."""
+    from pipeline.stages import progress
+
+    progress.stop()

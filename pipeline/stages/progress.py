@@ -16,14 +16,13 @@ FUSED, FAILED, REUSED, REJECTED = "fused", "failed", "reused", "rejected"
 FINAL_STAGES = (FUSED, FAILED, REUSED, REJECTED)
 _lock = threading.Lock()
 _counts: Counter = Counter()
-_state = {"thread": None, "start": 0.0, "interval": 0.0}
+_state: dict = {"thread": None, "start": 0.0, "interval": 0.0, "stop": threading.Event()}
 
 
-def _report_forever() -> None:
+def _report_forever(stop: threading.Event) -> None:
     last: Counter = Counter()
     last_time = _state["start"]
-    while True:
-        time.sleep(_state["interval"])
+    while not stop.wait(_state["interval"]):
         now = time.monotonic()
         with _lock:
             counts = Counter(_counts)
@@ -42,9 +41,19 @@ def start(interval_s: float) -> None:
         return
     with _lock:
         if _state["thread"] is None:
-            _state.update(start=time.monotonic(), interval=interval_s)
-            _state["thread"] = threading.Thread(target=_report_forever, name="progress", daemon=True)
+            _state.update(start=time.monotonic(), interval=interval_s, stop=threading.Event())
+            _state["thread"] = threading.Thread(target=_report_forever, args=(_state["stop"],), name="progress",
+                                                daemon=True)
             _state["thread"].start()
+
+
+def stop() -> None:
+    """Ends this process's reporter (the command, once its in-process run is over); a worker's ends with it."""
+    with _lock:
+        thread, _state["thread"] = _state["thread"], None
+        _state["stop"].set()
+    if thread is not None:
+        thread.join(timeout=1.0)
 
 
 def note(stage: str, n: int = 1) -> None:
