@@ -168,3 +168,31 @@ def test_add_rest_completes_a_shard_that_holds_some_rows_already():
     indexing.apply_search_params(index, {"nprobe": 4})  # every list: exact
     _, found = index.search(x, 1)
     np.testing.assert_array_equal(found[:, 0], ids)  # every row once, under its own id
+
+
+def test_add_parts_equals_one_add_of_the_rows_not_held(monkeypatch):
+    """Parts added one by one, held rows skipped, in small reused chunks: the same lists (ids and codes, in
+    order) as one ``add_with_ids`` of every row not held."""
+    monkeypatch.setattr(indexing, "ADD_CHUNK_ROWS", 7)
+    x = np.random.default_rng(5).standard_normal((300, 16)).astype(np.float32)
+    parts = [x[:120], x[120:121], x[121:]]
+    ids = indexing.make_ids(3, len(x))
+    held = np.array([0, 5, 119, 120, 200, 299])
+    trained = indexing.new_index("IVF4,SQ8", 16, "l2")
+    trained.train(x)
+    one, chunked = indexing.from_bytes(indexing.to_bytes(trained)), indexing.from_bytes(indexing.to_bytes(trained))
+    rest = np.setdiff1d(np.arange(len(x)), held)
+    one.add_with_ids(x[rest], ids[rest])
+    indexing.add_parts(chunked, parts, ids, held)
+    assert chunked.ntotal == len(rest)
+    la, lb = one.invlists, chunked.invlists
+    for i in range(4):
+        n = la.list_size(i)
+        assert lb.list_size(i) == n
+        np.testing.assert_array_equal(indexing.faiss.rev_swig_ptr(lb.get_ids(i), n),
+                                      indexing.faiss.rev_swig_ptr(la.get_ids(i), n))
+        np.testing.assert_array_equal(indexing.faiss.rev_swig_ptr(lb.get_codes(i), n * lb.code_size),
+                                      indexing.faiss.rev_swig_ptr(la.get_codes(i), n * la.code_size))
+    none_held = indexing.from_bytes(indexing.to_bytes(trained))
+    indexing.add_parts(none_held, parts, ids)
+    assert none_held.ntotal == len(x)

@@ -57,10 +57,14 @@ OPQ_MAX_GAIN = 0.10  # recall an OPQ rotation is assumed unable to add over plai
 # candidate far below the target is not trained in full when a costlier family may meet it (the full PQ64x8
 # training was 17.6 of a 23.5 s selection on 200k MiniLM vectors, for a candidate that reached 0.78)
 PROBE_ROWS = 8192  # database rows of the probe (the first rows of the deterministic sample)
-PROBE_TRAIN_PER_CODE = 16  # PQ training points per codeword in the probe (faiss's full default is 256)
-# k-means iterations of the probe's PQ codebooks (faiss's default is 25): their 64 x 25 small k-means were 11.3 of a
-# 14.9 s selection on 200k MiniLM vectors; the ceiling is read with a 0.10 margin, which 8 iterations keep
-PROBE_NITER = 8
+# PQ training points per codeword in the probe (faiss's full default is 256) and k-means iterations of its codebooks
+# (faiss's default is 25): the probe's 64 small k-means were most of its cost. Round 7 measured the settings side by
+# side on 100k-row samples of both benchmark sets (docs/BENCHMARKS.md): 16 points / 8 iterations / 1,000 queries
+# gave ceilings 0.771 (MiniLM) and 0.798 (synthetic) in 1.54 / 1.23 s, 8 points / 4 iterations / 250 queries
+# 0.758 and 0.776 in 0.68 / 0.40 s: both far below the 0.85 that would train the candidate, so the choice is the same
+PROBE_TRAIN_PER_CODE = 8
+PROBE_NITER = 4
+PROBE_QUERIES = QUERY_STEP  # per query set: the probe reads a ceiling with a 0.10 margin, 250 queries suffice
 PROBE_MARGIN = 0.10  # a probe ceiling this far below the target skips the full candidate
 # the coarse centroids (stored once per index shard) may take at most this share of the budget: under a tight
 # budget nlist is halved until they do, leaving the bytes to the codes
@@ -558,6 +562,7 @@ def select(n: int, dim: int, train: np.ndarray, sets: Sequence[QuerySet], *, met
         t0 = time.perf_counter()
         filled = indexing.from_bytes(empty)
         filled.add_with_ids(train, ids)
+        entry["fill_seconds"] = round(time.perf_counter() - t0, 3)  # add work an index shard starts from
         sharded = indexing.ShardedIndex([filled], metric)
         scale = _scale(cand, n, len(train))
         entry["settings"] = _ladder(sharded, cand, sets, k, target, max_query_ms, scale, ids)
@@ -609,8 +614,10 @@ def _pq_probe_says_skip(cand: Candidate, entry: dict, plan_rows: Sequence[Candid
     the run without a candidate) and there are more rows than the probe's: its
     ceiling is measured with IVF-PQ of the same code (nlist scaled down with the
     rows, by residual, every list scanned) on the first PROBE_ROWS rows, and
-    recorded in ``entry["probe"]``. A smaller database is an easier one, so the
-    probe errs towards training the candidate.
+    recorded in ``entry["probe"]``. Its cheap codebooks (PROBE_TRAIN_PER_CODE
+    points per codeword, PROBE_NITER iterations) and smaller database put its
+    ceiling 0.02-0.04 below the full candidate's on the benchmark sets (MiniLM:
+    0.758 against 0.791), well inside PROBE_MARGIN.
     """
     if cand.family != "ivf_pq" or len(train) <= 2 * PROBE_ROWS or not sets:
         return None
@@ -630,10 +637,13 @@ def _pq_probe_says_skip(cand: Candidate, entry: dict, plan_rows: Sequence[Candid
     faiss.downcast_index(probe).nprobe = nlist
     recalls = {}
     for qs in sets:
-        truth = indexing.exact_topk(rows, np.arange(len(rows), dtype=np.int64), qs.queries, k, metric)[1]
-        recalls[qs.name] = round(indexing.recall_at(probe.search(qs.queries, k)[1], truth, k), 4)
+        queries = qs.queries[:PROBE_QUERIES]
+        truth = indexing.exact_topk(rows, np.arange(len(rows), dtype=np.int64), queries, k, metric)[1]
+        recalls[qs.name] = round(indexing.recall_at(probe.search(queries, k)[1], truth, k), 4)
     ceiling = min(recalls.values())
     entry["probe"] = {"rows": len(rows), "nlist": nlist, "nprobe": nlist, "recall_at_10": recalls,
+                      "queries": min(PROBE_QUERIES, max(len(qs.queries) for qs in sets)),
+                      "train_per_codeword": PROBE_TRAIN_PER_CODE, "niter": PROBE_NITER,
                       "seconds": round(time.perf_counter() - start, 3)}
     log(f"index: probe of {cand.name} on {len(rows)} rows: ceiling {ceiling:.3f} "
         f"in {entry['probe']['seconds']:.1f} s")

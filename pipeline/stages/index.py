@@ -37,6 +37,7 @@ import apache_beam as beam
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -49,7 +50,7 @@ from pipeline.index.quantizer_reuse import PreviousQuantizer
 from pipeline.query.recall_queries import RecallQueries
 from pipeline.stages.stage_metrics import StageTimer
 from pipeline.stages.write import write_table_atomically
-from pipeline.storage import read_bytes, read_manifest, write_bytes_atomically
+from pipeline.storage import read_bytes, read_manifest, write_atomically, write_bytes_atomically
 from schemas.embeddings import vectors_of
 from schemas.manifest import recall_key
 
@@ -81,9 +82,16 @@ def index_shard_paths(index_dir: str, shard: int) -> tuple[str, str]:
 
 
 def read_shard(path: str) -> tuple[list[str], np.ndarray]:
+    ids, vectors = read_columns(path)
+    return ids.to_pylist(), vectors
+
+
+def read_columns(path: str) -> tuple[pa.Array, np.ndarray]:
+    """(item ids as read, vectors) of an embeddings file: the ids stay an Arrow array, since a shard only
+    writes them back (1M Python strings cost about half a second each way)."""
     with FileSystems.open(path) as f:
         table = pq.read_table(f, columns=["item_id", "vector"])
-    return table.column("item_id").to_pylist(), vectors_of(table)
+    return table.column("item_id").combine_chunks(), vectors_of(table)
 
 
 def sample_keys(item_ids: list[str]) -> np.ndarray:
@@ -154,7 +162,7 @@ class VectorSample:
     files: int = 1  # embeddings files seen: one index shard each, for the memory preflight
 
 
-def read_sample(sample: KeySample, dim: int, whole: dict[str, tuple[list[str], np.ndarray]] | None = None
+def read_sample(sample: KeySample, dim: int, whole: dict[str, tuple[pa.Array, np.ndarray]] | None = None
                 ) -> VectorSample:
     """The second phase: each file holding chosen rows is read once, for those rows only.
 
@@ -171,9 +179,9 @@ def read_sample(sample: KeySample, dim: int, whole: dict[str, tuple[list[str], n
     for f in (range(len(sample.paths)) if whole is not None else np.unique(sample.file_of)):
         at = np.flatnonzero(sample.file_of == f)
         if whole is not None:
-            whole[sample.paths[f]] = read_shard(sample.paths[f])
+            whole[sample.paths[f]] = read_columns(sample.paths[f])
             all_ids, all_vecs = whole[sample.paths[f]]
-            ids, vecs = [all_ids[r] for r in sample.rows[at]], all_vecs[sample.rows[at]]
+            ids, vecs = all_ids.take(pa.array(sample.rows[at], pa.int64())).to_pylist(), all_vecs[sample.rows[at]]
         else:
             ids, vecs = read_rows(sample.paths[f], sample.rows[at])
         if not np.array_equal(sample_keys(ids), sample.keys[at]):
@@ -298,7 +306,7 @@ def _load_trained(previous: PreviousQuantizer):
     return indexing.from_bytes(data)
 
 
-def _rows_in_shard(keys: KeySample, whole: dict[str, tuple[list[str], np.ndarray]], held_out: bool,
+def _rows_in_shard(keys: KeySample, whole: dict[str, tuple[pa.Array, np.ndarray]], held_out: bool,
                    num_queries: int) -> np.ndarray:
     """The training rows' positions in the one index shard (its files in shard order, rows in file order)."""
     paths = sorted(whole, key=shard_number)
@@ -337,7 +345,7 @@ class _Train(beam.DoFn):
         # step keeps them and fills the shard itself, and no file is read twice (the vectors, at most
         # --index_shard_vectors of them, are held here through the selection)
         one_shard = keys is not None and indexing.index_shard_count(keys.seen, keys.files, c.shard_vectors) == 1
-        whole: dict[str, tuple[list[str], np.ndarray]] | None = {} if one_shard else None
+        whole: dict[str, tuple[pa.Array, np.ndarray]] | None = {} if one_shard else None
         sample = read_sample(keys, self._dim, whole) if keys is not None else None
         sample_read_s = time.perf_counter() - start
         if sample is not None:
@@ -444,35 +452,65 @@ class _Train(beam.DoFn):
                 for name, q in (("held_out", queries), ("recall_queries", rq)) if q is not None and len(q)]
 
 
-def fill_index_shard(shard: int, paths: Sequence[str], parts: Sequence[tuple[list[str], np.ndarray]],
+def fill_index_shard(shard: int, paths: Sequence[str], parts: Sequence[tuple[pa.Array | list[str], np.ndarray]],
                      trained: TrainedIndex, index_dir: str, k: int, timer: StageTimer, read_s: float = 0.0,
                      prefilled: tuple[faiss.Index, np.ndarray] | None = None) -> ShardResult:
     """One index shard from its files' rows (``parts``, in ``paths`` order): a copy of the trained index
     filled, written (ids, then the index), and its exact top-k for the recall queries. ``prefilled``: the
-    selection's measured index and the rows it already holds (under their ids); only the others are added."""
-    item_ids = [i for ids, _ in parts for i in ids]
-    vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
+    selection's measured index and the rows it already holds (under their ids); only the others are added.
+
+    The parts are added, searched and written one by one, never concatenated: at 1M x 512 a concatenation
+    (and the copy of the rows not held yet) was 2 GB of copying that the bare faiss script does not do.
+    """
+    sizes = [len(v) for _, v in parts]
+    offsets = np.cumsum([0] + sizes)
+    ids = indexing.make_ids(shard, int(offsets[-1]))
     start = time.perf_counter()
-    with timer.batch(len(item_ids)):
-        if prefilled is None:
-            index, ids = indexing.fill_shard(trained.index_bytes, vectors, shard)
-        else:
-            index = prefilled[0]
-            ids = indexing.add_rest(index, vectors, shard, prefilled[1])
+    with timer.batch(len(ids)):
+        index = indexing.from_bytes(trained.index_bytes) if prefilled is None else prefilled[0]
+        indexing.add_parts(index, [v for _, v in parts], ids, None if prefilled is None else prefilled[1])
     add_s = time.perf_counter() - start
     start = time.perf_counter()
     index_path, ids_path = index_shard_paths(index_dir, shard)
-    write_table_atomically(ids_path, indexing.ids_table(ids, item_ids))
-    write_bytes_atomically(index_path, indexing.to_bytes(index))
+    write_table_atomically(ids_path, indexing.ids_table(ids, _item_ids(parts)))
+    data = indexing.serialized(index)
+    write_atomically(index_path, lambda stream: stream.write(data))  # the faiss buffer as it is: no bytes copy
     write_s = time.perf_counter() - start
     start = time.perf_counter()
-    scores, exact = indexing.exact_topk(vectors, ids, trained.all_queries, k + 1, trained.params.metric)
+    queries, metric = trained.all_queries, trained.params.metric
+    scores, exact = indexing.merge_topk([indexing.exact_topk(v, ids[lo:lo + len(v)], queries, k + 1, metric)
+                                         for (_, v), lo in zip(parts, offsets)], k + 1, metric)
     truth_s = time.perf_counter() - start
-    row_of = {item: row for row, item in enumerate(item_ids)}
-    own = np.array([ids[row_of[q]] if q in row_of else -1 for q in trained.query_ids], np.int64)
-    own = np.concatenate([own, np.full(len(trained.all_queries) - len(own), -1, np.int64)])  # recall queries
+    own = _query_rows(parts, offsets, trained.query_ids)
+    own = np.where(own >= 0, ids[np.maximum(own, 0)], -1)
+    own = np.concatenate([own, np.full(len(queries) - len(own), -1, np.int64)])  # recall queries
     return ShardResult(shard, index_path, ids_path, len(ids), scores, exact, own, add_s, truth_s,
                        tuple(paths), read_s, write_s, 0 if prefilled is None else len(prefilled[1]))
+
+
+def _item_ids(parts: Sequence[tuple[pa.Array | list[str], np.ndarray]]) -> pa.Array:
+    """The parts' item ids as one Arrow array (Arrow arrays as read are joined without a Python string each)."""
+    arrays = [ids if isinstance(ids, pa.Array) else pa.array(ids, pa.string()) for ids, _ in parts]
+    if not arrays:
+        return pa.array([], pa.string())
+    return arrays[0] if len(arrays) == 1 else pa.concat_arrays([a.cast(pa.string()) for a in arrays])
+
+
+def _query_rows(parts: Sequence[tuple[pa.Array | list[str], np.ndarray]], offsets: np.ndarray,
+                query_ids: Sequence[str]) -> np.ndarray:
+    """Per query id: its row in the shard (the last one, if repeated), or -1; found by Arrow, not a dict of
+    every row."""
+    if not query_ids:
+        return np.zeros(0, np.int64)
+    wanted = pa.array(list(query_ids), pa.string())
+    found: dict[str, int] = {}
+    for (ids, _), lo in zip(parts, offsets):
+        column = ids if isinstance(ids, pa.Array) else pa.array(ids, pa.string())
+        hit = pc.is_in(column.cast(pa.string()), value_set=wanted)
+        rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+        for row, item in zip(rows, column.take(pa.array(rows, pa.int64())).to_pylist()):
+            found[item] = int(lo + row)
+    return np.array([found.get(q, -1) for q in query_ids], np.int64)
 
 
 class _FillShard(beam.DoFn):
@@ -486,7 +524,7 @@ class _FillShard(beam.DoFn):
     def process(self, group: tuple[int, list[str]], trained: TrainedIndex):
         shard, paths = group[0], sorted(group[1], key=shard_number)
         start = time.perf_counter()
-        parts = [read_shard(path) for path in paths]
+        parts = [read_columns(path) for path in paths]
         result = fill_index_shard(shard, paths, parts, trained, self._dir, self._k, self._timer,
                                   time.perf_counter() - start)
         self._vectors.inc(result.count)
@@ -650,14 +688,15 @@ class BuildIndex(beam.PTransform):
         sample = (
             embedding_files
             | "SampleFiles" >> beam.ParDo(_SampleFile(size))
-            | "Sample" >> beam.CombineGlobally(SmallestKeys(size))
+            # no default-value injection (two more stages): an empty catalog's sample is the side input's default
+            | "Sample" >> beam.CombineGlobally(SmallestKeys(size)).without_defaults()
         )
         trained = (
             p
             | "Once" >> beam.Create([None])
             | "Train" >> beam.ParDo(_Train(c, self._index_dir, self._dim, self._previous, self._unavailable, self._fp,
                                            self._run_dir.rpartition("/")[2], self._recall_queries),
-                                    beam.pvalue.AsSingleton(sample))
+                                    beam.pvalue.AsSingleton(sample, default_value=None))
         )
         trained_side = beam.pvalue.AsSingleton(trained)
         filled = (
