@@ -58,10 +58,10 @@ OPQ_MAX_GAIN = 0.10  # recall an OPQ rotation is assumed unable to add over plai
 # training was 17.6 of a 23.5 s selection on 200k MiniLM vectors, for a candidate that reached 0.78)
 PROBE_ROWS = 8192  # database rows of the probe (the first rows of the deterministic sample)
 # PQ training points per codeword in the probe (faiss's full default is 256) and k-means iterations of its codebooks
-# (faiss's default is 25): the probe's 64 small k-means were most of its cost. Round 7 measured the settings side by
-# side on 100k-row samples of both benchmark sets (docs/BENCHMARKS.md): 16 points / 8 iterations / 1,000 queries
-# gave ceilings 0.771 (MiniLM) and 0.798 (synthetic) in 1.54 / 1.23 s, 8 points / 4 iterations / 250 queries
-# 0.758 and 0.776 in 0.68 / 0.40 s: both far below the 0.85 that would train the candidate, so the choice is the same
+# (faiss's default is 25): the probe's 64 small k-means were most of its cost. bench/bench_index_probe.py, 100k rows
+# of both benchmark sets: 16 points / 8 iterations / 1,000 queries read 0.773 (MiniLM) and 0.801 (synthetic) in
+# 1.68 / 1.28 s, 8 points / 4 iterations / 250 queries 0.768 and 0.811 in 0.71 / 0.44 s, the full IVF2048,PQ64x8np
+# 0.782 / 0.838: all far below the 0.85 that would train the candidate, so the choice is the same
 PROBE_TRAIN_PER_CODE = 8
 PROBE_NITER = 4
 PROBE_QUERIES = QUERY_STEP  # per query set: the probe reads a ceiling with a 0.10 margin, 250 queries suffice
@@ -616,8 +616,9 @@ def _pq_probe_says_skip(cand: Candidate, entry: dict, plan_rows: Sequence[Candid
     rows, by residual, every list scanned) on the first PROBE_ROWS rows, and
     recorded in ``entry["probe"]``. Its cheap codebooks (PROBE_TRAIN_PER_CODE
     points per codeword, PROBE_NITER iterations) and smaller database put its
-    ceiling 0.02-0.04 below the full candidate's on the benchmark sets (MiniLM:
-    0.758 against 0.791), well inside PROBE_MARGIN.
+    ceiling within 0.03 of the full candidate's on the benchmark sets (MiniLM
+    0.768 against 0.782, synthetic 0.811 against 0.838;
+    bench/bench_index_probe.py), well inside PROBE_MARGIN.
     """
     if cand.family != "ivf_pq" or len(train) <= 2 * PROBE_ROWS or not sets:
         return None
