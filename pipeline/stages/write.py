@@ -37,9 +37,17 @@ def shard_name(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
+# Parquet dictionary encoding only where values repeat (one fingerprint per run, a few modality names). On
+# vectors, ids and hashes it is wasted work: pyarrow builds a dictionary for every column by default and
+# falls back to plain once it overflows; for 20k rows of 528-d vectors that took 3x the CPU of the whole
+# write and made the file larger (docs/BENCHMARKS.md, issue 11 round 7). Column paths of any table written here.
+DICTIONARY_COLUMNS = ["model_fingerprint", "modalities.list.element", "stage", "reason"]
+
+
 def write_table_atomically(path: str, table: pa.Table) -> None:
     """One Parquet table written atomically (``storage.write_atomically``); the crash hook is ``write_shard``."""
-    write_atomically(path, lambda stream: pq.write_table(table, stream, compression="zstd"),
+    write_atomically(path, lambda stream: pq.write_table(table, stream, compression="zstd",
+                                                         use_dictionary=DICTIONARY_COLUMNS),
                      lambda: faults.inject("write_shard"))
 
 
@@ -106,20 +114,19 @@ def assemble_shard(path: str, parts: list[tuple[str, np.ndarray]], schema: pa.Sc
     local = np.concatenate([rows for _, rows in parts]) if parts else np.zeros(0, np.int64)
 
     def write(stream):
-        with pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+        with pq.ParquetWriter(stream, schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS) as writer:
             if not len(order):
                 writer.write_table(schema.empty_table())
             for start in range(0, len(order), CHUNK_ROWS):
                 chunk = order[start:start + CHUNK_ROWS]
-                pieces, taken, positions = owner[chunk], [], []
-                for p in np.unique(pieces):
-                    mine = np.flatnonzero(pieces == p)
-                    taken.append(_open_piece(parts[p][0]).take(pa.array(local[chunk[mine]])))
-                    positions.append(mine)
-                table = pa.concat_tables(taken).combine_chunks()
-                restore = np.empty(len(chunk), np.int64)
-                restore[np.concatenate(positions)] = np.arange(len(chunk))
-                writer.write_table(table.take(pa.array(restore)).cast(schema), row_group_size=CHUNK_ROWS)
+                # the chunk's pieces side by side (no copy), then one gather in id order: one copy of the rows
+                used = np.unique(owner[chunk])
+                tables = [_open_piece(parts[p][0]) for p in used]
+                first_row = np.zeros(len(parts), np.int64)
+                first_row[used] = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
+                rows = first_row[owner[chunk]] + local[chunk]
+                writer.write_table(pa.concat_tables(tables).take(pa.array(rows)).cast(schema),
+                                   row_group_size=CHUNK_ROWS)
 
     write_atomically(path, write, lambda: faults.inject("write_shard"))
     return len(order)
