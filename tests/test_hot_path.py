@@ -244,3 +244,48 @@ def test_local_decode_threads_leave_a_core_to_the_dofns_thread(threads, cores, e
     from pipeline.stages.fetch import local_decode_threads
 
     assert local_decode_threads(threads, cores) == expected
+
+
+def _content_hash_by_json_dumps(item, digests, model_fingerprint: str) -> str:
+    """The content hash as rounds 1-6 wrote it (json.dumps of a dict): old runs' hashes must keep matching."""
+    import json
+
+    payload = {
+        "text": item.text,
+        "media": sorted((d.modality, d.index, d.sha256) for d in digests),
+        "uris": {"image": list(item.image_uris), "audio": item.audio_uri},
+        "models": model_fingerprint,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("item,digests", [
+    (dict(item_id="a", title="Red mug", description="Ceramic, 300 ml"), []),
+    (dict(item_id="b", title=None, description=None, image_uris=("img/x.jpg", "img/y.jpg")),
+     [("image", 1, "f" * 64), ("image", 0, "0" * 64)]),
+    (dict(item_id="c", title='Tasse "rouge" \\ 咖啡杯 \u2028 é', description="line\nbreak\ttab \x00",
+          audio_uri="sounds/ding.wav"), [("audio", 0, "ab" * 32)]),
+    (dict(item_id="d", title="x", image_uris=("gs://b/ü ñ.jpg",), audio_uri="a.wav"),
+     [("audio", 0, "1" * 64), ("image", 0, "2" * 64)]),
+])
+def test_content_hash_keeps_the_bytes_of_the_json_dumps_version(item, digests):
+    from pipeline.stages.fuse import content_hash
+    from pipeline.stages.records import MediaDigest
+    from schemas.catalog import CatalogItem
+
+    it = CatalogItem(**item)
+    media = [MediaDigest(*d) for d in digests]
+    for fingerprint in ("fp-1", "ü\"fp"):
+        assert content_hash(it, media, fingerprint) == _content_hash_by_json_dumps(it, media, fingerprint)
+
+
+def test_catalog_item_caches_text_without_changing_equality_or_replace():
+    import dataclasses
+
+    from schemas.catalog import CatalogItem
+
+    item = CatalogItem("a", title="Mug", description="Blue")
+    assert item.text == "Mug. Blue" and item.modalities == frozenset({"text"})
+    assert item == CatalogItem("a", title="Mug", description="Blue") and "text" not in repr(item)
+    changed = dataclasses.replace(item, title="Cup")
+    assert changed.text == "Cup. Blue" and item.text == "Mug. Blue"
