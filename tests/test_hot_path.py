@@ -289,3 +289,25 @@ def test_catalog_item_caches_text_without_changing_equality_or_replace():
     assert item == CatalogItem("a", title="Mug", description="Blue") and "text" not in repr(item)
     changed = dataclasses.replace(item, title="Cup")
     assert changed.text == "Cup. Blue" and item.text == "Mug. Blue"
+
+
+def test_the_heap_is_frozen_once_per_process_and_later_cycles_are_still_collected():
+    """freeze_heap_once (the embed stage's setup): one gc.freeze per process; garbage made afterwards is collected."""
+    import subprocess
+    import sys
+
+    code = """
+import gc
+from pipeline.stages.embed import freeze_heap_once
+assert gc.get_freeze_count() == 0
+assert freeze_heap_once()
+frozen = gc.get_freeze_count()
+assert frozen > 1000, frozen
+assert not freeze_heap_once() and gc.get_freeze_count() == frozen
+a = []; a.append(a); del a
+assert gc.collect() >= 1
+print("ok")
+"""
+    root = str(SAMPLE.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip().endswith("ok")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import gc
+import threading
 import time
 import typing
 
@@ -70,6 +72,33 @@ def set_cpu_torch_threads(threads: int, device: str) -> bool:
     return True
 
 
+_FROZEN = threading.Event()  # set once this process has frozen its heap
+
+
+def freeze_heap_once() -> bool:
+    """Collects, then moves every object alive now (modules, models, the runner) out of the cyclic GC's reach:
+    once per process, at the first embed DoFn's setup; True if this call did it.
+
+    A worker's heap holds ~0.5M long-lived objects (torch, Beam, the models), and each full
+    (generation-2) collection scans all of them: ~0.25 CPU-s here, once or twice per 20k items, finding
+    nothing among them (docs/BENCHMARKS.md, issue 11 rounds 5 and 7). Frozen objects are still freed by
+    reference counting when they are dropped; only a reference cycle among them that becomes garbage later
+    is never collected, a bounded one-time cost (objects made after the freeze are collected as usual).
+    Never undone: unfreezing at teardown hands the whole heap back, and the next run's first full
+    collection pays the scan again.
+    """
+    with _FREEZE_LOCK:
+        if _FROZEN.is_set():
+            return False
+        gc.collect()
+        gc.freeze()
+        _FROZEN.set()
+        return True
+
+
+_FREEZE_LOCK = threading.Lock()
+
+
 class _Embed(beam.DoFn):
     def __init__(self, routes: tuple[Route, ...], handlers: dict, asr_handler, preprocess: ImagePreprocess | None,
                  fetch: FetchPolicy, audio: AudioPolicy, audio_rates: tuple[int, ...], clap_rates: dict,
@@ -111,6 +140,7 @@ class _Embed(beam.DoFn):
         }
         self._thumbs = report_sample.LocalBound()  # items that may still be in the report's sample
         progress.start(self._interval)
+        freeze_heap_once()  # last: the models are loaded, so they are frozen too
 
     def teardown(self):
         if self._pool is not None:
