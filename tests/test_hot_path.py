@@ -311,3 +311,52 @@ print("ok")
     root = str(SAMPLE.parent)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip().endswith("ok")
+
+
+def _edge_rows() -> list[dict]:
+    long_id = "x" * 600
+    many = [f"img/{i}.jpg" for i in range(33)]
+    return [
+        {"item_id": "a", "title": " Mug ", "description": "Blue\n", "image_uris": ["img/a.jpg"], "audio_uri": None},
+        {"item_id": "  b  ", "title": "", "description": "   ", "image_uris": [" ", None, " img/b.jpg "],
+         "audio_uri": "  "},
+        {"item_id": None, "title": "no id", "description": None, "image_uris": None, "audio_uri": None},
+        {"item_id": "   ", "title": "blank id", "description": None, "image_uris": None, "audio_uri": None},
+        {"item_id": long_id, "title": "long id", "description": None, "image_uris": None, "audio_uri": None},
+        {"item_id": "c", "title": None, "description": None, "image_uris": [], "audio_uri": None},  # empty item
+        {"item_id": "d", "title": None, "description": None, "image_uris": None, "audio_uri": " s/d.wav "},
+        {"item_id": "e", "title": "t" * 50, "description": "咖啡杯 \u2028", "image_uris": many, "audio_uri": None},
+        {"item_id": "f", "title": None, "description": None, "image_uris": many[:30] + ["", " ", None, "  "],
+         "audio_uri": None},  # 34 entries, 30 after dropping blanks: valid
+        {"item_id": "a", "title": "dup", "description": None, "image_uris": None, "audio_uri": None},
+    ]
+
+
+@pytest.mark.parametrize("modalities", [frozenset({"text", "image", "audio"}), frozenset({"text"}),
+                                        frozenset({"image"})])
+@pytest.mark.parametrize("layout", ["list", "string_images", "int_ids", "passthrough", "missing_columns"])
+def test_columnar_read_gives_exactly_the_row_by_row_outcomes(modalities, layout):
+    """read.classify_rows (columns as lists, plain rows inline) == classify_row on each row's dict."""
+    from pipeline.config import ReadConfig
+    from pipeline.stages.read import classify_row, classify_rows
+    from pipeline.stages.records import item_to_tuple
+    from schemas.catalog import CatalogColumns, CatalogItem
+
+    rows = _edge_rows()
+    columns = CatalogColumns()
+    if layout == "string_images":
+        rows = [dict(r, image_uris=(r["image_uris"] or [None])[0]) for r in rows]
+    if layout == "int_ids":
+        rows = [dict(r, item_id=k) for k, r in enumerate(rows)]
+    if layout == "passthrough":
+        rows = [dict(r, price=float(k) if k != 3 else float("nan")) for k, r in enumerate(rows)]
+        columns = CatalogColumns(passthrough=("price",))
+    if layout == "missing_columns":
+        rows = [{k: v for k, v in r.items() if k not in ("audio_uri", "description")} for r in rows]
+    config = ReadConfig(catalog="x.parquet", columns=columns, max_text_chars=20)
+    table = pa.Table.from_pylist(rows)
+    got = classify_rows(table, config, modalities, "/base", "cat.parquet", 100)
+    want = [classify_row(row, config, modalities, "/base", f"cat.parquet#{100 + k}") for k, row in enumerate(rows)]
+    want = [item_to_tuple(w) if isinstance(w, CatalogItem) else w for w in want]
+    assert got == want
+    assert any(isinstance(g, tuple) for g in got) and any(not isinstance(g, tuple) for g in got)
