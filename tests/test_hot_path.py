@@ -360,3 +360,42 @@ def test_columnar_read_gives_exactly_the_row_by_row_outcomes(modalities, layout)
     want = [item_to_tuple(w) if isinstance(w, CatalogItem) else w for w in want]
     assert got == want
     assert any(isinstance(g, tuple) for g in got) and any(not isinstance(g, tuple) for g in got)
+
+
+def test_fuse_table_gives_the_rows_of_records_to_table_over_fuse_items(tiny_clip_spec):
+    """The embed stage's column-by-column table == the record-by-record one, dead letters in the same order."""
+    from encoders.asr import Transcript
+    from encoders.fusion import FusionConfig, Layout
+    from pipeline.config import Route
+    from pipeline.stages.fuse import ItemFuser
+    from pipeline.stages.records import ItemFailure, MediaDigest, ModalityVector
+    from schemas.catalog import CatalogItem
+    from schemas.dead_letter import Reason, Stage
+
+    routes = (Route("text", "clip", tiny_clip_spec), Route("image", "clip", tiny_clip_spec))
+    layout = Layout.from_dims({"clip": 8})
+    rng = np.random.default_rng(3)
+
+    def vec(m, i=0):
+        return ModalityVector("clip", m, i, rng.standard_normal(8).astype(np.float32))
+
+    items = [CatalogItem("a", title="Mug", description="Blue " * 40, image_uris=("x.jpg", "y.jpg")),
+             CatalogItem("b", title="Lamp"),
+             CatalogItem("c", title="Bad", image_uris=("z.jpg",)),
+             CatalogItem("d", image_uris=("w.jpg",), attributes='{"p": 1}', content_hash="given"),
+             CatalogItem("e", title="Zero")]
+    vectors = [[vec("text"), vec("image", 1), vec("image", 0)], [vec("text")], [vec("text")], [vec("image")],
+               [ModalityVector("clip", "text", 0, np.zeros(8, np.float32))]]
+    failures = [[], [], [ItemFailure(Stage.FETCH, Reason.FETCH_FAILED, "gone", "z.jpg", "image")], [], []]
+    digests = [[MediaDigest("image", 0, "1" * 64), MediaDigest("image", 1, "2" * 64)], [], [],
+               [MediaDigest("image", 0, "3" * 64)], []]
+    transcripts = {1: Transcript("spoken words", "en", 0.1)}
+    schema = embeddings_schema(8, "float16", {"k": "v"})
+    for media_errors in ("dead_letter", "drop_media"):
+        fuser = ItemFuser(routes, layout, FusionConfig(), "fp", media_errors)
+        outs = fuser.fuse_items(items, vectors, failures, digests, transcripts)
+        records = [o for o in outs if isinstance(o, EmbeddingRecord)]
+        table, dead = fuser.fuse_table(items, vectors, failures, digests, transcripts, schema)
+        assert table.equals(records_to_table(records, schema))
+        assert dead == [o for o in outs if not isinstance(o, EmbeddingRecord)] and dead
+        assert table.column("item_id").to_pylist()[0] == "a"

@@ -48,8 +48,6 @@ from pipeline.stages.records import ItemFailure, MediaDigest
 from pipeline.stages.stage_metrics import StageTimer
 from pipeline.stages.transcribe import Transcriber
 from schemas.catalog import CatalogItem
-from schemas.dead_letter import DeadLetter
-from schemas.embeddings import records_to_table
 
 DEAD, THUMBNAILS = "dead", "thumbnails"
 
@@ -251,15 +249,13 @@ class _Embed(beam.DoFn):
                     vectors[pos].append(v)
                 for pos, f in lost:
                     failures[pos].append(f)
-        records, dead = [], []
         with self._timers["fuse"].batch(n):
-            for out in self._fuser.fuse_items(batch, vectors, failures, digests, transcripts):
-                (dead if isinstance(out, DeadLetter) else records).append(out)
-            table = records_to_table(records, self._schema) if records else None
-        self._counters["embedded"].inc(len(records))
+            table, dead = self._fuser.fuse_table(batch, vectors, failures, digests, transcripts, self._schema)
+        embedded = table.num_rows if table is not None else 0
+        self._counters["embedded"].inc(embedded)
         if dead:
             self._counters["dead"].inc(len(dead))
-        progress.note(progress.FUSED, len(records))
+        progress.note(progress.FUSED, embedded)
         progress.note(progress.FAILED, len(dead))
         for d in dead:
             yield beam.pvalue.TaggedOutput(DEAD, d)
