@@ -73,6 +73,12 @@ def _open_piece(path: str) -> pa.Table:
         return ipc.open_file(pa.BufferReader(f.read())).read_all()
 
 
+def _vector_matrix(table: pa.Table) -> np.ndarray:
+    """A piece's ``vector`` column as a [rows, dim] numpy view of its (memory-mapped) buffer: no copy."""
+    column = table.column("vector").combine_chunks()  # a piece is one record batch: no copy either
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+
+
 def write_piece(table: pa.Table, pieces_dir: str) -> tuple[str, np.ndarray] | None:
     """Writes one batch of rows, sorted by item id, as an Arrow IPC file; returns (path, 64-bit id hashes).
 
@@ -119,14 +125,25 @@ def assemble_shard(path: str, parts: list[tuple[str, np.ndarray]], schema: pa.Sc
                 writer.write_table(schema.empty_table())
             for start in range(0, len(order), CHUNK_ROWS):
                 chunk = order[start:start + CHUNK_ROWS]
-                # the chunk's pieces side by side (no copy), then one gather in id order: one copy of the rows
-                used = np.unique(owner[chunk])
-                tables = [_open_piece(parts[p][0]) for p in used]
-                first_row = np.zeros(len(parts), np.int64)
-                first_row[used] = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
-                rows = first_row[owner[chunk]] + local[chunk]
-                writer.write_table(pa.concat_tables(tables).take(pa.array(rows)).cast(schema),
-                                   row_group_size=CHUNK_ROWS)
+                pieces, taken, positions, vectors = owner[chunk], [], [], None
+                for p in np.unique(pieces):
+                    mine = np.flatnonzero(pieces == p)
+                    rows = local[chunk[mine]]
+                    piece = _open_piece(parts[p][0])
+                    # vectors (most of a row's bytes) are copied once, straight into their place in id order;
+                    # the small columns are taken per piece and put in order below
+                    values = _vector_matrix(piece)
+                    if vectors is None:
+                        vectors = np.empty((len(chunk), values.shape[1]), values.dtype)
+                    vectors[mine] = values[rows]
+                    taken.append(piece.drop_columns(["vector"]).take(pa.array(rows)))
+                    positions.append(mine)
+                restore = np.empty(len(chunk), np.int64)
+                restore[np.concatenate(positions)] = np.arange(len(chunk))
+                table = pa.concat_tables(taken).take(pa.array(restore))
+                vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+                table = table.add_column(schema.get_field_index("vector"), "vector", vector)
+                writer.write_table(table.cast(schema), row_group_size=CHUNK_ROWS)
 
     write_atomically(path, write, lambda: faults.inject("write_shard"))
     return len(order)
