@@ -119,6 +119,8 @@ def assemble_shard(path: str, parts: list[tuple[str, np.ndarray]], schema: pa.Sc
     owner = np.repeat(np.arange(len(parts)), [len(rows) for _, rows in parts])
     local = np.concatenate([rows for _, rows in parts]) if parts else np.zeros(0, np.int64)
 
+    has_vectors = "vector" in schema.names  # embeddings shards; dead-letter shards have none
+
     def write(stream):
         with pq.ParquetWriter(stream, schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS) as writer:
             if not len(order):
@@ -130,19 +132,22 @@ def assemble_shard(path: str, parts: list[tuple[str, np.ndarray]], schema: pa.Sc
                     mine = np.flatnonzero(pieces == p)
                     rows = local[chunk[mine]]
                     piece = _open_piece(parts[p][0])
-                    # vectors (most of a row's bytes) are copied once, straight into their place in id order;
-                    # the small columns are taken per piece and put in order below
-                    values = _vector_matrix(piece)
-                    if vectors is None:
-                        vectors = np.empty((len(chunk), values.shape[1]), values.dtype)
-                    vectors[mine] = values[rows]
-                    taken.append(piece.drop_columns(["vector"]).take(pa.array(rows)))
+                    if has_vectors:
+                        # vectors (most of a row's bytes) are copied once, straight into their place in id
+                        # order; the small columns are taken per piece and put in order below
+                        values = _vector_matrix(piece)
+                        if vectors is None:
+                            vectors = np.empty((len(chunk), values.shape[1]), values.dtype)
+                        vectors[mine] = values[rows]
+                        piece = piece.drop_columns(["vector"])
+                    taken.append(piece.take(pa.array(rows)))
                     positions.append(mine)
                 restore = np.empty(len(chunk), np.int64)
                 restore[np.concatenate(positions)] = np.arange(len(chunk))
                 table = pa.concat_tables(taken).take(pa.array(restore))
-                vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-                table = table.add_column(schema.get_field_index("vector"), "vector", vector)
+                if vectors is not None:
+                    vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+                    table = table.add_column(schema.get_field_index("vector"), "vector", vector)
                 writer.write_table(table.cast(schema), row_group_size=CHUNK_ROWS)
 
     write_atomically(path, write, lambda: faults.inject("write_shard"))
