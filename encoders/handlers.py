@@ -104,9 +104,14 @@ class _EmbeddingHandler(ModelHandler[Any, Any, Any]):
         # Encoder wall time per batch (µs), retries included: what incremental runs save,
         # readable from the PipelineResult (pipeline.beam_metrics.encoder_seconds).
         started = time.perf_counter()
+        finite = None
         try:
-            outputs: list = list(self._encode(model, batch))
+            raw = self._encode(model, batch)
+            if isinstance(raw, np.ndarray) and raw.ndim == 2:
+                finite = np.isfinite(raw).all(axis=1)  # one check over the batch, not one call per row
+            outputs: list = list(raw)
         except Exception as batch_error:  # noqa: BLE001 - isolate the culprit below
+            finite = None
             _LOG.warning("%s batch of %d failed (%s); retrying item by item", self.modality, len(batch), batch_error)
             outputs = []
             for i in range(len(batch)):
@@ -116,9 +121,10 @@ class _EmbeddingHandler(ModelHandler[Any, Any, Any]):
                     outputs.append(EncodeFailure(Reason.ENCODE_FAILED, f"{type(e).__name__}: {e}"))
         Metrics.distribution(self.get_metrics_namespace(), ENCODE_US).update(
             int(round((time.perf_counter() - started) * 1e6)))
-        for i, out in enumerate(outputs):
-            if isinstance(out, np.ndarray) and not np.all(np.isfinite(out)):
-                outputs[i] = EncodeFailure(Reason.NONFINITE_VECTOR, f"{self.spec.name} produced NaN/inf")
+        bad = (np.flatnonzero(~finite).tolist() if finite is not None else
+               [i for i, out in enumerate(outputs) if isinstance(out, np.ndarray) and not np.all(np.isfinite(out))])
+        for i in bad:
+            outputs[i] = EncodeFailure(Reason.NONFINITE_VECTOR, f"{self.spec.name} produced NaN/inf")
         return outputs
 
     def run_inference(self, batch: Sequence[Any], model, inference_args=None) -> Iterable[PredictionResult]:

@@ -7,6 +7,7 @@ other field may be null. Which physical column holds which field is set by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any, Mapping, Sequence
@@ -65,13 +66,15 @@ class CatalogItem:
     # tokens; fusion then writes this hash instead of one over the fetched bytes.
     content_hash: str | None = None
 
-    @property
+    # cached: read, fusion, the content hash and the encoders each ask (the fields are frozen; a cached value
+    # lives in the instance's __dict__, outside the fields that equality, repr and replace() use)
+    @functools.cached_property
     def text(self) -> str | None:
         """Title and description as the one text the text towers see."""
         parts = [p for p in (self.title, self.description) if p]
         return ". ".join(parts) if parts else None
 
-    @property
+    @functools.cached_property
     def modalities(self) -> frozenset[str]:
         """The modalities this item has content in."""
         present = {"text": self.text, "image": self.image_uris, "audio": self.audio_uri}

@@ -101,25 +101,34 @@ def embeddings_schema(dim: int, dtype: str = "float32", metadata: dict[str, Any]
 
 def records_to_table(records: list[EmbeddingRecord], schema: pa.Schema) -> pa.Table:
     """Casts a batch of records to ``schema`` (vectors to the schema's dtype)."""
+    dim = schema.field("vector").type.list_size
+    vectors = np.stack([r.vector for r in records]) if records else np.zeros((0, dim), np.float32)
+    fields = {name: [getattr(r, name) for r in records] for name in _ROW_FIELDS}
+    fields["modalities"] = [list(m) for m in fields["modalities"]]
+    return columns_to_table(vectors, fields, schema)
+
+
+_ROW_FIELDS = ("item_id", "modalities", "content_hash", "model_fingerprint", "num_images", "attributes",
+               "transcript", "title", "snippet")
+
+
+def columns_to_table(vectors: np.ndarray, fields: dict[str, list], schema: pa.Schema) -> pa.Table:
+    """A batch as a table in ``schema``: ``vectors`` [rows, dim] (cast to the schema's dtype) and one list per
+    other column (the :class:`EmbeddingRecord` fields, ``modalities`` as lists): no record objects needed."""
     vector_type = schema.field("vector").type
-    dim = vector_type.list_size
     np_dtype = np.float16 if vector_type.value_type == pa.float16() else np.float32
-    flat = (
-        np.stack([r.vector for r in records]).astype(np_dtype, copy=False).reshape(-1)
-        if records
-        else np.zeros(0, np_dtype)
-    )
+    flat = np.ascontiguousarray(vectors, dtype=np_dtype).reshape(-1)
     columns = {
-        "item_id": pa.array([r.item_id for r in records], pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim),
-        "modalities": pa.array([list(r.modalities) for r in records], pa.list_(pa.string())),
-        "content_hash": pa.array([r.content_hash for r in records], pa.string()),
-        "model_fingerprint": pa.array([r.model_fingerprint for r in records], pa.string()),
-        "num_images": pa.array([r.num_images for r in records], pa.int32()),
-        "attributes": pa.array([r.attributes for r in records], pa.string()),
-        "transcript": pa.array([r.transcript for r in records], pa.string()),
-        "title": pa.array([r.title for r in records], pa.string()),
-        "snippet": pa.array([r.snippet for r in records], pa.string()),
+        "item_id": pa.array(fields["item_id"], pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), vector_type.list_size),
+        "modalities": pa.array(fields["modalities"], pa.list_(pa.string())),
+        "content_hash": pa.array(fields["content_hash"], pa.string()),
+        "model_fingerprint": pa.array(fields["model_fingerprint"], pa.string()),
+        "num_images": pa.array(fields["num_images"], pa.int32()),
+        "attributes": pa.array(fields["attributes"], pa.string()),
+        "transcript": pa.array(fields["transcript"], pa.string()),
+        "title": pa.array(fields["title"], pa.string()),
+        "snippet": pa.array(fields["snippet"], pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=schema)
 

@@ -244,3 +244,158 @@ def test_local_decode_threads_leave_a_core_to_the_dofns_thread(threads, cores, e
     from pipeline.stages.fetch import local_decode_threads
 
     assert local_decode_threads(threads, cores) == expected
+
+
+def _content_hash_by_json_dumps(item, digests, model_fingerprint: str) -> str:
+    """The content hash as rounds 1-6 wrote it (json.dumps of a dict): old runs' hashes must keep matching."""
+    import json
+
+    payload = {
+        "text": item.text,
+        "media": sorted((d.modality, d.index, d.sha256) for d in digests),
+        "uris": {"image": list(item.image_uris), "audio": item.audio_uri},
+        "models": model_fingerprint,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("item,digests", [
+    (dict(item_id="a", title="Red mug", description="Ceramic, 300 ml"), []),
+    (dict(item_id="b", title=None, description=None, image_uris=("img/x.jpg", "img/y.jpg")),
+     [("image", 1, "f" * 64), ("image", 0, "0" * 64)]),
+    (dict(item_id="c", title='Tasse "rouge" \\ 咖啡杯 \u2028 é', description="line\nbreak\ttab \x00",
+          audio_uri="sounds/ding.wav"), [("audio", 0, "ab" * 32)]),
+    (dict(item_id="d", title="x", image_uris=("gs://b/ü ñ.jpg",), audio_uri="a.wav"),
+     [("audio", 0, "1" * 64), ("image", 0, "2" * 64)]),
+])
+def test_content_hash_keeps_the_bytes_of_the_json_dumps_version(item, digests):
+    from pipeline.stages.fuse import content_hash
+    from pipeline.stages.records import MediaDigest
+    from schemas.catalog import CatalogItem
+
+    it = CatalogItem(**item)
+    media = [MediaDigest(*d) for d in digests]
+    for fingerprint in ("fp-1", "ü\"fp"):
+        assert content_hash(it, media, fingerprint) == _content_hash_by_json_dumps(it, media, fingerprint)
+
+
+def test_catalog_item_caches_text_without_changing_equality_or_replace():
+    import dataclasses
+
+    from schemas.catalog import CatalogItem
+
+    item = CatalogItem("a", title="Mug", description="Blue")
+    assert item.text == "Mug. Blue" and item.modalities == frozenset({"text"})
+    assert item == CatalogItem("a", title="Mug", description="Blue") and "text" not in repr(item)
+    changed = dataclasses.replace(item, title="Cup")
+    assert changed.text == "Cup. Blue" and item.text == "Mug. Blue"
+
+
+def test_the_heap_is_frozen_once_per_process_and_later_cycles_are_still_collected():
+    """freeze_heap_once (the embed stage's setup): one gc.freeze per process; garbage made afterwards is collected."""
+    import subprocess
+    import sys
+
+    code = """
+import gc
+from pipeline.stages.embed import freeze_heap_once
+assert gc.get_freeze_count() == 0
+assert freeze_heap_once()
+frozen = gc.get_freeze_count()
+assert frozen > 1000, frozen
+assert not freeze_heap_once() and gc.get_freeze_count() == frozen
+a = []; a.append(a); del a
+assert gc.collect() >= 1
+print("ok")
+"""
+    root = str(SAMPLE.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip().endswith("ok")
+
+
+def _edge_rows() -> list[dict]:
+    long_id = "x" * 600
+    many = [f"img/{i}.jpg" for i in range(33)]
+    return [
+        {"item_id": "a", "title": " Mug ", "description": "Blue\n", "image_uris": ["img/a.jpg"], "audio_uri": None},
+        {"item_id": "  b  ", "title": "", "description": "   ", "image_uris": [" ", None, " img/b.jpg "],
+         "audio_uri": "  "},
+        {"item_id": None, "title": "no id", "description": None, "image_uris": None, "audio_uri": None},
+        {"item_id": "   ", "title": "blank id", "description": None, "image_uris": None, "audio_uri": None},
+        {"item_id": long_id, "title": "long id", "description": None, "image_uris": None, "audio_uri": None},
+        {"item_id": "c", "title": None, "description": None, "image_uris": [], "audio_uri": None},  # empty item
+        {"item_id": "d", "title": None, "description": None, "image_uris": None, "audio_uri": " s/d.wav "},
+        {"item_id": "e", "title": "t" * 50, "description": "咖啡杯 \u2028", "image_uris": many, "audio_uri": None},
+        {"item_id": "f", "title": None, "description": None, "image_uris": many[:30] + ["", " ", None, "  "],
+         "audio_uri": None},  # 34 entries, 30 after dropping blanks: valid
+        {"item_id": "a", "title": "dup", "description": None, "image_uris": None, "audio_uri": None},
+    ]
+
+
+@pytest.mark.parametrize("modalities", [frozenset({"text", "image", "audio"}), frozenset({"text"}),
+                                        frozenset({"image"})])
+@pytest.mark.parametrize("layout", ["list", "string_images", "int_ids", "passthrough", "missing_columns"])
+def test_columnar_read_gives_exactly_the_row_by_row_outcomes(modalities, layout):
+    """read.classify_rows (columns as lists, plain rows inline) == classify_row on each row's dict."""
+    from pipeline.config import ReadConfig
+    from pipeline.stages.read import classify_row, classify_rows
+    from pipeline.stages.records import item_to_tuple
+    from schemas.catalog import CatalogColumns, CatalogItem
+
+    rows = _edge_rows()
+    columns = CatalogColumns()
+    if layout == "string_images":
+        rows = [dict(r, image_uris=(r["image_uris"] or [None])[0]) for r in rows]
+    if layout == "int_ids":
+        rows = [dict(r, item_id=k) for k, r in enumerate(rows)]
+    if layout == "passthrough":
+        rows = [dict(r, price=float(k) if k != 3 else float("nan")) for k, r in enumerate(rows)]
+        columns = CatalogColumns(passthrough=("price",))
+    if layout == "missing_columns":
+        rows = [{k: v for k, v in r.items() if k not in ("audio_uri", "description")} for r in rows]
+    config = ReadConfig(catalog="x.parquet", columns=columns, max_text_chars=20)
+    table = pa.Table.from_pylist(rows)
+    got = classify_rows(table, config, modalities, "/base", "cat.parquet", 100)
+    want = [classify_row(row, config, modalities, "/base", f"cat.parquet#{100 + k}") for k, row in enumerate(rows)]
+    want = [item_to_tuple(w) if isinstance(w, CatalogItem) else w for w in want]
+    assert got == want
+    assert any(isinstance(g, tuple) for g in got) and any(not isinstance(g, tuple) for g in got)
+
+
+def test_fuse_table_gives_the_rows_of_records_to_table_over_fuse_items(tiny_clip_spec):
+    """The embed stage's column-by-column table == the record-by-record one, dead letters in the same order."""
+    from encoders.asr import Transcript
+    from encoders.fusion import FusionConfig, Layout
+    from pipeline.config import Route
+    from pipeline.stages.fuse import ItemFuser
+    from pipeline.stages.records import ItemFailure, MediaDigest, ModalityVector
+    from schemas.catalog import CatalogItem
+    from schemas.dead_letter import Reason, Stage
+
+    routes = (Route("text", "clip", tiny_clip_spec), Route("image", "clip", tiny_clip_spec))
+    layout = Layout.from_dims({"clip": 8})
+    rng = np.random.default_rng(3)
+
+    def vec(m, i=0):
+        return ModalityVector("clip", m, i, rng.standard_normal(8).astype(np.float32))
+
+    items = [CatalogItem("a", title="Mug", description="Blue " * 40, image_uris=("x.jpg", "y.jpg")),
+             CatalogItem("b", title="Lamp"),
+             CatalogItem("c", title="Bad", image_uris=("z.jpg",)),
+             CatalogItem("d", image_uris=("w.jpg",), attributes='{"p": 1}', content_hash="given"),
+             CatalogItem("e", title="Zero")]
+    vectors = [[vec("text"), vec("image", 1), vec("image", 0)], [vec("text")], [vec("text")], [vec("image")],
+               [ModalityVector("clip", "text", 0, np.zeros(8, np.float32))]]
+    failures = [[], [], [ItemFailure(Stage.FETCH, Reason.FETCH_FAILED, "gone", "z.jpg", "image")], [], []]
+    digests = [[MediaDigest("image", 0, "1" * 64), MediaDigest("image", 1, "2" * 64)], [], [],
+               [MediaDigest("image", 0, "3" * 64)], []]
+    transcripts = {1: Transcript("spoken words", "en", 0.1)}
+    schema = embeddings_schema(8, "float16", {"k": "v"})
+    for media_errors in ("dead_letter", "drop_media"):
+        fuser = ItemFuser(routes, layout, FusionConfig(), "fp", media_errors)
+        outs = fuser.fuse_items(items, vectors, failures, digests, transcripts)
+        records = [o for o in outs if isinstance(o, EmbeddingRecord)]
+        table, dead = fuser.fuse_table(items, vectors, failures, digests, transcripts, schema)
+        assert table.equals(records_to_table(records, schema))
+        assert dead == [o for o in outs if not isinstance(o, EmbeddingRecord)] and dead
+        assert table.column("item_id").to_pylist()[0] == "a"

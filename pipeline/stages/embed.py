@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import gc
+import threading
 import time
 import typing
 
@@ -46,8 +48,6 @@ from pipeline.stages.records import ItemFailure, MediaDigest
 from pipeline.stages.stage_metrics import StageTimer
 from pipeline.stages.transcribe import Transcriber
 from schemas.catalog import CatalogItem
-from schemas.dead_letter import DeadLetter
-from schemas.embeddings import records_to_table
 
 DEAD, THUMBNAILS = "dead", "thumbnails"
 
@@ -68,6 +68,33 @@ def set_cpu_torch_threads(threads: int, device: str) -> bool:
         return False
     torch.set_num_threads(threads)
     return True
+
+
+_FROZEN = threading.Event()  # set once this process has frozen its heap
+
+
+def freeze_heap_once() -> bool:
+    """Collects, then moves every object alive now (modules, models, the runner) out of the cyclic GC's reach:
+    once per process, at the first embed DoFn's setup; True if this call did it.
+
+    A worker's heap holds ~0.5M long-lived objects (torch, Beam, the models), and each full
+    (generation-2) collection scans all of them: ~0.25 CPU-s here, once or twice per 20k items, finding
+    nothing among them (docs/BENCHMARKS.md, issue 11 rounds 5 and 7). Frozen objects are still freed by
+    reference counting when they are dropped; only a reference cycle among them that becomes garbage later
+    is never collected, a bounded one-time cost (objects made after the freeze are collected as usual).
+    Never undone: unfreezing at teardown hands the whole heap back, and the next run's first full
+    collection pays the scan again.
+    """
+    with _FREEZE_LOCK:
+        if _FROZEN.is_set():
+            return False
+        gc.collect()
+        gc.freeze()
+        _FROZEN.set()
+        return True
+
+
+_FREEZE_LOCK = threading.Lock()
 
 
 class _Embed(beam.DoFn):
@@ -111,6 +138,7 @@ class _Embed(beam.DoFn):
         }
         self._thumbs = report_sample.LocalBound()  # items that may still be in the report's sample
         progress.start(self._interval)
+        freeze_heap_once()  # last: the models are loaded, so they are frozen too
 
     def teardown(self):
         if self._pool is not None:
@@ -221,15 +249,13 @@ class _Embed(beam.DoFn):
                     vectors[pos].append(v)
                 for pos, f in lost:
                     failures[pos].append(f)
-        records, dead = [], []
         with self._timers["fuse"].batch(n):
-            for out in self._fuser.fuse_items(batch, vectors, failures, digests, transcripts):
-                (dead if isinstance(out, DeadLetter) else records).append(out)
-            table = records_to_table(records, self._schema) if records else None
-        self._counters["embedded"].inc(len(records))
+            table, dead = self._fuser.fuse_table(batch, vectors, failures, digests, transcripts, self._schema)
+        embedded = table.num_rows if table is not None else 0
+        self._counters["embedded"].inc(embedded)
         if dead:
             self._counters["dead"].inc(len(dead))
-        progress.note(progress.FUSED, len(records))
+        progress.note(progress.FUSED, embedded)
         progress.note(progress.FAILED, len(dead))
         for d in dead:
             yield beam.pvalue.TaggedOutput(DEAD, d)

@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Mapping, Sequence
 
+import pyarrow as pa
+
 from encoders.asr import Transcript
 from encoders.fusion import FusionConfig, Layout, fuse_batch
 from encoders.towers import sound_hears_speech
@@ -18,21 +20,27 @@ from pipeline.config import Route
 from pipeline.stages.records import ItemFailure, MediaDigest, ModalityVector
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
-from schemas.embeddings import EmbeddingRecord, display_fields
+from schemas.embeddings import EmbeddingRecord, columns_to_table, display_fields
 
 NAMESPACE = "catalog_index.fuse"
 _MEDIA_STAGES = (Stage.FETCH, Stage.DECODE)
 
 
+_json = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(x, ensure_ascii=False) without its per-call setup
+
+
 def content_hash(item: CatalogItem, digests: list[MediaDigest], model_fingerprint: str) -> str:
-    """sha256 over what determines the item's vector: its text, its media bytes, the models."""
-    payload = {
-        "text": item.text,
-        "media": sorted((d.modality, d.index, d.sha256) for d in digests),
-        "uris": {"image": list(item.image_uris), "audio": item.audio_uri},
-        "models": model_fingerprint,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    """sha256 over what determines the item's vector: its text, its media bytes, the models.
+
+    The hashed text is ``json.dumps({"text", "media", "uris", "models"}, sort_keys=True,
+    ensure_ascii=False)``, written here key by key in sorted order (the same bytes at about half the CPU:
+    previous runs' hashes must match, ``tests/test_hot_path.py`` compares the two).
+    """
+    media = sorted((d.modality, d.index, d.sha256) for d in digests)
+    payload = (f'{{"media": {_json([list(m) for m in media])}, "models": {_json(model_fingerprint)}, '
+               f'"text": {_json(item.text)}, "uris": {{"audio": {_json(item.audio_uri)}, '
+               f'"image": {_json(list(item.image_uris))}}}}}')
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def expected_inputs(item: CatalogItem, route: Route, transcript: Transcript | None = None) -> int:
@@ -51,6 +59,11 @@ def expected_inputs(item: CatalogItem, route: Route, transcript: Transcript | No
     if route.modality == "audio":
         return 1 if item.audio_uri else 0
     return 0
+
+
+def _num_images(vectors: list[ModalityVector]) -> int:
+    # images that made it into the vector: with --image_decode gpu, digests are taken before decoding
+    return len({v.index for v in vectors if v.modality == "image"})
 
 
 class ItemFuser:
@@ -78,6 +91,53 @@ class ItemFuser:
         """Every item of a batch -> its record or dead letter, in order; the vectors are fused in one
         :func:`encoders.fusion.fuse_batch` call, and an item that cannot be fused fails alone."""
         out: list = [None] * len(items)
+        fused, rows = self._fuse(items, vectors, failures, transcripts, out)
+        for pos, row, by_route in rows:
+            item, transcript = items[pos], transcripts.get(pos)
+            out[pos] = EmbeddingRecord(
+                item_id=item.item_id,
+                vector=fused[row],
+                modalities=tuple(sorted({m for _, m in by_route})),
+                content_hash=item.content_hash or content_hash(item, digests[pos], self._fingerprint),
+                model_fingerprint=self._fingerprint,
+                num_images=_num_images(vectors[pos]),
+                attributes=item.attributes,
+                transcript=transcript.text if transcript is not None else None,
+                **display_fields(item.title, item.description, transcript.text if transcript is not None else None),
+            )
+        return out
+
+    def fuse_table(self, items: Sequence[CatalogItem], vectors: Sequence[list[ModalityVector]],
+                   failures: Sequence[list[ItemFailure]], digests: Sequence[list[MediaDigest]],
+                   transcripts: Mapping[int, Transcript], schema: pa.Schema) -> tuple[pa.Table | None, list[DeadLetter]]:
+        """:meth:`fuse_items` as one table in ``schema`` (rows in batch order) and the dead letters in order,
+        built column by column from the fused batch: no record object per item, no restacking of vectors.
+        The same rows as ``records_to_table(fuse_items(...))`` (``tests/test_hot_path.py``)."""
+        out: list = [None] * len(items)
+        fused, rows = self._fuse(items, vectors, failures, transcripts, out)
+        dead = [d for d in out if d is not None]
+        if not rows:
+            return None, dead
+        fields: dict[str, list] = {name: [] for name in ("item_id", "modalities", "content_hash", "model_fingerprint",
+                                                         "num_images", "attributes", "transcript", "title", "snippet")}
+        for pos, _, by_route in rows:
+            item, transcript = items[pos], transcripts.get(pos)
+            spoken = transcript.text if transcript is not None else None
+            shown = display_fields(item.title, item.description, spoken)
+            fields["item_id"].append(item.item_id)
+            fields["modalities"].append(sorted({m for _, m in by_route}))
+            fields["content_hash"].append(item.content_hash or content_hash(item, digests[pos], self._fingerprint))
+            fields["num_images"].append(_num_images(vectors[pos]))
+            fields["attributes"].append(item.attributes)
+            fields["transcript"].append(spoken)
+            fields["title"].append(shown["title"])
+            fields["snippet"].append(shown["snippet"])
+        fields["model_fingerprint"] = [self._fingerprint] * len(rows)
+        return columns_to_table(fused[[row for _, row, _ in rows]], fields, schema), dead
+
+    def _fuse(self, items, vectors, failures, transcripts, out: list):
+        """Fate checks and one fuse_batch call: dead letters go into ``out[pos]``; returns the fused array and
+        ``[(pos, row of the fused array, the item's vectors by route)]`` for the items that were fused."""
         pending: list[tuple[int, dict]] = []
         flat: dict[tuple[str, str], tuple[list[int], list]] = {}
         for pos, item in enumerate(items):
@@ -90,34 +150,26 @@ class ItemFuser:
             for key, vs in decided.items():
                 rows, got = flat.setdefault(key, ([], []))
                 rows.extend([row] * len(vs))
-                got.extend(v.vector for v in sorted(vs, key=lambda v: v.index))
+                got.extend(v.vector for v in (sorted(vs, key=lambda v: v.index) if len(vs) > 1 else vs))
         if not pending:
-            return out
+            return None, []
         fused, errors = fuse_batch(len(pending), flat, self._layout, self._fusion, attention=self._attention)
+        fused_rows = []
         for row, (pos, by_route) in enumerate(pending):
-            item, transcript = items[pos], transcripts.get(pos)
             if errors[row] is not None:
-                out[pos] = self._fusion_dead_letter(item, errors[row], transcript)
-                continue
-            out[pos] = EmbeddingRecord(
-                item_id=item.item_id,
-                vector=fused[row],
-                modalities=tuple(sorted({m for _, m in by_route})),
-                content_hash=item.content_hash or content_hash(item, digests[pos], self._fingerprint),
-                model_fingerprint=self._fingerprint,
-                # images that made it into the vector: with --image_decode gpu, digests are taken before decoding
-                num_images=len({v.index for v in vectors[pos] if v.modality == "image"}),
-                attributes=item.attributes,
-                transcript=transcript.text if transcript is not None else None,
-                **display_fields(item.title, item.description, transcript.text if transcript is not None else None),
-            )
-        return out
+                out[pos] = self._fusion_dead_letter(items[pos], errors[row], transcripts.get(pos))
+            else:
+                fused_rows.append((pos, row, by_route))
+        return fused, fused_rows
 
     def _check(self, item: CatalogItem, vectors: list[ModalityVector], failures: list[ItemFailure],
                transcript: Transcript | None) -> dict[tuple[str, str], list[ModalityVector]] | DeadLetter:
         """An item's fatal failure as a dead letter, else its vectors by (space, modality), counts checked."""
-        failures = sorted(failures, key=lambda f: (f.stage.value, f.source, f.detail))
-        fatal = [f for f in failures if not (self._media_errors == "drop_media" and f.stage in _MEDIA_STAGES)]
+        if failures:
+            failures = sorted(failures, key=lambda f: (f.stage.value, f.source, f.detail))
+            fatal = [f for f in failures if not (self._media_errors == "drop_media" and f.stage in _MEDIA_STAGES)]
+        else:
+            fatal = failures  # most items: nothing failed, nothing to sort
         if fatal:
             first = fatal[0]
             more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
@@ -128,7 +180,7 @@ class ItemFuser:
         for route in self._routes:
             got = len(by_route.get((route.space, route.modality), []))
             # a lost clip has no transcript, so transcript routes expect nothing from it already
-            lost = 0 if route.via == "transcript" else sum(
+            lost = 0 if route.via == "transcript" or not failures else sum(
                 1 for f in failures if f.modality == route.modality and f.stage in _MEDIA_STAGES)
             expected = expected_inputs(item, route, transcript)
             if got + lost != expected:

@@ -17,6 +17,7 @@ import time
 import typing
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
@@ -25,7 +26,8 @@ from pipeline.stages import progress
 from pipeline.config import ReadConfig
 from pipeline.stages.records import bucket_of, item_to_tuple
 from pipeline.stages.stage_metrics import StageTimer
-from schemas.catalog import CatalogColumns, CatalogItem, InvalidRow, validate_row
+from schemas.catalog import (MAX_ITEM_ID_CHARS, MAX_MEDIA_PER_ITEM, CatalogColumns, CatalogItem, InvalidRow,
+                             validate_row)
 from schemas.dead_letter import DeadLetter, Reason, Skip, SkipReason, Stage
 
 DEAD, SKIPPED, ROWS = "dead", "skipped", "rows"
@@ -58,6 +60,78 @@ def classify_row(row: dict, config: ReadConfig, modalities: frozenset[str], base
         return Skip(item.item_id, SkipReason.NO_CONFIGURED_MODALITY,
                     f"has {'+'.join(sorted(item.modalities))}; this run embeds {'+'.join(sorted(modalities))}")
     return item
+
+
+_STRING_TYPES = (pa.string(), pa.large_string())
+
+
+def _fast_path_columns(table: pa.Table, columns: CatalogColumns) -> bool:
+    """True if the row group's columns have the types :func:`classify_rows` reads without row dicts."""
+    if columns.passthrough or table.schema.field(columns.item_id).type not in _STRING_TYPES:
+        return False
+    for name in (columns.title, columns.description, columns.audio_uri):
+        if name in table.column_names and table.schema.field(name).type not in _STRING_TYPES:
+            return False
+    if columns.image_uris in table.column_names:
+        kind = table.schema.field(columns.image_uris).type
+        if not (kind in _STRING_TYPES or (pa.types.is_list(kind) or pa.types.is_large_list(kind))
+                and kind.value_type in _STRING_TYPES):
+            return False
+    return True
+
+
+def classify_rows(table: pa.Table, config: ReadConfig, modalities: frozenset[str], base_uri: str, path: str,
+                  first_row: int) -> list[tuple | DeadLetter | Skip]:
+    """A row group -> per row, the item (as :func:`item_to_tuple`), dead letter or skip of :func:`classify_row`.
+
+    Reads the columns as Python lists, one per column, and validates plain rows inline; a row that is not
+    plain (a missing or too long id, too many URIs, no content the run embeds) and any row group whose
+    column types are not the catalog's (integer ids, passthrough columns) go through :func:`classify_row`,
+    so every outcome, dead letters and their details included, is the one it gives
+    (``tests/test_hot_path.py`` compares the two on edge cases).
+    """
+    columns, n = config.columns, table.num_rows
+
+    def slow(k: int):
+        out = classify_row(table.slice(k, 1).to_pylist()[0], config, modalities, base_uri, f"{path}#{first_row + k}")
+        return item_to_tuple(out) if isinstance(out, CatalogItem) else out
+
+    if not _fast_path_columns(table, columns):
+        return [slow(k) for k in range(n)]
+
+    def column(name: str) -> list:
+        return table.column(name).to_pylist() if name in table.column_names else [None] * n
+
+    ids, titles, descriptions = column(columns.item_id), column(columns.title), column(columns.description)
+    images, audios, limit = column(columns.image_uris), column(columns.audio_uri), config.max_text_chars
+    text_ok, image_ok, audio_ok = "text" in modalities, "image" in modalities, "audio" in modalities
+    out: list = []
+    for k in range(n):
+        raw = ids[k]
+        item_id = raw.strip() if raw is not None else ""
+        uris = images[k]
+        if not item_id or len(item_id) > MAX_ITEM_ID_CHARS or (isinstance(uris, list) and len(uris) > MAX_MEDIA_PER_ITEM):
+            out.append(slow(k))
+            continue
+        title, description, audio = titles[k], descriptions[k], audios[k]
+        if title is not None:
+            title = title.strip()
+            title = title[:limit] if title else None
+        if description is not None:
+            description = description.strip()
+            description = description[:limit] if description else None
+        if uris is None:
+            uris = ()
+        else:
+            if isinstance(uris, str):
+                uris = [uris]
+            uris = tuple(u for u in (u.strip() for u in uris if u is not None) if u)
+        audio = (audio.strip() or None) if audio else None
+        if not (((title or description) and text_ok) or (uris and image_ok) or (audio and audio_ok)):
+            out.append(slow(k))  # an empty item (dead letter) or one the run has no model for (skip)
+            continue
+        out.append((item_id, title, description, uris, audio, base_uri, f"{path}#{first_row + k}", None, None))
+    return out
 
 
 class _ReadRows(beam.DoFn):
@@ -93,25 +167,24 @@ class _ReadRows(beam.DoFn):
         row_number = 0
         for group in range(parquet.num_row_groups):
             started, cpu = time.perf_counter(), time.process_time()
-            rows = parquet.read_row_group(group, columns=wanted).to_pylist()
+            table = parquet.read_row_group(group, columns=wanted)
+            results = classify_rows(table, self._config, self._modalities, base_uri, path, row_number)
+            row_number += table.num_rows
             out, buckets = [], {}
-            for row in rows:
-                result = classify_row(row, self._config, self._modalities, base_uri, f"{path}#{row_number}")
-                row_number += 1
-                if isinstance(result, CatalogItem):
-                    buckets.setdefault(bucket_of(result.item_id, self._num_buckets), []).append(
-                        item_to_tuple(result))
+            for result in results:
+                if isinstance(result, tuple):
+                    buckets.setdefault(bucket_of(result[0], self._num_buckets), []).append(result)
                 elif isinstance(result, Skip):
                     self._skipped.inc()
                     out.append(beam.pvalue.TaggedOutput(SKIPPED, result))
                 else:
                     self._invalid.inc()
                     out.append(beam.pvalue.TaggedOutput(DEAD, result))
-            self._rows.inc(len(rows))
-            self._timer.record(time.perf_counter() - started, time.process_time() - cpu, len(rows))
-            progress.note("read", len(rows))
+            self._rows.inc(table.num_rows)
+            self._timer.record(time.perf_counter() - started, time.process_time() - cpu, table.num_rows)
+            progress.note("read", table.num_rows)
             progress.note(progress.REJECTED, len(out))
-            yield beam.pvalue.TaggedOutput(ROWS, len(rows))
+            yield beam.pvalue.TaggedOutput(ROWS, table.num_rows)
             yield from out
             for bucket in sorted(buckets):
                 items = buckets[bucket]

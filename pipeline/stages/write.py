@@ -37,9 +37,17 @@ def shard_name(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
+# Parquet dictionary encoding only where values repeat (one fingerprint per run, a few modality names). On
+# vectors, ids and hashes it is wasted work: pyarrow builds a dictionary for every column by default and
+# falls back to plain once it overflows; for 20k rows of 528-d vectors that took 3x the CPU of the whole
+# write and made the file larger (docs/BENCHMARKS.md, issue 11 round 7). Column paths of any table written here.
+DICTIONARY_COLUMNS = ["model_fingerprint", "modalities.list.element", "stage", "reason"]
+
+
 def write_table_atomically(path: str, table: pa.Table) -> None:
     """One Parquet table written atomically (``storage.write_atomically``); the crash hook is ``write_shard``."""
-    write_atomically(path, lambda stream: pq.write_table(table, stream, compression="zstd"),
+    write_atomically(path, lambda stream: pq.write_table(table, stream, compression="zstd",
+                                                         use_dictionary=DICTIONARY_COLUMNS),
                      lambda: faults.inject("write_shard"))
 
 
@@ -63,6 +71,12 @@ def _open_piece(path: str) -> pa.Table:
             return ipc.open_file(source).read_all()
     with FileSystems.open(path, compression_type="uncompressed") as f:
         return ipc.open_file(pa.BufferReader(f.read())).read_all()
+
+
+def _vector_matrix(table: pa.Table) -> np.ndarray:
+    """A piece's ``vector`` column as a [rows, dim] numpy view of its (memory-mapped) buffer: no copy."""
+    column = table.column("vector").combine_chunks()  # a piece is one record batch: no copy either
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 
 
 def write_piece(table: pa.Table, pieces_dir: str) -> tuple[str, np.ndarray] | None:
@@ -105,21 +119,36 @@ def assemble_shard(path: str, parts: list[tuple[str, np.ndarray]], schema: pa.Sc
     owner = np.repeat(np.arange(len(parts)), [len(rows) for _, rows in parts])
     local = np.concatenate([rows for _, rows in parts]) if parts else np.zeros(0, np.int64)
 
+    has_vectors = "vector" in schema.names  # embeddings shards; dead-letter shards have none
+
     def write(stream):
-        with pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+        with pq.ParquetWriter(stream, schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS) as writer:
             if not len(order):
                 writer.write_table(schema.empty_table())
             for start in range(0, len(order), CHUNK_ROWS):
                 chunk = order[start:start + CHUNK_ROWS]
-                pieces, taken, positions = owner[chunk], [], []
+                pieces, taken, positions, vectors = owner[chunk], [], [], None
                 for p in np.unique(pieces):
                     mine = np.flatnonzero(pieces == p)
-                    taken.append(_open_piece(parts[p][0]).take(pa.array(local[chunk[mine]])))
+                    rows = local[chunk[mine]]
+                    piece = _open_piece(parts[p][0])
+                    if has_vectors:
+                        # vectors (most of a row's bytes) are copied once, straight into their place in id
+                        # order; the small columns are taken per piece and put in order below
+                        values = _vector_matrix(piece)
+                        if vectors is None:
+                            vectors = np.empty((len(chunk), values.shape[1]), values.dtype)
+                        vectors[mine] = values[rows]
+                        piece = piece.drop_columns(["vector"])
+                    taken.append(piece.take(pa.array(rows)))
                     positions.append(mine)
-                table = pa.concat_tables(taken).combine_chunks()
                 restore = np.empty(len(chunk), np.int64)
                 restore[np.concatenate(positions)] = np.arange(len(chunk))
-                writer.write_table(table.take(pa.array(restore)).cast(schema), row_group_size=CHUNK_ROWS)
+                table = pa.concat_tables(taken).take(pa.array(restore))
+                if vectors is not None:
+                    vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+                    table = table.add_column(schema.get_field_index("vector"), "vector", vector)
+                writer.write_table(table.cast(schema), row_group_size=CHUNK_ROWS)
 
     write_atomically(path, write, lambda: faults.inject("write_shard"))
     return len(order)
