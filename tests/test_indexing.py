@@ -196,3 +196,10 @@ def test_add_parts_equals_one_add_of_the_rows_not_held(monkeypatch):
     none_held = indexing.from_bytes(indexing.to_bytes(trained))
     indexing.add_parts(none_held, parts, ids)
     assert none_held.ntotal == len(x)
+    # a first part held whole (a small catalog whose every row was in the sample) adds nothing and fails nothing
+    first_held = indexing.from_bytes(indexing.to_bytes(trained))
+    indexing.add_parts(first_held, [x[:10], x[10:]], ids, np.arange(10))
+    assert first_held.ntotal == len(x) - 10
+    all_held = indexing.from_bytes(indexing.to_bytes(trained))
+    indexing.add_parts(all_held, [x], ids, np.arange(len(x)))
+    assert all_held.ntotal == 0

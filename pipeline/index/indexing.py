@@ -253,6 +253,8 @@ def add_parts(index: faiss.Index, parts: Sequence[np.ndarray], ids: np.ndarray,
             if n:
                 index.add_with_ids(np.ascontiguousarray(part, dtype=np.float32), part_ids)
             continue
+        if not len(rows):
+            continue  # the index holds every row of this part already
         part = np.asarray(part, dtype=np.float32)
         size = min(ADD_CHUNK_ROWS, len(rows))
         if buffer is None or buffer.shape[1] != part.shape[1] or len(buffer) < size:
