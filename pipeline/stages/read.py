@@ -91,9 +91,12 @@ def classify_rows(table: pa.Table, config: ReadConfig, modalities: frozenset[str
     (``tests/test_hot_path.py`` compares the two on edge cases).
     """
     columns, n = config.columns, table.num_rows
+    rows: list[dict] = []  # the row group as row dicts, made once if any row needs them
 
     def slow(k: int):
-        out = classify_row(table.slice(k, 1).to_pylist()[0], config, modalities, base_uri, f"{path}#{first_row + k}")
+        if not rows:
+            rows.extend(table.to_pylist())
+        out = classify_row(rows[k], config, modalities, base_uri, f"{path}#{first_row + k}")
         return item_to_tuple(out) if isinstance(out, CatalogItem) else out
 
     if not _fast_path_columns(table, columns):
