@@ -17,6 +17,7 @@ $CATALOG_INDEX_WEIGHTS). Prints one line per model and exits 0 when it is done,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -48,8 +49,24 @@ def _read_checkpoint(path: str) -> dict:
     return out
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header's keys in sorted order, the tensors' bytes as they are.
+
+    safetensors writes the header's maps in hash order, which differs from one process to the next, so
+    two conversions of the same checkpoint gave files that differ in a few header bytes. The model
+    fingerprint hashes the weights file, so every fresh install (a CI machine, a rebuilt worker image)
+    would have made a nightly run re-encode the whole catalog. Same keys, same values, compact JSON:
+    the header keeps its length (and its padding, which safetensors allows)."""
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size]
+    canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+    if len(canonical) > size:
+        raise ValueError("safetensors header grew when sorted")
+    return data[:8] + canonical + b" " * (size - len(canonical)) + data[8 + size:]
+
+
 def prepare_aisfx(wheel: str | None, force: bool) -> str:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from encoders.aisfx import WEIGHTS_FILE, SfxNet, weights_dir
 
@@ -67,7 +84,8 @@ def prepare_aisfx(wheel: str | None, force: bool) -> str:
     SfxNet().load_state_dict(tensors)  # strict: every key and shape of the architecture
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_suffix(".tmp")
-    save_file(tensors, str(partial), metadata={"source": AISFX, "licence": "CC BY 4.0 (model), MIT (code)"})
+    partial.write_bytes(canonical_safetensors(
+        save(tensors, metadata={"source": AISFX, "licence": "CC BY 4.0 (model), MIT (code)"})))
     os.replace(partial, dest)
     return f"aisfx: wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB)"
 

@@ -155,6 +155,32 @@ def test_prepare_weights_converts_a_pickled_checkpoint_to_safetensors(tmp_path, 
     assert packaged_aisfx() == str(tmp_path / "weights" / "aisfx-embedding.safetensors")
 
 
+def test_prepared_weights_file_is_the_same_bytes_whatever_order_safetensors_wrote_its_header(tmp_path):
+    """The fingerprint hashes the weights file: two conversions must write the same bytes. safetensors writes
+    its header's maps in a per-process hash order; the canonical form is one order, and loads the same."""
+    import json
+    import sys
+
+    from safetensors.torch import load, save
+
+    sys.path.insert(0, str(towers.__file__).rsplit("/encoders/", 1)[0] + "/scripts")
+    import prepare_weights
+
+    tensors = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.ones(3)}
+    data = save(tensors, metadata={"source": "x", "licence": "y"})
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    # the same file with its header's keys in the other order, as another process may write it
+    reordered = json.dumps({k: header[k] for k in reversed(list(header))} | {
+        "__metadata__": dict(reversed(list(header["__metadata__"].items())))}, separators=(",", ":")).encode()
+    other = data[:8] + reordered + b" " * (size - len(reordered)) + data[8 + size:]
+    assert other != data or list(header) == sorted(header)
+    one, two = prepare_weights.canonical_safetensors(data), prepare_weights.canonical_safetensors(other)
+    assert one == two and len(one) == len(data)
+    loaded = load(one)
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
 def test_moonshine_tokenizer_file_format(tmp_path):
     from encoders.asr_moonshine import detokenize, read_tokenizer
 
