@@ -61,6 +61,11 @@ def expected_inputs(item: CatalogItem, route: Route, transcript: Transcript | No
     return 0
 
 
+# an EmbeddingRecord's fields but its vector, in the order fuse_table gathers them
+_FIELDS = ("item_id", "modalities", "content_hash", "model_fingerprint", "num_images", "attributes", "transcript",
+           "title", "snippet")
+
+
 def _num_images(vectors: list[ModalityVector]) -> int:
     # images that made it into the vector: with --image_decode gpu, digests are taken before decoding
     return len({v.index for v in vectors if v.modality == "image"})
@@ -93,18 +98,7 @@ class ItemFuser:
         out: list = [None] * len(items)
         fused, rows = self._fuse(items, vectors, failures, transcripts, out)
         for pos, row, by_route in rows:
-            item, transcript = items[pos], transcripts.get(pos)
-            out[pos] = EmbeddingRecord(
-                item_id=item.item_id,
-                vector=fused[row],
-                modalities=tuple(sorted({m for _, m in by_route})),
-                content_hash=item.content_hash or content_hash(item, digests[pos], self._fingerprint),
-                model_fingerprint=self._fingerprint,
-                num_images=_num_images(vectors[pos]),
-                attributes=item.attributes,
-                transcript=transcript.text if transcript is not None else None,
-                **display_fields(item.title, item.description, transcript.text if transcript is not None else None),
-            )
+            out[pos] = EmbeddingRecord(vector=fused[row], **self._fields(pos, by_route, items, vectors, digests, transcripts))
         return out
 
     def fuse_table(self, items: Sequence[CatalogItem], vectors: Sequence[list[ModalityVector]],
@@ -118,22 +112,28 @@ class ItemFuser:
         dead = [d for d in out if d is not None]
         if not rows:
             return None, dead
-        fields: dict[str, list] = {name: [] for name in ("item_id", "modalities", "content_hash", "model_fingerprint",
-                                                         "num_images", "attributes", "transcript", "title", "snippet")}
+        fields: dict[str, list] = {name: [] for name in _FIELDS}
         for pos, _, by_route in rows:
-            item, transcript = items[pos], transcripts.get(pos)
-            spoken = transcript.text if transcript is not None else None
-            shown = display_fields(item.title, item.description, spoken)
-            fields["item_id"].append(item.item_id)
-            fields["modalities"].append(sorted({m for _, m in by_route}))
-            fields["content_hash"].append(item.content_hash or content_hash(item, digests[pos], self._fingerprint))
-            fields["num_images"].append(_num_images(vectors[pos]))
-            fields["attributes"].append(item.attributes)
-            fields["transcript"].append(spoken)
-            fields["title"].append(shown["title"])
-            fields["snippet"].append(shown["snippet"])
-        fields["model_fingerprint"] = [self._fingerprint] * len(rows)
+            for name, value in self._fields(pos, by_route, items, vectors, digests, transcripts).items():
+                fields[name].append(value)
         return columns_to_table(fused[[row for _, row, _ in rows]], fields, schema), dead
+
+    def _fields(self, pos: int, by_route: dict, items: Sequence[CatalogItem], vectors: Sequence[list[ModalityVector]],
+                digests: Sequence[list[MediaDigest]], transcripts: Mapping[int, Transcript]) -> dict:
+        """A fused item's :class:`EmbeddingRecord` fields but its vector: the one place they are decided, for
+        the records of :meth:`fuse_items` and the columns of :meth:`fuse_table`."""
+        item, transcript = items[pos], transcripts.get(pos)
+        spoken = transcript.text if transcript is not None else None
+        return {
+            "item_id": item.item_id,
+            "modalities": tuple(sorted({m for _, m in by_route})),
+            "content_hash": item.content_hash or content_hash(item, digests[pos], self._fingerprint),
+            "model_fingerprint": self._fingerprint,
+            "num_images": _num_images(vectors[pos]),
+            "attributes": item.attributes,
+            "transcript": spoken,
+            **display_fields(item.title, item.description, spoken),
+        }
 
     def _fuse(self, items, vectors, failures, transcripts, out: list):
         """Fate checks and one fuse_batch call: dead letters go into ``out[pos]``; returns the fused array and
