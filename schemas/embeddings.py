@@ -103,12 +103,13 @@ def records_to_table(records: list[EmbeddingRecord], schema: pa.Schema) -> pa.Ta
     """Casts a batch of records to ``schema`` (vectors to the schema's dtype)."""
     dim = schema.field("vector").type.list_size
     vectors = np.stack([r.vector for r in records]) if records else np.zeros((0, dim), np.float32)
-    fields = {name: [getattr(r, name) for r in records] for name in _ROW_FIELDS}
+    fields = {name: [getattr(r, name) for r in records] for name in ROW_FIELDS}
     fields["modalities"] = [list(m) for m in fields["modalities"]]
     return columns_to_table(vectors, fields, schema)
 
 
-_ROW_FIELDS = ("item_id", "modalities", "content_hash", "model_fingerprint", "num_images", "attributes",
+# an EmbeddingRecord's fields but its vector: the columns columns_to_table takes as lists
+ROW_FIELDS = ("item_id", "modalities", "content_hash", "model_fingerprint", "num_images", "attributes",
                "transcript", "title", "snippet")
 
 

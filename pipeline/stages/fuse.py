@@ -20,7 +20,7 @@ from pipeline.config import Route
 from pipeline.stages.records import ItemFailure, MediaDigest, ModalityVector
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
-from schemas.embeddings import EmbeddingRecord, columns_to_table, display_fields
+from schemas.embeddings import ROW_FIELDS, EmbeddingRecord, columns_to_table, display_fields
 
 NAMESPACE = "catalog_index.fuse"
 _MEDIA_STAGES = (Stage.FETCH, Stage.DECODE)
@@ -59,11 +59,6 @@ def expected_inputs(item: CatalogItem, route: Route, transcript: Transcript | No
     if route.modality == "audio":
         return 1 if item.audio_uri else 0
     return 0
-
-
-# an EmbeddingRecord's fields but its vector, in the order fuse_table gathers them
-_FIELDS = ("item_id", "modalities", "content_hash", "model_fingerprint", "num_images", "attributes", "transcript",
-           "title", "snippet")
 
 
 def _num_images(vectors: list[ModalityVector]) -> int:
@@ -112,7 +107,7 @@ class ItemFuser:
         dead = [d for d in out if d is not None]
         if not rows:
             return None, dead
-        fields: dict[str, list] = {name: [] for name in _FIELDS}
+        fields: dict[str, list] = {name: [] for name in ROW_FIELDS}
         for pos, _, by_route in rows:
             for name, value in self._fields(pos, by_route, items, vectors, digests, transcripts).items():
                 fields[name].append(value)
