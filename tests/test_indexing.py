@@ -156,14 +156,14 @@ def test_recall_measures():
     assert indexing.one_recall_at_one(found, truth) == 0.5
 
 
-def test_add_rest_completes_a_shard_that_holds_some_rows_already():
+def test_add_parts_completes_a_shard_that_holds_some_rows_already():
     x = np.random.default_rng(2).standard_normal((500, 16)).astype(np.float32)
     index = indexing.new_index("IVF4,Flat", 16, "l2")
     index.train(x)
     held = np.array([3, 7, 100, 499])
-    index.add_with_ids(x[held], indexing.make_ids(2, len(x))[held])
-    ids = indexing.add_rest(index, x, 2, held)
-    np.testing.assert_array_equal(ids, indexing.make_ids(2, len(x)))
+    ids = indexing.make_ids(2, len(x))
+    index.add_with_ids(x[held], ids[held])
+    indexing.add_parts(index, [x], ids, held)
     assert index.ntotal == len(x)
     indexing.apply_search_params(index, {"nprobe": 4})  # every list: exact
     _, found = index.search(x, 1)

@@ -214,14 +214,6 @@ def fill_shard(trained: faiss.Index | bytes, vectors: np.ndarray, shard: int) ->
     return index, ids
 
 
-def add_rest(index: faiss.Index, vectors: np.ndarray, shard: int, held: np.ndarray) -> np.ndarray:
-    """Completes a shard: ``index`` already holds rows ``held`` of ``vectors`` under their ids (the selection's
-    measured copy); every other row is added under ``make_ids(shard, len(vectors))``. Returns every row's id."""
-    ids = make_ids(shard, len(vectors))
-    add_parts(index, [vectors], ids, held)
-    return ids
-
-
 # rows gathered per add when some rows of a part are held already: one buffer of this many rows is reused, so
 # completing a 1M x 512 shard copies 128 MB at a time instead of allocating (and faulting in) 1.8 GB
 ADD_CHUNK_ROWS = 1 << 16
@@ -247,9 +239,7 @@ def add_parts(index: faiss.Index, parts: Sequence[np.ndarray], ids: np.ndarray,
         part_ids = ids[offset:offset + n]
         rows = None if keep is None else np.flatnonzero(keep[offset:offset + n])
         offset += n
-        if rows is not None and len(rows) == n:
-            rows = None
-        if rows is None:
+        if rows is None or len(rows) == n:  # no row of this part is held: added as it is
             if n:
                 index.add_with_ids(np.ascontiguousarray(part, dtype=np.float32), part_ids)
             continue
