@@ -256,12 +256,39 @@ def _fetch_local(uri: str, policy: FetchPolicy) -> bytes:
     try:
         # O_NOFOLLOW: the path was resolved above; a symlink swapped in since then is refused
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as f:
-            return _read_capped(f, policy.max_bytes, uri)
+        try:
+            return _read_file(fd, st.st_size, policy.max_bytes, uri)
+        finally:
+            os.close(fd)
     except MediaError:
         raise
     except OSError as e:
         raise MediaError(Reason.FETCH_FAILED, f"{uri}: {e}") from None
+
+
+def _read_file(fd: int, expected: int, max_bytes: int, uri: str) -> bytes:
+    """A local file's bytes, at most ``max_bytes``, in one ``read`` when it still has the ``expected`` size.
+
+    Asking for one byte past the size ``stat`` reported and getting fewer at
+    exactly that size is the end of the file, so no second read is needed to
+    see it (each read releases the GIL, and on a decode thread racing the
+    model's thread every release can cost a hand-off: docs/BENCHMARKS.md,
+    issue 11 round 8). A file that grew or shrank since ``stat`` is read on
+    to its end, as before; more than ``max_bytes`` is refused.
+    """
+    chunks, total = [], 0
+    while True:
+        want = expected - total + 1 if total <= expected else 1 << 20
+        chunk = os.read(fd, min(want, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise MediaError(Reason.TOO_LARGE, f"{uri} is larger than the {max_bytes}-byte cap")
+        if total == expected and len(chunk) < want:
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def check_address(ip: str, policy: FetchPolicy, uri: str) -> None:
@@ -468,7 +495,8 @@ def decode_image(data: bytes, max_pixels: int = FetchPolicy.max_image_pixels,
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    # convert("RGB") of an RGB image is a full copy (one more C call that releases the GIL): skipped
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def decode_for_tower(data: bytes, preprocess, max_pixels: int = FetchPolicy.max_image_pixels):

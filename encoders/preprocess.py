@@ -46,14 +46,19 @@ class ImagePreprocess:
         return self.resized_size(width, height)
 
     def resize_crop(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> uint8 [size, size, 3], resized (bicubic) and center-cropped."""
+        """RGB image -> uint8 [size, size, 3], resized (bicubic) and center-cropped.
+
+        The crop is a view of the resized pixels (the same bytes PIL's ``crop``
+        copies; the batch's ``np.stack`` makes the one copy): one C call fewer
+        per image in the decode thread, each of which releases the GIL.
+        """
         s = self.size
         nw, nh = self.resized_size(*image.size)
-        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+        pixels = np.asarray(image.resize((nw, nh), Image.Resampling.BICUBIC), dtype=np.uint8)
         if (nw, nh) != (s, s):
             left, top = (nw - s) // 2, (nh - s) // 2
-            image = image.crop((left, top, left + s, top + s))
-        return np.asarray(image, dtype=np.uint8)
+            pixels = pixels[top:top + s, left:left + s]
+        return pixels
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [B, S, S, 3] -> float32 [B, 3, S, S], normalized, in whole-batch array ops.

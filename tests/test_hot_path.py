@@ -399,3 +399,72 @@ def test_fuse_table_gives_the_rows_of_records_to_table_over_fuse_items(tiny_clip
         assert table.equals(records_to_table(records, schema))
         assert dead == [o for o in outs if not isinstance(o, EmbeddingRecord)] and dead
         assert table.column("item_id").to_pylist()[0] == "a"
+
+
+def _decode_for_tower_round7(data: bytes, pre: ImagePreprocess) -> np.ndarray:
+    """decode_for_tower as it was before round 8: convert("RGB") always (a copy for RGB), PIL's crop."""
+    image = Image.open(io.BytesIO(data))
+    if image.format == "JPEG":
+        image.draft("RGB", pre.draft_size(*image.size))
+    image.load()
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    image = image.convert("RGB")
+    nw, nh = pre.resized_size(*image.size)
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    if (nw, nh) != (pre.size, pre.size):
+        left, top = (nw - pre.size) // 2, (nh - pre.size) // 2
+        image = image.crop((left, top, left + pre.size, top + pre.size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "RGBA-PNG", "P-PNG"])
+@pytest.mark.parametrize("size", [(640, 480), (301, 999), (64, 64), (65, 200)])
+@pytest.mark.parametrize("resize", ["shortest", "squash"])
+def test_decode_for_tower_gives_the_pixels_of_the_round7_path(photos, mode, size, resize):
+    """No convert copy for RGB and a view for the crop: the same uint8 pixels, for every mode and shape."""
+    pre = ImagePreprocess(size=64, mean=PRE.mean, std=PRE.std, resize=resize)
+    image = photos[1].resize(size)
+    buf = io.BytesIO()
+    if mode.endswith("PNG"):
+        image.convert(mode.split("-")[0]).save(buf, "PNG")
+    else:
+        image.convert(mode).save(buf, "JPEG", quality=85)
+    data = buf.getvalue()
+    got, want = decode_for_tower(data, pre), _decode_for_tower_round7(data, pre)
+    assert got.shape == want.shape == (64, 64, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, want)
+    assert np.array_equal(pre.normalize(np.stack([got, got])), pre.normalize(np.stack([want, want])))
+
+
+@pytest.mark.parametrize("expected_delta", [0, -7, 5, None])
+def test_local_read_takes_one_read_call_and_still_reads_a_file_that_changed_size(tmp_path, monkeypatch,
+                                                                                  expected_delta):
+    """One os.read for a file of the size stat reported; a stale size (grown or shrunk) still reads to the end."""
+    import os
+
+    from encoders import media
+
+    data = bytes(range(256)) * 300
+    path = tmp_path / "x.jpg"
+    path.write_bytes(data)
+    calls = []
+    real_read = os.read
+    monkeypatch.setattr(media.os, "read", lambda fd, n: calls.append(n) or real_read(fd, n))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        expected = len(data) + (expected_delta or 0)
+        got = media._read_file(fd, expected if expected_delta is not None else 0, 10**9, str(path))
+    finally:
+        os.close(fd)
+    assert got == data
+    if expected_delta == 0:
+        assert calls == [len(data) + 1]
+    with pytest.raises(media.MediaError) as e:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            media._read_file(fd, len(data), len(data) - 1, str(path))
+        finally:
+            os.close(fd)
+    assert e.value.reason.value == "too_large"
