@@ -153,6 +153,31 @@ def _show_bar(options, stream) -> bool:
     return in_process and hasattr(stream, "isatty") and stream.isatty()
 
 
+def local_runner(options):
+    """Beam's FnApiRunner, in this process, where the runner is unnamed or the DirectRunner; else None.
+
+    That is what the DirectRunner runs this batch pipeline on, after it has
+    tried its Prism runner first: Prism needs a binary downloaded at run time,
+    which fails on an offline worker (and the README's local runs, the
+    progress bar and the in-process fault hooks assume the in-memory runner
+    anyway). The attempt cost every run ~0.16 CPU-s (the pipeline's proto, a
+    worker pool started and stopped: docs/BENCHMARKS.md, issue 11 round 8).
+    Options reach the runner as the DirectRunner would pass them (its
+    ``--direct_running_mode`` and ``--direct_num_workers`` included).
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    if options.view_as(StandardOptions).runner not in (None, "DirectRunner", "direct"):
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
 def prepare(argv: list[str]):
     """Flags -> (PipelineOptions, RunConfig with its catalog checked, catalog files); UsageError on bad input."""
     from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
@@ -200,7 +225,7 @@ def run(argv: list[str]) -> int:
     from pipeline.query.recall_queries import RecallQueriesError
 
     options, config, files = prepare(argv)
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     try:
         build(pipeline, config, num_rows=files.num_rows)  # loads model configs (dimensions), the fusion module, the recall queries
     except RecallQueriesError as e:

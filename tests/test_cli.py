@@ -191,3 +191,24 @@ def test_beam_and_dataflow_flags_pass_the_typo_check(capsys):
     assert capsys.readouterr().err == ""
     _check_flags(["--catalog", "x", "--some_service_flag=1"])  # unknown but not a typo: named, passed on
     assert "--some_service_flag is neither" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,direct", [
+    ([], True), (["--runner=DirectRunner"], True), (["--runner", "direct"], True),
+    (["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"], True),
+    (["--runner=BundleBasedDirectRunner"], False), (["--runner=PortableRunner"], False),
+    (["--runner=DataflowRunner"], False),
+])
+def test_the_direct_runner_runs_on_the_fn_api_runner_without_its_prism_attempt(flags, direct):
+    """DirectRunner (or none) -> Beam's FnApiRunner in this process, options carried as DirectRunner does."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    runner = cli.local_runner(PipelineOptions(flags))
+    assert isinstance(runner, fn_runner.FnApiRunner) == direct and (runner is None) == (not direct)
+    if direct:
+        carried = runner._provision_info.provision_info.pipeline_options
+        for flag in flags:
+            if flag.startswith("--direct_"):
+                name, value = flag[2:].split("=")
+                assert str(carried["beam:option:" + name + ":v1"]) == value
