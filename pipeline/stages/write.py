@@ -176,7 +176,7 @@ class _WriteEmptyShards(beam.DoFn):
     def __init__(self, directory: str, prefix: str, schema: pa.Schema):
         self._directory, self._prefix, self._schema = directory, prefix, schema
 
-    def process(self, _, num_shards: int, written: list[str]):
+    def process(self, num_shards: int, written: list[str]):
         for shard in range(num_shards):
             path = f"{self._directory}/{shard_name(self._prefix, shard, num_shards)}"
             if path not in written:
@@ -251,9 +251,7 @@ class WriteShards(beam.PTransform):
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(_WriteShard(self._directory, self._prefix, self._schema), shards)
         )
-        return (
-            sources[0].pipeline
-            | "Once" >> beam.Create([None])
-            | "CompleteShards" >> beam.ParDo(_WriteEmptyShards(self._directory, self._prefix, self._schema),
-                                             shards, beam.pvalue.AsList(written))
-        )
+        # the shard count (one element, always: the combine has a default) starts the last step; a Create of
+        # its own would add two ParDos to every run's fixed cost (docs/BENCHMARKS.md, issue 11 round 8)
+        return num_shards | "CompleteShards" >> beam.ParDo(
+            _WriteEmptyShards(self._directory, self._prefix, self._schema), beam.pvalue.AsList(written))
