@@ -23,7 +23,7 @@ decoded media (thumbnails) goes there.
 """
 from __future__ import annotations
 
-import dataclasses
+import typing
 import os
 import time
 from typing import Sequence
@@ -88,9 +88,9 @@ def failure_stage(error: MediaError) -> Stage:
         Stage.DECODE if error.reason in (Reason.DECODE_FAILED, Reason.UNSUPPORTED_FORMAT) else Stage.FETCH)
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageJob:
-    """One image of one item of the batch: ``item`` is the item's position in the batch."""
+class ImageJob(typing.NamedTuple):
+    """One image of one item of the batch: ``item`` is the item's position in the batch (a NamedTuple: one is
+    made per image, see ``stages/records.py``)."""
 
     item: int
     index: int

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 import zlib
 
 import numpy as np
@@ -11,8 +12,10 @@ from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
 
-@dataclasses.dataclass(frozen=True)
-class MediaDigest:
+# The two records made once per item and modality on the hot path are NamedTuples: as typed and immutable as
+# a frozen dataclass, at about a third of its construction cost (frozen __init__ sets each field through
+# object.__setattr__); docs/BENCHMARKS.md, issue 11 round 8.
+class MediaDigest(typing.NamedTuple):
     """sha256 of one media object's bytes; part of the item's content hash."""
 
     modality: str
@@ -20,8 +23,7 @@ class MediaDigest:
     sha256: str
 
 
-@dataclasses.dataclass(frozen=True)
-class ModalityVector:
+class ModalityVector(typing.NamedTuple):
     """One encoder output for one item: ``index`` tells an item's images apart."""
 
     space: str
