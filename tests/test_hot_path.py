@@ -468,3 +468,29 @@ def test_local_read_takes_one_read_call_and_still_reads_a_file_that_changed_size
         finally:
             os.close(fd)
     assert e.value.reason.value == "too_large"
+
+
+def test_images_of_an_item_that_carries_its_content_hash_are_not_hashed_again(tmp_path, photos, monkeypatch):
+    """The media sha256 only feeds the item's content hash: an item with its hash (metadata change detection)
+    skips it, the others keep it; pixels are the same either way."""
+    import concurrent.futures
+
+    from encoders.media import FetchPolicy
+    from pipeline.stages import fetch
+    from schemas.catalog import CatalogItem
+
+    for k in range(3):
+        (tmp_path / f"{k}.jpg").write_bytes(_jpeg(photos[k], 300))
+    items = [CatalogItem("a", title="t", image_uris=("0.jpg", "1.jpg"), base_uri=str(tmp_path)),
+             CatalogItem("b", title="t", image_uris=("2.jpg",), base_uri=str(tmp_path), content_hash="h" * 64)]
+    hashed = []
+    monkeypatch.setattr(fetch, "sha256_hex", lambda data: hashed.append(len(data)) or hashlib.sha256(data).hexdigest())
+    policy = FetchPolicy(allowed_roots=(str(tmp_path),))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        results, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, local_threads=1).submit(pool, items))
+    assert [(job.item, job.index) for job, _ in results] == [(0, 0), (0, 1), (1, 0)]
+    assert len(hashed) == 2
+    for job, (pixels, digest) in results:
+        data = (tmp_path / f"{job.item * 2 + job.index}.jpg").read_bytes()
+        assert np.array_equal(pixels, decode_for_tower(data, PRE))
+        assert digest == ("" if job.item == 1 else hashlib.sha256(data).hexdigest())

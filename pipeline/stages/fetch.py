@@ -53,17 +53,18 @@ def decode_for_tower(data: bytes, preprocess: ImagePreprocess, max_pixels: int) 
         raise
 
 
-def load_image_u8(uri: str, policy: FetchPolicy, preprocess: ImagePreprocess) -> tuple[np.ndarray, str]:
-    """One image URI -> (uint8 [S, S, 3] pixels, sha256 of its bytes); raises MediaError."""
+def load_image_u8(uri: str, policy: FetchPolicy, preprocess: ImagePreprocess,
+                  digest: bool = True) -> tuple[np.ndarray, str]:
+    """One image URI -> (uint8 [S, S, 3] pixels, sha256 of its bytes or '' without ``digest``); raises MediaError."""
     data = fetch_bytes(uri, policy)
-    return decode_for_tower(data, preprocess, policy.max_image_pixels), sha256_hex(data)
+    return decode_for_tower(data, preprocess, policy.max_image_pixels), sha256_hex(data) if digest else ""
 
 
-def load_image_bytes(uri: str, policy: FetchPolicy) -> tuple[ImageBytes, str]:
-    """One image URI -> (its bytes, header checked but not decoded; sha256); raises MediaError."""
+def load_image_bytes(uri: str, policy: FetchPolicy, digest: bool = True) -> tuple[ImageBytes, str]:
+    """One image URI -> (its bytes, header checked but not decoded; sha256 or ''); raises MediaError."""
     data = fetch_bytes(uri, policy)
     probe_image(data, policy.max_image_pixels)
-    return ImageBytes(uri, data), sha256_hex(data)
+    return ImageBytes(uri, data), sha256_hex(data) if digest else ""
 
 
 def timed_load(load, *args):
@@ -155,20 +156,28 @@ class ImageFetcher:
         self._policy, self._preprocess, self._decode = policy, preprocess, decode
         self._local_threads = local_threads if local_threads > 0 else usable_cores()
 
-    def _one(self, uri: str):
+    def _one(self, uri: str, digest: bool = True):
         if not self._decode:
-            return timed_load(load_image_bytes, uri, self._policy)
-        return timed_load(load_image_u8, uri, self._policy, self._preprocess)
+            return timed_load(load_image_bytes, uri, self._policy, digest)
+        return timed_load(load_image_u8, uri, self._policy, self._preprocess, digest)
 
-    def _chunk(self, uris: list[str]) -> list[tuple[object, float]]:
-        return [self._one(uri) for uri in uris]
+    def _chunk(self, uris: list[str], undigested: frozenset[int] = frozenset()) -> list[tuple[object, float]]:
+        return [self._one(uri, k not in undigested) for k, uri in enumerate(uris)]
 
     def submit(self, pool, items: Sequence[CatalogItem]):
+        """Starts the batch's jobs. An image's sha256 only feeds its item's content hash: an item that arrives
+        with its hash (``--change_detection metadata`` computed it before fetch) gets '' instead."""
         jobs = image_jobs(items)
         local = [k for k, job in enumerate(jobs) if is_local(job.uri)]
         remote = [k for k, job in enumerate(jobs) if not is_local(job.uri)]
         groups = chunks(local, self._local_threads) + [[k] for k in remote]
-        return jobs, [(group, pool.submit(self._chunk, [jobs[k].uri for k in group])) for group in groups]
+        submitted = []
+        for group in groups:
+            uris = [jobs[k].uri for k in group]
+            undigested = frozenset(i for i, k in enumerate(group) if items[jobs[k].item].content_hash)
+            future = pool.submit(self._chunk, uris, undigested) if undigested else pool.submit(self._chunk, uris)
+            submitted.append((group, future))
+        return jobs, submitted
 
     @staticmethod
     def collect(submitted) -> tuple[list[tuple[ImageJob, object]], float]:
