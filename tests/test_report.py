@@ -189,6 +189,28 @@ def test_the_sample_is_the_smallest_hashes_whatever_the_order_or_partition():
     assert [s.item_id for s in picked] == expected and picked[0].title == f"t {expected[0]}"
 
 
+def test_pending_thumbnails_are_encoded_only_for_the_candidates_left_in_the_bound():
+    """Only the bound's survivors become JPEGs at flush, the same bytes make_thumbnail gives; memory bounded."""
+    rng = np.random.default_rng(3)
+    ids = [f"item-{i}" for i in range(400)]
+    images = {i: Image.fromarray(rng.integers(0, 255, (32 + k % 50, 40, 3), dtype=np.uint8)) for k, i in enumerate(ids)}
+    bound = report_sample.LocalBound(20)
+    pending = report_sample.PendingThumbnails(bound, size=20)
+    most = 0
+    for i in ids:
+        if bound.offer(i):
+            pending.add(i, images[i])
+        most = max(most, len(pending))
+    assert most <= 41  # pruned past 2 * size
+    got = pending.flush()
+    expected = sorted(ids, key=report_sample.sample_key)[:20]
+    assert [t.item_id for t in got] == expected and [t.key for t in got] == sorted(t.key for t in got)
+    assert all(t.jpeg == report_sample.make_thumbnail(images[t.item_id]) for t in got)
+    assert pending.flush() == [] and len(pending) == 0
+    pending.add("broken", "not an image")  # a failed shrink costs only the tile
+    assert len(pending) == 0
+
+
 def test_run_summary_adds_each_part_whatever_the_partition():
     items = [report_sample.sample_item(CatalogItem(f"id{i:03d}", title="t")) for i in range(30)]
     tagged = ([("rows", 10)] * 5 + [("embedded", 9)] * 5 + [("encoded", 4), ("encoded", 5)]

@@ -31,8 +31,18 @@ def sample_key(item_id: str) -> int:
 
 def make_thumbnail(image: Image.Image, side: int = THUMB_SIDE, max_bytes: int = THUMB_MAX_BYTES) -> bytes | None:
     """A JPEG of at most ``side`` pixels on its longest edge and ``max_bytes`` bytes; None if it cannot fit."""
+    return encode_thumbnail(shrink(image, side), max_bytes)
+
+
+def shrink(image: Image.Image, side: int = THUMB_SIDE) -> Image.Image:
+    """The thumbnail's pixels: RGB, at most ``side`` on the longest edge (the first half of make_thumbnail)."""
     small = image.convert("RGB")
     small.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return small
+
+
+def encode_thumbnail(small: Image.Image, max_bytes: int = THUMB_MAX_BYTES) -> bytes | None:
+    """:func:`shrink`'s image as a JPEG of at most ``max_bytes`` bytes; None if it cannot fit."""
     for quality in (80, 60, 40):
         buffer = io.BytesIO()
         small.save(buffer, format="JPEG", quality=quality)
@@ -68,6 +78,11 @@ class LocalBound:
     def __init__(self, size: int = SAMPLE_SIZE):
         self._size, self._heap = size, []  # max-heap through negated keys
 
+    def holds(self, key: int) -> bool:
+        """Whether ``key``, offered earlier, is still among the smallest (the bound only ever falls, so an
+        evicted key is never below it again)."""
+        return len(self._heap) < self._size or key <= -self._heap[0]
+
     def offer(self, item_id: str) -> bool:
         key = sample_key(item_id)
         if len(self._heap) < self._size:
@@ -77,6 +92,52 @@ class LocalBound:
             heapq.heapreplace(self._heap, -key)
             return True
         return False
+
+
+class PendingThumbnails:
+    """Sample candidates' shrunk pixels, made into JPEGs only for those still within ``bound`` at :meth:`flush`.
+
+    A worker offers a few thousand candidates to its bound over a long bundle (``size * (1 + ln(n / size))``
+    for n items in random order: 2,356 at 20,000) of which only ``size`` can stay in it; a JPEG each cost
+    ~0.1 CPU-ms from 32 px pixels, ~0.4 from 224 px (docs/BENCHMARKS.md, issue 11 rounds 5 and 8). The
+    shrink (PIL, C) is done at once, so what waits is at most ``side`` pixels square; entries that left the
+    bound are dropped whenever more than ``2 * size`` wait, so memory stays bounded.
+    """
+
+    def __init__(self, bound: LocalBound, size: int = SAMPLE_SIZE, side: int = THUMB_SIDE):
+        self._bound, self._limit, self._side = bound, 2 * size, side
+        self._pending: dict[int, tuple[str, Image.Image]] = {}
+
+    def add(self, item_id: str, image: Image.Image) -> None:
+        """Keeps ``image``'s thumbnail pixels for ``item_id`` (offered to the bound already); a failure only
+        costs the report its tile."""
+        try:
+            small = shrink(image, self._side)
+        except Exception:  # noqa: BLE001 - only the report's tile loses its photo
+            return
+        self._pending[sample_key(item_id)] = (item_id, small)
+        if len(self._pending) > self._limit:
+            self._pending = {k: v for k, v in self._pending.items() if self._bound.holds(k)}
+
+    def clear(self) -> None:
+        self._pending = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> list["Thumbnail"]:
+        """The thumbnails of the waiting candidates still within the bound, in key order; nothing waits after."""
+        out = []
+        for key in sorted(k for k in self._pending if self._bound.holds(k)):
+            item_id, small = self._pending[key]
+            try:
+                jpeg = encode_thumbnail(small)
+            except Exception:  # noqa: BLE001 - only the report's tile loses its photo
+                jpeg = None
+            if jpeg:
+                out.append(Thumbnail(key, item_id, jpeg))
+        self._pending = {}
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

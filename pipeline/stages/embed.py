@@ -137,6 +137,7 @@ class _Embed(beam.DoFn):
             "embedded": Metrics.counter(FUSE_NAMESPACE, "embedded"), "dead": Metrics.counter(FUSE_NAMESPACE, "dead_letters"),
         }
         self._thumbs = report_sample.LocalBound()  # items that may still be in the report's sample
+        self._pending_thumbs = report_sample.PendingThumbnails(self._thumbs)  # JPEG-encoded at the bundle's end
         progress.start(self._interval)
         freeze_heap_once()  # last: the models are loaded, so they are frozen too
 
@@ -146,6 +147,7 @@ class _Embed(beam.DoFn):
 
     def start_bundle(self):
         self._pending = collections.deque()
+        self._pending_thumbs.clear()  # a failed bundle's candidates are retried with its batches
 
     def process(self, batch: list[CatalogItem]):
         batch = list(batch)
@@ -165,6 +167,9 @@ class _Embed(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
                 else:
                     yield GlobalWindows.windowed_value(out)
+        # only the candidates still among this worker's smallest keys can be in the report's sample
+        for thumbnail in self._pending_thumbs.flush():
+            yield beam.pvalue.TaggedOutput(THUMBNAILS, GlobalWindows.windowed_value(thumbnail))
 
     # ------------------------------------------------------------------ one batch
 
@@ -184,7 +189,7 @@ class _Embed(beam.DoFn):
                     continue
                 data, digest = out
                 if job.index == 0 and job.item in sampled:
-                    thumbnails.append(self._thumbnail(batch[job.item].item_id, data))
+                    self._thumbnail(batch[job.item].item_id, data, thumbnails)
                 digests[job.item].append(MediaDigest("image", job.index, digest))
                 image_keys.append((job.item, job.index))
                 pixels.append(data)
@@ -214,15 +219,17 @@ class _Embed(beam.DoFn):
             progress.note("images decoded", len(image_keys))
         return failures, digests, image_keys, image_payload, clip_positions, clips, thumbnails
 
-    def _thumbnail(self, item_id: str, data) -> report_sample.Thumbnail | None:
-        # from what was decoded for the tower (or, decoding on the GPU, the fetched bytes): nothing is fetched again
+    def _thumbnail(self, item_id: str, data, thumbnails: list) -> None:
+        # from what was decoded for the tower (or, decoding on the GPU, the fetched bytes): nothing is fetched
+        # again. Decoded pixels wait, shrunk, for the bundle's end (PendingThumbnails); bytes are made at once.
         if isinstance(data, np.ndarray):
             from PIL import Image
 
-            jpeg = report_sample.thumbnail_or_none(Image.fromarray(data))
-        else:
-            jpeg = report_sample.thumbnail_from_bytes(data.data, self._fetch.max_image_pixels)
-        return report_sample.Thumbnail(report_sample.sample_key(item_id), item_id, jpeg) if jpeg else None
+            self._pending_thumbs.add(item_id, Image.fromarray(data))
+            return
+        jpeg = report_sample.thumbnail_from_bytes(data.data, self._fetch.max_image_pixels)
+        if jpeg:
+            thumbnails.append(report_sample.Thumbnail(report_sample.sample_key(item_id), item_id, jpeg))
 
     def _embed(self, batch, sampled, submitted_at, image_jobs, audio_jobs):
         n = len(batch)
