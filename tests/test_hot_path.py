@@ -494,3 +494,26 @@ def test_images_of_an_item_that_carries_its_content_hash_are_not_hashed_again(tm
         data = (tmp_path / f"{job.item * 2 + job.index}.jpg").read_bytes()
         assert np.array_equal(pixels, decode_for_tower(data, PRE))
         assert digest == ("" if job.item == 1 else hashlib.sha256(data).hexdigest())
+
+
+def test_clips_of_an_item_that_carries_its_content_hash_are_not_hashed_again(tmp_path):
+    import concurrent.futures
+
+    import soundfile
+
+    from encoders.audio import AudioPolicy
+    from encoders.media import FetchPolicy
+    from pipeline.stages.fetch_audio import AudioFetcher
+    from schemas.catalog import CatalogItem
+
+    t = np.arange(16000) / 16000
+    for k in range(2):
+        soundfile.write(tmp_path / f"{k}.wav", 0.3 * np.sin(2 * np.pi * (220 + 110 * k) * t), 16000)
+    items = [CatalogItem("a", title="t", audio_uri="0.wav", base_uri=str(tmp_path)),
+             CatalogItem("b", title="t", audio_uri="1.wav", base_uri=str(tmp_path), content_hash="h" * 64)]
+    fetcher = AudioFetcher(FetchPolicy(allowed_roots=(str(tmp_path),)), AudioPolicy(), (16000,))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        results, _ = AudioFetcher.collect(fetcher.submit(pool, items))
+    digests = [out[1] for _, _, out in results]
+    assert digests == [hashlib.sha256((tmp_path / "0.wav").read_bytes()).hexdigest(), ""]
+    assert [pos for pos, _, _ in results] == [0, 1] and all(out[0].duration_s > 0.9 for _, _, out in results)

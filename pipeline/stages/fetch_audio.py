@@ -19,10 +19,11 @@ NAMESPACE = "catalog_index.fetch_audio"
 DECODE_REASONS = (Reason.DECODE_FAILED, Reason.UNSUPPORTED_FORMAT, Reason.AUDIO_TOO_LONG, Reason.SILENT_AUDIO)
 
 
-def load_audio(uri: str, fetch: FetchPolicy, audio: AudioPolicy, rates: tuple[int, ...]) -> tuple[AudioClip, str]:
-    """One audio URI -> (decoded clip, sha256 of its bytes); raises MediaError."""
+def load_audio(uri: str, fetch: FetchPolicy, audio: AudioPolicy, rates: tuple[int, ...],
+               digest: bool = True) -> tuple[AudioClip, str]:
+    """One audio URI -> (decoded clip, sha256 of its bytes or '' without ``digest``); raises MediaError."""
     data = fetch_bytes(uri, fetch)
-    return decode_audio(data, rates, audio), sha256_hex(data)
+    return decode_audio(data, rates, audio), sha256_hex(data) if digest else ""
 
 
 def audio_failure_stage(error: MediaError) -> Stage:
@@ -37,12 +38,14 @@ class AudioFetcher:
             raise ValueError("the audio fetcher needs at least one target sample rate")
         self._fetch, self._audio, self._rates = fetch, audio, tuple(sorted(set(rates)))
 
-    def _one(self, uri: str):
-        return timed_load(load_audio, uri, self._fetch, self._audio, self._rates)
+    def _one(self, uri: str, digest: bool = True):
+        return timed_load(load_audio, uri, self._fetch, self._audio, self._rates, digest)
 
     def submit(self, pool, items: Sequence[CatalogItem]):
+        """Starts the batch's jobs; like the images' (``stages/fetch.py``), a clip of an item that arrives with its
+        content hash is not hashed again (its digest would feed nothing)."""
         jobs = [(pos, resolve_uri(item.audio_uri, item.base_uri)) for pos, item in enumerate(items) if item.audio_uri]
-        return jobs, [pool.submit(self._one, uri) for _, uri in jobs]
+        return jobs, [pool.submit(self._one, uri, not items[pos].content_hash) for pos, uri in jobs]
 
     @staticmethod
     def collect(submitted) -> tuple[list[tuple[int, str, object]], float]:
