@@ -43,10 +43,11 @@ K = 10
 
 
 def write_shards(vectors: np.ndarray, directory: str) -> list[str]:
-    """Embeddings shards as the pipeline writes them (same schema and naming)."""
+    """Embeddings shards as the pipeline writes them (same schema, naming, compression and dictionary columns)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.stages.write import DICTIONARY_COLUMNS, WRITE_COMPRESSION
     from schemas.embeddings import embeddings_schema
 
     os.makedirs(directory, exist_ok=True)
@@ -65,7 +66,7 @@ def write_shards(vectors: np.ndarray, directory: str) -> list[str]:
             "title": pa.array([None] * n, pa.string()), "snippet": pa.array([None] * n, pa.string()),
         }, schema=schema)
         path = f"{directory}/part-{shard:05d}-of-{SHARDS:05d}.parquet"
-        pq.write_table(table, path)
+        pq.write_table(table, path, compression=WRITE_COMPRESSION, use_dictionary=DICTIONARY_COLUMNS)
         paths.append(path)
     return paths
 
