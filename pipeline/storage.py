@@ -11,13 +11,15 @@ published, so a reader that resolves runs here never sees a half-written one.
 """
 from __future__ import annotations
 
+import contextlib
 import uuid
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 from schemas.manifest import FILE_NAME, Manifest
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
 MANIFEST = FILE_NAME  # the run's manifest.json (schemas/manifest.py)
 LATEST = "LATEST"
@@ -44,6 +46,20 @@ def read_table(path: str, columns: list[str] | None = None) -> "pa.Table":
         return pq.read_table(path.removeprefix("file://"), columns=columns)
     with open_read(path) as f:
         return pq.read_table(f, columns=columns)
+
+
+@contextlib.contextmanager
+def parquet_file(path: str) -> Iterator["pq.ParquetFile"]:
+    """``path`` opened as a ``pq.ParquetFile`` (row groups read on demand), local paths by Arrow itself as in
+    ``read_table``; closed on leaving."""
+    import pyarrow.parquet as pq
+
+    if is_local(path):
+        with pq.ParquetFile(path.removeprefix("file://")) as parquet:
+            yield parquet
+    else:
+        with open_read(path) as stream:
+            yield pq.ParquetFile(stream)
 
 
 def is_local(path: str) -> bool:

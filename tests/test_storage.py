@@ -37,3 +37,12 @@ def test_other_paths_go_through_filesystems_and_read_the_same(parquet_file, monk
     assert not storage.is_local("gs://bucket" + path)
     assert storage.read_table("gs://bucket" + path, ["n"]).equals(table.select(["n"]))
     assert opened == ["gs://bucket" + path]
+
+
+def test_parquet_file_reads_row_groups_of_local_and_other_paths_alike(parquet_file, monkeypatch):
+    path, table = parquet_file
+    with storage.parquet_file(path) as local:
+        assert local.read_row_group(0).equals(table)
+    monkeypatch.setattr(storage, "open_read", lambda p: open(p.removeprefix("gs://bucket"), "rb"))
+    with storage.parquet_file("gs://bucket" + path) as remote:
+        assert remote.metadata.num_rows == 3 and remote.read_row_group(0, columns=["n"]).equals(table.select(["n"]))
