@@ -360,7 +360,12 @@ def _save(path: str, name: str, rows: list[dict], notes: list[str]) -> None:
     saved = json.load(open(path)) if os.path.exists(path) else {}
     # a run of one budget (--budget) keeps the other budget's rows from an earlier run
     labels = {r["budget"] for r in rows}
-    kept = [r for r in saved.get(name, {}).get("rows", []) if r["budget"] not in labels]
+    old = saved.get(name, {}).get("rows", [])
+    kept = [r for r in old if r["budget"] not in labels]
+    for r in rows:  # a run without autofaiss (--afvenv '') keeps an earlier run's autofaiss figures, marked so
+        earlier = next((o.get("autofaiss") for o in old if o["budget"] == r["budget"]), None)
+        if r.get("autofaiss") is None and earlier and "error" not in earlier:
+            r["autofaiss"] = {**earlier, "earlier_run": True}
     saved[name] = {"rows": sorted(kept + rows, key=lambda r: r["budget"] != "4 GB"), "notes": notes}
     with open(path, "w") as f:
         json.dump(saved, f, default=str)
