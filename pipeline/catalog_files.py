@@ -9,8 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 
-import pyarrow.parquet as pq
-
+from pipeline.storage import parquet_file
 from schemas.catalog import CatalogColumns, MissingColumn, resolve_columns
 
 
@@ -26,11 +25,8 @@ class CatalogFiles:
 
 
 def _footer(path: str) -> tuple[tuple[str, ...], int]:
-    from apache_beam.io.filesystems import FileSystems
-
     try:
-        with FileSystems.open(path, compression_type="uncompressed") as f:
-            parquet = pq.ParquetFile(f)
+        with parquet_file(path) as parquet:
             return tuple(parquet.schema_arrow.names), parquet.metadata.num_rows
     except Exception as e:  # noqa: BLE001 - pyarrow and the filesystems raise assorted errors
         raise CatalogFileError(f"{path} is not a readable Parquet file: {type(e).__name__}: {e}") from None

@@ -11,10 +11,15 @@ published, so a reader that resolves runs here never sees a half-written one.
 """
 from __future__ import annotations
 
+import contextlib
 import uuid
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 from schemas.manifest import FILE_NAME, Manifest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 MANIFEST = FILE_NAME  # the run's manifest.json (schemas/manifest.py)
 LATEST = "LATEST"
@@ -29,6 +34,37 @@ def _fs():
 def open_read(path: str) -> BinaryIO:
     """``path`` opened for reading as stored (no decompression by file extension)."""
     return _fs().open(path, compression_type="uncompressed")
+
+
+def read_table(path: str, columns: list[str] | None = None) -> "pa.Table":
+    """A Parquet file's ``columns`` (all when None). A local path is opened by Arrow itself; any other goes through
+    ``FileSystems``. Arrow reading through a Python stream copies every page into fresh buffers: on 200k x 384
+    embeddings that was 0.4-0.9 s more per 300 MB, about half the index stage's read."""
+    import pyarrow.parquet as pq
+
+    if is_local(path):
+        return pq.read_table(path.removeprefix("file://"), columns=columns)
+    with open_read(path) as f:
+        return pq.read_table(f, columns=columns)
+
+
+@contextlib.contextmanager
+def parquet_file(path: str) -> Iterator["pq.ParquetFile"]:
+    """``path`` opened as a ``pq.ParquetFile`` (row groups read on demand), local paths by Arrow itself as in
+    ``read_table``; closed on leaving."""
+    import pyarrow.parquet as pq
+
+    if is_local(path):
+        with pq.ParquetFile(path.removeprefix("file://")) as parquet:
+            yield parquet
+    else:
+        with open_read(path) as stream:
+            yield pq.ParquetFile(stream)
+
+
+def is_local(path: str) -> bool:
+    """A path on this machine's file system: no scheme, or ``file://``."""
+    return "://" not in path or path.startswith("file://")
 
 
 def read_bytes(path: str) -> bytes:

@@ -94,7 +94,7 @@ def test_build_reads_ids_once_and_vectors_once_or_twice(tmp_path, monkeypatch, s
         reads[(getattr(source, "name", str(source)).rsplit("/", 1)[-1], tuple(columns or ()))] += 1
         return real(source, columns=columns, **kw)
 
-    monkeypatch.setattr(stage.pq, "read_table", counting)
+    monkeypatch.setattr(pq, "read_table", counting)  # storage.read_table calls it by module
     config = IndexConfig(factory="IVF8,Flat", train_size=600, num_queries=50, memory_gb=1.0,
                          shard_vectors=shard_vectors)
     info = _build(tmp_path, files, config)

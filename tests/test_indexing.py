@@ -149,6 +149,34 @@ def test_recall_on_clustered_data_and_recommended_nprobe(data):
         min(r["nprobe"] for r in table if r["recall_10_at_10"] == best), False)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("nq", [3, 700])  # below and above faiss's own BLAS threshold (nq x dim vs 128000)
+def test_exact_topk_is_the_brute_force_answer_and_leaves_faiss_settings_alone(metric, nq):
+    import faiss
+
+    x = clustered(2000, 200, seed=3)
+    q = clustered(nq, 200, seed=4)
+    before = faiss.cvar.distance_compute_blas_threshold
+    scores, ids = indexing.exact_topk(x, np.arange(2000) + 10, q, 7, metric)
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    dist = q @ x.T if metric == "ip" else ((q[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    want = np.argsort(-dist if metric == "ip" else dist, axis=1, kind="stable")[:, :7]
+    assert (ids == want + 10).mean() > 0.999  # float rounding may swap two near-equal neighbours
+    np.testing.assert_allclose(scores, np.take_along_axis(dist, want, 1), rtol=1e-4, atol=1e-4)
+    short = indexing.exact_topk(x[:4], np.arange(4), q, 7, metric)[1]  # fewer rows than k: padded with -1
+    assert (short[:, 4:] == -1).all() and (np.sort(short[:, :4], 1) == np.arange(4)).all()
+
+
+def test_write_index_streams_exactly_the_serialized_bytes(data):
+    import io
+
+    xb, _ = data
+    index, _ = indexing.fill_shard(trained_bytes(xb, "ip"), xb, 0)
+    stream = io.BytesIO()
+    indexing.write_index(index, stream)
+    assert stream.getvalue() == indexing.to_bytes(index)
+
+
 def test_recall_measures():
     truth = np.array([[1, 2, 3], [4, 5, 6]])
     found = np.array([[1, 3, 9], [7, 8, 4]])

@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipeline.index import indexing
-from pipeline.storage import RunNotFound, open_read, read_bytes, read_manifest, resolve_run_dir
+from pipeline.storage import RunNotFound, read_bytes, read_manifest, read_table, resolve_run_dir
 from schemas.manifest import IndexInfo, Manifest
 
 
@@ -76,8 +75,7 @@ class Run:
 
 
 def _read_ids(path: str, shard: int) -> np.ndarray:
-    with open_read(path) as f:
-        table = pq.read_table(f)
+    table = read_table(path)
     faiss_ids = table.column("faiss_id").to_numpy()
     if not np.array_equal(faiss_ids, indexing.make_ids(shard, len(faiss_ids))):
         raise ValueError(f"{path}: faiss ids are not shard {shard}'s rows 0..{len(faiss_ids) - 1}")

@@ -27,7 +27,6 @@ import time
 import typing
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from encoders import attention, towers
@@ -36,7 +35,7 @@ from encoders.media import FetchPolicy, MediaError, load_image, resolve_uri
 from pipeline.query import metrics
 from pipeline.query.evaluate import LabelledQuery, read_queries
 from pipeline.query.encoder import QueryEncoder, QueryError, RunInfo, load_run
-from pipeline.storage import match_paths, open_read
+from pipeline.storage import match_paths, read_table
 from schemas.catalog import CatalogColumns, CatalogItem, InvalidRow, validate_row
 from schemas.manifest import Catalog
 
@@ -63,8 +62,7 @@ def read_catalog(pattern: str, columns: CatalogColumns = CatalogColumns()
     """
     items, seen, counts = [], set(), {"invalid_row": 0, "duplicate_id": 0}
     for path in match_paths(pattern):
-        with open_read(path) as f:
-            rows = pq.read_table(f).to_pylist()
+        rows = read_table(path).to_pylist()
         for n, row in enumerate(rows):
             try:
                 item = validate_row(row, columns, base_uri=posixpath.dirname(path), source=f"{path}#{n}")

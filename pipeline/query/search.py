@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Sequence, TypeVar
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipeline.storage import open_read
+from pipeline.storage import read_table
 from schemas.embeddings import vectors_of
 from schemas.manifest import Manifest
 
@@ -59,8 +58,7 @@ class ExactSearcher:
     def from_files(cls: type[_Searcher], files: Sequence[str], metric: str = "cosine") -> _Searcher:
         ids, parts = [], []
         for path in files:
-            with open_read(path) as f:
-                table = pq.read_table(f, columns=["item_id", "vector"])
+            table = read_table(path, ["item_id", "vector"])
             ids += table.column("item_id").to_pylist()
             parts.append(vectors_of(table))
         return cls(ids, np.concatenate(parts) if parts else np.zeros((0, 0), np.float32), metric)

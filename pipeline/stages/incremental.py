@@ -35,7 +35,6 @@ import typing
 
 import apache_beam as beam
 import numpy as np
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -49,7 +48,7 @@ from pipeline.stages.publish import AccountingError
 from pipeline.stages.records import MediaDigest, bucket_of, item_from_tuple
 from pipeline.stages.stage_metrics import StageTimer
 from pipeline.stages.write import PIECES
-from pipeline.storage import MANIFEST, latest_run_dir, read_manifest
+from pipeline.storage import MANIFEST, latest_run_dir, parquet_file, read_manifest
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import DeadLetter, Reason, Stage
 from schemas.embeddings import display_fields
@@ -240,8 +239,7 @@ def read_hashes(path: str):
 
         yield _open_piece(path).select(HASH_COLUMNS)
         return
-    with FileSystems.open(path, compression_type="uncompressed") as stream:
-        parquet = pq.ParquetFile(stream)
+    with parquet_file(path) as parquet:
         for group in range(parquet.num_row_groups):
             yield parquet.read_row_group(group, columns=HASH_COLUMNS)
 
@@ -304,8 +302,7 @@ def _matching_rows(path: str, wanted):
         mask = pc.is_in(table.column("item_id"), value_set=wanted)
         yield table.filter(mask)
         return
-    with FileSystems.open(path, compression_type="uncompressed") as stream:
-        parquet = pq.ParquetFile(stream)
+    with parquet_file(path) as parquet:
         for group in range(parquet.num_row_groups):
             # the ids first: a row group none of whose items is reused costs no vector read
             mask = pc.is_in(parquet.read_row_group(group, columns=["item_id"]).column("item_id"), value_set=wanted)

@@ -38,8 +38,6 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from encoders.digest import sha256_hex
@@ -50,7 +48,7 @@ from pipeline.index.quantizer_reuse import PreviousQuantizer
 from pipeline.query.recall_queries import RecallQueries
 from pipeline.stages.stage_metrics import StageTimer
 from pipeline.stages.write import write_table_atomically
-from pipeline.storage import read_bytes, read_manifest, write_atomically, write_bytes_atomically
+from pipeline.storage import read_bytes, read_manifest, read_table, write_atomically, write_bytes_atomically
 from schemas.embeddings import vectors_of
 from schemas.manifest import recall_key
 
@@ -89,8 +87,7 @@ def read_shard(path: str) -> tuple[list[str], np.ndarray]:
 def read_columns(path: str) -> tuple[pa.Array, np.ndarray]:
     """(item ids as read, vectors) of an embeddings file: the ids stay an Arrow array, since a shard only
     writes them back (1M Python strings cost about half a second each way)."""
-    with FileSystems.open(path) as f:
-        table = pq.read_table(f, columns=["item_id", "vector"])
+    table = read_table(path, ["item_id", "vector"])
     return table.column("item_id").combine_chunks(), vectors_of(table)
 
 
@@ -102,15 +99,12 @@ def sample_keys(item_ids: list[str]) -> np.ndarray:
 
 def read_ids(path: str) -> list[str]:
     """Only the ``item_id`` column of an embeddings file: what the sample's first phase needs."""
-    with FileSystems.open(path) as f:
-        return pq.read_table(f, columns=["item_id"]).column("item_id").to_pylist()
+    return read_table(path, ["item_id"]).column("item_id").to_pylist()
 
 
 def read_rows(path: str, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
     """(item ids, vectors) of the given rows of an embeddings file, in the order given."""
-    with FileSystems.open(path) as f:
-        table = pq.read_table(f, columns=["item_id", "vector"])
-    table = table.take(pa.array(rows, pa.int64()))
+    table = read_table(path, ["item_id", "vector"]).take(pa.array(rows, pa.int64()))
     return table.column("item_id").to_pylist(), vectors_of(table)
 
 
@@ -473,8 +467,7 @@ def fill_index_shard(shard: int, paths: Sequence[str], parts: Sequence[tuple[pa.
     start = time.perf_counter()
     index_path, ids_path = index_shard_paths(index_dir, shard)
     write_table_atomically(ids_path, indexing.ids_table(ids, _item_ids(parts)))
-    data = indexing.serialized(index)
-    write_atomically(index_path, lambda stream: stream.write(data))  # the faiss buffer as it is: no bytes copy
+    write_atomically(index_path, lambda stream: indexing.write_index(index, stream))
     write_s = time.perf_counter() - start
     start = time.perf_counter()
     queries, metric = trained.all_queries, trained.params.metric

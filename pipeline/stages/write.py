@@ -42,11 +42,12 @@ def shard_name(prefix: str, shard: int, num_shards: int) -> str:
 # falls back to plain once it overflows; for 20k rows of 528-d vectors that took 3x the CPU of the whole
 # write and made the file larger (docs/BENCHMARKS.md, issue 11 round 7). Column paths of any table written here.
 DICTIONARY_COLUMNS = ["model_fingerprint", "modalities.list.element", "stage", "reason"]
+WRITE_COMPRESSION = "zstd"
 
 
 def write_table_atomically(path: str, table: pa.Table) -> None:
     """One Parquet table written atomically (``storage.write_atomically``); the crash hook is ``write_shard``."""
-    write_atomically(path, lambda stream: pq.write_table(table, stream, compression="zstd",
+    write_atomically(path, lambda stream: pq.write_table(table, stream, compression=WRITE_COMPRESSION,
                                                          use_dictionary=DICTIONARY_COLUMNS),
                      lambda: faults.inject("write_shard"))
 
@@ -122,7 +123,7 @@ def assemble_shard(path: str, parts: list[tuple[str, np.ndarray]], schema: pa.Sc
     has_vectors = "vector" in schema.names  # embeddings shards; dead-letter shards have none
 
     def write(stream):
-        with pq.ParquetWriter(stream, schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS) as writer:
+        with pq.ParquetWriter(stream, schema, compression=WRITE_COMPRESSION, use_dictionary=DICTIONARY_COLUMNS) as writer:
             if not len(order):
                 writer.write_table(schema.empty_table())
             for start in range(0, len(order), CHUNK_ROWS):
