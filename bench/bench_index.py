@@ -91,7 +91,9 @@ def _evaluate(index, queries: np.ndarray, truth: np.ndarray, params: dict) -> di
 def worker_pipeline(run_dir: str, dim: int, train_size: int, queries: int, memory_gb: float, qpath: str,
                     tpath: str) -> dict:
     import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
 
+    from pipeline.cli import local_runner
     from pipeline.index import indexing
     from pipeline.config import IndexConfig
     from pipeline.stages.index import BuildIndex, self_check_settings
@@ -99,8 +101,9 @@ def worker_pipeline(run_dir: str, dim: int, train_size: int, queries: int, memor
     config = IndexConfig(train_size=train_size, num_queries=queries, memory_gb=memory_gb)
     files = sorted(glob.glob(f"{run_dir}/embeddings/*.parquet"))
     info_path = f"{run_dir}/index-info.json"
+    options = PipelineOptions()
     start = time.perf_counter()
-    with beam.Pipeline() as p:
+    with beam.Pipeline(runner=local_runner(options), options=options) as p:  # the runner a local `run` uses
         (p | beam.Create(files) | BuildIndex(config, run_dir, dim)
          | beam.Map(lambda info: open(info_path, "w").write(json.dumps(info))))
     wall = time.perf_counter() - start
