@@ -1,9 +1,11 @@
 """Storage helpers shared by the stages, the index and query packages and the report (no Beam at import).
 
 Every read and write of a run's files goes through Beam's ``FileSystems``, so a
-local path, ``gs://`` and ``s3://`` read the same. It is imported on first use,
-not at module level: the Beam-free packages (index, query, report) use these
-helpers and must stay importable, and quick to import, without Beam's I/O layer.
+local path, ``gs://`` and ``s3://`` read the same; only Parquet on a local path
+is opened by Arrow itself (``read_table``, ``parquet_file``), which reads it
+without copying every page out of a Python stream. Beam is imported on first
+use, not at module level: the Beam-free packages (index, query, report) use
+these helpers and must stay importable, and quick to import, without Beam's I/O layer.
 
 A run lives at ``OUT/runs/<run_id>/`` and is published by ``OUT/LATEST``
 holding its id; only a run with a ``manifest.json`` (written last) counts as
