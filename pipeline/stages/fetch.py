@@ -23,10 +23,9 @@ decoded media (thumbnails) goes there.
 """
 from __future__ import annotations
 
-import typing
 import os
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -89,7 +88,7 @@ def failure_stage(error: MediaError) -> Stage:
         Stage.DECODE if error.reason in (Reason.DECODE_FAILED, Reason.UNSUPPORTED_FORMAT) else Stage.FETCH)
 
 
-class ImageJob(typing.NamedTuple):
+class ImageJob(NamedTuple):
     """One image of one item of the batch: ``item`` is the item's position in the batch (a NamedTuple: one is
     made per image, see ``stages/records.py``)."""
 
