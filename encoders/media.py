@@ -8,6 +8,7 @@ the caller can turn it into a row instead of a crash.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.client
 import io
 import ipaddress
@@ -139,11 +140,23 @@ def resolve_uri(uri: str, base_uri: str = "") -> str:
 
 def _read_capped(stream, max_bytes: int, uri: str, deadline: float | None = None, timeout_s: float = 0.0) -> bytes:
     """At most ``max_bytes`` from ``stream``; refuses more, and gives up at ``deadline``."""
-    chunks, total = [], 0
     # read1 returns what has arrived instead of blocking for a full chunk, so the deadline is checked
-    read = getattr(stream, "read1", stream.read)
+    return _read_chunks(getattr(stream, "read1", stream.read), max_bytes, uri, deadline=deadline, timeout_s=timeout_s)
+
+
+def _read_chunks(read: Callable[[int], bytes], max_bytes: int, uri: str, expected: int | None = None,
+                 deadline: float | None = None, timeout_s: float = 0.0) -> bytes:
+    """``read(n)`` until it returns nothing: at most ``max_bytes`` (more is refused), given up at ``deadline``.
+
+    With the ``expected`` size (a local file's ``stat``), the first read asks for one byte past it, and
+    getting fewer at exactly that size is the end: one read instead of two (each read releases the GIL, and
+    on a decode thread racing the model's thread every release can cost a hand-off: docs/BENCHMARKS.md,
+    issue 11 round 8). A file that grew or shrank since is read on to its end, as without it.
+    """
+    chunks, total = [], 0
     while True:
-        chunk = read(min(1 << 20, max_bytes + 1 - total))
+        want = expected - total + 1 if expected is not None and total <= expected else 1 << 20
+        chunk = read(min(want, max_bytes + 1 - total))
         if not chunk:
             break
         chunks.append(chunk)
@@ -153,7 +166,9 @@ def _read_capped(stream, max_bytes: int, uri: str, deadline: float | None = None
         if deadline is not None and time.monotonic() > deadline:
             # a server trickling bytes resets every socket timeout; the whole fetch has one budget
             raise MediaError(Reason.FETCH_TIMEOUT, f"{uri}: not read in {timeout_s}s")
-    return b"".join(chunks)
+        if total == expected and len(chunk) < want:
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _local_path(uri: str) -> str:
@@ -257,38 +272,13 @@ def _fetch_local(uri: str, policy: FetchPolicy) -> bytes:
         # O_NOFOLLOW: the path was resolved above; a symlink swapped in since then is refused
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         try:
-            return _read_file(fd, st.st_size, policy.max_bytes, uri)
+            return _read_chunks(functools.partial(os.read, fd), policy.max_bytes, uri, expected=st.st_size)
         finally:
             os.close(fd)
     except MediaError:
         raise
     except OSError as e:
         raise MediaError(Reason.FETCH_FAILED, f"{uri}: {e}") from None
-
-
-def _read_file(fd: int, expected: int, max_bytes: int, uri: str) -> bytes:
-    """A local file's bytes, at most ``max_bytes``, in one ``read`` when it still has the ``expected`` size.
-
-    Asking for one byte past the size ``stat`` reported and getting fewer at
-    exactly that size is the end of the file, so no second read is needed to
-    see it (each read releases the GIL, and on a decode thread racing the
-    model's thread every release can cost a hand-off: docs/BENCHMARKS.md,
-    issue 11 round 8). A file that grew or shrank since ``stat`` is read on
-    to its end, as before; more than ``max_bytes`` is refused.
-    """
-    chunks, total = [], 0
-    while True:
-        want = expected - total + 1 if total <= expected else 1 << 20
-        chunk = os.read(fd, min(want, max_bytes + 1 - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > max_bytes:
-            raise MediaError(Reason.TOO_LARGE, f"{uri} is larger than the {max_bytes}-byte cap")
-        if total == expected and len(chunk) < want:
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def check_address(ip: str, policy: FetchPolicy, uri: str) -> None:

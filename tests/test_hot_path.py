@@ -455,7 +455,8 @@ def test_local_read_takes_one_read_call_and_still_reads_a_file_that_changed_size
     fd = os.open(path, os.O_RDONLY)
     try:
         expected = len(data) + (expected_delta or 0)
-        got = media._read_file(fd, expected if expected_delta is not None else 0, 10**9, str(path))
+        got = media._read_chunks(lambda n: os.read(fd, n), 10**9, str(path),
+                                 expected=expected if expected_delta is not None else 0)
     finally:
         os.close(fd)
     assert got == data
@@ -464,7 +465,7 @@ def test_local_read_takes_one_read_call_and_still_reads_a_file_that_changed_size
     with pytest.raises(media.MediaError) as e:
         fd = os.open(path, os.O_RDONLY)
         try:
-            media._read_file(fd, len(data), len(data) - 1, str(path))
+            media._read_chunks(lambda n: os.read(fd, n), len(data) - 1, str(path), expected=len(data))
         finally:
             os.close(fd)
     assert e.value.reason.value == "too_large"
