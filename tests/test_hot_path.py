@@ -202,12 +202,12 @@ class _Pool:
     def __init__(self):
         self.jobs: list[list[str]] = []
 
-    def submit(self, fn, uris):
+    def submit(self, fn, uris, *args):
         import concurrent.futures
 
         self.jobs.append(list(uris))
         future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(fn(uris))
+        future.set_result(fn(uris, *args))
         return future
 
 

@@ -174,8 +174,7 @@ class ImageFetcher:
         for group in groups:
             uris = [jobs[k].uri for k in group]
             undigested = frozenset(i for i, k in enumerate(group) if items[jobs[k].item].content_hash)
-            future = pool.submit(self._chunk, uris, undigested) if undigested else pool.submit(self._chunk, uris)
-            submitted.append((group, future))
+            submitted.append((group, pool.submit(self._chunk, uris, undigested)))
         return jobs, submitted
 
     @staticmethod
