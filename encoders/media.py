@@ -40,6 +40,10 @@ class MediaError(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):
+        # pickled whole (a decoding process sends it back): reason, detail and any attribute set later (stage)
+        return type(self), (self.reason, self.detail), dict(self.__dict__)
+
 
 DEFAULT_SCHEMES = ("file", "gs", "s3")
 HTTP_SCHEMES = ("http", "https")
@@ -417,8 +421,6 @@ def _shown(uri: str, limit: int = 120) -> str:
 
 def fetch_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
     """Reads one media object, at most ``policy.max_bytes`` of it, if the policy allows the URI."""
-    from apache_beam.io.filesystems import FileSystems
-
     scheme = _scheme(uri)
     if scheme in HTTP_SCHEMES:
         if not policy.allow_http:
@@ -428,6 +430,8 @@ def fetch_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
     if scheme in ("", "file"):
         return _fetch_local(uri, policy)
     _confine_remote(uri, scheme, policy)
+    from apache_beam.io.filesystems import FileSystems  # here: a decoding process of local files never imports Beam
+
     try:
         if not FileSystems.exists(uri):
             raise MediaError(Reason.MISSING_MEDIA, f"{uri} does not exist")

@@ -94,7 +94,8 @@ def embed_settings(config: RunConfig, model_handlers: dict) -> dict:
     return dict(routes=routes, handlers=handlers, asr_handler=asr_handler, preprocess=preprocess,
                 fetch=config.fetch, audio=config.audio, audio_rates=rates, clap_rates=clap_rates,
                 decode_images=config.encode.image_decode == "cpu", device=config.encode.device,
-                threads=config.decode_threads, torch_threads=config.torch_threads, progress_interval_s=config.progress_interval_s)
+                threads=config.decode_threads, decode_processes=config.decode_processes,
+                torch_threads=config.torch_threads, progress_interval_s=config.progress_interval_s)
 
 
 def catalog_rows(pattern: str) -> int:

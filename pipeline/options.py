@@ -79,7 +79,8 @@ OPTION_FIELDS: dict[str, tuple] = {
     "device": (EncodeConfig, "device"), "precision": (EncodeConfig, "precision"),
     "batch_size": (EncodeConfig, "batch_size"), "model_copies_per_gpu": (EncodeConfig, "model_copies_per_gpu"),
     "image_decode": (EncodeConfig, "image_decode"),
-    "decode_threads": (RunConfig, "decode_threads"), "items_per_batch": (RunConfig, "items_per_batch"),
+    "decode_threads": (RunConfig, "decode_threads"), "decode_processes": (RunConfig, "decode_processes"),
+    "items_per_batch": (RunConfig, "items_per_batch"),
     "torch_threads": (RunConfig, "torch_threads"),
     "asr_language": (AsrSpec, "language", _auto_if_none), "asr_compute_type": (AsrSpec, "compute_type"),
     "asr_beam_size": (AsrSpec, "beam_size"),
@@ -173,6 +174,9 @@ class CatalogIndexOptions(PipelineOptions):
         _add(g, "--image_decode", choices=list(IMAGE_DECODERS),
              help="cpu: PIL on fetch threads; gpu: nvJPEG batches on the model's GPU, PIL fallback per item")
         _add(g, "--decode_threads", type=int, help="fetch+decode threads per worker process")
+        _add(g, "--decode_processes", type=int,
+             help="processes that decode local images for each worker process, like DataLoader workers "
+                  "(0: the fetch threads decode them); they share no GIL with the model's thread")
         _add(g, "--torch_threads", type=int,
              help="torch intra-op threads per worker process on a CPU device (0: torch's default, one per "
                   "core); 1 suits a small model on a shared machine, where idle threads spin; no effect "
@@ -380,6 +384,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
         decode_threads=o.decode_threads,
+        decode_processes=o.decode_processes,
         torch_threads=o.torch_threads,
         items_per_batch=o.items_per_batch,
         incremental=IncrementalConfig(previous_run=o.previous_run, change_detection=o.change_detection,

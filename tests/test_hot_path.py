@@ -239,6 +239,91 @@ def test_fetcher_decodes_local_chunks_and_remote_images_one_job_each(tmp_path, p
     assert cpu > 0
 
 
+def _mixed_items(tmp_path, photos):
+    from schemas.catalog import CatalogItem
+
+    for k in range(5):
+        (tmp_path / f"{k}.jpg").write_bytes(_jpeg(photos[k], 300 + 40 * k))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return [CatalogItem("a", title="t", image_uris=("0.jpg", "1.jpg"), base_uri=str(tmp_path)),
+            CatalogItem("b", title="t", image_uris=("gs://bucket/x.jpg", "bad.jpg", "2.jpg", "gone.jpg"),
+                        base_uri=str(tmp_path)),
+            CatalogItem("c", title="t", image_uris=("3.jpg", "4.jpg"), base_uri=str(tmp_path), content_hash="h" * 64)]
+
+
+def _outcomes(results):
+    from encoders.media import MediaError
+
+    return [(job, (type(out), out.reason, out.detail, getattr(out, "stage", None)) if isinstance(out, MediaError)
+             else (out[0].tobytes(), out[0].shape, out[1])) for job, out in results]
+
+
+def test_decoding_processes_give_the_outcomes_of_the_threads(tmp_path, photos):
+    """The same pixels, digests and errors (reason, detail and stage cross the process boundary), and the
+    local images are cut into one chunk per decoding process; remote ones stay on the threads."""
+    import concurrent.futures
+
+    from encoders.media import FetchPolicy
+    from pipeline.stages.fetch import ImageFetcher
+    from schemas.dead_letter import Reason
+
+    items = _mixed_items(tmp_path, photos)
+    policy = FetchPolicy(allowed_schemes=("file",), allowed_roots=(str(tmp_path),))
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        by_threads, _ = ImageFetcher.collect(ImageFetcher(policy, PRE, local_threads=1).submit(threads, items))
+        pool = _Pool()
+        submitted = ImageFetcher(policy, PRE, local_threads=1, processes=2).submit(pool, items)
+        assert pool.jobs == [["gs://bucket/x.jpg"]]  # only the remote image reached the threads
+        assert [len(group) for group, _, fallback in submitted[1] if fallback is not None] == [4, 3]
+        by_processes, cpu = ImageFetcher.collect(submitted)
+    assert _outcomes(by_processes) == _outcomes(by_threads)
+    reasons = [out.reason if isinstance(out, Exception) else None for _, out in by_processes]
+    assert reasons == [None, None, Reason.FORBIDDEN_URI, Reason.DECODE_FAILED, None, Reason.MISSING_MEDIA, None, None]
+    assert [out[1] for _, out in by_processes if not isinstance(out, Exception)][-2:] == ["", ""]  # item c: hashed
+    assert cpu > 0  # the decoding processes' own CPU seconds come back with their images
+
+
+def test_a_chunk_whose_decoding_process_died_is_decoded_in_the_thread_and_the_pool_replaced(
+        tmp_path, photos, monkeypatch):
+    import concurrent.futures
+    import os
+
+    from encoders.media import FetchPolicy
+    from pipeline.stages import decode_pool, fetch
+
+    items = _mixed_items(tmp_path, photos)
+    policy = FetchPolicy(allowed_schemes=("file",), allowed_roots=(str(tmp_path),))
+
+    class DiesAfterSubmit:  # each chunk's process dies after it was handed the chunk
+        def submit(self, *args):
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_exception(concurrent.futures.process.BrokenProcessPool("killed"))
+            return future
+
+        def shutdown(self, **kwargs):
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        expected, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, local_threads=1).submit(threads, items))
+        broken = decode_pool.DecodePool.get(1)
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            broken.submit(os._exit, 3).result()  # a decoding process that dies, as if killed
+        # broken before the batch: replaced at once, the batch decodes in the new processes
+        got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=1).submit(threads, items))
+        assert _outcomes(got) == _outcomes(expected)
+        fresh = decode_pool.DecodePool.get(1)
+        assert fresh is not broken and fresh.submit(sum, [1, 2]).result() == 3
+        # dying while the batch decodes: its chunks are decoded again in the collecting thread
+        monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: DiesAfterSubmit()))
+        got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(threads, items))
+        assert _outcomes(got) == _outcomes(expected)  # nothing of the batch was lost with the process
+        # no process can be started at all: the fetch threads decode
+        monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: broken))
+        pool = _Pool()
+        got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(pool, items))
+        assert _outcomes(got) == _outcomes(expected) and len(pool.jobs) == 3
+
+
 @pytest.mark.parametrize("threads,cores,expected", [(8, 2, 1), (8, 1, 1), (8, 8, 7), (2, 8, 2), (1, 16, 1), (8, 64, 8)])
 def test_local_decode_threads_leave_a_core_to_the_dofns_thread(threads, cores, expected):
     from pipeline.stages.fetch import local_decode_threads
@@ -477,7 +562,7 @@ def test_images_of_an_item_that_carries_its_content_hash_are_not_hashed_again(tm
     import concurrent.futures
 
     from encoders.media import FetchPolicy
-    from pipeline.stages import fetch
+    from pipeline.stages import decode_pool, fetch
     from schemas.catalog import CatalogItem
 
     for k in range(3):
@@ -485,7 +570,7 @@ def test_images_of_an_item_that_carries_its_content_hash_are_not_hashed_again(tm
     items = [CatalogItem("a", title="t", image_uris=("0.jpg", "1.jpg"), base_uri=str(tmp_path)),
              CatalogItem("b", title="t", image_uris=("2.jpg",), base_uri=str(tmp_path), content_hash="h" * 64)]
     hashed = []
-    monkeypatch.setattr(fetch, "sha256_hex", lambda data: hashed.append(len(data)) or hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(decode_pool, "sha256_hex", lambda data: hashed.append(len(data)) or hashlib.sha256(data).hexdigest())
     policy = FetchPolicy(allowed_roots=(str(tmp_path),))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         results, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, local_threads=1).submit(pool, items))

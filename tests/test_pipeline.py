@@ -141,6 +141,17 @@ def test_rerun_gives_identical_vectors(sample_run, sample_catalog, tiny_text_dir
     assert first.column("content_hash").to_pylist() == second.column("content_hash").to_pylist()
 
 
+def test_decoding_processes_give_the_vectors_of_the_fetch_threads(sample_run, sample_catalog, tiny_text_dir, tmp_path):
+    _, (first, first_dead, first_manifest, _) = sample_run
+    from pipeline.stages.decode_pool import DecodePool
+
+    table, dead, manifest, _ = run(sample_catalog, tmp_path, "procs", tiny_text_dir, "--decode_processes", "2")
+    assert 2 in DecodePool._pools  # the in-memory runner's embed stage decoded in this process's pool of 2
+    assert table.drop(["vector"]).to_pylist() == first.drop(["vector"]).to_pylist()  # ids, content hashes, fields
+    assert np.array_equal(vectors_of(first), vectors_of(table))
+    assert dead.to_pylist() == first_dead.to_pylist() and manifest["counts"] == first_manifest["counts"]
+
+
 @pytest.mark.slow
 def test_multi_processing_direct_runner_matches_in_memory(sample_run, sample_catalog, tiny_text_dir, tmp_path):
     _, (first, *_) = sample_run

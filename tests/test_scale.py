@@ -161,6 +161,7 @@ def _config(*flags):
     (["--image_decode", "gpu", "--model_copies_per_gpu", "1"], "cannot be combined"),
     (["--model_copies_per_gpu", "99"], "model_copies_per_gpu"),
     (["--decode_threads", "0"], "decode_threads"),
+    (["--decode_processes", "-1"], "decode_processes"),
 ])
 def test_scale_options_are_validated(flags, message):
     with pytest.raises(ValueError, match=message):

@@ -102,13 +102,14 @@ class _Embed(beam.DoFn):
                  fetch: FetchPolicy, audio: AudioPolicy, audio_rates: tuple[int, ...], clap_rates: dict,
                  decode_images: bool,
                  layout: Layout, fusion: FusionConfig, model_fingerprint: str, media_errors: str,
-                 schema: pa.Schema, device: str, threads: int, progress_interval_s: float, torch_threads: int = 0):
+                 schema: pa.Schema, device: str, threads: int, progress_interval_s: float, torch_threads: int = 0,
+                 decode_processes: int = 0):
         self._routes, self._handlers, self._asr_handler = routes, handlers, asr_handler
         self._preprocess, self._fetch, self._audio, self._rates = preprocess, fetch, audio, audio_rates
         self._decode_images, self._clap_rates = decode_images, dict(clap_rates)
         self._layout, self._fusion, self._fp, self._media_errors = layout, fusion, model_fingerprint, media_errors
         self._schema, self._device, self._threads, self._interval = schema, device, threads, progress_interval_s
-        self._torch_threads = torch_threads
+        self._torch_threads, self._decode_processes = torch_threads, decode_processes
         self._has_images = any(r.modality == "image" for r in routes)
         self._pending: collections.deque = collections.deque()
         self._pool = None
@@ -127,7 +128,8 @@ class _Embed(beam.DoFn):
                                 attention=load_attention(self._fusion, self._routes, self._layout))
         # local media is CPU work: it decodes on the cores this thread leaves free (remote media: all threads)
         self._images = ImageFetcher(self._fetch, self._preprocess, self._decode_images,
-                                    local_threads=local_decode_threads(self._threads)) if self._has_images else None
+                                    local_threads=local_decode_threads(self._threads),
+                                    processes=self._decode_processes) if self._has_images else None
         self._clips = AudioFetcher(self._fetch, self._audio, self._rates) if self._rates else None
         self._timers = {s: StageTimer(s) for s in ("fetch_decode", "encode", "transcribe", "fuse")}
         self._counters = {

@@ -14,6 +14,8 @@ image (on 2 cores, one job per image on 8 threads cost ~0.4 CPU-ms more per
 image item: docs/BENCHMARKS.md). Remote media (gs://, s3://, http) wait on the
 network, so each remote image is its own job, up to ``--decode_threads`` at a
 time.
+With ``--decode_processes N`` local images go to N decoding processes instead
+(``pipeline/stages/decode_pool.py``: no GIL shared with the DoFn's thread).
 With ``decode=False`` (``--image_decode gpu``) the threads only read bytes and
 check headers; the image handler decodes the batch on the GPU (nvJPEG).
 
@@ -23,40 +25,25 @@ decoded media (thumbnails) goes there.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import logging
+from concurrent.futures.process import BrokenProcessPool
 import os
-import time
 from typing import NamedTuple, Sequence
 
-import numpy as np
-
 from encoders.handlers import ImageBytes
-from encoders import media
 from encoders.digest import sha256_hex
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, probe_image, resolve_uri, uri_scheme
 from encoders.preprocess import ImagePreprocess
+from pipeline.stages.decode_pool import DecodePool, decode_chunk, timed_load
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
 NAMESPACE = "catalog_index.fetch"
-
-
-def decode_for_tower(data: bytes, preprocess: ImagePreprocess, max_pixels: int) -> np.ndarray:
-    """Encoded image -> uint8 [S, S, 3] for the tower; JPEGs decode at reduced scale when much larger.
-
-    Raises MediaError with ``stage`` DECODE (the bytes arrived; decoding or its pixel cap failed).
-    """
-    try:
-        return media.decode_for_tower(data, preprocess, max_pixels)
-    except MediaError as e:
-        e.stage = Stage.DECODE
-        raise
-
-
-def load_image_u8(uri: str, policy: FetchPolicy, preprocess: ImagePreprocess,
-                  digest: bool = True) -> tuple[np.ndarray, str]:
-    """One image URI -> (uint8 [S, S, 3] pixels, sha256 of its bytes or '' without ``digest``); raises MediaError."""
-    data = fetch_bytes(uri, policy)
-    return decode_for_tower(data, preprocess, policy.max_image_pixels), sha256_hex(data) if digest else ""
+_log = logging.getLogger(__name__)
+# what starting or using the decoding processes can raise: broken (a process died), shut down (replaced by
+# another DoFn of this process), or no process support at all
+_POOL_ERRORS = (BrokenProcessPool, RuntimeError, OSError, NotImplementedError)
 
 
 def load_image_bytes(uri: str, policy: FetchPolicy, digest: bool = True) -> tuple[ImageBytes, str]:
@@ -64,22 +51,6 @@ def load_image_bytes(uri: str, policy: FetchPolicy, digest: bool = True) -> tupl
     data = fetch_bytes(uri, policy)
     probe_image(data, policy.max_image_pixels)
     return ImageBytes(uri, data), sha256_hex(data) if digest else ""
-
-
-def timed_load(load, *args):
-    """``(load(*args) or the MediaError it became, this thread's CPU seconds)``, for a fetch thread pool.
-
-    Any other exception is a ``decode_failed`` MediaError too: a bug in one
-    decode must not fail the batch it belongs to.
-    """
-    started = time.thread_time()
-    try:
-        out = load(*args)
-    except MediaError as e:
-        out = e
-    except Exception as e:  # noqa: BLE001 - see the docstring
-        out = MediaError(Reason.DECODE_FAILED, f"{type(e).__name__}: {e}")
-    return out, time.thread_time() - started
 
 
 def failure_stage(error: MediaError) -> Stage:
@@ -147,20 +118,23 @@ class ImageFetcher:
     ``local_threads``: how many chunks a batch's local images are cut into (at
     most that many pool threads decode them at once); 0 means the usable
     cores. Remote images are one job each, as many at a time as the pool has
-    threads (``--decode_threads``).
+    threads (``--decode_threads``). ``processes`` > 0 (``--decode_processes``,
+    decoding on the CPU): local images are cut into that many chunks and
+    decoded by the process-wide :class:`DecodePool` instead of the threads.
     """
 
     def __init__(self, policy: FetchPolicy, preprocess: ImagePreprocess | None, decode: bool = True,
-                 local_threads: int = 0):
+                 local_threads: int = 0, processes: int = 0):
         self._policy, self._preprocess, self._decode = policy, preprocess, decode
         self._local_threads = local_threads if local_threads > 0 else usable_cores()
+        self._processes = processes if decode else 0  # undecoded bytes (--image_decode gpu) stay on threads
 
     def _one(self, uri: str, digest: bool = True):
-        if not self._decode:
-            return timed_load(load_image_bytes, uri, self._policy, digest)
-        return timed_load(load_image_u8, uri, self._policy, self._preprocess, digest)
+        return timed_load(load_image_bytes, uri, self._policy, digest)
 
     def _chunk(self, uris: list[str], undigested: frozenset[int] = frozenset()) -> list[tuple[object, float]]:
+        if self._decode:
+            return decode_chunk(uris, undigested, self._policy, self._preprocess)
         return [self._one(uri, k not in undigested) for k, uri in enumerate(uris)]
 
     def submit(self, pool, items: Sequence[CatalogItem]):
@@ -169,23 +143,66 @@ class ImageFetcher:
         jobs = image_jobs(items)
         local = [k for k, job in enumerate(jobs) if is_local(job.uri)]
         remote = [k for k, job in enumerate(jobs) if not is_local(job.uri)]
-        groups = chunks(local, self._local_threads) + [[k] for k in remote]
+        processes = self._pool_or_none() if self._processes and local else None
         submitted = []
-        for group in groups:
+        for group in chunks(local, self._processes or self._local_threads) + [[k] for k in remote]:
             uris = [jobs[k].uri for k in group]
             undigested = frozenset(i for i, k in enumerate(group) if items[jobs[k].item].content_hash)
-            submitted.append((group, pool.submit(self._chunk, uris, undigested)))
+            if processes is not None and is_local(uris[0]):
+                processes, future = self._to_processes(processes, uris, undigested)
+                if future is not None:
+                    submitted.append((group, future, (processes, self._chunk, uris, undigested)))
+                    continue
+                processes = None  # no decoding process could be started: the threads decode the rest
+            submitted.append((group, pool.submit(self._chunk, uris, undigested), None))
         return jobs, submitted
+
+    def _pool_or_none(self):
+        try:
+            return DecodePool.get(self._processes)
+        except _POOL_ERRORS as e:  # no process support here (no semaphores, a sandbox): the threads decode
+            _log.warning("decoding processes cannot be started (%s); local images decode on the fetch threads", e)
+            return None
+
+    def _to_processes(self, processes, uris, undigested):
+        """(pool, future) of a local chunk sent to the decoding processes; a pool that broke (or that another
+        DoFn replaced) since the last batch is replaced once, and ``(None, None)`` if the new one fails too."""
+        for attempt in range(2):
+            try:
+                return processes, processes.submit(decode_chunk, uris, undigested, self._policy, self._preprocess)
+            except _POOL_ERRORS:
+                DecodePool.discard(processes)
+                processes = self._pool_or_none() if attempt == 0 else None
+                if processes is None:
+                    break
+        _log.warning("decoding processes cannot be started; local images decode on the fetch threads")
+        return None, None
 
     @staticmethod
     def collect(submitted) -> tuple[list[tuple[ImageJob, object]], float]:
         """[(job, (pixels | ImageBytes, sha256) or MediaError)] in the batch's job order, and the threads'
-        CPU seconds."""
+        CPU seconds.
+
+        A chunk whose decoding process died (killed, out of memory, a crash in a
+        decoder) is decoded again in this thread, and the broken pool is replaced
+        at the next batch: the batch's items are not lost with the process.
+        """
         jobs, groups = submitted
         found: list[object] = [None] * len(jobs)
         cpu = 0.0
-        for group, future in groups:
-            for k, (out, seconds) in zip(group, future.result()):
+        for group, future, fallback in groups:
+            try:
+                outs = future.result()
+            except (BrokenProcessPool, concurrent.futures.CancelledError):
+                # the process died, or another DoFn of this process found the pool broken and cancelled its work
+                if fallback is None:
+                    raise
+                processes, chunk, uris, undigested = fallback
+                _log.warning("a decoding process died; decoding its %d images in the worker's thread, and "
+                             "starting new decoding processes", len(uris))
+                DecodePool.discard(processes)
+                outs = chunk(uris, undigested)
+            for k, (out, seconds) in zip(group, outs):
                 found[k] = out
                 cpu += seconds
         return list(zip(jobs, found)), cpu

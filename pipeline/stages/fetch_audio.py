@@ -11,7 +11,7 @@ from typing import Sequence
 from encoders.audio import AudioClip, AudioPolicy, decode_audio
 from encoders.digest import sha256_hex
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, resolve_uri
-from pipeline.stages.fetch import timed_load
+from pipeline.stages.decode_pool import timed_load
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
