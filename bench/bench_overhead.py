@@ -92,8 +92,27 @@ def make_catalog(directory: Path, n: int, images: bool, seed: int = 0, distinct:
 
 
 def cpu_seconds() -> float:
+    """This process's user + system CPU seconds, every thread, plus its live child processes' (the pipeline's
+    decoding processes with --decode_processes, and the fork server that starts them): they outlive a run,
+    so a difference over a run counts what they did in it."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime + children_cpu_seconds()
+
+
+def children_cpu_seconds() -> float:
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    pids = [p.pid for p in multiprocessing.active_children()]
+    pids.append(getattr(forkserver._forkserver, "_forkserver_pid", None))
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in filter(None, pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone already
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def bare_loop(catalog: Path, clip_json: str, images: bool, batch: int = 256) -> int:
@@ -131,7 +150,8 @@ def bare_loop(catalog: Path, clip_json: str, images: bool, batch: int = 256) -> 
 TORCH_THREADS = [1]  # the pipeline's --torch_threads: main() sets it to what the loop in this process uses
 
 
-def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_size: int = 64) -> int:
+def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_size: int = 64,
+                 decode_processes: int = 0) -> int:
     from pipeline import cli
     from pipeline.storage import read_manifest
 
@@ -139,7 +159,7 @@ def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_si
             "--clip_model", clip_json, "--clip_weights", "random", "--text_model", "none", "--asr_model", "none",
             "--device", "cpu", "--batch_size", str(batch_size), "--progress_interval_s", "0",
             "--previous_run", "none", "--index", "off", "--keep_runs", "0",
-            "--torch_threads", str(TORCH_THREADS[0])]
+            "--torch_threads", str(TORCH_THREADS[0]), "--decode_processes", str(decode_processes)]
     assert cli.main(argv) == 0
     return read_manifest(str(out / "runs" / run_id)).counts.embedded
 
@@ -172,24 +192,38 @@ def model_alone(catalog: Path, clip_json: str, images: bool, batch_size: int = 6
     return cpu_seconds() - cpu
 
 
-def compare(work: Path, n: int, images: bool, repeats: int) -> dict:
+def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0) -> dict:
+    """Loop and pipeline (and, for images with ``processes``, the pipeline with --decode_processes), alternating."""
     catalog = make_catalog(work / ("img" if images else "txt"), n, images)
     small = make_catalog(work / ("img-small" if images else "txt-small"), 200, images)
     clip = str(TINY_CLIP)
     # warm-up: imports, model build, file cache, for both sides
     bare_loop(catalog, clip, images)
     pipeline_run(catalog, clip, work / "out", f"warm-{images}")
+    processes = processes if images else 0
+    if processes:
+        pipeline_run(catalog, clip, work / "out", f"warm-procs-{images}", decode_processes=processes)
     fixed = statistics.median(_measure(lambda: pipeline_run(small, clip, work / "out", f"s-{images}"))[0]
                               for _ in range(3))
     model = model_alone(catalog, clip, images)
-    loops, pipes = [], []
+    loops, pipes, procs = [], [], []
     for r in range(repeats):
         loops.append(_measure(lambda: bare_loop(catalog, clip, images)))
         pipes.append(_measure(lambda: pipeline_run(catalog, clip, work / "out", f"r{r}-{images}")))
         assert loops[-1][2] == pipes[-1][2] == n, (loops[-1], pipes[-1])
-        print(f"{'image' if images else 'text-only'} repeat {r}: loop {loops[-1][0] / n * 1e3:.3f} CPU-ms/item, "
-              f"pipeline {pipes[-1][0] / n * 1e3:.3f} CPU-ms/item ({n / pipes[-1][1]:.0f} items/s)", flush=True)
-    return {"loop": loops, "pipeline": pipes, "fixed_200": fixed, "model": model}
+        line = (f"{'image' if images else 'text-only'} repeat {r}: loop {loops[-1][0] / n * 1e3:.3f} CPU-ms/item, "
+                f"pipeline {pipes[-1][0] / n * 1e3:.3f} CPU-ms/item ({n / pipes[-1][1]:.0f} items/s)")
+        if processes:
+            procs.append(_measure(lambda: pipeline_run(catalog, clip, work / "out", f"p{r}-{images}",
+                                                       decode_processes=processes)))
+            assert procs[-1][2] == n
+            line += (f", with --decode_processes {processes} {procs[-1][0] / n * 1e3:.3f} CPU-ms/item "
+                     f"({n / procs[-1][1]:.0f} items/s)")
+        print(line, flush=True)
+    out = {"loop": loops, "pipeline": pipes, "fixed_200": fixed, "model": model}
+    if processes:
+        out["processes"], out["procs"] = processes, procs
+    return out
 
 
 def rss_child(n: int, work: Path) -> None:
@@ -223,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=["image", "text-only"], default=["image", "text-only"],
                         help="measure only these (with --no_write: a rerun with more repeats)")
     parser.add_argument("--no_write", action="store_true", help="print only, leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--decode_processes", type=int, default=2,
+                        help="also run the image variant with the pipeline's --decode_processes N (0: skip)")
     parser.add_argument("--torch_threads", type=int, default=1,
                         help="torch intra-op threads for the loop, the model alone and the pipeline's "
                              "--torch_threads (0: torch's default, one per core)")
@@ -242,13 +278,15 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
-        results = {v: compare(work, args.items, v == "image", args.repeats) for v in args.variants}
+        results = {v: compare(work, args.items, v == "image", args.repeats, args.decode_processes)
+                   for v in args.variants}
         rss = {n: peak_rss_mb(n, work, args.torch_threads) for n in sorted(args.rss_items)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     n = args.items
     lines = [
-        f"`python bench/bench_overhead.py --items {n} --repeats {args.repeats} --rss_items "
+        f"`python bench/bench_overhead.py --items {n} --repeats {args.repeats} "
+        f"--decode_processes {args.decode_processes} --rss_items "
         f"{' '.join(map(str, sorted(args.rss_items)))}`",
         "",
         f"Machine: {os.cpu_count()} cores (shared), torch {torch.__version__}, {torch.get_num_threads()} intra-op "
@@ -259,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Catalog: {n} synthetic items, title + description (8-25 words), and for the image variant one JPEG "
         "per item (256-1024 px long side, 400 distinct crops of the sample photos, one file per item). Bare loop: "
         "read the Parquet, tokenize (the pipeline's tokenizer: open_clip's ids, `encoders.clip_tokenizer`), fetch the bytes under the same policy, decode + resize (JPEG "
-        "draft) and batch-normalize to the tower's input; no model. CPU = process user+system time, all threads.",
+        "draft) and batch-normalize to the tower's input; no model. CPU = process user+system time, all threads, "
+        "plus the decoding processes' and their fork server's (`--decode_processes`, read from /proc).",
         "",
         "| variant | side | CPU-ms / item (median) | items/s (median) | per repeat CPU-ms / item |",
         "|---|---|---|---|---|",
@@ -277,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio = med["pipeline"] / med["loop"]
         summary[variant] = ratio
         lines.append(f"| {variant} | **ratio pipeline / loop** | **{ratio:.2f}** (target <= 1.25) | | |")
+        if r.get("procs"):
+            cpu = statistics.median(c / n * 1e3 for c, _, _ in r["procs"])
+            rate = statistics.median(n / w for _, w, _ in r["procs"])
+            lines.append(f"| {variant} | pipeline, `--decode_processes {r['processes']}` | {cpu:.3f} | {rate:.0f} | "
+                         f"{', '.join(f'{c / n * 1e3:.3f}' for c, _, _ in r['procs'])} |")
+            lines.append(f"| {variant} | **ratio, `--decode_processes {r['processes']}` / loop** | "
+                         f"**{cpu / med['loop']:.2f}** (target <= 1.25) | | |")
         lines.append(f"| {variant} | of the pipeline: the tiny model alone (same batches) | {r['model'] / n * 1e3:.3f} | | |")
         lines.append(f"| {variant} | of the pipeline: per-run fixed cost (a 200-item run: {r['fixed_200']:.2f} CPU-s) "
                      f"spread over {n} items | {r['fixed_200'] / n * 1e3:.3f} | | |")
