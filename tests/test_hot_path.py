@@ -283,21 +283,33 @@ def test_decoding_processes_give_the_outcomes_of_the_threads(tmp_path, photos):
     assert cpu > 0  # the decoding processes' own CPU seconds come back with their images
 
 
-def test_a_chunk_whose_decoding_process_died_is_decoded_in_the_thread_and_the_pool_replaced(
-        tmp_path, photos, monkeypatch):
+def test_a_chunk_whose_decoding_process_died_is_decoded_again_image_by_image(tmp_path, photos, monkeypatch):
+    """A pool broken before the batch is replaced; a process that dies on a chunk costs only the image that
+    kills it again (a decode_failed error), never its batch-mates; with no process at all, the threads decode."""
     import concurrent.futures
     import os
 
-    from encoders.media import FetchPolicy
+    from encoders.media import FetchPolicy, MediaError
     from pipeline.stages import decode_pool, fetch
+    from schemas.catalog import CatalogItem
+    from schemas.dead_letter import Reason, Stage
 
     items = _mixed_items(tmp_path, photos)
+    (tmp_path / "poison.jpg").write_bytes((tmp_path / "1.jpg").read_bytes())  # decodes, but "kills" its process
+    items.append(CatalogItem("d", title="t", image_uris=("poison.jpg", "0.jpg"), base_uri=str(tmp_path)))
     policy = FetchPolicy(allowed_schemes=("file",), allowed_roots=(str(tmp_path),))
 
-    class DiesAfterSubmit:  # each chunk's process dies after it was handed the chunk
-        def submit(self, *args):
+    class DiesOnPoison:  # a process pool whose process dies on any chunk holding poison.jpg
+        def __init__(self):
+            self.jobs: list[list[str]] = []
+
+        def submit(self, fn, uris, *args):
+            self.jobs.append(list(uris))
             future: concurrent.futures.Future = concurrent.futures.Future()
-            future.set_exception(concurrent.futures.process.BrokenProcessPool("killed"))
+            if any(u.endswith("poison.jpg") for u in uris):
+                future.set_exception(concurrent.futures.process.BrokenProcessPool("killed"))
+            else:
+                future.set_result(fn(uris, *args))
             return future
 
         def shutdown(self, **kwargs):
@@ -308,20 +320,26 @@ def test_a_chunk_whose_decoding_process_died_is_decoded_in_the_thread_and_the_po
         broken = decode_pool.DecodePool.get(1)
         with pytest.raises(concurrent.futures.process.BrokenProcessPool):
             broken.submit(os._exit, 3).result()  # a decoding process that dies, as if killed
-        # broken before the batch: replaced at once, the batch decodes in the new processes
         got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=1).submit(threads, items))
-        assert _outcomes(got) == _outcomes(expected)
+        assert _outcomes(got) == _outcomes(expected)  # the broken pool was replaced before the batch
         fresh = decode_pool.DecodePool.get(1)
         assert fresh is not broken and fresh.submit(sum, [1, 2]).result() == 3
-        # dying while the batch decodes: its chunks are decoded again in the collecting thread
-        monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: DiesAfterSubmit()))
+
+        pool = DiesOnPoison()
+        monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: pool))
         got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(threads, items))
-        assert _outcomes(got) == _outcomes(expected)  # nothing of the batch was lost with the process
-        # no process can be started at all: the fetch threads decode
+        poisoned = [k for k, (job, _) in enumerate(got) if job.uri.endswith("poison.jpg")]
+        assert len(poisoned) == 1 and len(pool.jobs[1]) > 1  # its chunk, then each image of it alone
+        error = got[poisoned[0]][1]
+        assert isinstance(error, MediaError) and (error.reason, error.stage) == (Reason.DECODE_FAILED, Stage.DECODE)
+        assert fetch.DIED in error.detail
+        assert [o for k, o in enumerate(_outcomes(got)) if k not in poisoned] == \
+            [o for k, o in enumerate(_outcomes(expected)) if k not in poisoned]
+
         monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: broken))
-        pool = _Pool()
-        got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(pool, items))
-        assert _outcomes(got) == _outcomes(expected) and len(pool.jobs) == 3
+        jobs = _Pool()
+        got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(jobs, items))
+        assert _outcomes(got) == _outcomes(expected) and len(jobs.jobs) == 3  # 2 local chunks, 1 remote image
 
 
 @pytest.mark.parametrize("threads,cores,expected", [(8, 2, 1), (8, 1, 1), (8, 8, 7), (2, 8, 2), (1, 16, 1), (8, 64, 8)])

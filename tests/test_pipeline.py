@@ -152,6 +152,17 @@ def test_decoding_processes_give_the_vectors_of_the_fetch_threads(sample_run, sa
     assert dead.to_pylist() == first_dead.to_pylist() and manifest["counts"] == first_manifest["counts"]
 
 
+def test_a_decoding_process_killed_midway_loses_nothing(sample_run, sample_catalog, tiny_text_dir, tmp_path,
+                                                         monkeypatch):
+    _, (first, *_) = sample_run
+    marker = tmp_path / "decode-fault"
+    monkeypatch.setenv(faults.ENV, f"decode:exit:{marker}")  # the first chunk's process dies on the spot
+    table, dead, manifest, _ = run(sample_catalog, tmp_path, "killed", tiny_text_dir, "--decode_processes", "2")
+    assert marker.exists()  # a decoding process was killed
+    assert np.array_equal(vectors_of(first), vectors_of(table)) and dead.num_rows == 0
+    assert table.column("content_hash").to_pylist() == first.column("content_hash").to_pylist()
+
+
 @pytest.mark.slow
 def test_multi_processing_direct_runner_matches_in_memory(sample_run, sample_catalog, tiny_text_dir, tmp_path):
     _, (first, *_) = sample_run

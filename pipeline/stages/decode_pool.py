@@ -28,6 +28,7 @@ from encoders import media
 from encoders.digest import sha256_hex
 from encoders.media import FetchPolicy, MediaError, fetch_bytes
 from encoders.preprocess import ImagePreprocess
+from pipeline.stages import faults
 from schemas.dead_letter import Reason, Stage
 
 
@@ -67,9 +68,12 @@ def timed_load(load, *args):
 
 
 def decode_chunk(uris: Sequence[str], undigested: frozenset[int], policy: FetchPolicy,
-                 preprocess: ImagePreprocess) -> list[tuple[object, float]]:
+                 preprocess: ImagePreprocess, fault: str | None = None) -> list[tuple[object, float]]:
     """Each URI -> ``((pixels, sha256) or MediaError, CPU seconds)``, one after another; ``undigested``: the
-    positions whose sha256 is not needed (their item arrived with its content hash)."""
+    positions whose sha256 is not needed (their item arrived with its content hash). ``fault``: the test
+    hook's setting where the caller read it (a decoding process keeps the environment it started with)."""
+    if fault:
+        faults.inject("decode", fault)
     return [timed_load(load_image_u8, uri, policy, preprocess, k not in undigested) for k, uri in enumerate(uris)]
 
 

@@ -10,16 +10,17 @@ unless set. Actions:
 * ``exit``: the process dies on the spot (``os._exit``), as if killed, after
   creating the marker (so a test can tell that the point was reached).
 
-Points: ``fuse`` (an item's record has been emitted), ``write_shard`` (a shard's temporary file is written, not yet
-renamed), ``publish_manifest`` (all shards written, manifest not yet),
-``publish_latest`` (manifest written, LATEST not yet).
+Points: ``decode`` (a chunk of images reaches a decoding process, ``--decode_processes``), ``fuse`` (an
+item's record has been emitted), ``write_shard`` (a shard's temporary file is written, not yet renamed),
+``publish_manifest`` (all shards written, manifest not yet), ``publish_latest`` (manifest written, LATEST
+not yet).
 """
 from __future__ import annotations
 
 import os
 
 ENV = "CATALOG_INDEX_FAULT"
-POINTS = ("fuse", "write_shard", "publish_manifest", "publish_latest")
+POINTS = ("decode", "fuse", "write_shard", "publish_manifest", "publish_latest")
 ACTIONS = ("raise_once", "exit")
 
 
@@ -27,9 +28,16 @@ class InjectedFault(RuntimeError):
     """The failure a test asked for."""
 
 
-def inject(point: str) -> None:
-    """Fails here if the environment asks for a fault at ``point``; otherwise a no-op."""
-    spec = os.environ.get(ENV)
+def spec() -> str | None:
+    """This process's setting, to hand to a process started earlier (a decoding process keeps the
+    environment of the fork server it came from)."""
+    return os.environ.get(ENV) or None
+
+
+def inject(point: str, setting: str | None = None) -> None:
+    """Fails here if the environment (or ``setting``, see :func:`spec`) asks for a fault at ``point``;
+    otherwise a no-op."""
+    spec = setting or os.environ.get(ENV)
     if not spec:
         return
     want, action, marker = spec.split(":", 2)

@@ -35,12 +35,14 @@ from encoders.handlers import ImageBytes
 from encoders.digest import sha256_hex
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, probe_image, resolve_uri, uri_scheme
 from encoders.preprocess import ImagePreprocess
+from pipeline.stages import faults
 from pipeline.stages.decode_pool import DecodePool, decode_chunk, timed_load
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
 NAMESPACE = "catalog_index.fetch"
 _log = logging.getLogger(__name__)
+DIED = "the decoding process died while decoding this image (--decode_processes)"
 # what starting or using the decoding processes can raise: broken (a process died), shut down (replaced by
 # another DoFn of this process), or no process support at all
 _POOL_ERRORS = (BrokenProcessPool, RuntimeError, OSError, NotImplementedError)
@@ -151,7 +153,7 @@ class ImageFetcher:
             if processes is not None and is_local(uris[0]):
                 processes, future = self._to_processes(processes, uris, undigested)
                 if future is not None:
-                    submitted.append((group, future, (processes, self._chunk, uris, undigested)))
+                    submitted.append((group, future, (processes, self, uris, undigested)))
                     continue
                 processes = None  # no decoding process could be started: the threads decode the rest
             submitted.append((group, pool.submit(self._chunk, uris, undigested), None))
@@ -169,7 +171,8 @@ class ImageFetcher:
         DoFn replaced) since the last batch is replaced once, and ``(None, None)`` if the new one fails too."""
         for attempt in range(2):
             try:
-                return processes, processes.submit(decode_chunk, uris, undigested, self._policy, self._preprocess)
+                return processes, processes.submit(decode_chunk, uris, undigested, self._policy, self._preprocess,
+                                                   faults.spec())
             except _POOL_ERRORS:
                 DecodePool.discard(processes)
                 processes = self._pool_or_none() if attempt == 0 else None
@@ -178,14 +181,42 @@ class ImageFetcher:
         _log.warning("decoding processes cannot be started; local images decode on the fetch threads")
         return None, None
 
+    def _one_by_one(self, broken, uris: list[str], undigested: frozenset[int]) -> list[tuple[object, float]]:
+        """A chunk whose decoding process died, decoded again one image at a time, each in a process of a new pool.
+
+        An image that kills its process again (a decoder that crashes on it, or
+        one too large for the process's memory) is a ``decode_failed`` error, and
+        the pool is replaced for the next image: one poisonous image costs its
+        item, never its batch-mates or the worker. Where no new process can
+        start, the rest is decoded in this thread.
+        """
+        _log.warning("a decoding process died; decoding its chunk of %d images again, one image per job", len(uris))
+        DecodePool.discard(broken)
+        outs: list[tuple[object, float]] = []
+        for k, uri in enumerate(uris):
+            pool = self._pool_or_none()
+            if pool is None:
+                return outs + self._chunk(uris[k:], frozenset(i - k for i in undigested if i >= k))
+            skip_digest = frozenset({0}) if k in undigested else frozenset()
+            try:
+                outs.extend(pool.submit(decode_chunk, [uri], skip_digest, self._policy, self._preprocess,
+                                        faults.spec()).result())
+            except (BrokenProcessPool, concurrent.futures.CancelledError) + _POOL_ERRORS:
+                DecodePool.discard(pool)
+                error = MediaError(Reason.DECODE_FAILED, f"{uri}: {DIED}")
+                error.stage = Stage.DECODE
+                outs.append((error, 0.0))
+        return outs
+
     @staticmethod
     def collect(submitted) -> tuple[list[tuple[ImageJob, object]], float]:
         """[(job, (pixels | ImageBytes, sha256) or MediaError)] in the batch's job order, and the threads'
         CPU seconds.
 
         A chunk whose decoding process died (killed, out of memory, a crash in a
-        decoder) is decoded again in this thread, and the broken pool is replaced
-        at the next batch: the batch's items are not lost with the process.
+        decoder) is decoded again one image at a time in new processes
+        (:meth:`_one_by_one`): an image that kills its process again becomes a
+        ``decode_failed`` dead letter, and its batch-mates are decoded as usual.
         """
         jobs, groups = submitted
         found: list[object] = [None] * len(jobs)
@@ -197,11 +228,8 @@ class ImageFetcher:
                 # the process died, or another DoFn of this process found the pool broken and cancelled its work
                 if fallback is None:
                     raise
-                processes, chunk, uris, undigested = fallback
-                _log.warning("a decoding process died; decoding its %d images in the worker's thread, and "
-                             "starting new decoding processes", len(uris))
-                DecodePool.discard(processes)
-                outs = chunk(uris, undigested)
+                broken, fetcher, uris, undigested = fallback
+                outs = fetcher._one_by_one(broken, uris, undigested)
             for k, (out, seconds) in zip(group, outs):
                 found[k] = out
                 cpu += seconds
