@@ -164,10 +164,12 @@ def test_a_decoding_process_killed_midway_loses_nothing(sample_run, sample_catal
 
 
 @pytest.mark.slow
-def test_multi_processing_direct_runner_matches_in_memory(sample_run, sample_catalog, tiny_text_dir, tmp_path):
+@pytest.mark.parametrize("decode", [[], ["--decode_processes", "2"]], ids=["threads", "decode-processes"])
+def test_multi_processing_direct_runner_matches_in_memory(decode, sample_run, sample_catalog, tiny_text_dir, tmp_path):
+    """SDK workers in processes of their own; with --decode_processes, each starts its own decoding pool."""
     _, (first, *_) = sample_run
     table, _, manifest, _ = run(sample_catalog, tmp_path, "mp", tiny_text_dir,
-                                "--direct_running_mode=multi_processing", "--direct_num_workers=2")
+                                "--direct_running_mode=multi_processing", "--direct_num_workers=2", *decode)
     assert manifest["counts"]["embedded"] == first.num_rows
     assert np.array_equal(vectors_of(first), vectors_of(table))
 
