@@ -195,13 +195,17 @@ class ImageFetcher:
         outs: list[tuple[object, float]] = []
         for k, uri in enumerate(uris):
             pool = self._pool_or_none()
-            if pool is None:
-                return outs + self._chunk(uris[k:], frozenset(i - k for i in undigested if i >= k))
             skip_digest = frozenset({0}) if k in undigested else frozenset()
             try:
-                outs.extend(pool.submit(decode_chunk, [uri], skip_digest, self._policy, self._preprocess,
-                                        faults.spec()).result())
-            except (BrokenProcessPool, concurrent.futures.CancelledError) + _POOL_ERRORS:
+                future = pool.submit(decode_chunk, [uri], skip_digest, self._policy, self._preprocess,
+                                     faults.spec()) if pool is not None else None
+            except _POOL_ERRORS:
+                future = None
+            if future is None:  # no new process starts: this thread decodes the rest
+                return outs + self._chunk(uris[k:], frozenset(i - k for i in undigested if i >= k))
+            try:
+                outs.extend(future.result())
+            except (BrokenProcessPool, concurrent.futures.CancelledError):
                 DecodePool.discard(pool)
                 error = MediaError(Reason.DECODE_FAILED, f"{uri}: {DIED}")
                 error.stage = Stage.DECODE
