@@ -99,14 +99,19 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime + children_cpu_seconds()
 
 
-def children_cpu_seconds() -> float:
+def child_pids() -> frozenset[int]:
+    """The live decoding processes and their fork server."""
     import multiprocessing
     from multiprocessing import forkserver
 
     pids = [p.pid for p in multiprocessing.active_children()]
     pids.append(getattr(forkserver._forkserver, "_forkserver_pid", None))
+    return frozenset(p for p in pids if p)
+
+
+def children_cpu_seconds() -> float:
     total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    for pid in filter(None, pids):
+    for pid in child_pids():
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # gone already
@@ -165,8 +170,10 @@ def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_si
 
 
 def _measure(fn) -> tuple[float, float, int]:
-    cpu, wall = cpu_seconds(), time.perf_counter()
+    children, cpu, wall = child_pids(), cpu_seconds(), time.perf_counter()
     n = fn()
+    if child_pids() != children:  # a child that ended took its CPU seconds with it, one that started missed some
+        raise RuntimeError("a child process started or ended during a measurement; its CPU would be miscounted")
     return cpu_seconds() - cpu, time.perf_counter() - wall, n
 
 

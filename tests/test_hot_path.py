@@ -325,11 +325,13 @@ def test_a_chunk_whose_decoding_process_died_is_decoded_again_image_by_image(tmp
         fresh = decode_pool.DecodePool.get(1)
         assert fresh is not broken and fresh.submit(sum, [1, 2]).result() == 3
 
-        pool = DiesOnPoison()
+        pool = DiesOnPoison()  # the shared pool, and the private one each image of a dead chunk is decoded in
         monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: pool))
+        monkeypatch.setattr(fetch.ImageFetcher, "_private_pool", staticmethod(lambda: pool))
         got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(threads, items))
         poisoned = [k for k, (job, _) in enumerate(got) if job.uri.endswith("poison.jpg")]
-        assert len(poisoned) == 1 and len(pool.jobs[1]) > 1  # its chunk, then each image of it alone
+        dead_chunk = next(c for c in pool.jobs[:2] if any(u.endswith("poison.jpg") for u in c))
+        assert len(poisoned) == 1 and [j[0] for j in pool.jobs[2:]] == dead_chunk  # then each image of it alone
         error = got[poisoned[0]][1]
         assert isinstance(error, MediaError) and (error.reason, error.stage) == (Reason.DECODE_FAILED, Stage.DECODE)
         assert fetch.DIED in error.detail
@@ -340,6 +342,36 @@ def test_a_chunk_whose_decoding_process_died_is_decoded_again_image_by_image(tmp
         jobs = _Pool()
         got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(jobs, items))
         assert _outcomes(got) == _outcomes(expected) and len(jobs.jobs) == 3  # 2 local chunks, 1 remote image
+
+
+def test_decoding_processes_exit_when_their_worker_process_is_killed(tmp_path):
+    """Their parent is the fork server, so without a watch on the worker they would wait on their queue forever."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(SAMPLE.parent)!r})\n"
+        "from pipeline.stages.decode_pool import DecodePool\n"
+        "if __name__ == '__main__':\n"
+        "    print(DecodePool.get(1).submit(os.getpid).result(), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # the worker dies as if the OOM killer took it\n")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, str(script)], stdout=f, timeout=120)
+    child = int(out.read_text().split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, 9)
+    raise AssertionError(f"decoding process {child} outlived its worker")
 
 
 @pytest.mark.parametrize("threads,cores,expected", [(8, 2, 1), (8, 1, 1), (8, 8, 7), (2, 8, 2), (1, 16, 1), (8, 64, 8)])

@@ -141,12 +141,16 @@ def test_rerun_gives_identical_vectors(sample_run, sample_catalog, tiny_text_dir
     assert first.column("content_hash").to_pylist() == second.column("content_hash").to_pylist()
 
 
-def test_decoding_processes_give_the_vectors_of_the_fetch_threads(sample_run, sample_catalog, tiny_text_dir, tmp_path):
+def test_decoding_processes_give_the_vectors_of_the_fetch_threads(sample_run, sample_catalog, tiny_text_dir, tmp_path,
+                                                                  monkeypatch):
     _, (first, first_dead, first_manifest, _) = sample_run
     from pipeline.stages.decode_pool import DecodePool
 
+    pools: dict = {}
+    monkeypatch.setattr(DecodePool, "_pools", pools)  # this run's own pools, whatever earlier tests started
     table, dead, manifest, _ = run(sample_catalog, tmp_path, "procs", tiny_text_dir, "--decode_processes", "2")
-    assert 2 in DecodePool._pools  # the in-memory runner's embed stage decoded in this process's pool of 2
+    assert list(pools) == [2]  # the in-memory runner's embed stage decoded in a pool of 2 processes
+    pools[2].shutdown()
     assert table.drop(["vector"]).to_pylist() == first.drop(["vector"]).to_pylist()  # ids, content hashes, fields
     assert np.array_equal(vectors_of(first), vectors_of(table))
     assert dead.to_pylist() == first_dead.to_pylist() and manifest["counts"] == first_manifest["counts"]

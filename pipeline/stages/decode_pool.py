@@ -9,15 +9,20 @@ on this project's 2-core VM, 2.2-2.6 waits per image, and no decoding thread
 can run Python while the DoFn's thread does (docs/BENCHMARKS.md, issue 11). A
 process has its own interpreter: it never waits on the DoFn's thread.
 
-This module is what a decoding process imports (media, preprocessing, the
-dead-letter reasons: about 60 MB and 0.2 CPU-s, no torch, no Beam). The
-per-image functions are also the fetch threads' (``pipeline/stages/fetch.py``),
-so both paths decode the same pixels.
+This module is what the fork server imports (media, preprocessing, the
+dead-letter reasons: about 60 MB and 0.2 CPU-s, no torch, no Beam). Python's
+multiprocessing also imports the parent's main module in each child: under
+``catalog-index`` that is the light command module; in a Beam SDK worker it is
+``sdk_worker_main`` (Beam, about 0.6 CPU-s and 127 MB, still no torch), paid
+once per process, not per batch. The per-image functions are also the fetch
+threads' (``pipeline/stages/fetch.py``), so both paths decode the same pixels.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import multiprocessing.connection
+import os
 import threading
 import time
 from typing import Sequence
@@ -77,6 +82,27 @@ def decode_chunk(uris: Sequence[str], undigested: frozenset[int], policy: FetchP
     return [timed_load(load_image_u8, uri, policy, preprocess, k not in undigested) for k, uri in enumerate(uris)]
 
 
+def _exit_with_parent() -> None:
+    """A decoding process's initializer: it exits when the process that asked for it is gone (killed, say),
+    instead of waiting on its work queue forever (its parent is the fork server, not that process)."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def new_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
+    """``processes`` decoding processes of this module's fork server."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_exit_with_parent)
+
+
 class DecodePool:
     """A pool of decoding processes, made at first use and kept for the life of this process.
 
@@ -95,9 +121,7 @@ class DecodePool:
         with cls._lock:
             pool = cls._pools.get(processes)
             if pool is None:
-                context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload([__name__])
-                pool = cls._pools[processes] = concurrent.futures.ProcessPoolExecutor(processes, mp_context=context)
+                pool = cls._pools[processes] = new_pool(processes)
             return pool
 
     @classmethod

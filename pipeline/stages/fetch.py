@@ -36,16 +36,15 @@ from encoders.digest import sha256_hex
 from encoders.media import FetchPolicy, MediaError, fetch_bytes, probe_image, resolve_uri, uri_scheme
 from encoders.preprocess import ImagePreprocess
 from pipeline.stages import faults
-from pipeline.stages.decode_pool import DecodePool, decode_chunk, timed_load
+from pipeline.stages.decode_pool import DecodePool, decode_chunk, new_pool, timed_load
 from schemas.catalog import CatalogItem
 from schemas.dead_letter import Reason, Stage
 
 NAMESPACE = "catalog_index.fetch"
 _log = logging.getLogger(__name__)
 DIED = "the decoding process died while decoding this image (--decode_processes)"
-# what starting or using the decoding processes can raise: broken (a process died), shut down (replaced by
-# another DoFn of this process), or no process support at all
-_POOL_ERRORS = (BrokenProcessPool, RuntimeError, OSError, NotImplementedError)
+# a process that died, or a pool another DoFn of this process found broken and shut down (its work cancelled)
+_DIED = (BrokenProcessPool, concurrent.futures.CancelledError)
 
 
 def load_image_bytes(uri: str, policy: FetchPolicy, digest: bool = True) -> tuple[ImageBytes, str]:
@@ -162,7 +161,7 @@ class ImageFetcher:
     def _pool_or_none(self):
         try:
             return DecodePool.get(self._processes)
-        except _POOL_ERRORS as e:  # no process support here (no semaphores, a sandbox): the threads decode
+        except Exception as e:  # noqa: BLE001 - no process support (no semaphores, a sandbox): the threads decode
             _log.warning("decoding processes cannot be started (%s); local images decode on the fetch threads", e)
             return None
 
@@ -173,7 +172,7 @@ class ImageFetcher:
             try:
                 return processes, processes.submit(decode_chunk, uris, undigested, self._policy, self._preprocess,
                                                    faults.spec())
-            except _POOL_ERRORS:
+            except Exception:  # noqa: BLE001 - broken, shut down by another DoFn, or a fork that failed (EOFError)
                 DecodePool.discard(processes)
                 processes = self._pool_or_none() if attempt == 0 else None
                 if processes is None:
@@ -182,35 +181,44 @@ class ImageFetcher:
         return None, None
 
     def _one_by_one(self, broken, uris: list[str], undigested: frozenset[int]) -> list[tuple[object, float]]:
-        """A chunk whose decoding process died, decoded again one image at a time, each in a process of a new pool.
+        """A chunk whose decoding process died, decoded again one image at a time in a process of its own.
 
-        An image that kills its process again (a decoder that crashes on it, or
-        one too large for the process's memory) is a ``decode_failed`` error, and
-        the pool is replaced for the next image: one poisonous image costs its
-        item, never its batch-mates or the worker. Where no new process can
-        start, the rest is decoded in this thread.
+        The process is private to this call (``new_pool(1)``, not the shared pool
+        that other DoFns' chunks use), so a death is the image's own: that image
+        is a ``decode_failed`` error (a decoder that crashes on it, or one too
+        large for the process's memory) and a new process takes the next one.
+        One poisonous image costs its item, never its batch-mates, another
+        batch's images or the worker. Where no process starts, this thread
+        decodes the rest.
         """
         _log.warning("a decoding process died; decoding its chunk of %d images again, one image per job", len(uris))
         DecodePool.discard(broken)
         outs: list[tuple[object, float]] = []
-        for k, uri in enumerate(uris):
-            pool = self._pool_or_none()
-            skip_digest = frozenset({0}) if k in undigested else frozenset()
-            try:
-                future = pool.submit(decode_chunk, [uri], skip_digest, self._policy, self._preprocess,
-                                     faults.spec()) if pool is not None else None
-            except _POOL_ERRORS:
-                future = None
-            if future is None:  # no new process starts: this thread decodes the rest
-                return outs + self._chunk(uris[k:], frozenset(i - k for i in undigested if i >= k))
-            try:
-                outs.extend(future.result())
-            except (BrokenProcessPool, concurrent.futures.CancelledError):
-                DecodePool.discard(pool)
-                error = MediaError(Reason.DECODE_FAILED, f"{uri}: {DIED}")
-                error.stage = Stage.DECODE
-                outs.append((error, 0.0))
-        return outs
+        own = None
+        try:
+            for k, uri in enumerate(uris):
+                skip_digest = frozenset({0}) if k in undigested else frozenset()
+                try:
+                    own = own or self._private_pool()
+                    future = own.submit(decode_chunk, [uri], skip_digest, self._policy, self._preprocess, faults.spec())
+                except Exception:  # noqa: BLE001 - no process starts: this thread decodes the rest
+                    return outs + self._chunk(uris[k:], frozenset(i - k for i in undigested if i >= k))
+                try:
+                    outs.extend(future.result())
+                except BrokenProcessPool:
+                    own.shutdown(wait=False)
+                    own = None
+                    error = MediaError(Reason.DECODE_FAILED, f"{uri}: {DIED}")
+                    error.stage = Stage.DECODE
+                    outs.append((error, 0.0))
+            return outs
+        finally:
+            if own is not None:
+                own.shutdown(wait=False)
+
+    @staticmethod
+    def _private_pool():
+        return new_pool(1)
 
     @staticmethod
     def collect(submitted) -> tuple[list[tuple[ImageJob, object]], float]:
@@ -228,8 +236,7 @@ class ImageFetcher:
         for group, future, fallback in groups:
             try:
                 outs = future.result()
-            except (BrokenProcessPool, concurrent.futures.CancelledError):
-                # the process died, or another DoFn of this process found the pool broken and cancelled its work
+            except _DIED:
                 if fallback is None:
                     raise
                 broken, fetcher, uris, undigested = fallback
