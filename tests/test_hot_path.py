@@ -285,7 +285,8 @@ def test_decoding_processes_give_the_outcomes_of_the_threads(tmp_path, photos):
 
 def test_a_chunk_whose_decoding_process_died_is_decoded_again_image_by_image(tmp_path, photos, monkeypatch):
     """A pool broken before the batch is replaced; a process that dies on a chunk costs only the image that
-    kills it again (a decode_failed error), never its batch-mates; with no process at all, the threads decode."""
+    kills it again in a private process (a decode_failed error), never its batch-mates; processes that die
+    whatever they run blame no image; with no process at all, the threads decode."""
     import concurrent.futures
     import os
 
@@ -299,17 +300,20 @@ def test_a_chunk_whose_decoding_process_died_is_decoded_again_image_by_image(tmp
     items.append(CatalogItem("d", title="t", image_uris=("poison.jpg", "0.jpg"), base_uri=str(tmp_path)))
     policy = FetchPolicy(allowed_schemes=("file",), allowed_roots=(str(tmp_path),))
 
-    class DiesOnPoison:  # a process pool whose process dies on any chunk holding poison.jpg
-        def __init__(self):
+    class Pool:  # a fake process pool: its process dies on a chunk holding poison.jpg (or on any job)
+        def __init__(self, dies_always: bool = False):
             self.jobs: list[list[str]] = []
+            self.dies_always = dies_always
 
-        def submit(self, fn, uris, *args):
-            self.jobs.append(list(uris))
+        def submit(self, fn, *args):
             future: concurrent.futures.Future = concurrent.futures.Future()
-            if any(u.endswith("poison.jpg") for u in uris):
+            uris = args[0] if fn is decode_pool.decode_chunk else []
+            if fn is decode_pool.decode_chunk:
+                self.jobs.append(list(uris))
+            if self.dies_always or any(u.endswith("poison.jpg") for u in uris):
                 future.set_exception(concurrent.futures.process.BrokenProcessPool("killed"))
             else:
-                future.set_result(fn(uris, *args))
+                future.set_result(fn(*args))
             return future
 
         def shutdown(self, **kwargs):
@@ -325,18 +329,27 @@ def test_a_chunk_whose_decoding_process_died_is_decoded_again_image_by_image(tmp
         fresh = decode_pool.DecodePool.get(1)
         assert fresh is not broken and fresh.submit(sum, [1, 2]).result() == 3
 
-        pool = DiesOnPoison()  # the shared pool, and the private one each image of a dead chunk is decoded in
-        monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: pool))
-        monkeypatch.setattr(fetch.ImageFetcher, "_private_pool", staticmethod(lambda: pool))
+        shared, private, started = Pool(), Pool(), []
+        monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: shared))
+        monkeypatch.setattr(fetch.ImageFetcher, "_private_pool", staticmethod(lambda: started.append(1) or private))
         got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(threads, items))
+        dead_chunk = next(c for c in shared.jobs if any(u.endswith("poison.jpg") for u in c))
+        assert len(shared.jobs) == 2 and len(dead_chunk) > 1  # the batch's two chunks, one of them dies
+        assert private.jobs == [[u] for u in dead_chunk]  # then each image of it alone, in a private process
+        assert len(started) == 2  # one process, and a new one after poison.jpg killed it
         poisoned = [k for k, (job, _) in enumerate(got) if job.uri.endswith("poison.jpg")]
-        dead_chunk = next(c for c in pool.jobs[:2] if any(u.endswith("poison.jpg") for u in c))
-        assert len(poisoned) == 1 and [j[0] for j in pool.jobs[2:]] == dead_chunk  # then each image of it alone
         error = got[poisoned[0]][1]
-        assert isinstance(error, MediaError) and (error.reason, error.stage) == (Reason.DECODE_FAILED, Stage.DECODE)
-        assert fetch.DIED in error.detail
+        assert len(poisoned) == 1 and isinstance(error, MediaError)
+        assert (error.reason, error.stage) == (Reason.DECODE_FAILED, Stage.DECODE) and fetch.DIED in error.detail
         assert [o for k, o in enumerate(_outcomes(got)) if k not in poisoned] == \
             [o for k, o in enumerate(_outcomes(expected)) if k not in poisoned]
+
+        # processes that die whatever they run: no image is blamed, the thread decodes the chunk
+        monkeypatch.setattr(fetch.ImageFetcher, "_private_pool", staticmethod(lambda: Pool(dies_always=True)))
+        got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(threads, items))
+        poisoned_out = got[[k for k, (job, _) in enumerate(got) if job.uri.endswith("poison.jpg")][0]][1]
+        assert not isinstance(poisoned_out, MediaError)  # decoded in the thread: poison.jpg is a good JPEG
+        assert _outcomes(got) == _outcomes(expected)
 
         monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: broken))
         jobs = _Pool()
@@ -366,9 +379,11 @@ def test_decoding_processes_exit_when_their_worker_process_is_killed(tmp_path):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return
+            state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return  # gone
+        if state == "Z":
+            return  # exited, not yet reaped by whoever adopted it
         time.sleep(0.1)
     os.kill(child, 9)
     raise AssertionError(f"decoding process {child} outlived its worker")

@@ -93,7 +93,10 @@ def _exit_with_parent() -> None:
         multiprocessing.connection.wait([parent.sentinel])
         os._exit(0)
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    try:
+        threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    except RuntimeError:  # no thread can start (a pids limit): decode anyway, unwatched
+        pass
 
 
 def new_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:

@@ -168,40 +168,50 @@ class ImageFetcher:
     def _to_processes(self, processes, uris, undigested):
         """(pool, future) of a local chunk sent to the decoding processes; a pool that broke (or that another
         DoFn replaced) since the last batch is replaced once, and ``(None, None)`` if the new one fails too."""
+        error: Exception | None = None
         for attempt in range(2):
             try:
                 return processes, processes.submit(decode_chunk, uris, undigested, self._policy, self._preprocess,
                                                    faults.spec())
-            except Exception:  # noqa: BLE001 - broken, shut down by another DoFn, or a fork that failed (EOFError)
+            except Exception as e:  # noqa: BLE001 - broken, shut down by another DoFn, or a fork that failed (EOFError)
+                error = e
                 DecodePool.discard(processes)
                 processes = self._pool_or_none() if attempt == 0 else None
                 if processes is None:
                     break
-        _log.warning("decoding processes cannot be started; local images decode on the fetch threads")
+        # a new pool failed too: this fetcher stops trying (one line, not two failed pools per batch)
+        self._processes = 0
+        _log.warning("decoding processes cannot be used (%s: %s); local images decode on the fetch threads",
+                     type(error).__name__, error)
         return None, None
 
     def _one_by_one(self, broken, uris: list[str], undigested: frozenset[int]) -> list[tuple[object, float]]:
         """A chunk whose decoding process died, decoded again one image at a time in a process of its own.
 
         The process is private to this call (``new_pool(1)``, not the shared pool
-        that other DoFns' chunks use), so a death is the image's own: that image
-        is a ``decode_failed`` error (a decoder that crashes on it, or one too
-        large for the process's memory) and a new process takes the next one.
-        One poisonous image costs its item, never its batch-mates, another
-        batch's images or the worker. Where no process starts, this thread
-        decodes the rest.
+        that other DoFns' chunks use), and each new one first runs an empty job:
+        so a death is the image's own. That image is a ``decode_failed`` error (a
+        decoder that crashes on it, or one too large for the process's memory),
+        and a new process takes the next one. One poisonous image costs its
+        item, never its batch-mates, another batch's images or the worker. Where
+        no healthy process starts (processes die whatever they run), nothing is
+        blamed and this thread decodes the rest.
         """
-        _log.warning("a decoding process died; decoding its chunk of %d images again, one image per job", len(uris))
+        _log.warning("a decoding process died or was replaced; decoding its chunk of %d images again, one image "
+                     "per job", len(uris))
         DecodePool.discard(broken)
         outs: list[tuple[object, float]] = []
         own = None
         try:
             for k, uri in enumerate(uris):
+                own = own or self._healthy_private_pool()
                 skip_digest = frozenset({0}) if k in undigested else frozenset()
                 try:
-                    own = own or self._private_pool()
-                    future = own.submit(decode_chunk, [uri], skip_digest, self._policy, self._preprocess, faults.spec())
-                except Exception:  # noqa: BLE001 - no process starts: this thread decodes the rest
+                    future = own.submit(decode_chunk, [uri], skip_digest, self._policy, self._preprocess,
+                                        faults.spec()) if own is not None else None
+                except Exception:  # noqa: BLE001 - it broke while idle: as if none started
+                    future = None
+                if future is None:
                     return outs + self._chunk(uris[k:], frozenset(i - k for i in undigested if i >= k))
                 try:
                     outs.extend(future.result())
@@ -215,6 +225,19 @@ class ImageFetcher:
         finally:
             if own is not None:
                 own.shutdown(wait=False)
+
+    def _healthy_private_pool(self):
+        """A new one-process pool that has run an empty job, or None (it could not start, or its process died)."""
+        pool = None
+        try:
+            pool = self._private_pool()
+            pool.submit(int).result()
+            return pool
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            _log.warning("a new decoding process does not run (%s: %s)", type(e).__name__, e)
+            if pool is not None:
+                pool.shutdown(wait=False)
+            return None
 
     @staticmethod
     def _private_pool():
