@@ -44,7 +44,7 @@ NAMESPACE = "catalog_index.fetch"
 _log = logging.getLogger(__name__)
 DIED = "the decoding process died while decoding this image (--decode_processes)"
 # a process that died, or a pool another DoFn of this process found broken and shut down (its work cancelled)
-_DIED = (BrokenProcessPool, concurrent.futures.CancelledError)
+_CHUNK_LOST = (BrokenProcessPool, concurrent.futures.CancelledError)
 
 
 def load_image_bytes(uri: str, policy: FetchPolicy, digest: bool = True) -> tuple[ImageBytes, str]:
@@ -259,7 +259,7 @@ class ImageFetcher:
         for group, future, fallback in groups:
             try:
                 outs = future.result()
-            except _DIED:
+            except _CHUNK_LOST:
                 if fallback is None:
                     raise
                 broken, fetcher, uris, undigested = fallback
