@@ -171,7 +171,9 @@ def test_thumbnails_are_size_capped_jpegs():
     small = Image.open(io.BytesIO(report_sample.thumbnail_from_bytes(buffer.getvalue(), 10 ** 8)))
     assert max(small.size) == report_sample.THUMB_SIDE
     assert report_sample.thumbnail_from_bytes(b"not an image", 10 ** 8) is None
-    assert report_sample.thumbnail_or_none("not an image") is None  # the fetch stage's hook never raises
+    pending = report_sample.PendingThumbnails(report_sample.LocalBound())
+    pending.add("item-0", "not an image")  # the embed stage's hook never raises: only the tile loses its photo
+    assert len(pending) == 0 and pending.flush() == []
 
 
 def test_the_sample_is_the_smallest_hashes_whatever_the_order_or_partition():

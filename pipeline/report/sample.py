@@ -51,14 +51,6 @@ def encode_thumbnail(small: Image.Image, max_bytes: int = THUMB_MAX_BYTES) -> by
     return None
 
 
-def thumbnail_or_none(image: Image.Image) -> bytes | None:
-    """:func:`make_thumbnail`, or None if it fails: the report's thumbnail must never cost an item its vector."""
-    try:
-        return make_thumbnail(image)
-    except Exception:  # noqa: BLE001 - only the report's tile loses its photo
-        return None
-
-
 def thumbnail_from_bytes(data: bytes, max_pixels: int, side: int = THUMB_SIDE) -> bytes | None:
     """A thumbnail from already-fetched image bytes (JPEG draft mode decodes at reduced scale)."""
     from encoders.media import decode_image, probe_image
