@@ -181,8 +181,9 @@ class ImageFetcher:
                     break
         # a new pool failed too: this fetcher stops trying (one line, not two failed pools per batch)
         self._processes = 0
+        reason = " ".join(str(error).split())[:300]  # one line: some (multiprocessing's) span a paragraph
         _log.warning("decoding processes cannot be used (%s: %s); local images decode on the fetch threads",
-                     type(error).__name__, error)
+                     type(error).__name__, reason)
         return None, None
 
     def _one_by_one(self, broken, uris: list[str], undigested: frozenset[int]) -> list[tuple[object, float]]:
