@@ -283,11 +283,13 @@ def test_decoding_processes_give_the_outcomes_of_the_threads(tmp_path, photos):
     assert cpu > 0  # the decoding processes' own CPU seconds come back with their images
 
 
-def test_a_chunk_whose_decoding_process_died_is_decoded_again_image_by_image(tmp_path, photos, monkeypatch):
+def test_a_chunk_whose_decoding_process_died_is_decoded_again_image_by_image(tmp_path, photos, monkeypatch,
+                                                                            caplog):
     """A pool broken before the batch is replaced; a process that dies on a chunk costs only the image that
     kills it again in a private process (a decode_failed error), never its batch-mates; processes that die
-    whatever they run blame no image; with no process at all, the threads decode."""
+    whatever they run blame no image; with no process at all, the threads decode, after one line that says why."""
     import concurrent.futures
+    import logging
     import os
 
     from encoders.media import FetchPolicy, MediaError
@@ -356,6 +358,19 @@ def test_a_chunk_whose_decoding_process_died_is_decoded_again_image_by_image(tmp
         got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(jobs, items))
         assert _outcomes(got) == _outcomes(expected) and len(jobs.jobs) == 3  # 2 local chunks, 1 remote image
 
+        class NoProcess(Pool):  # multiprocessing's error when processes start while the main module imports
+            def submit(self, fn, *args):
+                raise RuntimeError("\n        An attempt has been made to start a new process before the\n"
+                                   "        current process has finished its bootstrapping phase.\n")
+
+        monkeypatch.setattr(fetch.DecodePool, "get", classmethod(lambda cls, n: NoProcess()))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=fetch.__name__):
+            got, _ = fetch.ImageFetcher.collect(fetch.ImageFetcher(policy, PRE, processes=2).submit(_Pool(), items))
+        assert _outcomes(got) == _outcomes(expected)
+        said = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
+        assert len(said) == 1 and "\n" not in said[0] and "the current process has finished its bootstrapping" in said[0]
+
 
 def test_decoding_processes_exit_when_their_worker_process_is_killed(tmp_path):
     """Their parent is the fork server, so without a watch on the worker they would wait on their queue forever."""
@@ -387,6 +402,39 @@ def test_decoding_processes_exit_when_their_worker_process_is_killed(tmp_path):
         time.sleep(0.1)
     os.kill(child, 9)
     raise AssertionError(f"decoding process {child} outlived its worker")
+
+
+@pytest.mark.parametrize("run_as", ["script", "module"])
+def test_decoding_processes_do_not_import_the_main_module_again(tmp_path, run_as):
+    """multiprocessing would import the parent's main module in each child: Beam's sdk_worker_main (127 MB per
+    process), or a script without a __main__ guard, run again with its pipeline in every decoding process.
+    Another child of the same fork server still imports it (it may run functions defined there)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "prog").mkdir()
+    (tmp_path / "prog" / "__init__.py").write_text("")
+    (tmp_path / "prog" / "main.py").write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(SAMPLE.parent)!r})\n"
+        "with open(os.environ['IMPORTS'], 'a') as f:\n"
+        "    f.write(f'{os.getpid()}\\n')  # what an unguarded script's pipeline would do again\n"
+        "from pipeline.stages.decode_pool import new_pool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = new_pool(2)\n"
+        "    pids = {f.result() for f in [pool.submit(time.sleep, 0.3) for _ in range(2)] + [pool.submit(os.getpid)]}\n"
+        "    import concurrent.futures, multiprocessing\n"
+        "    other = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('forkserver'))\n"
+        "    print(os.getpid(), len(pool._processes), other.submit(os.getpid).result())\n")
+    imports = tmp_path / "imports.txt"
+    command = [sys.executable, str(tmp_path / "prog" / "main.py")] if run_as == "script" else \
+        [sys.executable, "-m", "prog.main"]
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "IMPORTS": str(imports)}, timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    parent, started, other = map(int, done.stdout.split())
+    assert started == 2 and imports.read_text().split() == [str(parent), str(other)]
 
 
 @pytest.mark.parametrize("threads,cores,expected", [(8, 2, 1), (8, 1, 1), (8, 8, 7), (2, 8, 2), (1, 16, 1), (8, 64, 8)])

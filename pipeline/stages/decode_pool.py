@@ -10,12 +10,11 @@ can run Python while the DoFn's thread does (docs/BENCHMARKS.md, issue 11). A
 process has its own interpreter: it never waits on the DoFn's thread.
 
 This module is what the fork server imports (media, preprocessing, the
-dead-letter reasons: about 60 MB and 0.2 CPU-s, no torch, no Beam). Python's
-multiprocessing also imports the parent's main module in each child: under
-``catalog-index`` that is the light command module; in a Beam SDK worker it is
-``sdk_worker_main`` (Beam, about 0.6 CPU-s and 127 MB, still no torch), paid
-once per process, not per batch. The per-image functions are also the fetch
-threads' (``pipeline/stages/fetch.py``), so both paths decode the same pixels.
+dead-letter reasons: about 60 MB and 0.2 CPU-s, no torch, no Beam), and all a
+decoding process needs: it does not import the parent's main module again, as
+multiprocessing does for other children (``decode_server``). The per-image
+functions are also the fetch threads' (``pipeline/stages/fetch.py``), so both
+paths decode the same pixels.
 """
 from __future__ import annotations
 
@@ -99,10 +98,23 @@ def _exit_with_parent() -> None:
         pass
 
 
+DECODE_PROCESS = "catalog-index-decode"  # the name prefix by which decode_server knows a decoding process
+
+
+class _DecodeProcess(multiprocessing.context.ForkServerProcess):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = f"{DECODE_PROCESS}-{self.name}"
+
+
+class _DecodeContext(multiprocessing.context.ForkServerContext):
+    Process = _DecodeProcess
+
+
 def new_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
     """``processes`` decoding processes of this module's fork server."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context = _DecodeContext()
+    context.set_forkserver_preload(["pipeline.stages.decode_server"])  # it imports this module
     return concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_exit_with_parent)
 
 
