@@ -156,7 +156,7 @@ TORCH_THREADS = [1]  # the pipeline's --torch_threads: main() sets it to what th
 
 
 def pipeline_run(catalog: Path, clip_json: str, out: Path, run_id: str, batch_size: int = 64,
-                 decode_processes: int = 0) -> int:
+                 decode_processes: int | str = "auto") -> int:
     from pipeline import cli
     from pipeline.storage import read_manifest
 
@@ -200,15 +200,16 @@ def model_alone(catalog: Path, clip_json: str, images: bool, batch_size: int = 6
 
 
 def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0) -> dict:
-    """Loop and pipeline (and, for images with ``processes``, the pipeline with --decode_processes), alternating."""
+    """Loop and pipeline with its defaults (and, for images with ``processes`` >= 0, the pipeline with
+    --decode_processes ``processes``: 0 is the fetch threads), alternating."""
     catalog = make_catalog(work / ("img" if images else "txt"), n, images)
     small = make_catalog(work / ("img-small" if images else "txt-small"), 200, images)
     clip = str(TINY_CLIP)
     # warm-up: imports, model build, file cache, for both sides
     bare_loop(catalog, clip, images)
     pipeline_run(catalog, clip, work / "out", f"warm-{images}")
-    processes = processes if images else 0
-    if processes:
+    processes = processes if images else -1
+    if processes >= 0:
         pipeline_run(catalog, clip, work / "out", f"warm-procs-{images}", decode_processes=processes)
     fixed = statistics.median(_measure(lambda: pipeline_run(small, clip, work / "out", f"s-{images}"))[0]
                               for _ in range(3))
@@ -220,7 +221,7 @@ def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0) 
         assert loops[-1][2] == pipes[-1][2] == n, (loops[-1], pipes[-1])
         line = (f"{'image' if images else 'text-only'} repeat {r}: loop {loops[-1][0] / n * 1e3:.3f} CPU-ms/item, "
                 f"pipeline {pipes[-1][0] / n * 1e3:.3f} CPU-ms/item ({n / pipes[-1][1]:.0f} items/s)")
-        if processes:
+        if processes >= 0:
             procs.append(_measure(lambda: pipeline_run(catalog, clip, work / "out", f"p{r}-{images}",
                                                        decode_processes=processes)))
             assert procs[-1][2] == n
@@ -228,7 +229,7 @@ def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0) 
                      f"({n / procs[-1][1]:.0f} items/s)")
         print(line, flush=True)
     out = {"loop": loops, "pipeline": pipes, "fixed_200": fixed, "model": model}
-    if processes:
+    if processes >= 0:
         out["processes"], out["procs"] = processes, procs
     return out
 
@@ -264,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=["image", "text-only"], default=["image", "text-only"],
                         help="measure only these (with --no_write: a rerun with more repeats)")
     parser.add_argument("--no_write", action="store_true", help="print only, leave docs/BENCHMARKS.md alone")
-    parser.add_argument("--decode_processes", type=int, default=2,
-                        help="also run the image variant with the pipeline's --decode_processes N (0: skip)")
+    parser.add_argument("--decode_processes", type=int, default=0,
+                        help="also run the image variant with the pipeline's --decode_processes N beside its "
+                             "default (auto); 0: the fetch threads; -1: skip")
     parser.add_argument("--torch_threads", type=int, default=1,
                         help="torch intra-op threads for the loop, the model alone and the pipeline's "
                              "--torch_threads (0: torch's default, one per core)")
@@ -291,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     n = args.items
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import auto_decode_processes
+
     lines = [
         f"`python bench/bench_overhead.py --items {n} --repeats {args.repeats} "
         f"--decode_processes {args.decode_processes} --rss_items "
@@ -304,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Catalog: {n} synthetic items, title + description (8-25 words), and for the image variant one JPEG "
         "per item (256-1024 px long side, 400 distinct crops of the sample photos, one file per item). Bare loop: "
         "read the Parquet, tokenize (the pipeline's tokenizer: open_clip's ids, `encoders.clip_tokenizer`), fetch the bytes under the same policy, decode + resize (JPEG "
-        "draft) and batch-normalize to the tower's input; no model. CPU = process user+system time, all threads, "
+        "draft) and batch-normalize to the tower's input; no model. Pipeline: its defaults, so "
+        f"`--decode_processes auto`, here {auto_decode_processes(PipelineOptions([]))} decoding processes. "
+        "CPU = process user+system time, all threads, "
         "plus the decoding processes' and their fork server's (`--decode_processes`, read from /proc).",
         "",
         "| variant | side | CPU-ms / item (median) | items/s (median) | per repeat CPU-ms / item |",
@@ -317,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu = statistics.median(c / n * 1e3 for c, _, _ in r[side])
             rate = statistics.median(n / w for _, w, _ in r[side])
             med[side] = cpu
-            label = "bare loop" if side == "loop" else "pipeline"
+            label = "bare loop" if side == "loop" else "pipeline (defaults)"
             lines.append(f"| {variant} | {label} | {cpu:.3f} | {rate:.0f} | "
                          f"{', '.join(f'{c / n * 1e3:.3f}' for c, _, _ in r[side])} |")
         ratio = med["pipeline"] / med["loop"]
@@ -326,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("procs"):
             cpu = statistics.median(c / n * 1e3 for c, _, _ in r["procs"])
             rate = statistics.median(n / w for _, w, _ in r["procs"])
-            lines.append(f"| {variant} | pipeline, `--decode_processes {r['processes']}` | {cpu:.3f} | {rate:.0f} | "
+            lines.append(f"| {variant} | pipeline, `--decode_processes {r['processes']}`"
+                         f"{' (the fetch threads)' if r['processes'] == 0 else ''} | {cpu:.3f} | {rate:.0f} | "
                          f"{', '.join(f'{c / n * 1e3:.3f}' for c, _, _ in r['procs'])} |")
             lines.append(f"| {variant} | **ratio, `--decode_processes {r['processes']}` / loop** | "
                          f"**{cpu / med['loop']:.2f}** (target <= 1.25) | | |")
@@ -356,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         "check before fusion (fusion itself "
         "runs over the batch: `encoders.fusion.fuse_batch`, see its own section), the content hash (sha256 of "
         "the image bytes and of the item), "
-        "Arrow conversion, pieces and shard assembly, the report's statistics and thumbnails, and the GIL "
-        "hand-offs between the decoding thread and the DoFn's thread. For comparison, the issue measured the graph before this change at 3.6-4.5 "
+        "Arrow conversion, pieces and shard assembly, the report's statistics and thumbnails, and (with the "
+        "fetch threads) the GIL hand-offs between the decoding thread and the DoFn's thread. For comparison, the issue measured the graph before this change at 3.6-4.5 "
         "CPU-ms per image item (~280-420 items/s) and 0.79 CPU-ms per text-only item on this machine "
         "(not re-measured side by side here).",
         "",

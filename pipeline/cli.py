@@ -145,12 +145,9 @@ def _check_flags(argv: list[str]) -> None:
 
 def _show_bar(options, stream) -> bool:
     """A terminal bar only where this process sees the stages' counts: an in-memory DirectRunner on a TTY."""
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+    from pipeline.options import in_process_runner
 
-    runner = options.view_as(StandardOptions).runner
-    in_process = runner in (None, "DirectRunner", "direct") and \
-        options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
-    return in_process and hasattr(stream, "isatty") and stream.isatty()
+    return in_process_runner(options) and hasattr(stream, "isatty") and stream.isatty()
 
 
 def local_runner(options):

@@ -260,7 +260,9 @@ class RunConfig:
     preset: str = ""
     max_failure_fraction: float = DEFAULT_MAX_FAILURE_FRACTION
     decode_threads: int = 8  # fetch/decode threads per worker process, overlapping the model
-    decode_processes: int = 0  # processes that decode local images per worker process (0: the threads do)
+    # processes that decode local images per worker process (0: the threads do; None: auto, decided where the
+    # graph is built: pipeline.options.auto_decode_processes)
+    decode_processes: int | None = None
     torch_threads: int = 0  # torch intra-op threads per worker process on CPU (0: torch's default)
     items_per_batch: int = 256  # items per element from the join to the write (pipeline/stages/embed.py)
     incremental: IncrementalConfig = IncrementalConfig()
@@ -272,8 +274,9 @@ class RunConfig:
             raise ValueError(f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
         if not 1 <= self.decode_threads <= 256:
             raise ValueError(f"decode_threads must be in 1..256, got {self.decode_threads}")
-        if not 0 <= self.decode_processes <= 256:
-            raise ValueError(f"decode_processes must be in 0..256 (0: decode on the threads), got {self.decode_processes}")
+        if self.decode_processes is not None and not 0 <= self.decode_processes <= 256:
+            raise ValueError(f"decode_processes must be auto or in 0..256 (0: decode on the threads), "
+                             f"got {self.decode_processes}")
         if not 0 <= self.torch_threads <= 256:
             raise ValueError(f"torch_threads must be in 0..256 (0: torch's default), got {self.torch_threads}")
         if not 1 <= self.items_per_batch <= 65_536:

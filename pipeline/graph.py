@@ -26,6 +26,8 @@ a modality vector:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import typing
 
@@ -116,6 +118,10 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     ``num_rows``: the catalog's row count (the launcher has read the footers); it sizes the join's buckets.
     """
     model_handlers = model_handlers or {}
+    if config.decode_processes is None:  # auto: decided by the runner this pipeline will run on
+        from pipeline.options import auto_decode_processes
+
+        config = dataclasses.replace(config, decode_processes=auto_decode_processes(p.options))
     modalities = frozenset(r.modality for r in config.encode.routes)
     num_buckets = join_buckets(catalog_rows(config.read.catalog) if num_rows is None else num_rows,
                                config.items_per_batch)

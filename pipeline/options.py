@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import os
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from encoders import families, presets
 from encoders.asr import BACKENDS, COMPUTE_TYPES, AsrSpec, default_backend
@@ -63,6 +63,33 @@ def _auto_if_none(value):
     return "auto" if value is None else value
 
 
+def _auto_or_int(text: str):
+    return text if text == "auto" else int(text)
+
+
+# decoding processes --decode_processes auto starts at most: the one thread that runs the model, fusion and
+# Beam takes ~0.2 CPU-ms per item (docs/BENCHMARKS.md), ~5,000 items/s, which 8 processes at ~1,500 images/s
+# each outrun; more would only hold memory (~60 MB each)
+MAX_AUTO_DECODE_PROCESSES = 8
+
+
+def in_process_runner(options) -> bool:
+    """Beam's in-memory runner in this process: no runner named, or the DirectRunner in memory."""
+    return options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct") and \
+        options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
+
+
+def auto_decode_processes(options, cores: int | None = None) -> int:
+    """``--decode_processes auto``: one per core (at most MAX_AUTO_DECODE_PROCESSES) where the pipeline runs
+    in this process on 2+ cores; else 0, the fetch threads. Elsewhere this process cannot see the workers:
+    Dataflow's CPU workers run one SDK process per vCPU (each would start its own), and the multi-process
+    DirectRunner one per --direct_num_workers; name N there (README, "Sizing workers")."""
+    if not in_process_runner(options):
+        return 0
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return min(cores, MAX_AUTO_DECODE_PROCESSES) if cores >= 2 else 0
+
+
 def _on_off(enabled: bool) -> str:
     return "on" if enabled else "off"
 
@@ -79,7 +106,8 @@ OPTION_FIELDS: dict[str, tuple] = {
     "device": (EncodeConfig, "device"), "precision": (EncodeConfig, "precision"),
     "batch_size": (EncodeConfig, "batch_size"), "model_copies_per_gpu": (EncodeConfig, "model_copies_per_gpu"),
     "image_decode": (EncodeConfig, "image_decode"),
-    "decode_threads": (RunConfig, "decode_threads"), "decode_processes": (RunConfig, "decode_processes"),
+    "decode_threads": (RunConfig, "decode_threads"),
+    "decode_processes": (RunConfig, "decode_processes", _auto_if_none),
     "items_per_batch": (RunConfig, "items_per_batch"),
     "torch_threads": (RunConfig, "torch_threads"),
     "asr_language": (AsrSpec, "language", _auto_if_none), "asr_compute_type": (AsrSpec, "compute_type"),
@@ -174,9 +202,11 @@ class CatalogIndexOptions(PipelineOptions):
         _add(g, "--image_decode", choices=list(IMAGE_DECODERS),
              help="cpu: PIL on fetch threads; gpu: nvJPEG batches on the model's GPU, PIL fallback per item")
         _add(g, "--decode_threads", type=int, help="fetch+decode threads per worker process")
-        _add(g, "--decode_processes", type=int,
-             help="processes that decode local images for each worker process, like DataLoader workers "
-                  "(0: the fetch threads decode them); they share no GIL with the model's thread")
+        _add(g, "--decode_processes", type=_auto_or_int,
+             help="processes that decode local images for each worker process, like DataLoader workers; "
+                  "they share no GIL with the model's thread (0: the fetch threads decode them; auto: one "
+                  f"per core, at most {MAX_AUTO_DECODE_PROCESSES}, where the pipeline runs in this process "
+                  "on 2+ cores, else 0)")
         _add(g, "--torch_threads", type=int,
              help="torch intra-op threads per worker process on a CPU device (0: torch's default, one per "
                   "core); 1 suits a small model on a shared machine, where idle threads spin; no effect "
@@ -384,7 +414,7 @@ def to_run_config(opts: CatalogIndexOptions) -> tuple[RunConfig, str | None]:
         media_errors=o.media_errors,
         progress_interval_s=o.progress_interval_s,
         decode_threads=o.decode_threads,
-        decode_processes=o.decode_processes,
+        decode_processes=None if o.decode_processes == "auto" else o.decode_processes,
         torch_threads=o.torch_threads,
         items_per_batch=o.items_per_batch,
         incremental=IncrementalConfig(previous_run=o.previous_run, change_detection=o.change_detection,

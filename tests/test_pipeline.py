@@ -143,17 +143,30 @@ def test_rerun_gives_identical_vectors(sample_run, sample_catalog, tiny_text_dir
 
 def test_decoding_processes_give_the_vectors_of_the_fetch_threads(sample_run, sample_catalog, tiny_text_dir, tmp_path,
                                                                   monkeypatch):
+    """The sample run took the default (auto: one process per core here, in-process runner); the fetch
+    threads (0) and a pool of 2 give the same rows."""
     _, (first, first_dead, first_manifest, _) = sample_run
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import auto_decode_processes
     from pipeline.stages.decode_pool import DecodePool
 
-    pools: dict = {}
-    monkeypatch.setattr(DecodePool, "_pools", pools)  # this run's own pools, whatever earlier tests started
-    table, dead, manifest, _ = run(sample_catalog, tmp_path, "procs", tiny_text_dir, "--decode_processes", "2")
-    assert list(pools) == [2]  # the in-memory runner's embed stage decoded in a pool of 2 processes
-    pools[2].shutdown()
-    assert table.drop(["vector"]).to_pylist() == first.drop(["vector"]).to_pylist()  # ids, content hashes, fields
-    assert np.array_equal(vectors_of(first), vectors_of(table))
-    assert dead.to_pylist() == first_dead.to_pylist() and manifest["counts"] == first_manifest["counts"]
+    for processes in (0, 2):
+        pools: dict = {}
+        monkeypatch.setattr(DecodePool, "_pools", pools)  # this run's own pools, whatever earlier tests started
+        table, dead, manifest, _ = run(sample_catalog, tmp_path / str(processes), "procs", tiny_text_dir,
+                                       "--decode_processes", str(processes))  # own output: nothing to reuse
+        assert list(pools) == ([processes] if processes else [])  # the embed stage's pool, if any
+        for pool in pools.values():
+            pool.shutdown()
+        assert table.drop(["vector"]).to_pylist() == first.drop(["vector"]).to_pylist()  # ids, hashes, fields
+        assert np.array_equal(vectors_of(first), vectors_of(table))
+        assert dead.to_pylist() == first_dead.to_pylist() and manifest["counts"] == first_manifest["counts"]
+    pools = {}
+    monkeypatch.setattr(DecodePool, "_pools", pools)
+    run(sample_catalog, tmp_path / "auto", "auto", tiny_text_dir)
+    auto = auto_decode_processes(PipelineOptions([]))
+    assert list(pools) == ([auto] if auto else [])  # the default: auto, decided for the in-process runner
 
 
 def test_a_decoding_process_killed_midway_loses_nothing(sample_run, sample_catalog, tiny_text_dir, tmp_path,

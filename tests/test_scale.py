@@ -168,6 +168,28 @@ def test_scale_options_are_validated(flags, message):
         _config(*flags)
 
 
+@pytest.mark.parametrize("flags, cores, expected", [
+    ([], 2, 2), ([], 1, 0), ([], 6, 6), ([], 96, 8),
+    (["--direct_running_mode", "in_memory"], 4, 4),
+    (["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"], 4, 0),
+    (["--runner", "DataflowRunner"], 16, 0),
+    (["--runner", "PortableRunner"], 16, 0),
+])
+def test_decode_processes_auto_starts_them_only_where_the_pipeline_runs_in_this_process(flags, cores, expected):
+    """This process cannot see a remote runner's workers, nor how many SDK processes share their vCPUs."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import auto_decode_processes
+
+    assert auto_decode_processes(PipelineOptions(flags), cores) == expected
+
+
+def test_decode_processes_default_to_auto():
+    assert _config().decode_processes is None and _config("--decode_processes", "auto").decode_processes is None
+    assert _config("--decode_processes", "0").decode_processes == 0
+    assert _config("--decode_processes", "3").decode_processes == 3
+
+
 DATAFLOW_FLAGS = [
     "--runner=DataflowRunner", "--project=shop-project", "--region=us-central1",
     "--temp_location=gs://shop-bucket/tmp", "--staging_location=gs://shop-bucket/tmp/staging",
