@@ -81,13 +81,16 @@ def in_process_runner(options) -> bool:
 
 def auto_decode_processes(options, cores: int | None = None) -> int:
     """``--decode_processes auto``: one per core (at most MAX_AUTO_DECODE_PROCESSES) where the pipeline runs
-    in this process on 2+ cores; else 0, the fetch threads. Elsewhere this process cannot see the workers:
-    Dataflow's CPU workers run one SDK process per vCPU (each would start its own), and the multi-process
-    DirectRunner one per --direct_num_workers; name N there (README, "Sizing workers")."""
+    in this process on 2+ cores and processes can be started; else 0, the fetch threads. Elsewhere this
+    process cannot see the workers: Dataflow's CPU workers run one SDK process per vCPU (each would start its
+    own), and the multi-process DirectRunner one per --direct_num_workers; name N there (README, "Sizing
+    workers"). Where processes cannot start, the fetch threads decode without the warning an explicit N gets."""
+    from pipeline.stages.decode_pool import processes_supported
+
     if not in_process_runner(options):
         return 0
     cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    return min(cores, MAX_AUTO_DECODE_PROCESSES) if cores >= 2 else 0
+    return min(cores, MAX_AUTO_DECODE_PROCESSES) if cores >= 2 and processes_supported() else 0
 
 
 def _on_off(enabled: bool) -> str:

@@ -184,6 +184,24 @@ def test_decode_processes_auto_starts_them_only_where_the_pipeline_runs_in_this_
     assert auto_decode_processes(PipelineOptions(flags), cores) == expected
 
 
+def test_decode_processes_auto_keeps_the_threads_where_processes_cannot_start(monkeypatch):
+    import multiprocessing.context
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import auto_decode_processes
+    from pipeline.stages import decode_pool
+
+    assert decode_pool.processes_supported()
+
+    def no_semaphores(self):
+        raise OSError(38, "Function not implemented")  # what sem_open gives without /dev/shm
+
+    monkeypatch.setattr(multiprocessing.context.BaseContext, "Lock", no_semaphores)
+    assert not decode_pool.processes_supported()
+    assert auto_decode_processes(PipelineOptions([]), 4) == 0
+
+
 def test_decode_processes_default_to_auto():
     assert _config().decode_processes is None and _config("--decode_processes", "auto").decode_processes is None
     assert _config("--decode_processes", "0").decode_processes == 0

@@ -111,6 +111,16 @@ class _DecodeContext(multiprocessing.context.ForkServerContext):
     Process = _DecodeProcess
 
 
+def processes_supported() -> bool:
+    """Whether a pool's processes can get their locks here: POSIX semaphores, which a sandbox or a container
+    without /dev/shm may not give."""
+    try:
+        _DecodeContext().Lock()
+    except (OSError, ImportError, NotImplementedError):
+        return False
+    return True
+
+
 def new_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
     """``processes`` decoding processes of this module's fork server."""
     context = _DecodeContext()
