@@ -199,12 +199,24 @@ def model_alone(catalog: Path, clip_json: str, images: bool, batch_size: int = 6
     return cpu_seconds() - cpu
 
 
-def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0) -> dict:
+def tiny_clip(work: Path, image_size: int) -> str:
+    """The tiny test config, or a copy whose image tower takes ``image_size`` px (32 px patches: still
+    near-free), for the decode and transfer costs of a real tower's input (224 px for ViT-B-32)."""
+    if not image_size:
+        return str(TINY_CLIP)
+    config = json.loads(TINY_CLIP.read_text())
+    config["vision_cfg"].update(image_size=image_size, patch_size=32)
+    path = work / f"tiny-clip-{image_size}px.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0, image_size: int = 0) -> dict:
     """Loop and pipeline with its defaults (and, for images with ``processes`` >= 0, the pipeline with
     --decode_processes ``processes``: 0 is the fetch threads), alternating."""
     catalog = make_catalog(work / ("img" if images else "txt"), n, images)
     small = make_catalog(work / ("img-small" if images else "txt-small"), 200, images)
-    clip = str(TINY_CLIP)
+    clip = tiny_clip(work, image_size if images else 0)
     # warm-up: imports, model build, file cache, for both sides
     bare_loop(catalog, clip, images)
     pipeline_run(catalog, clip, work / "out", f"warm-{images}")
@@ -268,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode_processes", type=int, default=0,
                         help="also run the image variant with the pipeline's --decode_processes N beside its "
                              "default (auto); 0: the fetch threads; -1: skip")
+    parser.add_argument("--image_size", type=int, default=0,
+                        help="the image tower's input in px (0: the tiny config's 32; 224: a real tower's, "
+                             "still a near-free model)")
     parser.add_argument("--torch_threads", type=int, default=1,
                         help="torch intra-op threads for the loop, the model alone and the pipeline's "
                              "--torch_threads (0: torch's default, one per core)")
@@ -287,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
-        results = {v: compare(work, args.items, v == "image", args.repeats, args.decode_processes)
+        results = {v: compare(work, args.items, v == "image", args.repeats, args.decode_processes, args.image_size)
                    for v in args.variants}
         rss = {n: peak_rss_mb(n, work, args.torch_threads) for n in sorted(args.rss_items)}
     finally:
@@ -299,12 +314,14 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"`python bench/bench_overhead.py --items {n} --repeats {args.repeats} "
-        f"--decode_processes {args.decode_processes} --rss_items "
+        f"--decode_processes {args.decode_processes}{f' --image_size {args.image_size}' if args.image_size else ''} "
+        "--rss_items "
         f"{' '.join(map(str, sorted(args.rss_items)))}`",
         "",
         f"Machine: {os.cpu_count()} cores (shared), torch {torch.__version__}, {torch.get_num_threads()} intra-op "
         f"thread(s) for both sides (`--torch_threads {args.torch_threads}`: the loop's process and the pipeline's "
         "option of the same name). Model: `tests/data/tiny-clip.json` "
+        f"{f'with its image tower at {args.image_size} px (32 px patches) ' if args.image_size else ''}"
         "(random weights, near-free), text + image tower, `--batch_size 64`, `--device cpu`. Runner: in-memory "
         "DirectRunner, one process, `--index off` (the index stage is per run, not per item), `--previous_run none`. "
         f"Catalog: {n} synthetic items, title + description (8-25 words), and for the image variant one JPEG "
