@@ -27,7 +27,6 @@ a modality vector:
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import typing
 

@@ -114,9 +114,9 @@ class _DecodeContext(multiprocessing.context.ForkServerContext):
 def processes_supported() -> bool:
     """Whether a pool's processes can get their locks here: POSIX semaphores, which a sandbox or a container
     without /dev/shm may not give."""
-    try:
-        _DecodeContext().Lock()
-    except (OSError, ImportError, NotImplementedError):
+    try:  # the fork context's lock unlinks its semaphore at once: no resource tracker process starts for it
+        multiprocessing.get_context("fork").Lock()
+    except (OSError, ImportError, NotImplementedError, ValueError):
         return False
     return True
 
