@@ -69,7 +69,7 @@ def _auto_or_int(text: str):
 
 # decoding processes --decode_processes auto starts at most: the one thread that runs the model, fusion and
 # Beam takes ~0.2 CPU-ms per item (docs/BENCHMARKS.md), ~5,000 items/s, which 8 processes at ~1,500 images/s
-# each outrun; more would only hold memory (~60 MB each)
+# each outrun; more would only hold memory (~40-80 MB each)
 MAX_AUTO_DECODE_PROCESSES = 8
 
 

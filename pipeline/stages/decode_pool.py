@@ -10,7 +10,7 @@ can run Python while the DoFn's thread does (docs/BENCHMARKS.md, issue 11). A
 process has its own interpreter: it never waits on the DoFn's thread.
 
 This module is what the fork server imports (media, preprocessing, the
-dead-letter reasons: about 60 MB and 0.2 CPU-s, no torch, no Beam), and all a
+dead-letter reasons: about 40 MB and 0.2 CPU-s, no torch, no Beam), and all a
 decoding process needs: it does not import the parent's main module again, as
 multiprocessing does for other children (``decode_server``). The per-image
 functions are also the fetch threads' (``pipeline/stages/fetch.py``), so both
