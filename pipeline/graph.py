@@ -117,13 +117,13 @@ def build(p: beam.Pipeline, config: RunConfig, model_handlers: dict | None = Non
     ``num_rows``: the catalog's row count (the launcher has read the footers); it sizes the join's buckets.
     """
     model_handlers = model_handlers or {}
+    rows = catalog_rows(config.read.catalog) if num_rows is None else num_rows
     if config.decode_processes is None:  # auto: decided by the runner this pipeline will run on
         from pipeline.options import auto_decode_processes
 
-        config = dataclasses.replace(config, decode_processes=auto_decode_processes(p.options))
+        config = dataclasses.replace(config, decode_processes=auto_decode_processes(p.options, rows=rows))
     modalities = frozenset(r.modality for r in config.encode.routes)
-    num_buckets = join_buckets(catalog_rows(config.read.catalog) if num_rows is None else num_rows,
-                               config.items_per_batch)
+    num_buckets = join_buckets(rows, config.items_per_batch)
     read = p | "Read" >> ReadCatalog(config.read, config.progress_interval_s, modalities, num_buckets)
     metadata = config.metadata()
     run_dir = config.write.run_dir

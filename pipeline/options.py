@@ -71,6 +71,9 @@ def _auto_or_int(text: str):
 # Beam takes ~0.2 CPU-ms per item (docs/BENCHMARKS.md), ~5,000 items/s, which 8 processes at ~1,500 images/s
 # each outrun; more would only hold memory (~40-80 MB each)
 MAX_AUTO_DECODE_PROCESSES = 8
+# catalog rows below which auto keeps the threads: a pool of 2 takes ~0.3 s to start (0.35 CPU-s) and saved
+# 0.07 (32 px) to 0.25 ms (224 px) of wall per image on 2 cores, so it pays back after ~1,200-4,000 images
+MIN_AUTO_DECODE_ROWS = 2048
 
 
 def in_process_runner(options) -> bool:
@@ -79,15 +82,16 @@ def in_process_runner(options) -> bool:
         options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
 
 
-def auto_decode_processes(options, cores: int | None = None) -> int:
+def auto_decode_processes(options, cores: int | None = None, rows: int = 0) -> int:
     """``--decode_processes auto``: one per core (at most MAX_AUTO_DECODE_PROCESSES) where the pipeline runs
-    in this process on 2+ cores and processes can be started; else 0, the fetch threads. Elsewhere this
-    process cannot see the workers: Dataflow's CPU workers run one SDK process per vCPU (each would start its
-    own), and the multi-process DirectRunner one per --direct_num_workers; name N there (README, "Sizing
-    workers"). Where processes cannot start, the fetch threads decode without the warning an explicit N gets."""
+    in this process on 2+ cores, processes can be started and the catalog has ``rows`` >= MIN_AUTO_DECODE_ROWS
+    (0: not known); else 0, the fetch threads. Elsewhere this process cannot see the workers: Dataflow's CPU
+    workers run one SDK process per vCPU (each would start its own), and the multi-process DirectRunner one
+    per --direct_num_workers; name N there (README, "Sizing workers"). Where processes cannot start, the fetch
+    threads decode without the warning an explicit N gets."""
     from pipeline.stages.decode_pool import processes_supported
 
-    if not in_process_runner(options):
+    if not in_process_runner(options) or 0 < rows < MIN_AUTO_DECODE_ROWS:
         return 0
     cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return min(cores, MAX_AUTO_DECODE_PROCESSES) if cores >= 2 and processes_supported() else 0
@@ -209,7 +213,7 @@ class CatalogIndexOptions(PipelineOptions):
              help="processes that decode local images for each worker process, like DataLoader workers; "
                   "they share no GIL with the model's thread (0: the fetch threads decode them; auto: one "
                   f"per core, at most {MAX_AUTO_DECODE_PROCESSES}, where the pipeline runs in this process "
-                  "on 2+ cores, else 0)")
+                  f"on 2+ cores and the catalog has {MIN_AUTO_DECODE_ROWS}+ rows, else 0)")
         _add(g, "--torch_threads", type=int,
              help="torch intra-op threads per worker process on a CPU device (0: torch's default, one per "
                   "core); 1 suits a small model on a shared machine, where idle threads spin; no effect "

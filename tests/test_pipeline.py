@@ -143,8 +143,8 @@ def test_rerun_gives_identical_vectors(sample_run, sample_catalog, tiny_text_dir
 
 def test_decoding_processes_give_the_vectors_of_the_fetch_threads(sample_run, sample_catalog, tiny_text_dir, tmp_path,
                                                                   monkeypatch):
-    """The sample run took the default (auto: one process per core here, in-process runner); the fetch
-    threads (0) and a pool of 2 give the same rows."""
+    """The fetch threads (0, what auto gives the 36-row sample), a pool of 2, and auto where the catalog
+    counted as large enough give the sample run's rows."""
     _, (first, first_dead, first_manifest, _) = sample_run
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -162,11 +162,16 @@ def test_decoding_processes_give_the_vectors_of_the_fetch_threads(sample_run, sa
         assert table.drop(["vector"]).to_pylist() == first.drop(["vector"]).to_pylist()  # ids, hashes, fields
         assert np.array_equal(vectors_of(first), vectors_of(table))
         assert dead.to_pylist() == first_dead.to_pylist() and manifest["counts"] == first_manifest["counts"]
-    pools = {}
-    monkeypatch.setattr(DecodePool, "_pools", pools)
-    run(sample_catalog, tmp_path / "auto", "auto", tiny_text_dir)
-    auto = auto_decode_processes(PipelineOptions([]))
-    assert list(pools) == ([auto] if auto else [])  # the default: auto, decided for the in-process runner
+    from pipeline import options
+
+    for small in (True, False):
+        pools = {}
+        monkeypatch.setattr(DecodePool, "_pools", pools)
+        if not small:
+            monkeypatch.setattr(options, "MIN_AUTO_DECODE_ROWS", 1)  # the sample counts as a large catalog
+        table, *_ = run(sample_catalog, tmp_path / f"auto-{small}", "auto", tiny_text_dir)  # the default: auto
+        auto = 0 if small else auto_decode_processes(PipelineOptions([]))
+        assert list(pools) == ([auto] if auto else []) and np.array_equal(vectors_of(first), vectors_of(table))
 
 
 def test_a_decoding_process_killed_midway_loses_nothing(sample_run, sample_catalog, tiny_text_dir, tmp_path,

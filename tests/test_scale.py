@@ -168,20 +168,22 @@ def test_scale_options_are_validated(flags, message):
         _config(*flags)
 
 
-@pytest.mark.parametrize("flags, cores, expected", [
-    ([], 2, 2), ([], 1, 0), ([], 6, 6), ([], 96, 8),
-    (["--direct_running_mode", "in_memory"], 4, 4),
-    (["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"], 4, 0),
-    (["--runner", "DataflowRunner"], 16, 0),
-    (["--runner", "PortableRunner"], 16, 0),
+@pytest.mark.parametrize("flags, cores, rows, expected", [
+    ([], 2, 0, 2), ([], 1, 0, 0), ([], 6, 0, 6), ([], 96, 0, 8),
+    ([], 4, 2047, 0), ([], 4, 2048, 4), ([], 4, 10**8, 4),  # a small catalog does not pay back the pool's start
+    (["--direct_running_mode", "in_memory"], 4, 0, 4),
+    (["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"], 4, 0, 0),
+    (["--runner", "DataflowRunner"], 16, 10**8, 0),
+    (["--runner", "PortableRunner"], 16, 0, 0),
 ])
-def test_decode_processes_auto_starts_them_only_where_the_pipeline_runs_in_this_process(flags, cores, expected):
+def test_decode_processes_auto_starts_them_only_where_the_pipeline_runs_in_this_process(flags, cores, rows,
+                                                                                        expected):
     """This process cannot see a remote runner's workers, nor how many SDK processes share their vCPUs."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline.options import auto_decode_processes
 
-    assert auto_decode_processes(PipelineOptions(flags), cores) == expected
+    assert auto_decode_processes(PipelineOptions(flags), cores, rows) == expected
 
 
 def test_decode_processes_auto_keeps_the_threads_where_processes_cannot_start(monkeypatch):
