@@ -223,8 +223,14 @@ def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0, 
     processes = processes if images else -1
     if processes >= 0:
         pipeline_run(catalog, clip, work / "out", f"warm-procs-{images}", decode_processes=processes)
-    fixed = statistics.median(_measure(lambda: pipeline_run(small, clip, work / "out", f"s-{images}"))[0]
-                              for _ in range(3))
+    # the per-run cost with the decoding the defaults give the big catalog (auto keeps a 200-row one on threads)
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import auto_decode_processes
+
+    same = auto_decode_processes(PipelineOptions([]), rows=n)
+    fixed = statistics.median(_measure(lambda: pipeline_run(small, clip, work / "out", f"s-{images}",
+                                                            decode_processes=same))[0] for _ in range(3))
     model = model_alone(catalog, clip, images)
     loops, pipes, procs = [], [], []
     for r in range(repeats):
@@ -328,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         "per item (256-1024 px long side, 400 distinct crops of the sample photos, one file per item). Bare loop: "
         "read the Parquet, tokenize (the pipeline's tokenizer: open_clip's ids, `encoders.clip_tokenizer`), fetch the bytes under the same policy, decode + resize (JPEG "
         "draft) and batch-normalize to the tower's input; no model. Pipeline: its defaults, so "
-        f"`--decode_processes auto`, here {auto_decode_processes(PipelineOptions([]))} decoding processes. "
+        f"`--decode_processes auto`, here {auto_decode_processes(PipelineOptions([]), rows=n)} decoding processes "
+        "(and the same for the 200-item run that measures the per-run cost). "
         "CPU = process user+system time, all threads, "
         "plus the decoding processes' and their fork server's (`--decode_processes`, read from /proc).",
         "",
