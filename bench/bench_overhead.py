@@ -211,9 +211,12 @@ def tiny_clip(work: Path, image_size: int) -> str:
     return str(path)
 
 
-def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0, image_size: int = 0) -> dict:
+def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0, image_size: int = 0,
+            default_processes: int = 0) -> dict:
     """Loop and pipeline with its defaults (and, for images with ``processes`` >= 0, the pipeline with
-    --decode_processes ``processes``: 0 is the fetch threads), alternating."""
+    --decode_processes ``processes``: 0 is the fetch threads), alternating. ``default_processes``: what the
+    defaults (auto) give this catalog, for the 200-item run that measures the per-run cost (auto keeps a
+    catalog that small on the threads)."""
     catalog = make_catalog(work / ("img" if images else "txt"), n, images)
     small = make_catalog(work / ("img-small" if images else "txt-small"), 200, images)
     clip = tiny_clip(work, image_size if images else 0)
@@ -223,14 +226,9 @@ def compare(work: Path, n: int, images: bool, repeats: int, processes: int = 0, 
     processes = processes if images else -1
     if processes >= 0:
         pipeline_run(catalog, clip, work / "out", f"warm-procs-{images}", decode_processes=processes)
-    # the per-run cost with the decoding the defaults give the big catalog (auto keeps a 200-row one on threads)
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipeline.options import auto_decode_processes
-
-    same = auto_decode_processes(PipelineOptions([]), rows=n)
     fixed = statistics.median(_measure(lambda: pipeline_run(small, clip, work / "out", f"s-{images}",
-                                                            decode_processes=same))[0] for _ in range(3))
+                                                            decode_processes=default_processes))[0]
+                              for _ in range(3))
     model = model_alone(catalog, clip, images)
     loops, pipes, procs = [], [], []
     for r in range(repeats):
@@ -306,18 +304,19 @@ def main(argv: list[str] | None = None) -> int:
         rss_child(args.rss_child, Path(args.work))
         return 0
 
-    work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    try:
-        results = {v: compare(work, args.items, v == "image", args.repeats, args.decode_processes, args.image_size)
-                   for v in args.variants}
-        rss = {n: peak_rss_mb(n, work, args.torch_threads) for n in sorted(args.rss_items)}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    n = args.items
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline.options import auto_decode_processes
 
+    auto = auto_decode_processes(PipelineOptions([]), rows=args.items)
+    work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    try:
+        results = {v: compare(work, args.items, v == "image", args.repeats, args.decode_processes, args.image_size,
+                              auto) for v in args.variants}
+        rss = {n: peak_rss_mb(n, work, args.torch_threads) for n in sorted(args.rss_items)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    n = args.items
     lines = [
         f"`python bench/bench_overhead.py --items {n} --repeats {args.repeats} "
         f"--decode_processes {args.decode_processes}{f' --image_size {args.image_size}' if args.image_size else ''} "
@@ -334,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "per item (256-1024 px long side, 400 distinct crops of the sample photos, one file per item). Bare loop: "
         "read the Parquet, tokenize (the pipeline's tokenizer: open_clip's ids, `encoders.clip_tokenizer`), fetch the bytes under the same policy, decode + resize (JPEG "
         "draft) and batch-normalize to the tower's input; no model. Pipeline: its defaults, so "
-        f"`--decode_processes auto`, here {auto_decode_processes(PipelineOptions([]), rows=n)} decoding processes "
+        f"`--decode_processes auto`, here {auto} decoding processes "
         "(and the same for the 200-item run that measures the per-run cost). "
         "CPU = process user+system time, all threads, "
         "plus the decoding processes' and their fork server's (`--decode_processes`, read from /proc).",

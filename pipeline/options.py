@@ -64,7 +64,12 @@ def _auto_if_none(value):
 
 
 def _auto_or_int(text: str):
-    return text if text == "auto" else int(text)
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number, got {text!r}") from None
 
 
 # decoding processes --decode_processes auto starts at most: the one thread that runs the model, fusion and

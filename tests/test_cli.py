@@ -125,6 +125,8 @@ def test_passthrough_and_content_columns(renamed_catalog, tiny_text_dir, tmp_pat
     (["--batch_size", "-3"], "batch_size must be in 1..4096"),
     (["--image_colum", "image_uri"], "unknown option --image_colum; did you mean --image_column?"),
     (["--fusion_mode", "median"], "invalid choice: 'median'"),
+    (["--decode_processes", "many"], "--decode_processes: expected auto or a number, got 'many'"),
+    (["--decode_processes", "-2"], "decode_processes must be auto or in 0..256"),
 ])
 def test_bad_options_and_values(renamed_catalog, tiny_text_dir, tmp_path, capsys, extra, fragment):
     _expect_usage_error(capsys, ["run", "--catalog", str(renamed_catalog), "--output", str(tmp_path),
