@@ -162,9 +162,9 @@ def local_runner(options):
     Options reach the runner as the DirectRunner would pass them (its
     ``--direct_running_mode`` and ``--direct_num_workers`` included).
     """
-    from apache_beam.options.pipeline_options import StandardOptions
+    from pipeline.options import direct_runner
 
-    if options.view_as(StandardOptions).runner not in (None, "DirectRunner", "direct"):
+    if not direct_runner(options):
         return None
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner

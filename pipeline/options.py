@@ -81,9 +81,14 @@ MAX_AUTO_DECODE_PROCESSES = 8
 MIN_AUTO_DECODE_ROWS = 2048
 
 
+def direct_runner(options) -> bool:
+    """No runner named, or the DirectRunner: what ``catalog-index run`` runs on Beam's FnApiRunner itself."""
+    return options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
+
+
 def in_process_runner(options) -> bool:
     """Beam's in-memory runner in this process: no runner named, or the DirectRunner in memory."""
-    return options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct") and \
+    return direct_runner(options) and \
         options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
 
 
